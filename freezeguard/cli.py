@@ -1,0 +1,59 @@
+"""`freezeguard` command line: one subcommand per module in freezeguard/commands/.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order shown in --help. A module that fails to import (an optional dependency missing)
+# still appears, and says what is missing when run.
+COMMANDS = ("info", "demo", "learn", "evaluate", "finetune", "verify", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="freezeguard",
+        description="FreezeAsGuard: learn which tensors of a diffusion model to freeze so illegal "
+                    "fine-tunes fail while legal ones work, and enforce the mask with fused kernels.",
+    )
+    parser.add_argument("--version", action="version", version=f"freezeguard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"freezeguard.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("freezeguard.commands"):
+                continue  # command not part of this build
+            missing = exc.name
+            p = sub.add_parser(name, help=f"(unavailable: needs {missing})")
+            p.set_defaults(func=lambda args, m=missing: _missing(m))
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def _missing(name: str) -> int:
+    print(f"freezeguard: this command needs the Python package {name!r}; "
+          f"install it with: pip install 'freezeguard[diffusion]'", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

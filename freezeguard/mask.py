@@ -1,0 +1,178 @@
+"""FreezeMask: which tensors of a model stay frozen at their released values.
+
+A mask is keyed by parameter *name* (``model.named_parameters()``), so it survives parameter
+objects being replaced (accelerate, FSDP) and travels in a file with the model. It also keeps
+the layout (name -> shape) of the model it was made for, to check that it is applied to the
+right model and to compute ratios by parameter count.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import torch
+
+BUDGET_BASES = ("tensors", "params")
+
+
+def _layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _check_ratio(ratio: float) -> float:
+    ratio = float(ratio)
+    if not (0.0 <= ratio <= 1.0) or math.isnan(ratio):
+        raise ValueError(f"freeze ratio must be in [0, 1], got {ratio}")
+    return ratio
+
+
+def _check_by(by: str) -> str:
+    if by not in BUDGET_BASES:
+        raise ValueError(f"by must be one of {BUDGET_BASES}, got {by!r}")
+    return by
+
+
+def select_budget(order: list[str], sizes: Mapping[str, int], ratio: float, by: str) -> list[str]:
+    """Take names from the front of ``order`` until the budget ``ratio`` is met.
+
+    By tensors: exactly round(ratio * count) names. By params: names are taken while the
+    running parameter count stays nearest to ratio * total (a tensor is taken when doing so
+    brings the total closer to the target; large tensors that would overshoot are skipped).
+    """
+    ratio, by = _check_ratio(ratio), _check_by(by)
+    if by == "tensors":
+        return order[: round(ratio * len(order))]
+    target = ratio * sum(sizes[n] for n in order)
+    taken, total = [], 0
+    for name in order:
+        size = sizes[name]
+        if abs(total + size - target) < abs(total - target):
+            taken.append(name)
+            total += size
+    return taken
+
+
+class FreezeMask:
+    """Per-tensor freeze mask for a model.
+
+    Example:
+        >>> import torch, freezeguard as fg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        >>> mask = fg.FreezeMask.from_names(model, ["0.weight"])
+        >>> mask.is_frozen("0.weight"), mask.ratio(by="tensors")
+        (True, 0.25)
+        >>> _ = mask.apply_(model); model[0].weight.requires_grad
+        False
+    """
+
+    granularity = "tensor"
+
+    def __init__(self, layout: Mapping[str, Iterable[int]], frozen: Iterable[str], *,
+                 metadata: Mapping[str, str] | None = None):
+        self._layout: dict[str, tuple[int, ...]] = {k: tuple(int(d) for d in v) for k, v in layout.items()}
+        frozen = set(frozen)
+        unknown = sorted(frozen - self._layout.keys())
+        if unknown:
+            raise KeyError(f"mask names {len(unknown)} tensor(s) the model does not have: "
+                           f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
+        self._frozen = frozenset(frozen)
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    # construction -------------------------------------------------------------------------
+    @classmethod
+    def from_names(cls, model: torch.nn.Module, frozen_names: Iterable[str]) -> "FreezeMask":
+        """Freeze exactly the named parameters (unknown names raise KeyError)."""
+        return cls(_layout(model), frozen_names)
+
+    @classmethod
+    def random(cls, model: torch.nn.Module, ratio: float, by: str = "tensors", seed: int = 0) -> "FreezeMask":
+        """Freeze a random share ``ratio`` of the tensors (or of the parameters), seeded."""
+        layout = _layout(model)
+        names = sorted(layout)
+        gen = torch.Generator().manual_seed(int(seed))
+        order = [names[i] for i in torch.randperm(len(names), generator=gen).tolist()]
+        sizes = {n: math.prod(s) for n, s in layout.items()}
+        mask = cls(layout, select_budget(order, sizes, ratio, by))
+        mask.metadata.update({"source": "random", "seed": str(int(seed))})
+        return mask
+
+    @classmethod
+    def from_scores(cls, model: torch.nn.Module, scores: Mapping[str, float], ratio: float,
+                    by: str = "tensors") -> "FreezeMask":
+        """Freeze the highest-scored tensors until ``ratio`` of tensors (or params) is frozen.
+
+        Ties break by name, so the result is deterministic.
+        """
+        layout = _layout(model)
+        missing = sorted(layout.keys() - scores.keys())
+        extra = sorted(scores.keys() - layout.keys())
+        if missing or extra:
+            raise KeyError(f"scores do not match the model: missing {missing[:5]}, unknown {extra[:5]}")
+        order = sorted(layout, key=lambda n: (-float(scores[n]), n))
+        sizes = {n: math.prod(s) for n, s in layout.items()}
+        return cls(layout, select_budget(order, sizes, ratio, by))
+
+    # queries ------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Every parameter name of the model the mask was made for, sorted."""
+        return sorted(self._layout)
+
+    @property
+    def frozen_names(self) -> list[str]:
+        return sorted(self._frozen)
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return sorted(self._layout.keys() - self._frozen)
+
+    @property
+    def layout(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._layout)
+
+    def is_frozen(self, name: str) -> bool:
+        return name in self._frozen
+
+    def ratio(self, by: str = "tensors") -> float:
+        """Realised frozen share, by tensor count or by parameter count."""
+        _check_by(by)
+        if not self._layout:
+            return 0.0
+        if by == "tensors":
+            return len(self._frozen) / len(self._layout)
+        total = sum(math.prod(s) for s in self._layout.values())
+        return sum(math.prod(self._layout[n]) for n in self._frozen) / max(total, 1)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ValueError naming missing / extra / reshaped tensors if the model differs."""
+        layout = _layout(model)
+        missing = sorted(self._layout.keys() - layout.keys())
+        extra = sorted(layout.keys() - self._layout.keys())
+        reshaped = sorted(n for n in self._layout.keys() & layout.keys() if self._layout[n] != layout[n])
+        if missing or extra or reshaped:
+            parts = []
+            if missing:
+                parts.append(f"missing from the model: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+            if extra:
+                parts.append(f"not in the mask: {', '.join(extra[:8])}" + (" ..." if len(extra) > 8 else ""))
+            if reshaped:
+                parts.append("reshaped: " + ", ".join(f"{n} {self._layout[n]} -> {layout[n]}" for n in reshaped[:8]))
+            raise ValueError("mask was made for a different model (" + "; ".join(parts) + ")")
+
+    # effect -------------------------------------------------------------------------------
+    def apply_(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Set ``requires_grad=False`` on frozen tensors (others untouched); returns the model."""
+        params = dict(model.named_parameters())
+        missing = [n for n in self._frozen if n not in params]
+        if missing:
+            raise KeyError(f"model has no parameter(s) named {sorted(missing)[:8]}")
+        for name in self._frozen:
+            params[name].requires_grad_(False)
+        return model
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FreezeMask) and self._layout == other._layout and self._frozen == other._frozen
+
+    def __repr__(self) -> str:
+        return (f"FreezeMask({len(self._frozen)}/{len(self._layout)} tensors frozen, "
+                f"{self.ratio('params'):.1%} of parameters)")

@@ -1,0 +1,1 @@
+"""Raw Triton kernels, installed as ``freezeguard.kernels``. Users never import these directly."""
