@@ -7,16 +7,29 @@ right model and to compute ratios by parameter count.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Iterable, Mapping
 
 import torch
+
+from .fingerprint import model_fingerprint
+from .mask_io import FreezeMaskFileError, read_mask_file, read_reference_txt, write_mask_file
 
 BUDGET_BASES = ("tensors", "params")
 
 
 def _layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _describe(model: torch.nn.Module, by: str, ratio: float | None = None) -> dict[str, str]:
+    # What a mask file records about how the mask was made (all strings, see mask_io).
+    meta = {"model_fingerprint": model_fingerprint(model), "budget_by": by}
+    if ratio is not None:
+        meta["target_ratio"] = repr(float(ratio))
+    return meta
 
 
 def _check_ratio(ratio: float) -> float:
@@ -82,7 +95,7 @@ class FreezeMask:
     @classmethod
     def from_names(cls, model: torch.nn.Module, frozen_names: Iterable[str]) -> "FreezeMask":
         """Freeze exactly the named parameters (unknown names raise KeyError)."""
-        return cls(_layout(model), frozen_names)
+        return cls(_layout(model), frozen_names, metadata=_describe(model, "tensors"))
 
     @classmethod
     def random(cls, model: torch.nn.Module, ratio: float, by: str = "tensors", seed: int = 0) -> "FreezeMask":
@@ -92,7 +105,7 @@ class FreezeMask:
         gen = torch.Generator().manual_seed(int(seed))
         order = [names[i] for i in torch.randperm(len(names), generator=gen).tolist()]
         sizes = {n: math.prod(s) for n, s in layout.items()}
-        mask = cls(layout, select_budget(order, sizes, ratio, by))
+        mask = cls(layout, select_budget(order, sizes, ratio, by), metadata=_describe(model, by, ratio))
         mask.metadata.update({"source": "random", "seed": str(int(seed))})
         return mask
 
@@ -110,7 +123,27 @@ class FreezeMask:
             raise KeyError(f"scores do not match the model: missing {missing[:5]}, unknown {extra[:5]}")
         order = sorted(layout, key=lambda n: (-float(scores[n]), n))
         sizes = {n: math.prod(s) for n, s in layout.items()}
-        return cls(layout, select_budget(order, sizes, ratio, by))
+        return cls(layout, select_budget(order, sizes, ratio, by), metadata=_describe(model, by, ratio))
+
+    @classmethod
+    def from_reference_txt(cls, model: torch.nn.Module, path: str | os.PathLike) -> "FreezeMask":
+        """Read a mask made by the authors' code (pittisl/FreezeAsGuard).
+
+        The file holds one 0/1 per line in ``model.parameters()`` order, 1 = frozen. A file whose
+        line count differs from the model's tensor count is refused (FreezeMaskFileError).
+
+        Example:
+            >>> import os, tempfile, torch, freezeguard as fg
+            >>> path = os.path.join(tempfile.mkdtemp(), "mask.txt")
+            >>> _ = open(path, "w").write("0\\n1\\n")
+            >>> fg.FreezeMask.from_reference_txt(torch.nn.Linear(2, 2), path).frozen_names
+            ['bias']
+        """
+        names = [n for n, _ in model.named_parameters()]
+        bits = read_reference_txt(path, len(names))
+        mask = cls(_layout(model), [n for n, b in zip(names, bits) if b], metadata=_describe(model, "tensors"))
+        mask.metadata["source"] = "reference_txt"
+        return mask
 
     # queries ------------------------------------------------------------------------------
     @property
@@ -158,6 +191,98 @@ class FreezeMask:
             if reshaped:
                 parts.append("reshaped: " + ", ".join(f"{n} {self._layout[n]} -> {layout[n]}" for n in reshaped[:8]))
             raise ValueError("mask was made for a different model (" + "; ".join(parts) + ")")
+
+    def lora_exclude_modules(self, model: torch.nn.Module) -> list[str]:
+        """Module names to pass to peft ``LoraConfig(exclude_modules=...)``.
+
+        These are the modules that own a frozen tensor; a LoRA adapter on any of them would change
+        a frozen tensor when merged. See :mod:`freezeguard.adapters`.
+
+        Example:
+            >>> import torch, freezeguard as fg
+            >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+            >>> fg.FreezeMask.from_names(model, ["1.weight"]).lora_exclude_modules(model)
+            ['1']
+        """
+        from .adapters import lora_exclude_modules
+
+        return lora_exclude_modules(model, self)
+
+    # files --------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, model: torch.nn.Module | None = None) -> None:
+        """Write the mask to a ``.safetensors`` file (atomically; see :mod:`freezeguard.mask_io`).
+
+        ``model`` (optional) refreshes the stored fingerprint and must match the mask.
+
+        Example:
+            >>> import os, tempfile, torch, freezeguard as fg
+            >>> model = torch.nn.Linear(2, 2)
+            >>> path = os.path.join(tempfile.mkdtemp(), "mask.safetensors")
+            >>> fg.FreezeMask.from_names(model, ["weight"]).save(path, model)
+        """
+        meta = dict(self.metadata)
+        if model is not None:
+            self.check_model(model)
+            meta["model_fingerprint"] = model_fingerprint(model)
+        by = meta.get("budget_by", "tensors")
+        learning = meta.pop("learning", "{}")
+        try:
+            json.loads(learning)
+        except (TypeError, ValueError):
+            raise ValueError("mask.metadata['learning'] must be a JSON string") from None
+        reserved = {"model_fingerprint", "budget_by", "target_ratio"}
+        file_meta = {
+            "granularity": self.granularity,
+            "budget_by": by,
+            "ratio": repr(self.ratio(by if by in BUDGET_BASES else "tensors")),
+            "ratio_tensors": repr(self.ratio("tensors")),
+            "ratio_params": repr(self.ratio("params")),
+            "model_fingerprint": meta.get("model_fingerprint", ""),
+            "learning": learning,
+            "extra": json.dumps({k: str(v) for k, v in sorted(meta.items()) if k not in reserved}),
+        }
+        if "target_ratio" in meta:
+            file_meta["target_ratio"] = meta["target_ratio"]
+        from ._version import __version__
+
+        file_meta["freezeguard_version"] = __version__
+        write_mask_file(path, self._layout, self._frozen, file_meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> "FreezeMask":
+        """Read a mask file; with ``model``, check it was made for this model.
+
+        Every problem raises :class:`FreezeMaskFileError` (a ValueError) naming the file: missing,
+        not safetensors, truncated or corrupted, unknown format version, or made for a different
+        model (listing missing / extra / reshaped tensors). A model whose names and shapes match
+        but whose dtypes differ (loaded in fp16, say) is accepted: the mask is about names.
+
+        Example:
+            >>> import os, tempfile, torch, freezeguard as fg
+            >>> model = torch.nn.Linear(2, 2)
+            >>> path = os.path.join(tempfile.mkdtemp(), "mask.safetensors")
+            >>> fg.FreezeMask.from_names(model, ["weight"]).save(path)
+            >>> fg.FreezeMask.load(path, model)
+            FreezeMask(1/2 tensors frozen, 66.7% of parameters)
+        """
+        layout, frozen, file_meta = read_mask_file(path)
+        meta: dict[str, str] = {}
+        try:
+            meta.update(json.loads(file_meta.get("extra", "{}")))
+        except ValueError:
+            raise FreezeMaskFileError(f"{path} is corrupted: its 'extra' metadata is not JSON") from None
+        for key in ("model_fingerprint", "budget_by", "target_ratio", "learning"):
+            if file_meta.get(key):
+                meta[key] = file_meta[key]
+        mask = cls(layout, frozen, metadata=meta)
+        if model is not None:
+            # Same fingerprint: names, shapes and dtypes all match, nothing more to check.
+            if meta.get("model_fingerprint") != model_fingerprint(model):
+                try:
+                    mask.check_model(model)
+                except ValueError as exc:
+                    raise FreezeMaskFileError(f"{path}: {exc}") from None
+        return mask
 
     # effect -------------------------------------------------------------------------------
     def apply_(self, model: torch.nn.Module) -> torch.nn.Module:

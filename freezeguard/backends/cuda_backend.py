@@ -1,10 +1,121 @@
-"""The `cuda` backend (being written)."""
+"""The `cuda` backend: hand-written multi-tensor CUDA kernels (csrc/cuda, module freezeguard._cuda).
+
+Each op covers a whole tensor list in one persistent launch per storage dtype, walking a
+device-side table of tensor pointers (cached, keyed on the pointers), with 128-bit loads
+where the tensors are 16-byte aligned. Math is fp32 and follows ``reference.py``.
+
+It stays out of ``backend="auto"`` until it has been verified and measured on a GPU; ask
+for it by name (``backend="cuda"`` or ``FREEZEGUARD_BACKEND=cuda``).
+
+Example:
+    >>> import torch, freezeguard as fg                                  # doctest: +SKIP
+    >>> a = [torch.ones(3, device="cuda"), torch.ones(2, device="cuda")]  # doctest: +SKIP
+    >>> fg.ops.segment_dot(a, a, backend="cuda")                          # doctest: +SKIP
+    tensor([3., 2.], device='cuda:0')
+"""
 from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+NAME = "cuda"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# What `freezeguard info` says about hardware verification; the lead edits this once a GPU
+# run of the reference grid and compute-sanitizer has been recorded in benchmarks/RESULTS.md.
+HARDWARE_NOTE = "unverified on hardware"
+
+Tensors = Sequence[torch.Tensor]
+
+
+def _ext():
+    from ._build import load_extension
+
+    return load_extension("cuda")
 
 
 def availability() -> tuple[bool, str]:
-    return False, "not built yet"
+    """(ok, reason): the extension is prebuilt or JIT-buildable and a CUDA GPU is visible."""
+    try:
+        from ._build import extension_status
+    except ImportError as exc:  # pragma: no cover - a broken install
+        return False, f"extension builder unavailable: {exc}"
+    ok, reason = extension_status("cuda")
+    if not ok:
+        return False, reason
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible"
+    return True, f"{reason}; {HARDWARE_NOTE}"
 
 
-def supports(device) -> tuple[bool, str]:
-    return False, "not built yet"
+def supports(device: torch.device) -> tuple[bool, str]:
+    """CUDA devices only."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"the cuda backend runs on CUDA devices only, not {device.type}"
+    return True, ""
+
+
+def _device_vector(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Pinned + non_blocking: no host sync per step (torch keeps the pinned block alive until the
+    # copy has run).
+    host = torch.tensor(list(values), dtype=dtype, pin_memory=True)
+    return host.to(device, non_blocking=True)
+
+
+def masked_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                  steps: Sequence[float], *, lr: float, beta1: float, beta2: float,
+                  eps: float, weight_decay: float) -> None:
+    """AdamW over the list, in place; ``steps[i]`` includes this update (see reference.py)."""
+    device = params[0].device
+    steps_t = _device_vector(steps, torch.float64, device)
+    _ext().masked_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), steps_t,
+                         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
+
+
+def masked_adamw_capturable_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                             steps: torch.Tensor, lr: torch.Tensor, *, beta1: float = 0.9,
+                             beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+    """AdamW with the step counts and the learning rate read on the device, for CUDA graphs.
+
+    ``steps`` is a float32/float64 CUDA tensor [S] (each tensor's count including this update),
+    ``lr`` a CUDA tensor with one element; neither is read on the host, so the call can be
+    captured and replayed while you update them in place. Tensors must be contiguous CUDA
+    tensors (this bypasses ``freezeguard.ops``' conversions). Run it once on the same tensors
+    before capturing, so the pointer table is already on the device.
+
+    Example:
+        >>> steps = torch.zeros(len(params), device="cuda", dtype=torch.float64)  # doctest: +SKIP
+        >>> lr = torch.tensor(1e-3, device="cuda", dtype=torch.float64)           # doctest: +SKIP
+        >>> g = torch.cuda.CUDAGraph()                                             # doctest: +SKIP
+        >>> with torch.cuda.graph(g):                                              # doctest: +SKIP
+        ...     steps.add_(1)
+        ...     masked_adamw_capturable_(params, grads, exp_avgs, exp_avg_sqs, steps, lr)
+    """
+    _ext().masked_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), steps,
+                         0.0, float(beta1), float(beta2), float(eps), float(weight_decay), lr)
+
+
+def segment_dot(a: Tensors, b: Tensors) -> torch.Tensor:
+    """fp32 tensor [S] with <a_i, b_i>; deterministic (no atomics)."""
+    return _ext().segment_dot(list(a), list(b))
+
+
+def mask_shift_(theta: Tensors, delta: Tensors, dm: torch.Tensor) -> None:
+    """theta_i += delta_i * dm[i], in place."""
+    _ext().mask_shift_(list(theta), list(delta), dm)
+
+
+def user_update_(theta: Tensors, delta: Tensors, grad: Tensors, m: torch.Tensor, lr: float) -> None:
+    """u = -lr (1 - m_i) g_i; theta_i += (1 - m_i) u; delta_i -= u, in place."""
+    _ext().user_update_(list(theta), list(delta), list(grad), m, float(lr))
+
+
+def clear_table_cache() -> None:
+    """Drop the cached device tables (only when no captured graph that used them will replay)."""
+    _ext().clear_table_cache()
+
+
+__all__ = ["NAME", "DTYPES", "HARDWARE_NOTE", "availability", "supports", "masked_adamw_",
+           "masked_adamw_capturable_", "segment_dot", "mask_shift_", "user_update_", "clear_table_cache"]

@@ -1,10 +1,88 @@
-"""The `triton` backend (being written)."""
+"""The `triton` backend: the fused ops as multi-tensor Triton kernels (``freezeguard.kernels``).
+
+Each op covers the whole tensor list in one launch per dtype group (segment_dot adds one
+reduction launch). Runs on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1``
+(the Triton interpreter), which is how the kernels are tested without a GPU. Triton itself is
+imported lazily: ``import freezeguard`` never imports it.
+
+Example:
+    >>> import torch
+    >>> from freezeguard.backends import triton_backend as tb
+    >>> ok, why = tb.availability()
+    >>> isinstance(ok, bool) and isinstance(why, str)
+    True
+"""
 from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+NAME = "triton"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting() -> bool:
+    """Whether the kernels run (or, once imported, will run) under the Triton interpreter."""
+    # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when
+    # freezeguard.kernels.* is first imported; after that the environment no longer matters.
+    import sys
+
+    mod = sys.modules.get("freezeguard.kernels.learner")
+    if mod is not None:
+        return type(mod._mask_shift_kernel).__name__ == "InterpretedFunction"
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def availability() -> tuple[bool, str]:
-    return False, "not built yet"
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install 'freezeguard[triton]')"
+    try:
+        import triton
+    except Exception as exc:  # a broken install must say so, not crash the registry
+        return False, f"triton fails to import: {type(exc).__name__}: {exc}"
+    if _interpreting():
+        return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU interpreter, slow; for tests)"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on CUDA ({torch.cuda.get_device_name()})"
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
 
 
-def supports(device) -> tuple[bool, str]:
-    return False, "not built yet"
+def supports(device: torch.device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _interpreting():
+            # Interpreted kernels dereference the host addresses in the pointer tables.
+            return False, "TRITON_INTERPRET=1 runs kernels on the CPU; CUDA tensors need compiled kernels"
+        return True, ""
+    if device.type == "cpu":
+        if _interpreting():
+            return True, ""
+        return False, "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    return False, f"triton kernels do not run on {device.type} tensors"
+
+
+def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay) -> None:
+    from freezeguard.kernels.adamw import masked_adamw_ as run
+
+    run(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay)
+
+
+def segment_dot(a, b) -> torch.Tensor:
+    from freezeguard.kernels.learner import segment_dot as run
+
+    return run(a, b)
+
+
+def mask_shift_(theta, delta, dm) -> None:
+    from freezeguard.kernels.learner import mask_shift_ as run
+
+    run(theta, delta, dm)
+
+
+def user_update_(theta, delta, grad, m, lr) -> None:
+    from freezeguard.kernels.learner import user_update_ as run
+
+    run(theta, delta, grad, m, lr)

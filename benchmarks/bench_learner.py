@@ -1,0 +1,325 @@
+"""One MaskLearner step, fused (freezeguard) vs the authors' per-tensor loop, on the SD-1.5 layout.
+
+The model is a diffusers ``UNet2DConditionModel`` with the SD-1.5 tensor layout (686 tensors):
+channel-scaled on CPU (block_out_channels=(96, 192, 384, 384), 85.3M parameters, or
+FG_BENCH_CHANNELS="32,64,128,128" for a quicker run), full size on CUDA (the real SD-1.5 UNet). Measured, for
+the releaser step and the user step:
+
+- update: the parameter/mask update alone, given the gradients (fused ops vs the literal loop
+  of pittisl/FreezeAsGuard ``src/mask_learner.py``);
+- step: forward + backward + update.
+
+The literal loop is the anchor: the tables give median times and fused speedups over it
+(and peak memory on CUDA). Run either way:
+
+    pytest -s benchmarks/bench_learner.py      # pytest-benchmark, CPU (and CUDA if present); -s shows the speedups
+    python benchmarks/bench_learner.py --device cuda [--dtype bf16] [--json out.json]
+
+On a GPU machine, one command runs the learner tests (GPU cases included) and the fp32 and bf16
+benchmarks of the full SD-1.5 UNet, with logs and JSON in OUT_DIR (figures for RESULTS.md):
+
+    python benchmarks/bench_learner.py --gpu-suite $OUT
+    FG_BENCH_BACKEND=cuda python benchmarks/bench_learner.py --device cuda   # the cuda backend, if built
+
+Environment: FG_BENCH_THREADS (CPU intra-op threads, default 1: the CI machine's two cores are
+shared and threads then only contend), FG_BENCH_CHANNELS, FG_BENCH_BACKEND (default auto).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+
+import freezeguard as fg
+
+HP = dict(freeze_ratio=0.2, temperature=0.2, c_sparsity=5e3, mask_lr=10.0, user_lr=1e-5, user_interval=5)
+
+
+# --- the literal reference (authors' loop, per tensor) ---------------------------------------
+def literal_releaser_update(unet, unet_diff, x_for_mask, *, T, freeze_ratio, c_sparsity, mask_lr, **_):
+    m = torch.sigmoid(x_for_mask / T)
+    sparsity_loss = torch.square(freeze_ratio - torch.sum(m) / m.shape[0])
+    d_x_for_sparsity = c_sparsity * torch.autograd.grad(sparsity_loss, x_for_mask)[0]
+    for i, (param_diff, param) in enumerate(zip(unet_diff.parameters(), unet.parameters())):
+        m = torch.sigmoid(x_for_mask[i] / T)
+        grad_for_mask_i = mask_lr * torch.sum(param_diff.data * param.grad) * m * (1 - m) / T
+        prev_x_for_mask_i = copy.deepcopy(x_for_mask.data[i])
+        x_for_mask.data[i] = x_for_mask.data[i] - grad_for_mask_i - d_x_for_sparsity[i]
+        d_mask = torch.sigmoid(x_for_mask[i] / T) - torch.sigmoid(prev_x_for_mask_i / T)
+        param.data += param_diff.data * d_mask
+
+
+def literal_user_update(unet, unet_diff, x_for_mask, *, T, user_lr, **_):
+    for i, (param_diff, param) in enumerate(zip(unet_diff.parameters(), unet.parameters())):
+        m = torch.sigmoid(x_for_mask[i] / T)
+        grad_for_param_ft = -user_lr * (1 - m) * param.grad
+        param.data += grad_for_param_ft * (1 - m)
+        param_diff.data -= grad_for_param_ft
+
+
+def per_sample_loss(model, batch):
+    pred = model(batch["noisy"], batch["timesteps"], batch["cond"]).sample
+    return ((pred.float() - batch["noise"].float()) ** 2).mean(dim=(1, 2, 3))
+
+
+def releaser_objective(losses, is_target):
+    t = is_target.to(losses.dtype)
+    return ((losses * (1 - t)).sum() / (1 - t).sum() - (losses * t).sum() / t.sum()) / 2
+
+
+# --- setup ------------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    device: torch.device
+    dtype: torch.dtype
+    channels: tuple[int, ...]
+    backend: str
+    learner: fg.MaskLearner = field(init=False)
+    unet: torch.nn.Module = field(init=False)
+    unet_diff: torch.nn.Module = field(init=False)
+    x_for_mask: torch.Tensor = field(init=False)
+    batch: dict = field(init=False)
+
+    def __post_init__(self):
+        from diffusers import UNet2DConditionModel
+
+        full = self.channels == (320, 640, 1280, 1280)
+        cfg = {} if full else {"block_out_channels": self.channels}
+        torch.manual_seed(0)
+        with torch.device(self.device):  # initialise in place: the full UNet is slow to build on CPU
+            base = UNet2DConditionModel(**cfg)
+        if self.dtype != torch.float32:
+            base = base.to(self.dtype)
+        self.n_tensors = len(list(base.parameters()))
+        self.n_params = sum(p.numel() for p in base.parameters())
+        pre = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        ft = {k: v + 1e-3 * torch.randn_like(v) for k, v in pre.items()}
+        # Fused learner on `base`; the literal loop on its own two models (unet, unet_diff).
+        self.learner = fg.MaskLearner(base, pre, ft, per_sample_loss, backend=self.backend, **HP)
+        self.unet = copy.deepcopy(base)
+        self.unet_diff = copy.deepcopy(base)
+        with torch.no_grad():
+            for (n, p), d in zip(self.unet_diff.named_parameters(), self.learner._delta):
+                p.copy_(d)
+        self.x_for_mask = torch.nn.Parameter(self.learner.logits.clone())
+        del pre, ft
+        side = 64 if full else 16
+        b = 2
+        gen = torch.Generator().manual_seed(1)
+        self.batch = {
+            "noisy": torch.randn(b, 4, side, side, generator=gen).to(self.device, self.dtype),
+            "noise": torch.randn(b, 4, side, side, generator=gen).to(self.device, self.dtype),
+            "timesteps": torch.tensor([10, 500], device=self.device),
+            "cond": torch.randn(b, 77 if full else 8, base.config.cross_attention_dim,
+                                generator=gen).to(self.device, self.dtype),
+            "is_target": torch.tensor([True, False], device=self.device),
+        }
+        self.hp = dict(T=HP["temperature"], freeze_ratio=HP["freeze_ratio"], c_sparsity=HP["c_sparsity"],
+                       mask_lr=HP["mask_lr"], user_lr=HP["user_lr"])
+
+    # gradients in place, for the update-only timings
+    def prepare_grads(self, kind: str) -> None:
+        for model in (self.learner.model, self.unet):
+            model.zero_grad(set_to_none=True)
+            losses = per_sample_loss(model, self.batch)
+            (releaser_objective(losses, self.batch["is_target"]) if kind == "releaser" else losses.mean()).backward()
+
+    def fused_update(self, kind: str) -> Callable[[], None]:
+        lr = self.learner
+        grads = [p.grad for p in lr._params]
+        if kind == "releaser":
+            return lambda: lr._releaser_update(0, None, lr._theta(), lr._delta, grads)
+        return lambda: lr._user_update(1, None, lr._theta(), lr._delta, grads)
+
+    def literal_update(self, kind: str) -> Callable[[], None]:
+        fn = literal_releaser_update if kind == "releaser" else literal_user_update
+        return lambda: fn(self.unet, self.unet_diff, self.x_for_mask, **self.hp)
+
+    def fused_step(self, kind: str) -> Callable[[], None]:
+        def run():
+            self.learner.step_count = 0 if kind == "releaser" else 1  # pick the kind of step
+            self.learner.step(self.batch)
+        return run
+
+    def literal_step(self, kind: str) -> Callable[[], None]:
+        def run():
+            losses = per_sample_loss(self.unet, self.batch)
+            (releaser_objective(losses, self.batch["is_target"]) if kind == "releaser" else losses.mean()).backward()
+            self.literal_update(kind)()
+            self.unet.zero_grad(set_to_none=True)
+        return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_pair(fused: Callable[[], None], literal: Callable[[], None], device: torch.device, rounds: int,
+              warmup: int = 1) -> tuple[float, float, int | None, int | None]:
+    """Median seconds of each, calls interleaved so that load from other processes hits both
+    alike; and the peak CUDA memory (bytes) of each."""
+    out = {}
+    for name, fn in (("fused", fused), ("literal", literal)):
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            _sync(device)
+            out[name + "_mem"] = torch.cuda.max_memory_allocated(device)
+        out[name] = []
+    for _ in range(rounds):
+        for name, fn in (("fused", fused), ("literal", literal)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out[name].append(time.perf_counter() - t0)
+    return (statistics.median(out["fused"]), statistics.median(out["literal"]), out.get("fused_mem"),
+            out.get("literal_mem"))
+
+
+def _channels(device: torch.device) -> tuple[int, ...]:
+    env = os.environ.get("FG_BENCH_CHANNELS")
+    if env:
+        return tuple(int(c) for c in env.split(","))
+    return (320, 640, 1280, 1280) if device.type == "cuda" else (96, 192, 384, 384)
+
+
+def run_all(device: torch.device, dtype: torch.dtype, rounds: int) -> dict:
+    bench = Bench(device, dtype, _channels(device), os.environ.get("FG_BENCH_BACKEND", "auto"))
+    backend = fg.backends.resolve(bench.backend, device).__name__.rsplit(".", 1)[-1].removesuffix("_backend")
+    rows = []
+    for kind in ("releaser", "user"):
+        bench.prepare_grads(kind)
+        fu, lu, _, _ = time_pair(bench.fused_update(kind), bench.literal_update(kind), device, rounds)
+        fs, ls, fs_mem, ls_mem = time_pair(bench.fused_step(kind), bench.literal_step(kind), device, rounds)
+        rows.append({"kind": kind, "update_fused_ms": fu * 1e3, "update_literal_ms": lu * 1e3,
+                     "update_speedup": lu / fu, "step_fused_ms": fs * 1e3, "step_literal_ms": ls * 1e3,
+                     "step_speedup": ls / fs, "step_peak_mem_fused_MiB": fs_mem and fs_mem / 2**20,
+                     "step_peak_mem_literal_MiB": ls_mem and ls_mem / 2**20})
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {"device": name, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
+            "channels": list(bench.channels), "tensors": bench.n_tensors, "params": bench.n_params,
+            "rounds": rounds, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    head = (f"MaskLearner step on {result['device']}, {result['dtype']}, backend {result['backend']}, UNet "
+            f"{result['channels']} ({result['tensors']} tensors, {result['params'] / 1e6:.1f}M params), "
+            f"median of {result['rounds']}")
+    lines = [head, "| step | update fused ms | update literal ms | update speedup | step fused ms | "
+                   "step literal ms | step speedup | peak MiB fused / literal |", "|" + "---|" * 8]
+    for r in result["rows"]:
+        mem = (f"{r['step_peak_mem_fused_MiB']:.0f} / {r['step_peak_mem_literal_MiB']:.0f}"
+               if r["step_peak_mem_fused_MiB"] else "-")
+        lines.append(f"| {r['kind']} | {r['update_fused_ms']:.2f} | {r['update_literal_ms']:.2f} | "
+                     f"{r['update_speedup']:.2f}x | {r['step_fused_ms']:.1f} | {r['step_literal_ms']:.1f} | "
+                     f"{r['step_speedup']:.2f}x | {mem} |")
+    return "\n".join(lines)
+
+
+# --- pytest-benchmark ---------------------------------------------------------------------------
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+_RESULTS: dict[tuple[str, str, str, str], float] = {}
+
+
+@pytest.fixture(scope="module", params=_DEVICES)
+def bench(request):
+    device = torch.device(request.param)
+    n = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("FG_BENCH_THREADS", "1")))
+    b = Bench(device, torch.float32, _channels(device), os.environ.get("FG_BENCH_BACKEND", "auto"))
+    yield b
+    torch.set_num_threads(n)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    for kind in ("releaser", "user"):
+        for part in ("update", "step"):
+            f = _RESULTS.get((request.param, kind, part, "fused"))
+            lit = _RESULTS.get((request.param, kind, part, "literal"))
+            if f and lit and reporter:
+                reporter.write_line(f"[{request.param}] {kind} {part}: fused {f * 1e3:.2f} ms, literal "
+                                    f"{lit * 1e3:.2f} ms, speedup {lit / f:.2f}x")
+
+
+def _record(benchmark, key, fn, device, rounds):
+    benchmark.pedantic(fn, setup=lambda: _sync(device), rounds=rounds, iterations=1, warmup_rounds=1)
+    _RESULTS[key] = benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("kind", ["releaser", "user"])
+@pytest.mark.parametrize("impl", ["fused", "literal"])
+def test_update(benchmark, bench, kind, impl):
+    benchmark.group = f"{bench.device.type}-{kind}-update"
+    bench.prepare_grads(kind)
+    fn = bench.fused_update(kind) if impl == "fused" else bench.literal_update(kind)
+    _record(benchmark, (bench.device.type, kind, "update", impl), lambda: (fn(), _sync(bench.device)), bench.device, 10)
+
+
+@pytest.mark.parametrize("kind", ["releaser", "user"])
+@pytest.mark.parametrize("impl", ["fused", "literal"])
+def test_step(benchmark, bench, kind, impl):
+    benchmark.group = f"{bench.device.type}-{kind}-step"
+    fn = bench.fused_step(kind) if impl == "fused" else bench.literal_step(kind)
+    _record(benchmark, (bench.device.type, kind, "step", impl), lambda: (fn(), _sync(bench.device)), bench.device, 5)
+
+
+def gpu_suite(out_dir: str) -> int:
+    """Everything the learner needs checked on a GPU machine, results under ``out_dir``:
+    the learner tests (GPU cases included), then fp32 and bf16 benchmarks of the full SD-1.5 UNet
+    (each in a fresh process, so one's memory does not weigh on the other)."""
+    import subprocess
+    import sys
+
+    os.makedirs(out_dir, exist_ok=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tests = ["tests/test_learner.py", "tests/test_learner_reference.py", "tests/test_learner_ddp.py",
+             "tests/test_cli_learn.py"]
+    steps = [("tests", [sys.executable, "-m", "pytest", "-q", "-rs", *tests])]
+    for dtype in ("fp32", "bf16"):
+        json_path = os.path.join(out_dir, f"bench_learner_{dtype}.json")
+        steps.append((f"bench_{dtype}", [sys.executable, os.path.abspath(__file__), "--device", "cuda",
+                                         "--dtype", dtype, "--json", json_path]))
+    worst = 0
+    for name, cmd in steps:
+        with open(os.path.join(out_dir, f"{name}.log"), "w") as log:
+            rc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"{name}: exit {rc} (log {os.path.join(out_dir, name + '.log')})")
+        worst = max(worst, rc)
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--json", default=None, help="also write the result as JSON here")
+    parser.add_argument("--gpu-suite", metavar="OUT_DIR", default=None,
+                        help="run the learner tests and the fp32 + bf16 CUDA benchmarks, logs and JSON into OUT_DIR")
+    args = parser.parse_args()
+    if args.gpu_suite:
+        raise SystemExit(gpu_suite(args.gpu_suite))
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("FG_BENCH_THREADS", "1")))
+    result = run_all(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32, args.rounds)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

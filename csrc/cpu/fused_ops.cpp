@@ -1,0 +1,106 @@
+// The four fused CPU ops over a work table (work_table.h); the math lives in kernels.cpp.
+#include "fused_ops.h"
+
+#include <cmath>
+
+#include "kernels.h"
+#include "work_table.h"
+
+#include <ATen/ops/empty.h>
+
+namespace freezeguard {
+
+template <typename T>
+static T* ptr(const at::Tensor& t, int64_t offset) {
+  return reinterpret_cast<T*>(t.data_ptr()) + offset;
+}
+
+void masked_adamw_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                   const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                   const std::vector<double>& steps, double lr, double beta1, double beta2, double eps,
+                   double weight_decay) {
+  const char* op = "masked_adamw_";
+  check_list(op, params, params, "params");
+  check_list(op, params, grads, "grads");
+  check_list(op, params, exp_avgs, "exp_avgs");
+  check_list(op, params, exp_avg_sqs, "exp_avg_sqs");
+  TORCH_CHECK(steps.size() == params.size(), op, ": steps has ", steps.size(), " entries for ", params.size(),
+              " tensors");
+  // Per-tensor bias corrections in double, once, as torch computes them on the host.
+  std::vector<AdamCoef> coef(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(steps[i] >= 1.0, op, ": step counts must be >= 1");
+    const double bc1 = 1.0 - std::pow(beta1, steps[i]);
+    const double bc2 = 1.0 - std::pow(beta2, steps[i]);
+    coef[i] = {static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta1),
+               static_cast<float>(beta2),  static_cast<float>(1.0 - beta2),
+               static_cast<float>(std::sqrt(bc2)), static_cast<float>(eps),
+               static_cast<float>(-(lr / bc1))};
+  }
+  const WorkTable table = make_work_table(params);
+  for_each_piece(table, [&](int64_t, const Piece& pc) {
+    const auto i = pc.tensor;
+    dispatch_dtype(params[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      adamw_piece<T>(ptr<T>(params[i], pc.begin), ptr<T>(grads[i], pc.begin), ptr<T>(exp_avgs[i], pc.begin),
+                     ptr<T>(exp_avg_sqs[i], pc.begin), pc.size, coef[i]);
+    });
+  });
+}
+
+at::Tensor segment_dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  check_list("segment_dot", a, a, "a");
+  check_list("segment_dot", a, b, "b");
+  const WorkTable table = make_work_table(a);
+  // One partial per piece, then a per-tensor sum in piece order: the result does not
+  // depend on how threads picked up the pieces.
+  std::vector<double> partial(table.pieces.size(), 0.0);
+  for_each_piece(table, [&](int64_t j, const Piece& pc) {
+    const auto i = pc.tensor;
+    dispatch_dtype(a[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      partial[j] = dot_piece<T>(ptr<T>(a[i], pc.begin), ptr<T>(b[i], pc.begin), pc.size);
+    });
+  });
+  std::vector<double> sums(a.size(), 0.0);
+  for (size_t j = 0; j < table.pieces.size(); ++j) sums[table.pieces[j].tensor] += partial[j];
+  at::Tensor out = at::empty({static_cast<int64_t>(a.size())}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (size_t i = 0; i < a.size(); ++i) o[i] = static_cast<float>(sums[i]);
+  return out;
+}
+
+void mask_shift_(const std::vector<at::Tensor>& theta, const std::vector<at::Tensor>& delta, const at::Tensor& dm) {
+  check_list("mask_shift_", theta, theta, "theta");
+  check_list("mask_shift_", theta, delta, "delta");
+  const float* s = check_scalars("mask_shift_", dm, theta.size(), "dm");
+  const WorkTable table = make_work_table(theta);
+  for_each_piece(table, [&](int64_t, const Piece& pc) {
+    const auto i = pc.tensor;
+    dispatch_dtype(theta[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      shift_piece<T>(ptr<T>(theta[i], pc.begin), ptr<T>(delta[i], pc.begin), s[i], pc.size);
+    });
+  });
+}
+
+void user_update_(const std::vector<at::Tensor>& theta, const std::vector<at::Tensor>& delta,
+                  const std::vector<at::Tensor>& grad, const at::Tensor& m, double lr) {
+  check_list("user_update_", theta, theta, "theta");
+  check_list("user_update_", theta, delta, "delta");
+  check_list("user_update_", theta, grad, "grad");
+  const float* mv = check_scalars("user_update_", m, theta.size(), "m");
+  const float neg_lr = static_cast<float>(-lr);
+  const WorkTable table = make_work_table(theta);
+  for_each_piece(table, [&](int64_t, const Piece& pc) {
+    const auto i = pc.tensor;
+    const float keep = 1.0f - mv[i];  // the unfrozen share of tensor i
+    dispatch_dtype(theta[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      user_piece<T>(ptr<T>(theta[i], pc.begin), ptr<T>(delta[i], pc.begin), ptr<T>(grad[i], pc.begin),
+                    neg_lr * keep, keep, pc.size);
+    });
+  });
+}
+
+}  // namespace freezeguard

@@ -1,0 +1,1 @@
+"""Pieces of the evaluation harness (freezeguard.evaluate): the figures, the report, the toy setup."""

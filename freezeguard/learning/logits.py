@@ -1,0 +1,60 @@
+"""The releaser's update of the mask logits: one vectorized pass over the [S] logits.
+
+Notation of DESIGN.md section 4: soft mask m_i = sigmoid(x_i / T); s_i = <Delta_i, g_i> the
+sensitivity of the releaser loss to tensor i's mask; budget penalty B = c (rho - sum_i w_i m_i)^2
+with w_i = 1/S ("tensors") or n_i / N ("params"). The authors' loop updates each x_i with the
+m_i of the *old* logits and the budget gradient computed before the loop, so the whole update is
+one elementwise expression over the vector of logits.
+
+Example:
+    >>> import torch
+    >>> x = torch.zeros(3)
+    >>> w = budget_weights([4, 4, 8], by="tensors")
+    >>> x2 = updated_logits(x, torch.tensor([1.0, 0.0, -1.0]), weights=w, ratio=0.5,
+    ...                     temperature=0.2, c_sparsity=0.0, mask_lr=1.0)
+    >>> bool(x2[0] < 0 < x2[2])
+    True
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+BUDGET_BASES = ("tensors", "params")
+
+
+def budget_weights(sizes: Sequence[int], by: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """fp32 [S] weights summing to 1: each tensor counts once ("tensors") or by its size ("params")."""
+    if by not in BUDGET_BASES:
+        raise ValueError(f"budget_by must be one of {BUDGET_BASES}, got {by!r}")
+    n = len(sizes)
+    if n == 0:
+        raise ValueError("the model has no parameters to mask")
+    if by == "tensors":
+        return torch.full((n,), 1.0 / n, dtype=torch.float32, device=device)
+    # float64 for the division: an SD UNet has ~8.6e8 parameters, beyond fp32's exact integers.
+    sz = torch.tensor([float(s) for s in sizes], dtype=torch.float64)
+    return (sz / sz.sum()).to(device=device, dtype=torch.float32)
+
+
+def soft_mask(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """m = sigmoid(x / T): 1 means frozen at the released weights."""
+    return torch.sigmoid(x / temperature)
+
+
+def updated_logits(x: torch.Tensor, s: torch.Tensor, *, weights: torch.Tensor, ratio: float,
+                   temperature: float, c_sparsity: float, mask_lr: float) -> torch.Tensor:
+    """New logits after one releaser step (a new tensor; ``x`` is not modified).
+
+    x_i' = x_i - mask_lr * s_i * dm_i/dx_i - dB/dx_i, with dm/dx = m (1 - m) / T and
+    dB/dx_i = -2 c (rho - sum_j w_j m_j) w_i dm_i/dx_i (the authors' c * autograd of B).
+    """
+    m = soft_mask(x, temperature)
+    dm_dx = m * (1.0 - m) / temperature
+    realised = (weights * m).sum()
+    budget_grad = (-2.0 * c_sparsity) * (ratio - realised) * weights * dm_dx
+    return x - mask_lr * s * dm_dx - budget_grad
+
+
+__all__ = ["BUDGET_BASES", "budget_weights", "soft_mask", "updated_logits"]

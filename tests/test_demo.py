@@ -1,0 +1,40 @@
+"""`freezeguard demo --quick` end to end on CPU: every phase, the table, the report folder, the cache."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from freezeguard.cli import main
+
+
+def test_quick_demo_end_to_end_and_deterministic(tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "report"
+    rc = main(["demo", "--quick", "--cache-dir", str(cache), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for word in ("full", "random", "learned", "mitigation", "innocent impact", "report written to"):
+        assert word in text, word
+    for f in ("report.md", "summary.json", "runs.json", "loss_curves.png", "samples.png", "learned_mask.safetensors"):
+        assert (out / f).stat().st_size > 0, f
+    assert list(cache.glob("toy-*.safetensors")) and list(cache.glob("judge-*.safetensors"))
+    first = json.loads((out / "summary.json").read_text())
+    assert first["primary_metric"] == "recognisability"
+    assert set(first["domains"].values()) == {"target", "innocent"}
+    row = first["table"]["standard"]["learned"]
+    assert row["mitigation"] is None or isinstance(row["mitigation"], float)
+    assert first["masks"]["learned"]["ratio_tensors"] == pytest.approx(0.5, abs=0.01)
+
+    # Second run: the pretrained model and judge come from the cache; the figures are identical.
+    rc = main(["demo", "--quick", "--cache-dir", str(cache), "--out", str(tmp_path / "again"), "--json"])
+    assert rc == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["table"] == first["table"]
+    assert second["timings_s"]["pretrain"] < first["timings_s"]["pretrain"]
+
+
+def test_demo_rejects_bad_arguments(tmp_path):
+    for bad in (["--ratio", "1.5"], ["--strong-lr-mult", "0"], ["--threads", "-1"]):
+        with pytest.raises(SystemExit, match="freezeguard demo: --"):
+            main(["demo", "--quick", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "r"), *bad])
+    assert not (tmp_path / "r").exists()

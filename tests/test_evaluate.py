@@ -1,0 +1,178 @@
+"""The evaluation harness: mitigation arithmetic, determinism, validation, report files, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import freezeguard as fg
+from freezeguard.diffusion import toy
+from freezeguard.evaluate import Attacker, Domain, EvalResult, Run, evaluate_masks
+from freezeguard.evaluation.metrics import removed_share, summarize
+from freezeguard.evaluation.toy_setup import heldout_batch, toy_domains
+
+TINY = toy.ToyModelConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The toy model's ops are tiny: on a shared 2-core machine, 2 threads only fight (4-30x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _run(attacker, mask, domain, role, before, after):
+    return Run(attacker, mask, domain, role, {"loss": before}, {"loss": after}, [(0, before), (1, after)])
+
+
+def test_removed_share_and_undefined_reference():
+    assert removed_share(0.25, 1.0, 1.0) == pytest.approx(0.75)
+    assert removed_share(1.0, 1.0, 1.0) == 0.0
+    assert removed_share(-0.5, 1.0, 1.0) == pytest.approx(1.5)  # the mask made it worse than untouched
+    assert removed_share(0.1, 0.0, 1.0) is None                # full fine-tune gained nothing
+    assert removed_share(0.1, -0.2, 1.0) is None
+
+
+def test_summary_mitigation_impact_random_average_and_survival():
+    runs = []
+    for att, scale in (("std", 1.0), ("strong", 2.0)):
+        # target: loss 1.0 -> full 0.6 (gain .4); random seeds gain .3 and .2; learned .1
+        runs += [_run(att, "full", "t", "target", 1.0, 1.0 - 0.4 * scale),
+                 _run(att, "random#0", "t", "target", 1.0, 1.0 - 0.3 * scale),
+                 _run(att, "random#1", "t", "target", 1.0, 1.0 - 0.2 * scale),
+                 _run(att, "learned", "t", "target", 1.0, 1.0 - (0.1 if att == "std" else 0.6))]
+        runs += [_run(att, "full", "i", "innocent", 1.0, 0.5), _run(att, "random#0", "i", "innocent", 1.0, 0.6),
+                 _run(att, "random#1", "i", "innocent", 1.0, 0.5), _run(att, "learned", "i", "innocent", 1.0, 0.52)]
+    res = EvalResult(runs=runs, masks={m: {"ratio_tensors": .5, "ratio_params": .5} for m in
+                                       ("full", "random#0", "random#1", "learned")},
+                     attackers=[Attacker("std", 1e-3, 10), Attacker("strong", 1e-2, 20)])
+    s = summarize(res)
+    std = s["table"]["std"]
+    assert std["full"]["mitigation"] == pytest.approx(0.0)
+    assert std["random"]["n_masks"] == 2
+    assert std["random"]["mitigation"] == pytest.approx((0.25 + 0.5) / 2)
+    assert std["random"]["mitigation_std"] == pytest.approx(0.125)
+    assert std["learned"]["mitigation"] == pytest.approx(0.75)
+    assert std["learned"]["vs_random"] == pytest.approx(0.75 / 0.375)
+    assert std["learned"]["innocent_impact"]["i"] == pytest.approx(1 - 0.48 / 0.5)
+    assert s["table"]["strong"]["learned"]["mitigation"] == pytest.approx(0.25)
+    assert s["survival"]["strong"] == pytest.approx(0.25 / 0.75)
+
+
+def _tiny_setup():
+    model = toy.build_model(TINY, seed=0)
+    loss_fn = toy.make_loss_fn(TINY)
+    domains = toy_domains(heldout_n=8, batch_size=4)
+    masks = {"full": None, "random#0": fg.FreezeMask.random(model, 0.5, by="params", seed=0),
+             "learned": fg.FreezeMask.random(model, 0.5, by="params", seed=1)}
+    return model, loss_fn, domains, masks
+
+
+def test_evaluate_masks_runs_every_combination_deterministically():
+    model, loss_fn, domains, masks = _tiny_setup()
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    attackers = [Attacker("std", 1e-3, 3), Attacker("strong", 1e-2, 4)]
+    a = evaluate_masks(model, masks, domains, loss_fn, attackers, curve_points=2, progress=False)
+    b = evaluate_masks(model, masks, domains, loss_fn, attackers, curve_points=2, progress=False)
+    assert len(a.runs) == 2 * 3 * 2
+    assert [(r.before, r.after, r.curve) for r in a.runs] == [(r.before, r.after, r.curve) for r in b.runs]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ref.items()), "the released model was modified"
+    run = a.runs[0]
+    assert run.curve[0][0] == 0 and run.curve[-1][0] == 3 and set(run.before) == {"loss", "prompt_gain"}
+    full = [r for r in a.runs if r.mask == "full" and r.attacker == "std"]
+    assert all(r.after["loss"] != r.before["loss"] for r in full)
+    s = a.summary()
+    assert set(s["table"]) == {"std", "strong"} and set(s["table"]["std"]) == {"full", "random", "learned"}
+    assert s["primary_metric"] == "loss"
+
+
+def test_masked_finetune_leaves_frozen_tensors_untouched():
+    model, loss_fn, domains, masks = _tiny_setup()
+    from freezeguard.evaluate import finetune
+    import copy
+    tuned = copy.deepcopy(model)
+    finetune(tuned, masks["learned"], domains[0], loss_fn, Attacker("a", 1e-2, 2), curve_points=1)
+    before, after = dict(model.named_parameters()), dict(tuned.named_parameters())
+    for name in masks["learned"].frozen_names:
+        assert torch.equal(before[name], after[name]), name
+    changed = [n for n in masks["learned"].trainable_names if not torch.equal(before[n], after[n])]
+    assert changed, "trainable tensors should move"
+
+
+def test_validation_errors():
+    model, loss_fn, domains, masks = _tiny_setup()
+    with pytest.raises(ValueError, match='"full"'):
+        evaluate_masks(model, {"learned": masks["learned"]}, domains, loss_fn, [Attacker("a", 1e-3, 1)])
+    with pytest.raises(ValueError, match="target domain"):
+        evaluate_masks(model, masks, domains[1:], loss_fn, [Attacker("a", 1e-3, 1)])
+    with pytest.raises(ValueError, match="lr"):
+        Attacker("a", 0.0, 1)
+    with pytest.raises(ValueError, match="role"):
+        Domain("x", "illegal", lambda s: iter(()), heldout_batch("disc", 2, 0))
+    with pytest.raises(ValueError, match="fixed 'noise'"):
+        Domain("x", "target", lambda s: iter(()), toy.make_batch(["disc"], 2, 0))
+    other = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="different model"):
+        evaluate_masks(model, {"full": None, "m": fg.FreezeMask.from_names(other, [])}, domains, loss_fn,
+                       [Attacker("a", 1e-3, 1)])
+
+
+def test_report_files(tmp_path):
+    from freezeguard.diffusion import judge
+    from freezeguard.evaluation.report import write_report
+    model, loss_fn, _, masks = _tiny_setup()
+    j = judge.train_judge(steps=5, cache_dir=False, progress=False)
+    domains = toy_domains(judge=j, heldout_n=4, sample_n=2, sample_steps=2, batch_size=4)
+    res = evaluate_masks(model, masks, domains, loss_fn, [Attacker("std", 1e-3, 2)], curve_points=1, progress=False)
+    assert res.primary_metric == "recognisability"
+    s = res.summary()
+    out = write_report(res, s, tmp_path / "rep", mask=masks["learned"])
+    for f in ("report.md", "summary.json", "runs.json", "loss_curves.png", "samples.png", "learned_mask.safetensors"):
+        assert (out / f).stat().st_size > 0, f
+    data = json.loads((out / "summary.json").read_text())
+    assert data["primary_metric"] == "recognisability" and "learned" in data["table"]["std"]
+    assert "mitigation" in (out / "report.md").read_text()
+
+
+def test_cli_evaluate_toy(tmp_path, capsys):
+    """The CLI plumbing on the toy model; the cache is pre-filled with untrained weights (speed)."""
+    from safetensors.torch import save_file
+    from freezeguard.cli import main
+    from freezeguard.diffusion import judge
+    model = toy.build_model()
+    save_file(model.state_dict(), str(tmp_path / f"toy-{toy.PretrainConfig().key()}.safetensors"))
+    save_file(judge.Judge().state_dict(), str(judge.cache_path(tmp_path)))
+    fg.FreezeMask.random(model, 0.3, by="params", seed=4).save(str(tmp_path / "m.safetensors"))
+    rc = main(["evaluate", "--mask", str(tmp_path / "m.safetensors"), "--cache-dir", str(tmp_path), "--steps", "1",
+               "--no-strong", "--random-seeds", "1", "--heldout", "4", "--samples", "2", "--sample-steps", "2",
+               "--quiet", "--json", "--out", str(tmp_path / "rep")])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["table"]["standard"]) == {"full", "random", "learned"}
+    assert data["masks"]["random#0"]["ratio_params"] == pytest.approx(data["masks"]["learned"]["ratio_params"], abs=0.05)
+    assert (tmp_path / "rep" / "report.md").exists()
+
+
+def test_cli_evaluate_real_pipeline(tmp_path, capsys):
+    """--pretrained path on the tiny SD pipeline fixture: loss and prompt gain, CLIP/FID skipped."""
+    from freezeguard.cli import main
+    from freezeguard.diffusion import load_components
+    from freezeguard.diffusion.testing import build_tiny_sd_pipeline, write_tiny_imagefolder
+    pipe = build_tiny_sd_pipeline(tmp_path / "sd")
+    write_tiny_imagefolder(tmp_path / "t", n=4, caption="a photo of sks", seed=0, style="checker")
+    write_tiny_imagefolder(tmp_path / "i", n=4, caption="a photo of stripes", seed=1, style="stripes")
+    unet = load_components(pipe).unet
+    fg.FreezeMask.random(unet, 0.5, by="tensors", seed=0).save(str(tmp_path / "m.safetensors"))
+    rc = main(["evaluate", "--mask", str(tmp_path / "m.safetensors"), "--pretrained", str(pipe),
+               "--target-data", str(tmp_path / "t"), "--innocent-data", str(tmp_path / "i"), "--heldout", "2",
+               "--batch-size", "2", "--steps", "1", "--no-strong", "--random-seeds", "1", "--budget-by", "tensors",
+               "--quiet", "--json", "--device", "cpu"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "CLIP score / FID skipped" in captured.err
+    data = json.loads(captured.out)
+    assert data["primary_metric"] == "loss" and "prompt_gain" in data["metrics"]
+    assert set(data["domains"].values()) == {"target", "innocent"}

@@ -1,0 +1,151 @@
+"""The fused MaskLearner against the authors' loop written out literally.
+
+``literal_mask_learning`` follows pittisl/FreezeAsGuard ``src/mask_learner.py`` statement by
+statement (a difference model, one Python iteration per tensor, the budget gradient by autograd,
+means that divide by count + 1e-5). The fused learner must end with the same logits, live weights
+and Delta after a run mixing releaser and user steps, on every backend that can run here.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import freezeguard as fg
+from freezeguard.backends import get_backend, status
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=2,
+                 norm_num_groups=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two cores shared by several jobs: intra-op threads spin against each other (~30x slower).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_unet(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(**TINY_UNET)
+
+
+def per_sample_loss(model, batch):
+    """Deterministic per-sample denoising MSE (noise and timesteps come with the batch)."""
+    pred = model(batch["noisy"], batch["timesteps"], batch["cond"]).sample
+    return ((pred.float() - batch["noise"].float()) ** 2).mean(dim=(1, 2, 3))
+
+
+def make_batches(n: int, bsz: int = 4, seed: int = 1) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        out.append({"noisy": torch.randn(bsz, 4, 8, 8, generator=gen),
+                    "noise": torch.randn(bsz, 4, 8, 8, generator=gen),
+                    "timesteps": torch.randint(0, 1000, (bsz,), generator=gen),
+                    "cond": torch.randn(bsz, 3, 8, generator=gen),
+                    "is_target": torch.tensor([True, False] * (bsz // 2))})
+    return out
+
+
+def literal_mask_learning(unet_pre, unet_ft, x_init, batches, *, T, freeze_ratio, c_sparsity, mask_lr,
+                          user_lr, user_interval):
+    """The authors' releaser / user loop, as written (per tensor, .data updates)."""
+    unet_diff, unet = unet_pre, unet_ft
+    x_for_mask = torch.nn.Parameter(x_init.clone())
+    for i, (param_diff, param_ft) in enumerate(zip(unet_diff.parameters(), unet.parameters())):
+        param_diff.data = param_diff.data - param_ft.data
+        param_ft.data = param_ft.data + param_diff.data * torch.sigmoid(x_for_mask[i] / T)
+    for step, batch in enumerate(batches):
+        if step % user_interval == 0:
+            loss = per_sample_loss(unet, batch)
+            ffi_target = batch["is_target"].float()
+            ffi_innocent = 1 - batch["is_target"].float()
+            target_iqa_loss = (loss * ffi_target).sum() / (ffi_target.sum() + 1e-5)
+            innocent_iqa_loss = (loss * ffi_innocent).sum() / (ffi_innocent.sum() + 1e-5)
+            mixed_loss = ((-target_iqa_loss + innocent_iqa_loss) / 2).mean()
+            mixed_loss.backward()
+            m = torch.sigmoid(x_for_mask / T)
+            sparsity_loss = torch.square(freeze_ratio - torch.sum(m) / m.shape[0])
+            d_x_for_sparsity = c_sparsity * torch.autograd.grad(sparsity_loss, x_for_mask)[0]
+            for i, (param_diff, param) in enumerate(zip(unet_diff.parameters(), unet.parameters())):
+                m = torch.sigmoid(x_for_mask[i] / T)
+                grad_for_mask_i = mask_lr * torch.sum(param_diff.data * param.grad) * m * (1 - m) / T
+                prev_x_for_mask_i = copy.deepcopy(x_for_mask.data[i])
+                x_for_mask.data[i] = x_for_mask.data[i] - grad_for_mask_i - d_x_for_sparsity[i]
+                d_mask = torch.sigmoid(x_for_mask[i] / T) - torch.sigmoid(prev_x_for_mask_i / T)
+                param.data += param_diff.data * d_mask
+            unet.zero_grad()
+        else:
+            loss = per_sample_loss(unet, batch).mean()
+            loss.backward()
+            for i, (param_diff, param) in enumerate(zip(unet_diff.parameters(), unet.parameters())):
+                m = torch.sigmoid(x_for_mask[i] / T)
+                grad_for_param_ft = -user_lr * (1 - m) * param.grad
+                param.data += grad_for_param_ft * (1 - m)
+                param_diff.data -= grad_for_param_ft
+            unet.zero_grad()
+    return x_for_mask.detach(), unet, unet_diff
+
+
+def _runnable(name: str, device: torch.device) -> tuple[bool, str]:
+    st = status(name)
+    if not st.available:
+        return False, st.reason
+    return get_backend(name).supports(device)
+
+
+CASES = [("cpu", b) for b in ("torch", "cpp", "triton")] + [
+    pytest.param("cuda", b, marks=pytest.mark.gpu) for b in ("torch", "triton", "cuda")]
+
+
+@pytest.mark.parametrize("device, backend", CASES)
+def test_fused_learner_matches_the_authors_loop(device, backend, monkeypatch):
+    device = torch.device(device)
+    ok, why = _runnable(backend, device)
+    if not ok:
+        pytest.skip(f"backend {backend} cannot run on {device} here: {why}")
+    if device.type == "cuda":
+        # Same math on both sides; TF32 would only add noise to the comparison.
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    hp = dict(freeze_ratio=0.2, temperature=0.2, c_sparsity=5e3, mask_lr=10.0, user_lr=1e-2, user_interval=3)
+    # Triton runs in its CPU interpreter: fewer steps keep the case small.
+    n_steps = 4 if backend == "triton" and device.type == "cpu" else 7
+    batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(n_steps)]
+    pre_model = tiny_unet(0).to(device)
+    ft_model = tiny_unet(0).to(device)
+    with torch.no_grad():
+        for p in ft_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pre_state = {k: v.clone() for k, v in pre_model.state_dict().items()}
+    ft_state = {k: v.clone() for k, v in ft_model.state_dict().items()}
+
+    model = tiny_unet(5).to(device)  # weights get overwritten by the learner
+    learner = fg.MaskLearner(model, pre_state, ft_state, per_sample_loss, backend=backend, seed=3, **hp)
+    x0 = learner.logits.clone()
+    kinds = [learner.step(b)["kind"] for b in batches]
+    assert "releaser" in kinds and "user" in kinds
+
+    x_ref, unet_ref, diff_ref = literal_mask_learning(
+        pre_model, ft_model, x0, batches, T=hp["temperature"], freeze_ratio=hp["freeze_ratio"],
+        c_sparsity=hp["c_sparsity"], mask_lr=hp["mask_lr"], user_lr=hp["user_lr"],
+        user_interval=hp["user_interval"])
+
+    # The literal loop divides by (count + 1e-5); the learner by count: a 1e-5 relative gap.
+    torch.testing.assert_close(learner.logits, x_ref, rtol=1e-4, atol=1e-4)
+    moved = (learner.logits - x0).abs().max()
+    assert moved > 0.1, "the run must move the logits for the comparison to mean anything"
+    for (name, p), p_ref, d, d_ref in zip(model.named_parameters(), unet_ref.parameters(), learner._delta,
+                                          diff_ref.parameters()):
+        torch.testing.assert_close(p.detach(), p_ref.detach(), rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(d, d_ref.detach(), rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} delta: {m}")
+    # User steps changed Delta (theta_pre = theta_ft + Delta is what stays fixed).
+    assert any(not torch.equal(d, (pre_state[n] - ft_state[n])) for n, d in zip(learner.names, learner._delta))
