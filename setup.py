@@ -25,6 +25,11 @@ def _default_max_jobs() -> str:
     return str(max(1, min(os.cpu_count() or 1, int(free_gb // 2))))
 
 
+def _relative_sources(subdir: str, pattern: str) -> list[str]:
+    # setuptools refuses absolute source paths; they must be relative to setup.py.
+    return sorted((Path(CSRC) / subdir / p.name).as_posix() for p in (ROOT / CSRC / subdir).glob(pattern))
+
+
 def _native_extensions():
     if os.environ.get("FREEZEGUARD_SKIP_BUILD", "0") == "1":
         return [], {}
@@ -41,13 +46,13 @@ def _native_extensions():
     cflags, ldflags = cpu_flags()
     exts = [cpp_extension.CppExtension(
         "freezeguard._C",
-        sources=sorted(str(p) for p in (ROOT / CSRC / "cpu").glob("*.cpp")),
+        sources=_relative_sources("cpu", "*.cpp"),
         extra_compile_args={"cxx": cflags},
         extra_link_args=ldflags,
     )]
     want_cuda = os.environ.get("FREEZEGUARD_SKIP_CUDA", "0") != "1"
     if want_cuda and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
-        cuda_sources = sorted(str(p) for p in (ROOT / CSRC / "cuda").glob("*.c*"))
+        cuda_sources = _relative_sources("cuda", "*.c*")
         exts.append(cpp_extension.CUDAExtension(
             "freezeguard._cuda", sources=cuda_sources,
             extra_compile_args=cuda_flags(),

@@ -46,7 +46,8 @@ TOLERANCES = {
     torch.float32: Tolerance(atol=1e-6, rtol=1e-5),
     # Low precision: one rounding of an fp32 result can land one ulp away (2^-8, 2^-11).
     torch.bfloat16: Tolerance(atol=1e-5, rtol=2 ** -7),
-    torch.float16: Tolerance(atol=1e-5, rtol=2 ** -10),
+    # 2 ulp: GPU kernels contract a*b+c into FMAs, so fp32 intermediates may round differently.
+    torch.float16: Tolerance(atol=1e-4, rtol=2 ** -9),
 }
 
 

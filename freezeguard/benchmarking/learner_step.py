@@ -1,0 +1,95 @@
+"""The learner's per-step update, fused (freezeguard ops) vs the authors' per-tensor Python loop.
+
+Times only the update given the gradients (the forward/backward are identical in both): the
+releaser update (segmented dot products, logit step, mask shift) and the simulated user's SGD
+update, on the parameter list of a UNet preset. The loop is a literal rendering of
+pittisl/FreezeAsGuard ``src/mask_learner.py`` (one ``sigmoid``, ``sum`` and in-place add per
+tensor, logits indexed one by one); the fused path is what :class:`freezeguard.MaskLearner` calls.
+
+Example:
+    >>> from freezeguard.benchmarking.learner_step import compare_learner_update
+    >>> r = compare_learner_update(model="tiny", repeats=1)
+    >>> r["tensors"], r["releaser_speedup"] > 0
+    (208, True)
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+HP = dict(T=0.2, ratio=0.2, c=5e3, mask_lr=10.0, user_lr=1e-5)
+
+
+def loop_releaser_update(theta, delta, grads, x: torch.Tensor, *, T, ratio, c, mask_lr, **_) -> None:
+    """The authors' releaser step, one tensor at a time (``x`` requires grad for the budget term)."""
+    m = torch.sigmoid(x / T)
+    d_sparsity = c * torch.autograd.grad(torch.square(ratio - m.sum() / m.shape[0]), x)[0]
+    for i, (d, p, g) in enumerate(zip(delta, theta, grads)):
+        mi = torch.sigmoid(x[i] / T)
+        gi = mask_lr * torch.sum(d * g) * mi * (1 - mi) / T
+        prev = x.data[i].clone()
+        x.data[i] = x.data[i] - gi - d_sparsity[i]
+        p.data += d * (torch.sigmoid(x[i] / T) - torch.sigmoid(prev / T))
+
+
+def loop_user_update(theta, delta, grads, x: torch.Tensor, *, T, user_lr, **_) -> None:
+    """The authors' simulated-user SGD step, one tensor at a time."""
+    for i, (d, p, g) in enumerate(zip(delta, theta, grads)):
+        m = torch.sigmoid(x[i] / T)
+        u = -user_lr * (1 - m) * g
+        p.data += u * (1 - m)
+        d.data -= u
+
+
+def _median_time(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up (and, for triton, compiles)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def compare_learner_update(model: str = "tiny", device: str = "cpu", repeats: int = 5,
+                           backend: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Median seconds of the releaser and user updates, fused vs loop, on a preset's tensors."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    from .. import ops
+    from ..learning.logits import budget_weights, soft_mask, updated_logits
+    from .models import build_unet
+
+    dev = torch.device(device)
+    with torch.no_grad():
+        theta = [p.detach().clone() for p in build_unet(model, dev, seed=seed).parameters()]
+    gen = torch.Generator().manual_seed(seed)
+    delta = [torch.randn(t.shape, generator=gen).to(dev) * 1e-3 for t in theta]
+    grads = [torch.randn(t.shape, generator=gen).to(dev) * 1e-3 for t in theta]
+    x = torch.rand(len(theta), generator=gen).to(dev)
+    weights = budget_weights([t.numel() for t in theta], "tensors", device=dev)
+
+    def fused_releaser() -> None:
+        s = ops.segment_dot(delta, grads, backend=backend)
+        new = updated_logits(x, s, weights=weights, ratio=HP["ratio"], temperature=HP["T"],
+                             c_sparsity=HP["c"], mask_lr=HP["mask_lr"])
+        ops.mask_shift_(theta, delta, soft_mask(new, HP["T"]) - soft_mask(x, HP["T"]), backend=backend)
+
+    def fused_user() -> None:
+        ops.user_update_(theta, delta, grads, soft_mask(x, HP["T"]), HP["user_lr"], backend=backend)
+
+    xl = x.clone().requires_grad_(True)
+    out = dict(model=model, device=device, tensors=len(theta), backend=backend,
+               releaser_fused_s=_median_time(fused_releaser, dev, repeats),
+               releaser_loop_s=_median_time(lambda: loop_releaser_update(theta, delta, grads, xl, **HP), dev, repeats),
+               user_fused_s=_median_time(fused_user, dev, repeats),
+               user_loop_s=_median_time(lambda: loop_user_update(theta, delta, grads, xl, **HP), dev, repeats))
+    out["releaser_speedup"] = out["releaser_loop_s"] / out["releaser_fused_s"]
+    out["user_speedup"] = out["user_loop_s"] / out["user_fused_s"]
+    return out

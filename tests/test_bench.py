@@ -1,0 +1,122 @@
+"""`freezeguard bench` on a tiny UNet: the measurements, the literal learner loop, the CLI outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import freezeguard as fg
+from freezeguard.bench import _measure_isolated, configs, main, run_bench
+from freezeguard.benchmarking.finetune_step import check_config, measure
+from freezeguard.benchmarking.learner_step import HP, loop_releaser_update, loop_user_update
+from freezeguard.benchmarking.models import build_unet, make_batch
+from freezeguard.learning.logits import budget_weights, soft_mask, updated_logits
+
+TINY = dict(model="tiny", latent=8, steps=1, warmup=1)
+
+
+def test_guarded_step_allocates_nothing_for_frozen_tensors():
+    full = measure(dict(TINY, mode="full"))
+    guard = measure(dict(TINY, mode="guard", ratio=0.5, by="params"))
+    unet = build_unet("tiny")
+    mask = fg.FreezeMask.random(unet, ratio=0.5, by="params", seed=0)
+    trainable = sum(p.numel() * p.element_size() for n, p in unet.named_parameters() if not mask.is_frozen(n))
+    assert full["grad_bytes"] == full["param_bytes"]
+    assert guard["frozen_tensors"] == len(mask.frozen_names) > 0
+    # no .grad on a frozen tensor, and AdamW state (2 moments + a small step count) only for the rest
+    assert guard["grad_bytes"] == trainable
+    assert 2 * trainable <= guard["state_bytes"] <= 2 * trainable + 64 * guard["tensors"]
+    assert guard["step_s"] > 0 and 0 < guard["opt_step_s"] <= guard["step_s"]
+
+
+def test_isolated_worker_reports_peak_rss():
+    row = _measure_isolated(dict(TINY, mode="guard", ratio=0.3))
+    assert row["peak_measure"].startswith("peak RSS") and row["peak_bytes"] > 0
+    assert row["frozen_ratio_tensors"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_configs_start_with_the_anchor_and_skip_duplicate_empty_masks():
+    cfgs = configs(ratios=(0.0, 0.5), by=("tensors", "params"), mask_path="m.safetensors", model="tiny")
+    assert [c["mode"] for c in cfgs] == ["full", "guard", "guard", "guard", "guard"]
+    assert [(c.get("ratio"), c.get("by")) for c in cfgs[2:]] == [(0.0, "tensors"), (0.5, "tensors"), (0.5, "params")]
+
+
+@pytest.mark.parametrize("bad", [dict(mode="lora"), dict(ratio=1.0), dict(by="rows"), dict(steps=0), dict(nope=1)])
+def test_bad_config_is_refused(bad):
+    with pytest.raises(ValueError):
+        check_config(bad)
+
+
+def test_literal_loop_matches_fused_update():
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(3, 4), (5,), (2, 2, 2), (1,)]
+    theta = [torch.randn(s, generator=gen) for s in shapes]
+    delta = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    x = torch.rand(len(shapes), generator=gen)
+    th_f, de_f = [t.clone() for t in theta], [d.clone() for d in delta]
+    s = fg.ops.segment_dot(de_f, grads)
+    new = updated_logits(x, s, weights=budget_weights([t.numel() for t in theta], "tensors"), ratio=HP["ratio"],
+                         temperature=HP["T"], c_sparsity=HP["c"], mask_lr=HP["mask_lr"])
+    fg.ops.mask_shift_(th_f, de_f, soft_mask(new, HP["T"]) - soft_mask(x, HP["T"]))
+    fg.ops.user_update_(th_f, de_f, grads, soft_mask(new, HP["T"]), HP["user_lr"] * 1e4)
+    xl = x.clone().requires_grad_(True)
+    loop_releaser_update(theta, delta, grads, xl, **HP)
+    loop_user_update(theta, delta, grads, xl, **{**HP, "user_lr": HP["user_lr"] * 1e4})
+    torch.testing.assert_close(xl.detach(), new)
+    for a, b in zip(theta + delta, th_f + de_f):
+        torch.testing.assert_close(a, b)
+
+
+def test_cli_writes_table_json_and_png(tmp_path, capsys):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert main(["--model", "tiny", "--latent", "8", "--ratios", "0,0.5", "--by", "tensors", "--steps", "1",
+                 "--warmup", "0", "--in-process", "--json", str(out), "--png", str(png)]) == 0
+    table = capsys.readouterr().out
+    assert "guard 50% by tensors" in table and "learner update (208 tensors" in table
+    res = json.loads(out.read_text())
+    full, g0, g50 = res["rows"]
+    assert full["step_s_vs_full"] == 1.0 and g50["state_bytes_vs_full"] < 0.75
+    assert res["learner"]["releaser_loop_s"] > 0
+    assert png.stat().st_size > 1000
+
+
+def test_bf16_on_cpu_is_refused():
+    with pytest.raises(ValueError, match="bf16"):
+        run_bench(model="tiny", bf16=True, learner=False, progress=False)
+
+
+def test_learned_mask_file_is_measured(tmp_path):
+    path = tmp_path / "mask.safetensors"
+    unet = build_unet("tiny")
+    mask = fg.FreezeMask.random(unet, ratio=0.4, by="tensors", seed=3)
+    mask.save(path, model=unet)
+    res = run_bench(model="tiny", latent=8, ratios=(), by=("tensors",), mask_path=str(path), steps=1, warmup=0,
+                    isolate=False, learner=False, progress=False)
+    row = res["rows"][1]
+    assert row["mask_path"] == str(path) and row["frozen_tensors"] == len(mask.frozen_names)
+
+
+def test_lean_frozen_convs_keep_gradients_and_save_less():
+    from freezeguard.benchmarking.lean_conv import lean_frozen_convs_
+
+    def run(lean: bool):
+        unet = build_unet("tiny")
+        unet.conv_in.requires_grad_(True)
+        for name, m in unet.named_modules():
+            if isinstance(m, torch.nn.Conv2d) and name != "conv_in":
+                m.requires_grad_(False)
+        n = lean_frozen_convs_(unet) if lean else 0
+        batch = make_batch(unet, 2, 8)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = unet(**batch).sample
+        out.square().mean().backward()
+        return n, unet.conv_in.weight.grad, sum(saved)
+
+    _, g_ref, saved_ref = run(False)
+    n, g_lean, saved_lean = run(True)
+    assert n > 5
+    torch.testing.assert_close(g_lean, g_ref, rtol=1e-4, atol=1e-6)
+    assert saved_lean < saved_ref
