@@ -19,23 +19,27 @@ from .backends import available_backends
 from .fingerprint import model_fingerprint
 from .mask import FreezeMask
 
-# name -> module that defines it; loaded on first access (keeps `import freezeguard` light).
+# name -> (module, attribute or None for the module itself); loaded on first access, which keeps
+# `import freezeguard` light. Functions live in modules of other names (guard in enforce.py,
+# verify in audit.py) so that importing a submodule never shadows a function on the package.
 _LAZY = {
-    "optim": "freezeguard.optim",
-    "guard": "freezeguard.guard",
-    "wrap": "freezeguard.guard",
-    "verify": "freezeguard.verify",
-    "VerifyReport": "freezeguard.verify",
-    "MaskLearner": "freezeguard.learner",
-    "diffusion": "freezeguard.diffusion",
-    "evaluate": "freezeguard.evaluate",
+    "optim": ("freezeguard.optim", None),
+    "guard": ("freezeguard.enforce", "guard"),
+    "wrap": ("freezeguard.enforce", "wrap"),
+    "unwrap": ("freezeguard.enforce", "unwrap"),
+    "verify": ("freezeguard.audit", "verify"),
+    "VerifyReport": ("freezeguard.audit", "VerifyReport"),
+    "MaskLearner": ("freezeguard.learner", "MaskLearner"),
+    "diffusion": ("freezeguard.diffusion", None),
+    "evaluate": ("freezeguard.evaluate", None),
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        value = module if module.__name__.endswith("." + name) else getattr(module, name)
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attr is None else getattr(module, attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'freezeguard' has no attribute {name!r}")

@@ -114,7 +114,7 @@ def make_optimizer(model: torch.nn.Module, mask: FreezeMask | None, attacker: At
     if mask is None:
         return torch.optim.AdamW(model.parameters(), lr=attacker.lr, weight_decay=attacker.weight_decay)
     try:
-        from .guard import guard
+        from .enforce import guard
     except ImportError:  # guard not part of this build: same semantics with torch's AdamW
         mask.apply_(model)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -95,7 +95,7 @@ def finetune(components: Any, target_ds: Any, innocent_ds: Any = None, *, steps:
     unet.train()
 
     if mask is not None:
-        from .guard import guard
+        from .enforce import guard
 
         optimizer = guard(unet, mask, lr=lr, weight_decay=weight_decay)
     else:

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import freezeguard as fg
 from freezeguard.cli import main
-from freezeguard.verify import VerifyInputError
+from freezeguard.audit import VerifyInputError
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -24,7 +23,9 @@ ENV_VAR = "FREEZEGUARD_BACKEND"
 # kernels comes from measurement (benchmarks/RESULTS.md); the reference is always last.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpp", "torch"),
-    "cuda": ("triton", "torch"),  # "cuda" joins once verified and measured on hardware
+    # cuda before triton: through fg.ops on an H100 the CUDA kernels were as fast or faster in
+    # most rows of benchmarks/RESULTS.md (2026-11-23).
+    "cuda": ("cuda", "triton", "torch"),
 }
 
 _MODULES = {

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..mask import FreezeMask
     from ..mask_io import FreezeMaskFileError
-    from ..verify import VerifyInputError, verify
+    from ..audit import VerifyInputError, verify
 
     try:
         mask = FreezeMask.load(args.mask)

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -339,14 +337,3 @@ def verify(released: Any, finetuned: Any, mask: FreezeMask | str | os.PathLike) 
         report.notes.append(f"{other_model_keys} tensor(s) of other models (text encoders) were ignored")
     report.ok = not report.violations and not report.lora_violations
     return report
-
-
-class _CallableModule(types.ModuleType):
-    """Makes ``fg.verify(...)`` work although ``freezeguard.verify`` is also this module's name
-    (importing a submodule binds it on the package, shadowing the function)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> VerifyReport:
-        return verify(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

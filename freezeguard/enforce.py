@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import sys
-import types
 import warnings
 from typing import Any
 
@@ -209,17 +208,3 @@ def unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         enforcer.remove()
         delattr(optimizer, _ATTR)
     return optimizer
-
-
-class _CallableModule(types.ModuleType):
-    """Makes ``fg.guard(model, mask)`` work although ``freezeguard.guard`` is also this module.
-
-    Importing a submodule binds it on the package (``freezeguard.guard`` becomes the module,
-    shadowing the function of the same name), so the module itself must be callable.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        return guard(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
