@@ -5,8 +5,8 @@ channel-scaled on CPU (block_out_channels=(96, 192, 384, 384), 85.3M parameters,
 FG_BENCH_CHANNELS="32,64,128,128" for a quicker run), full size on CUDA (the real SD-1.5 UNet). Measured, for
 the releaser step and the user step:
 
-- update: the parameter/mask update alone, given the gradients (fused ops vs the literal loop
-  of pittisl/FreezeAsGuard ``src/mask_learner.py``);
+- update: the parameter/mask update alone, given the gradients (fused ops vs the authors' loop,
+  ``freezeguard.learning.reference_loop``, as written in pittisl/FreezeAsGuard ``src/mask_learner.py``);
 - step: forward + backward + update.
 
 The literal loop is the anchor: the tables give median times and fused speedups over it
@@ -39,30 +39,9 @@ import pytest
 import torch
 
 import freezeguard as fg
+from freezeguard.learning import reference_loop
 
 HP = dict(freeze_ratio=0.2, temperature=0.2, c_sparsity=5e3, mask_lr=10.0, user_lr=1e-5, user_interval=5)
-
-
-# --- the literal reference (authors' loop, per tensor) ---------------------------------------
-def literal_releaser_update(unet, unet_diff, x_for_mask, *, T, freeze_ratio, c_sparsity, mask_lr, **_):
-    m = torch.sigmoid(x_for_mask / T)
-    sparsity_loss = torch.square(freeze_ratio - torch.sum(m) / m.shape[0])
-    d_x_for_sparsity = c_sparsity * torch.autograd.grad(sparsity_loss, x_for_mask)[0]
-    for i, (param_diff, param) in enumerate(zip(unet_diff.parameters(), unet.parameters())):
-        m = torch.sigmoid(x_for_mask[i] / T)
-        grad_for_mask_i = mask_lr * torch.sum(param_diff.data * param.grad) * m * (1 - m) / T
-        prev_x_for_mask_i = copy.deepcopy(x_for_mask.data[i])
-        x_for_mask.data[i] = x_for_mask.data[i] - grad_for_mask_i - d_x_for_sparsity[i]
-        d_mask = torch.sigmoid(x_for_mask[i] / T) - torch.sigmoid(prev_x_for_mask_i / T)
-        param.data += param_diff.data * d_mask
-
-
-def literal_user_update(unet, unet_diff, x_for_mask, *, T, user_lr, **_):
-    for i, (param_diff, param) in enumerate(zip(unet_diff.parameters(), unet.parameters())):
-        m = torch.sigmoid(x_for_mask[i] / T)
-        grad_for_param_ft = -user_lr * (1 - m) * param.grad
-        param.data += grad_for_param_ft * (1 - m)
-        param_diff.data -= grad_for_param_ft
 
 
 def per_sample_loss(model, batch):
@@ -140,8 +119,12 @@ class Bench:
         return lambda: lr._user_update(1, None, lr._theta(), lr._delta, grads)
 
     def literal_update(self, kind: str) -> Callable[[], None]:
-        fn = literal_releaser_update if kind == "releaser" else literal_user_update
-        return lambda: fn(self.unet, self.unet_diff, self.x_for_mask, **self.hp)
+        params, diffs = list(self.unet.parameters()), list(self.unet_diff.parameters())
+        if kind == "releaser":
+            hp = {k: self.hp[k] for k in ("T", "freeze_ratio", "c_sparsity", "mask_lr")}
+            return lambda: reference_loop.releaser_update(params, diffs, self.x_for_mask, **hp)
+        hp = {k: self.hp[k] for k in ("T", "user_lr")}
+        return lambda: reference_loop.user_update(params, diffs, self.x_for_mask, **hp)
 
     def fused_step(self, kind: str) -> Callable[[], None]:
         def run():

@@ -5,25 +5,26 @@
   by params (frozen tensors are simply not given to any of them).
 - user_update_ and the releaser update (segment_dot + logit update + mask_shift_) vs the
   per-tensor Python loops of the authors' implementation (pittisl/FreezeAsGuard,
-  src/mask_learner.py), re-implemented below as written there.
+  src/mask_learner.py), as written there: ``freezeguard.learning.reference_loop``.
 CPU: the channel-scaled UNet list (fp32), backend cpp. CUDA (when visible): the full-size
 list, backends triton and cuda. Run and summarise: see conftest.py.
 """
 from __future__ import annotations
 
-import copy
 import gc
 
 import pytest
 import torch
 
 import freezeguard as fg
+from freezeguard.learning import reference_loop
 from freezeguard.backends import get_backend, status
 
 import _shapes
 
 LR = 1e-4
 T, RHO, C_SPARSITY, MASK_LR, USER_LR = 0.2, 0.2, 5e3, 10.0, 1e-5  # the authors' defaults
+RELEASER_HP = dict(T=T, freeze_ratio=RHO, c_sparsity=C_SPARSITY, mask_lr=MASK_LR)
 PLACES = {"cpu": ("scaled", ("cpp",)), "cuda": ("full", ("triton", "cuda"))}
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
@@ -100,6 +101,43 @@ def test_masked_adamw(run_bench, benchmark, device, impl, by, ratio):
     run_bench(step, impl=f"fg.ops.masked_adamw_[{impl}]", role="candidate", nbytes=nbytes, device=device)
 
 
+# ---- per-call overhead of the optimizer: 686 tensors of 16 elements, so the math is negligible
+
+OVERHEAD_IMPLS = (
+    [pytest.param("cpu", impl, id=f"cpu-{impl}") for impl in ("cpp", "cpp-python-bookkeeping", "torch_fused")]
+    + [pytest.param("cuda", impl, id=f"cuda-{impl}", marks=[pytest.mark.gpu])
+       for impl in ("triton", "cuda", "triton-python-bookkeeping", "torch_fused")])
+
+
+@pytest.mark.parametrize("device,impl", OVERHEAD_IMPLS)
+def test_optimizer_step_overhead(run_bench, benchmark, device, impl, monkeypatch):
+    """fg.optim.AdamW.step against torch.optim.AdamW(fused=True).step where only the overhead counts.
+
+    ``*-python-bookkeeping`` runs the same step with the native list checks and step counters
+    switched off (freezeguard/_bookkeeping.py), i.e. as before they existed.
+    """
+    shapes = _shapes.unet_shapes("scaled")
+    benchmark.group = f"optimizer step overhead {device} (686 x 16 elements)"
+    gen = torch.Generator(device=device).manual_seed(0)
+    named = [(name, torch.nn.Parameter(torch.randn(16, device=device, generator=gen))) for name, _ in shapes]
+    for _, p in named:
+        p.grad = torch.randn(16, device=device, generator=gen)
+    nbytes = 7 * sum(p.numel() * p.element_size() for _, p in named)
+    if impl == "torch_fused":
+        opt = torch.optim.AdamW([p for _, p in named], lr=LR, fused=True)
+        run_bench(opt.step, impl="torch.optim.AdamW(fused=True)", role="anchor", nbytes=nbytes, device=device)
+        return
+    backend = impl.removesuffix("-python-bookkeeping")
+    _skip_unless_runs(backend, device)
+    if impl.endswith("-python-bookkeeping"):
+        from freezeguard import _bookkeeping
+
+        monkeypatch.setattr(_bookkeeping, "_native", lambda: None)
+    opt = fg.optim.AdamW(named, lr=LR, mask=fg.FreezeMask({n: (16,) for n, _ in named}, []), backend=backend)
+    run_bench(opt.step, impl=f"fg.optim.AdamW[{impl}]",
+              role="reference" if impl.endswith("bookkeeping") else "candidate", nbytes=nbytes, device=device)
+
+
 # ---- the learner's two updates
 
 def _learner_state(device: str):
@@ -111,29 +149,6 @@ def _learner_state(device: str):
         _cache[key] = [torch.randn(p.shape, device=device, generator=gen) * 1e-3 for p in params]
     x = torch.rand(len(params), device=device)  # logits, U[0,1) as the authors initialise them
     return params, _cache[key], x
-
-
-def _reference_user_loop(params, diffs, x):
-    """pittisl/FreezeAsGuard src/mask_learner.py, the user loop, as written there."""
-    for i, (param_diff, param) in enumerate(zip(diffs, params)):
-        m = torch.sigmoid(x[i] / T)
-        grad_for_param_ft = -USER_LR * (1 - m) * param.grad
-        param.data += grad_for_param_ft * (1 - m)
-        param_diff.data -= grad_for_param_ft
-
-
-def _reference_releaser_loop(params, diffs, x_for_mask):
-    """pittisl/FreezeAsGuard src/mask_learner.py, the releaser's mask update, as written there."""
-    m = torch.sigmoid(x_for_mask / T)
-    sparsity_loss = torch.square(RHO - torch.sum(m) / m.shape[0])
-    d_x_for_sparsity = C_SPARSITY * torch.autograd.grad(sparsity_loss, x_for_mask)[0]
-    for i, (param_diff, param) in enumerate(zip(diffs, params)):
-        m = torch.sigmoid(x_for_mask[i] / T)
-        grad_for_mask_i = MASK_LR * torch.sum(param_diff.data * param.grad) * m * (1 - m) / T
-        prev_x_for_mask_i = copy.deepcopy(x_for_mask.data[i])
-        x_for_mask.data[i] = x_for_mask.data[i] - grad_for_mask_i - d_x_for_sparsity[i]
-        d_mask = torch.sigmoid(x_for_mask[i] / T) - torch.sigmoid(prev_x_for_mask_i / T)
-        param.data += param_diff.data * d_mask
 
 
 def _fused_releaser(theta, diffs, grads, x, backend):
@@ -156,7 +171,8 @@ def test_user_update(run_bench, benchmark, device, impl):
     benchmark.group = f"user_update {device}"
     nbytes = 5 * sum(p.numel() * p.element_size() for p in params)  # read theta,delta,grad; write theta,delta
     if impl == "reference_loop":
-        run_bench(lambda: _reference_user_loop(params, diffs, x), impl="per-tensor loop (authors')",
+        run_bench(lambda: reference_loop.user_update(params, diffs, x, T=T, user_lr=USER_LR),
+                  impl="per-tensor loop (authors')",
                   role="anchor", nbytes=nbytes, device=device)
         return
     if impl != "torch":
@@ -178,7 +194,8 @@ def test_releaser_update(run_bench, benchmark, device, impl):
     nbytes = 5 * sum(p.numel() * p.element_size() for p in params)  # dot reads 2; shift reads 2, writes 1
     if impl == "reference_loop":
         x_for_mask = x.clone().requires_grad_(True)
-        run_bench(lambda: _reference_releaser_loop(params, diffs, x_for_mask), impl="per-tensor loop (authors')",
+        run_bench(lambda: reference_loop.releaser_update(params, diffs, x_for_mask, **RELEASER_HP),
+                  impl="per-tensor loop (authors')",
                   role="anchor", nbytes=nbytes, device=device)
         return
     if impl != "torch":
@@ -201,7 +218,7 @@ def test_fused_releaser_matches_the_loop():
     x = torch.rand(len(shapes), generator=gen)
     theta = [p.detach().clone() for p in params]
     xf = x.clone()
-    _reference_releaser_loop(params, diffs, x.clone().requires_grad_(True))
+    reference_loop.releaser_update(params, diffs, x.clone().requires_grad_(True), **RELEASER_HP)
     _fused_releaser(theta, diffs, [p.grad for p in params], xf, "torch")
     for a, b in zip(theta, params):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)

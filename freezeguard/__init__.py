@@ -27,6 +27,7 @@ _LAZY = {
     "guard": ("freezeguard.enforce", "guard"),
     "wrap": ("freezeguard.enforce", "wrap"),
     "unwrap": ("freezeguard.enforce", "unwrap"),
+    "lean_frozen_convs_": ("freezeguard.lean_convs", "lean_frozen_convs_"),
     "verify": ("freezeguard.audit", "verify"),
     "VerifyReport": ("freezeguard.audit", "VerifyReport"),
     "MaskLearner": ("freezeguard.learner", "MaskLearner"),

@@ -188,20 +188,20 @@ def plot(result: dict[str, Any], path: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by ``freezeguard bench`` and ``python -m freezeguard.bench``."""
     parser.add_argument("--model", default="sd15-s", help="tiny | sd15-s | sd15-m | sd15 (full SD-1.5 UNet)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device to measure on (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--ratios", default="0,0.1,0.3,0.5,0.7", help="comma-separated frozen ratios")
     parser.add_argument("--by", default="tensors,params", help="budget kinds: tensors, params")
     parser.add_argument("--mask", default=None, help="a learned mask (.safetensors) to measure as well")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="images per fine-tuning step")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default per model)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--backend", default="auto", help="freezeguard backend for the guarded optimizer")
     parser.add_argument("--lean-frozen-convs", action="store_true",
-                        help="also measure each guarded config with frozen Conv2d layers not saving their "
-                             "input (experiment, benchmarking/lean_conv.py)")
+                        help="also measure each guarded config with fg.guard(..., lean_frozen_convs=True): "
+                             "frozen Conv2d layers keep no input for backward (freezeguard/lean_convs.py)")
     parser.add_argument("--in-process", action="store_true",
                         help="no subprocess per configuration (faster; no CPU peak memory)")
     parser.add_argument("--no-learner", action="store_true", help="skip the learner update comparison")
@@ -241,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads(argv[1])
         print(json.dumps(measure(cfg, track_rss=True)))
         return 0
+    from .cli import HelpFormatter
+
     parser = argparse.ArgumentParser(prog="python -m freezeguard.bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 

@@ -13,6 +13,17 @@ import sys
 COMMANDS = ("info", "demo", "learn", "evaluate", "finetune", "verify", "bench")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only when it says something: not for flags, None, or help that already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if quiet_default or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -34,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=lambda args, m=missing: _missing(m))
             continue
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
     return parser

@@ -69,11 +69,14 @@ def live_mask(model: torch.nn.Module, mask: FreezeMask) -> FreezeMask:
     return out
 
 
-def guard(model: torch.nn.Module, mask: FreezeMask, **adamw_kwargs: Any) -> torch.optim.Optimizer:
+def guard(model: torch.nn.Module, mask: FreezeMask, *, lean_frozen_convs: bool = False,
+          **adamw_kwargs: Any) -> torch.optim.Optimizer:
     """Freeze the masked tensors of ``model`` and return :class:`freezeguard.optim.AdamW` over it.
 
     Refuses (FrozenAdapterError) when an adapter sits on a frozen module. ``adamw_kwargs`` go to
-    ``fg.optim.AdamW`` (lr, betas, eps, weight_decay, backend).
+    ``fg.optim.AdamW`` (lr, betas, eps, weight_decay, backend). ``lean_frozen_convs=True`` also
+    stops fully frozen ``Conv2d`` layers from keeping their input for backward
+    (:func:`freezeguard.lean_frozen_convs_`): less activation memory, same gradients.
 
     Example:
         >>> import torch, freezeguard as fg
@@ -87,7 +90,12 @@ def guard(model: torch.nn.Module, mask: FreezeMask, **adamw_kwargs: Any) -> torc
     check_no_frozen_adapters(model, mask)
     resolved = live_mask(model, mask)
     resolved.apply_(model)
-    return AdamW(model.named_parameters(), mask=resolved, **adamw_kwargs)
+    optimizer = AdamW(model.named_parameters(), mask=resolved, **adamw_kwargs)
+    if lean_frozen_convs:
+        from .lean_convs import lean_frozen_convs_
+
+        lean_frozen_convs_(model)
+    return optimizer
 
 
 class _Enforcer:

@@ -62,14 +62,15 @@ def _split_mean(losses: torch.Tensor, flags: torch.Tensor) -> float:
 
 def finetune(components: Any, target_ds: Any, innocent_ds: Any = None, *, steps: int, lr: float = 1e-5,
              batch_size: int = 4, seed: int = 0, mask: Any = None, weight_decay: float = 1e-2,
-             mixed_precision: str = "no", gradient_checkpointing: bool = False,
+             mixed_precision: str = "no", gradient_checkpointing: bool = False, lean_frozen_convs: bool = False,
              device: str | torch.device | None = None, progress: bool = True,
              log: Callable[[dict[str, Any]], None] | None = None) -> FinetuneResult:
     """Fine-tune ``components.unet`` in place with AdamW on seeded mixed batches.
 
     ``components`` is a :class:`freezeguard.diffusion.SDComponents`; ``target_ds`` /
     ``innocent_ds`` are :class:`freezeguard.diffusion.ImageFolderDataset` (``innocent_ds`` may
-    be None). ``mask`` (a ``FreezeMask``) makes it a guarded fine-tune through ``fg.guard``.
+    be None). ``mask`` (a ``FreezeMask``) makes it a guarded fine-tune through ``fg.guard``, with
+    ``lean_frozen_convs`` passed on to it (frozen convs keep no input for backward).
     ``mixed_precision="bf16"`` runs forward/backward under bf16 autocast with fp32 weights.
     ``log`` gets one dict per step (step, loss, target_loss, innocent_loss).
 
@@ -97,7 +98,9 @@ def finetune(components: Any, target_ds: Any, innocent_ds: Any = None, *, steps:
     if mask is not None:
         from .enforce import guard
 
-        optimizer = guard(unet, mask, lr=lr, weight_decay=weight_decay)
+        optimizer = guard(unet, mask, lr=lr, weight_decay=weight_decay, lean_frozen_convs=lean_frozen_convs)
+    elif lean_frozen_convs:
+        raise ValueError("lean_frozen_convs needs a mask (only frozen convs can drop their saved input)")
     else:
         unet.requires_grad_(True)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from . import _bookkeeping
 from .backends import resolve
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,6 +62,21 @@ def _check_same_dtype(op: str, first: str, **lists: Tensors) -> None:
                 raise TypeError(f"{op}: {k}[{i}] is {b.dtype} but {first}[{i}] is {a.dtype}")
 
 
+def _validate(op: str, **lists: Tensors) -> tuple[int, bool]:
+    """(list length, whether every tensor is contiguous) after every check of this module.
+
+    The native shortcut (``_bookkeeping.fast_check``) answers for valid input; anything it
+    refuses goes through the Python checks above, which raise the error naming the tensor.
+    """
+    first = next(iter(lists))
+    fast = _bookkeeping.fast_check(list(lists.values()))
+    if fast is not None and fast[0]:
+        return len(lists[first]), fast[1]
+    n = _check_lists(op, **lists)
+    _check_same_dtype(op, first, **lists)
+    return n, all(t.is_contiguous() for ts in lists.values() for t in ts)
+
+
 def _per_tensor_scalars(op: str, name: str, x: torch.Tensor | Sequence[float], n: int,
                         device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(x, dtype=torch.float32)
@@ -85,9 +101,12 @@ class _Contiguous:
     correct without asking every backend to handle strides.
     """
 
-    def __init__(self, inputs: dict[str, Tensors], outputs: dict[str, Tensors]):
+    def __init__(self, inputs: dict[str, Tensors], outputs: dict[str, Tensors], *, all_contiguous: bool = False):
         self._writeback: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.lists: dict[str, list[torch.Tensor]] = {}
+        if all_contiguous:  # the common case, known from _validate: nothing to copy or check
+            self.lists = {k: list(ts) for k, ts in (*inputs.items(), *outputs.items())}
+            return
         for k, ts in inputs.items():
             self.lists[k] = [t if t.is_contiguous() else t.contiguous() for t in ts]
         for k, ts in outputs.items():
@@ -116,9 +135,8 @@ def masked_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sq
     tensor i's step count including this update. Non-finite gradients propagate into the
     parameters exactly as in ``torch.optim.AdamW`` (skipping is the grad scaler's job).
     """
-    n = _check_lists("masked_adamw_", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
-    _check_same_dtype("masked_adamw_", "params", params=params, grads=grads, exp_avgs=exp_avgs,
-                      exp_avg_sqs=exp_avg_sqs)
+    n, contiguous = _validate("masked_adamw_", params=params, grads=grads, exp_avgs=exp_avgs,
+                              exp_avg_sqs=exp_avg_sqs)
     steps = [float(s) for s in (steps.tolist() if isinstance(steps, torch.Tensor) else steps)]
     if len(steps) != n:
         raise ValueError(f"masked_adamw_: steps has {len(steps)} entries for {n} tensors")
@@ -128,7 +146,8 @@ def masked_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sq
     if n == 0:
         return
     be = resolve(backend, _device_of(params))
-    c = _Contiguous({"grads": grads}, {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
+    c = _Contiguous({"grads": grads}, {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+                    all_contiguous=contiguous)
     be.masked_adamw_(c.lists["params"], c.lists["grads"], c.lists["exp_avgs"], c.lists["exp_avg_sqs"], steps,
                      lr=float(lr), beta1=beta1, beta2=beta2, eps=float(eps), weight_decay=float(weight_decay))
     c.write_back()
@@ -137,13 +156,12 @@ def masked_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sq
 @torch.no_grad()
 def segment_dot(a: Tensors, b: Tensors, *, backend: str = "auto") -> torch.Tensor:
     """fp32 tensor [S]: the dot product <a_i, b_i> of each pair, accumulated in fp32."""
-    n = _check_lists("segment_dot", a=a, b=b)
-    _check_same_dtype("segment_dot", "a", a=a, b=b)
+    n, contiguous = _validate("segment_dot", a=a, b=b)
     device = _device_of(a)
     if n == 0:
         return torch.empty(0, dtype=torch.float32, device=device)
     be = resolve(backend, device)
-    c = _Contiguous({"a": a, "b": b}, {})
+    c = _Contiguous({"a": a, "b": b}, {}, all_contiguous=contiguous)
     return be.segment_dot(c.lists["a"], c.lists["b"])
 
 
@@ -151,14 +169,13 @@ def segment_dot(a: Tensors, b: Tensors, *, backend: str = "auto") -> torch.Tenso
 def mask_shift_(theta: Tensors, delta: Tensors, dm: torch.Tensor | Sequence[float], *,
                 backend: str = "auto") -> None:
     """theta_i += delta_i * dm[i] for every tensor i, in place."""
-    n = _check_lists("mask_shift_", theta=theta, delta=delta)
-    _check_same_dtype("mask_shift_", "theta", theta=theta, delta=delta)
+    n, contiguous = _validate("mask_shift_", theta=theta, delta=delta)
     device = _device_of(theta)
     dm = _per_tensor_scalars("mask_shift_", "dm", dm, n, device)
     if n == 0:
         return
     be = resolve(backend, device)
-    c = _Contiguous({"delta": delta}, {"theta": theta})
+    c = _Contiguous({"delta": delta}, {"theta": theta}, all_contiguous=contiguous)
     be.mask_shift_(c.lists["theta"], c.lists["delta"], dm)
     c.write_back()
 
@@ -167,14 +184,13 @@ def mask_shift_(theta: Tensors, delta: Tensors, dm: torch.Tensor | Sequence[floa
 def user_update_(theta: Tensors, delta: Tensors, grad: Tensors, m: torch.Tensor | Sequence[float],
                  lr: float, *, backend: str = "auto") -> None:
     """The simulated user's step: u = -lr (1-m_i) g_i; theta_i += (1-m_i) u; delta_i -= u."""
-    n = _check_lists("user_update_", theta=theta, delta=delta, grad=grad)
-    _check_same_dtype("user_update_", "theta", theta=theta, delta=delta, grad=grad)
+    n, contiguous = _validate("user_update_", theta=theta, delta=delta, grad=grad)
     device = _device_of(theta)
     m = _per_tensor_scalars("user_update_", "m", m, n, device)
     if n == 0:
         return
     be = resolve(backend, device)
-    c = _Contiguous({"grad": grad}, {"theta": theta, "delta": delta})
+    c = _Contiguous({"grad": grad}, {"theta": theta, "delta": delta}, all_contiguous=contiguous)
     be.user_update_(c.lists["theta"], c.lists["delta"], c.lists["grad"], m, float(lr))
     c.write_back()
 

@@ -9,8 +9,9 @@ import torch
 import freezeguard as fg
 from freezeguard.bench import _measure_isolated, configs, main, run_bench
 from freezeguard.benchmarking.finetune_step import check_config, measure
-from freezeguard.benchmarking.learner_step import HP, loop_releaser_update, loop_user_update
-from freezeguard.benchmarking.models import build_unet, make_batch
+from freezeguard.benchmarking.learner_step import HP, RELEASER_HP
+from freezeguard.learning import reference_loop
+from freezeguard.benchmarking.models import build_unet
 from freezeguard.learning.logits import budget_weights, soft_mask, updated_logits
 
 TINY = dict(model="tiny", latent=8, steps=1, warmup=1)
@@ -57,13 +58,13 @@ def test_literal_loop_matches_fused_update():
     x = torch.rand(len(shapes), generator=gen)
     th_f, de_f = [t.clone() for t in theta], [d.clone() for d in delta]
     s = fg.ops.segment_dot(de_f, grads)
-    new = updated_logits(x, s, weights=budget_weights([t.numel() for t in theta], "tensors"), ratio=HP["ratio"],
-                         temperature=HP["T"], c_sparsity=HP["c"], mask_lr=HP["mask_lr"])
+    new = updated_logits(x, s, weights=budget_weights([t.numel() for t in theta], "tensors"), ratio=HP["freeze_ratio"],
+                         temperature=HP["T"], c_sparsity=HP["c_sparsity"], mask_lr=HP["mask_lr"])
     fg.ops.mask_shift_(th_f, de_f, soft_mask(new, HP["T"]) - soft_mask(x, HP["T"]))
     fg.ops.user_update_(th_f, de_f, grads, soft_mask(new, HP["T"]), HP["user_lr"] * 1e4)
     xl = x.clone().requires_grad_(True)
-    loop_releaser_update(theta, delta, grads, xl, **HP)
-    loop_user_update(theta, delta, grads, xl, **{**HP, "user_lr": HP["user_lr"] * 1e4})
+    reference_loop.releaser_update(theta, delta, xl, grads=grads, **RELEASER_HP)
+    reference_loop.user_update(theta, delta, xl, grads=grads, T=HP["T"], user_lr=HP["user_lr"] * 1e4)
     torch.testing.assert_close(xl.detach(), new)
     for a, b in zip(theta + delta, th_f + de_f):
         torch.testing.assert_close(a, b)
@@ -96,27 +97,3 @@ def test_learned_mask_file_is_measured(tmp_path):
                     isolate=False, learner=False, progress=False)
     row = res["rows"][1]
     assert row["mask_path"] == str(path) and row["frozen_tensors"] == len(mask.frozen_names)
-
-
-def test_lean_frozen_convs_keep_gradients_and_save_less():
-    from freezeguard.benchmarking.lean_conv import lean_frozen_convs_
-
-    def run(lean: bool):
-        unet = build_unet("tiny")
-        unet.conv_in.requires_grad_(True)
-        for name, m in unet.named_modules():
-            if isinstance(m, torch.nn.Conv2d) and name != "conv_in":
-                m.requires_grad_(False)
-        n = lean_frozen_convs_(unet) if lean else 0
-        batch = make_batch(unet, 2, 8)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            out = unet(**batch).sample
-        out.square().mean().backward()
-        return n, unet.conv_in.weight.grad, sum(saved)
-
-    _, g_ref, saved_ref = run(False)
-    n, g_lean, saved_lean = run(True)
-    assert n > 5
-    torch.testing.assert_close(g_lean, g_ref, rtol=1e-4, atol=1e-6)
-    assert saved_lean < saved_ref

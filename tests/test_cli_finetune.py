@@ -50,13 +50,15 @@ def test_full_finetune_writes_pipeline(setup, tmp_path, capsys):
     assert (out / "tokenizer").is_dir() and (out / "model_index.json").is_file()
 
 
-def test_guarded_finetune_keeps_frozen_tensors(setup, tmp_path, capsys):
+@pytest.mark.parametrize("lean", [False, True], ids=["plain", "lean-frozen-convs"])
+def test_guarded_finetune_keeps_frozen_tensors(setup, tmp_path, capsys, lean):
     unet = load_components(setup["pipe"]).unet
     mask = fg.FreezeMask.random(unet, ratio=0.5, by="tensors", seed=0)
     mask_path = tmp_path / "mask.safetensors"
     mask.save(mask_path, unet)
     out = tmp_path / "guarded"
-    assert main(_args(setup, out, "--mask", str(mask_path), "--json", "--quiet")) == 0
+    extra = ["--lean-frozen-convs"] if lean else []
+    assert main(_args(setup, out, "--mask", str(mask_path), "--json", "--quiet", *extra)) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["guarded"] and summary["frozen_tensors"] == len(mask.frozen_names)
     after = load_components(out).unet
@@ -119,6 +121,7 @@ def test_bad_input_fails_before_training(setup, tmp_path, capsys):
     assert "no images" in err(*_args({**setup, "target": empty}, tmp_path / "o"))
     assert "steps must be >= 1" in err(*_args(setup, tmp_path / "o"), "--steps", "0")
     assert "--out must differ" in err(*_args(setup, setup["pipe"]))
+    assert "needs --mask" in err(*_args(setup, tmp_path / "o", "--lean-frozen-convs"))
     assert "does not exist" in err(*_args(setup, tmp_path / "o", "--mask", str(tmp_path / "none.safetensors")))
     other = torch.nn.Linear(2, 2)
     fg.FreezeMask.from_names(other, ["weight"]).save(tmp_path / "other.safetensors", other)

@@ -1,19 +1,18 @@
 """The fused MaskLearner against the authors' loop written out literally.
 
 ``literal_mask_learning`` follows pittisl/FreezeAsGuard ``src/mask_learner.py`` statement by
-statement (a difference model, one Python iteration per tensor, the budget gradient by autograd,
-means that divide by count + 1e-5). The fused learner must end with the same logits, live weights
+statement (a difference model, the schedule, means that divide by count + 1e-5); its per-tensor
+updates are ``freezeguard.learning.reference_loop``, the project's one copy of the authors' loop. The fused learner must end with the same logits, live weights
 and Delta after a run mixing releaser and user steps, on every backend that can run here.
 """
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 
 import freezeguard as fg
 from freezeguard.backends import get_backend, status
+from freezeguard.learning import reference_loop
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -72,25 +71,14 @@ def literal_mask_learning(unet_pre, unet_ft, x_init, batches, *, T, freeze_ratio
             innocent_iqa_loss = (loss * ffi_innocent).sum() / (ffi_innocent.sum() + 1e-5)
             mixed_loss = ((-target_iqa_loss + innocent_iqa_loss) / 2).mean()
             mixed_loss.backward()
-            m = torch.sigmoid(x_for_mask / T)
-            sparsity_loss = torch.square(freeze_ratio - torch.sum(m) / m.shape[0])
-            d_x_for_sparsity = c_sparsity * torch.autograd.grad(sparsity_loss, x_for_mask)[0]
-            for i, (param_diff, param) in enumerate(zip(unet_diff.parameters(), unet.parameters())):
-                m = torch.sigmoid(x_for_mask[i] / T)
-                grad_for_mask_i = mask_lr * torch.sum(param_diff.data * param.grad) * m * (1 - m) / T
-                prev_x_for_mask_i = copy.deepcopy(x_for_mask.data[i])
-                x_for_mask.data[i] = x_for_mask.data[i] - grad_for_mask_i - d_x_for_sparsity[i]
-                d_mask = torch.sigmoid(x_for_mask[i] / T) - torch.sigmoid(prev_x_for_mask_i / T)
-                param.data += param_diff.data * d_mask
+            reference_loop.releaser_update(list(unet.parameters()), list(unet_diff.parameters()), x_for_mask,
+                                           T=T, freeze_ratio=freeze_ratio, c_sparsity=c_sparsity, mask_lr=mask_lr)
             unet.zero_grad()
         else:
             loss = per_sample_loss(unet, batch).mean()
             loss.backward()
-            for i, (param_diff, param) in enumerate(zip(unet_diff.parameters(), unet.parameters())):
-                m = torch.sigmoid(x_for_mask[i] / T)
-                grad_for_param_ft = -user_lr * (1 - m) * param.grad
-                param.data += grad_for_param_ft * (1 - m)
-                param_diff.data -= grad_for_param_ft
+            reference_loop.user_update(list(unet.parameters()), list(unet_diff.parameters()), x_for_mask,
+                                       T=T, user_lr=user_lr)
             unet.zero_grad()
     return x_for_mask.detach(), unet, unet_diff
 

@@ -3,6 +3,7 @@
 #include <torch/python.h>
 
 #include "fused_ops.h"
+#include "list_checks.h"
 #include "work_table.h"
 
 namespace py = pybind11;
@@ -19,5 +20,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("delta"), py::arg("dm"), nogil);
   m.def("user_update_", &freezeguard::user_update_, "simulated-user SGD step on the unfrozen share, in place",
         py::arg("theta"), py::arg("delta"), py::arg("grad"), py::arg("m"), py::arg("lr"), nogil);
+  // Bookkeeping shortcuts (list_checks.h): cheap, so they keep the GIL.
+  m.def("check_tensor_lists", &freezeguard::check_tensor_lists,
+        "(ok, all_contiguous) of parallel tensor lists under freezeguard.ops' rules", py::arg("lists"));
+  m.def("read_step_counters", &freezeguard::read_step_counters, "values of float32 CPU scalar tensors",
+        py::arg("counters"));
+  m.def("add_to_step_counters_", &freezeguard::add_to_step_counters_, "counters[i] += value, in place",
+        py::arg("counters"), py::arg("value"));
   m.attr("PIECE_ELEMS") = freezeguard::kPieceElems;
 }

@@ -246,6 +246,28 @@ def load_extension(kind: str) -> ModuleType:
         return module
 
 
+def loaded_or_prebuilt(kind: str) -> ModuleType | None:
+    """The native module for ``kind`` if it is loaded or importable prebuilt, else None. Never compiles.
+
+    For optional shortcuts (freezeguard/_bookkeeping.py) that must not start a JIT build.
+    """
+    k = _kind(kind)
+    module = _loaded.get(kind)
+    if module is not None or kind in _failed or os.environ.get("FREEZEGUARD_FORCE_JIT", "0") == "1":
+        return module
+    if kind == "cuda" and _cuda_runtime_problem():
+        return None
+    if not _prebuilt_present(kind):
+        return None
+    try:
+        module = _import_prebuilt(k.module)
+    except ImportError:  # load_extension would JIT-build a replacement; that is not ours to start
+        return None
+    with _lock:
+        _origin.setdefault(kind, f"prebuilt {k.module}")
+        return _loaded.setdefault(kind, module)
+
+
 def reset(kind: str | None = None) -> None:
     """Forget loaded modules and remembered failures (tests use it)."""
     for d in (_loaded, _failed, _origin):
@@ -253,4 +275,5 @@ def reset(kind: str | None = None) -> None:
             d.pop(key, None)
 
 
-__all__ = ["ExtensionBuildError", "extension_status", "load_extension", "jit_cache_dir", "sources", "reset"]
+__all__ = ["ExtensionBuildError", "extension_status", "load_extension", "loaded_or_prebuilt", "jit_cache_dir",
+           "sources", "reset"]

@@ -138,11 +138,13 @@ def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
     if mask is None:
         opt, impl = _full_optimizer(unet.parameters(), device, c["lr"])
     else:
-        opt, impl = fg.guard(unet, mask, lr=c["lr"], backend=c["backend"]), f"fg.guard({c['backend']})"
-        if c["lean_frozen_convs"]:  # item 3 experiment: see benchmarking/lean_conv.py
-            from .lean_conv import lean_frozen_convs_
+        lean = bool(c["lean_frozen_convs"])  # item 3: see freezeguard/lean_convs.py
+        opt = fg.guard(unet, mask, lr=c["lr"], backend=c["backend"], lean_frozen_convs=lean)
+        impl = f"fg.guard({c['backend']}{', lean_frozen_convs=True' if lean else ''})"
+        if lean:
+            from ..lean_convs import LeanFrozenConv2d
 
-            impl += f" + {lean_frozen_convs_(unet)} lean frozen convs"
+            impl += f" ({sum(isinstance(m, LeanFrozenConv2d) for m in unet.modules())} lean frozen convs)"
 
     step_t, opt_t, grad_bytes = [], [], 0
     saved = _SavedBytes()

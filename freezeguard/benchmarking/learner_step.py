@@ -2,9 +2,8 @@
 
 Times only the update given the gradients (the forward/backward are identical in both): the
 releaser update (segmented dot products, logit step, mask shift) and the simulated user's SGD
-update, on the parameter list of a UNet preset. The loop is a literal rendering of
-pittisl/FreezeAsGuard ``src/mask_learner.py`` (one ``sigmoid``, ``sum`` and in-place add per
-tensor, logits indexed one by one); the fused path is what :class:`freezeguard.MaskLearner` calls.
+update, on the parameter list of a UNet preset. The loop is the authors' per-tensor code
+(:mod:`freezeguard.learning.reference_loop`); the fused path is what :class:`freezeguard.MaskLearner` calls.
 
 Example:
     >>> from freezeguard.benchmarking.learner_step import compare_learner_update
@@ -20,28 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-HP = dict(T=0.2, ratio=0.2, c=5e3, mask_lr=10.0, user_lr=1e-5)
-
-
-def loop_releaser_update(theta, delta, grads, x: torch.Tensor, *, T, ratio, c, mask_lr, **_) -> None:
-    """The authors' releaser step, one tensor at a time (``x`` requires grad for the budget term)."""
-    m = torch.sigmoid(x / T)
-    d_sparsity = c * torch.autograd.grad(torch.square(ratio - m.sum() / m.shape[0]), x)[0]
-    for i, (d, p, g) in enumerate(zip(delta, theta, grads)):
-        mi = torch.sigmoid(x[i] / T)
-        gi = mask_lr * torch.sum(d * g) * mi * (1 - mi) / T
-        prev = x.data[i].clone()
-        x.data[i] = x.data[i] - gi - d_sparsity[i]
-        p.data += d * (torch.sigmoid(x[i] / T) - torch.sigmoid(prev / T))
-
-
-def loop_user_update(theta, delta, grads, x: torch.Tensor, *, T, user_lr, **_) -> None:
-    """The authors' simulated-user SGD step, one tensor at a time."""
-    for i, (d, p, g) in enumerate(zip(delta, theta, grads)):
-        m = torch.sigmoid(x[i] / T)
-        u = -user_lr * (1 - m) * g
-        p.data += u * (1 - m)
-        d.data -= u
+HP = dict(T=0.2, freeze_ratio=0.2, c_sparsity=5e3, mask_lr=10.0, user_lr=1e-5)  # the authors' defaults
+RELEASER_HP = {k: HP[k] for k in ("T", "freeze_ratio", "c_sparsity", "mask_lr")}
+USER_HP = {k: HP[k] for k in ("T", "user_lr")}
 
 
 def _median_time(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
@@ -63,6 +43,7 @@ def compare_learner_update(model: str = "tiny", device: str = "cpu", repeats: in
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     from .. import ops
+    from ..learning import reference_loop
     from ..learning.logits import budget_weights, soft_mask, updated_logits
     from .models import build_unet
 
@@ -77,8 +58,8 @@ def compare_learner_update(model: str = "tiny", device: str = "cpu", repeats: in
 
     def fused_releaser() -> None:
         s = ops.segment_dot(delta, grads, backend=backend)
-        new = updated_logits(x, s, weights=weights, ratio=HP["ratio"], temperature=HP["T"],
-                             c_sparsity=HP["c"], mask_lr=HP["mask_lr"])
+        new = updated_logits(x, s, weights=weights, ratio=HP["freeze_ratio"], temperature=HP["T"],
+                             c_sparsity=HP["c_sparsity"], mask_lr=HP["mask_lr"])
         ops.mask_shift_(theta, delta, soft_mask(new, HP["T"]) - soft_mask(x, HP["T"]), backend=backend)
 
     def fused_user() -> None:
@@ -87,9 +68,11 @@ def compare_learner_update(model: str = "tiny", device: str = "cpu", repeats: in
     xl = x.clone().requires_grad_(True)
     out = dict(model=model, device=device, tensors=len(theta), backend=backend,
                releaser_fused_s=_median_time(fused_releaser, dev, repeats),
-               releaser_loop_s=_median_time(lambda: loop_releaser_update(theta, delta, grads, xl, **HP), dev, repeats),
+               releaser_loop_s=_median_time(
+                   lambda: reference_loop.releaser_update(theta, delta, xl, grads=grads, **RELEASER_HP), dev, repeats),
                user_fused_s=_median_time(fused_user, dev, repeats),
-               user_loop_s=_median_time(lambda: loop_user_update(theta, delta, grads, xl, **HP), dev, repeats))
+               user_loop_s=_median_time(
+                   lambda: reference_loop.user_update(theta, delta, xl, grads=grads, **USER_HP), dev, repeats))
     out["releaser_speedup"] = out["releaser_loop_s"] / out["releaser_fused_s"]
     out["user_speedup"] = out["user_loop_s"] / out["user_fused_s"]
     return out

@@ -18,10 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="shortened run (every phase, far fewer steps)")
     parser.add_argument("--ratio", type=float, default=None, help="freeze ratio (default: the demo's)")
     parser.add_argument("--strong-lr-mult", type=float, default=None,
-                        help="stronger attacker's lr multiplier (None: the demo's, 10)")
+                        help="stronger attacker's lr multiplier (default: the demo's, 10)")
     parser.add_argument("--strong-steps-mult", type=float, default=None,
-                        help="stronger attacker's steps multiplier (None: the demo's, 1)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="stronger attacker's steps multiplier (default: the demo's, 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, masks, noise)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 0 keeps torch's default. The tiny model's ops are too small to "
                              "share across threads: on a busy 2-core machine one thread was 4-30x faster per step")

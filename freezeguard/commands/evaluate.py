@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the random masks match the mask's share of tensors or of parameters")
     parser.add_argument("--cache-dir", default=None, help="cache of the toy model and judge")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, masks, noise)")
     parser.add_argument("--out", default=None, help="report folder (Markdown, PNGs, JSON)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
                         help="bf16 autocast for forward/backward (weights stay fp32)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    parser.add_argument("--lean-frozen-convs", action="store_true",
+                        help="with --mask: frozen Conv2d layers keep no input for backward (less activation "
+                             "memory, same gradients)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-step log")
@@ -55,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         _check_options(args.steps, args.lr, args.batch_size, args.mixed_precision)
         src = check_pipeline_folder(args.model)
         out = Path(args.out)
+        if args.lean_frozen_convs and not args.mask:
+            raise ValueError("--lean-frozen-convs needs --mask (only frozen convs can drop their saved input)")
         if out.resolve() == src.resolve():
             raise ValueError("--out must differ from --model (the released model is never overwritten)")
         for flag, path in (("--train-data", args.train_data), ("--innocent-data", args.innocent_data)):
@@ -106,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
             result = finetune(comps, target, innocent, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                               seed=args.seed, mask=mask, weight_decay=args.weight_decay,
                               mixed_precision=args.mixed_precision,
-                              gradient_checkpointing=args.gradient_checkpointing, device=args.device,
+                              gradient_checkpointing=args.gradient_checkpointing,
+                              lean_frozen_convs=args.lean_frozen_convs, device=args.device,
                               progress=show, log=log)
         except (ValueError, FloatingPointError) as exc:
             return _error(str(exc))

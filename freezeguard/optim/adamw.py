@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .. import ops
+from .. import _bookkeeping, ops
 from ..backends import resolve
 from ..mask import FreezeMask
 from ._checks import (check_backend_name, check_grad_and_state, check_hyperparameters, check_options,
@@ -239,7 +239,7 @@ class AdamW(torch.optim.Optimizer):
                         fresh.append(p)
                     states.append(st)
                 step_counts = [st["step"] for st in states]
-                steps = [s.item() + 1.0 for s in step_counts]
+                steps = [s + 1.0 for s in _bookkeeping.read_steps(step_counts)]
                 beta1, beta2 = group["betas"]
                 ops.masked_adamw_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
                                   [st["exp_avg_sq"] for st in states], steps, lr=float(group["lr"]),
@@ -253,8 +253,8 @@ class AdamW(torch.optim.Optimizer):
                 except Exception as clearer:  # the same problem, said with the parameter's name
                     raise clearer from exc
                 raise
-            # one call for all counters: per-tensor `+= 1` costs milliseconds on a 686-tensor UNet
-            torch._foreach_add_(step_counts, 1.0)
+            # one native call for all counters: per-tensor `+= 1` costs milliseconds on a 686-tensor UNet
+            _bookkeeping.add_to_steps_(step_counts, 1.0)
         return loss
 
 
