@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,10 @@ def learn_mask(model: torch.nn.Module, ft_state: dict, cfg: DemoConfig, loss_fn,
                           user_lr=cfg.user_lr, user_interval=cfg.user_interval, budget_by=cfg.budget_by,
                           user_optimizer=cfg.user_optimizer, seed=cfg.seed)
     stream = toy.mixed_batches(cfg.target, cfg.innocent, cfg.batch_size, seed=cfg.seed + 21)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # The demo reports how far the data moved the mask in its summary (``mask_moved``); the
+        # learner's warning about an unmoved mask would only repeat it mid-progress-bar.
+        warnings.filterwarnings("ignore", message="MaskLearner: after")
         torch.manual_seed(cfg.seed + 22)  # the learner's loss draws noise from the global RNG
         logs = learner.fit(stream, cfg.learner_steps, progress=progress, desc="learn mask")
     return learner.hard_mask(), logs

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -58,7 +59,7 @@ from .fingerprint import model_fingerprint
 from .learning import checks, distributed, state_io
 from .learning.logits import BUDGET_BASES, budget_weights, soft_mask, updated_logits
 from .learning.user_adamw import user_adamw_update_
-from .mask import FreezeMask
+from .mask import FreezeMask, select_budget
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]
 USER_OPTIMIZERS = ("sgd", "adamw")
@@ -106,8 +107,7 @@ class MaskLearner:
             user_betas=user_betas, user_eps=user_eps, user_weight_decay=user_weight_decay, seed=seed))
         buffers = frozenset(n for n, _ in self.module.named_buffers())
         checks.check_states(dict(zip(self.names, self._params)), pretrained_state, finetuned_state, buffers)
-        gen = torch.Generator().manual_seed(int(seed))
-        self.logits.copy_(torch.rand(len(self.names), generator=gen))
+        self.logits.copy_(self._initial_logits())
         distributed.broadcast_(self.logits)
         with torch.no_grad():
             for name, p, d in zip(self.names, self._params, self._delta):
@@ -176,10 +176,35 @@ class MaskLearner:
         self.step_count = 0
         self.user_steps = 0
         self.history: list[dict[str, Any]] = []
+        self._sizes = {n: p.numel() for n, p in named}
+        self._initial_frozen: frozenset[str] | None = None  # the hard mask of the initial logits
+        self._mask_moved = 0
+        self._data_to_budget: float | None = None
 
     def _theta(self) -> list[torch.Tensor]:
         # Detached aliases of the parameters: the ops write the live weights in place.
         return [p.detach() for p in self._params]
+
+    def _initial_logits(self) -> torch.Tensor:
+        """The seeded U[0, 1) initial logits (as the authors initialise them), on the CPU."""
+        gen = torch.Generator().manual_seed(int(self.seed))
+        return torch.rand(len(self.names), generator=gen)
+
+    def _hard_frozen(self, logits: torch.Tensor) -> frozenset[str]:
+        """The names ``hard_mask("topk")`` would freeze for these logits."""
+        values = logits.tolist()
+        order = sorted(range(len(values)), key=lambda i: (-values[i], self.names[i]))
+        return frozenset(select_budget([self.names[i] for i in order], self._sizes, self.freeze_ratio,
+                                       self.budget_by))
+
+    def _track_mask_movement(self) -> None:
+        # How far the data has moved the hard mask away from the random start. With the
+        # authors' c_sparsity and temperature, a small model's budget term can saturate every
+        # logit in the first releaser step while keeping their initial order: the "learned"
+        # mask is then the random initial ranking (see benchmarks/RESULTS.md, demo calibration).
+        if self._initial_frozen is None:
+            self._initial_frozen = self._hard_frozen(self._initial_logits())
+        self._mask_moved = len(self._hard_frozen(self.logits) ^ self._initial_frozen)
 
     # the two kinds of step ----------------------------------------------------------------------
     def next_kind(self) -> str:
@@ -192,7 +217,10 @@ class MaskLearner:
         The entry has: step, kind, loss (the objective differentiated), target_loss and
         innocent_loss (batch means, None for an empty group), n_target, n_innocent,
         frozen_ratio (share frozen by rounding the soft mask, as the reference reports) and
-        soft_ratio (the budget's mean m), both by ``budget_by``.
+        soft_ratio (the budget's mean m), both by ``budget_by``; mask_moved (how many tensors the
+        hard mask now treats differently from the initial random logits' hard mask: 0 means the
+        data has not reordered anything yet) and, on releaser steps, data_to_budget (median size
+        of the logits' data step over that of their budget step; None on user steps).
         """
         k, kind = self.step_count, self.next_kind()
         flags = checks.check_targets(batch)
@@ -231,6 +259,8 @@ class MaskLearner:
             "n_target": int(c_t), "n_innocent": int(c_i),
             "frozen_ratio": float((self._weights * (m > 0.5)).sum()),
             "soft_ratio": float((self._weights * m).sum()),
+            "mask_moved": self._mask_moved,
+            "data_to_budget": self._data_to_budget if kind == "releaser" else None,
         }
         self.step_count += 1
         self.history.append(entry)
@@ -268,9 +298,15 @@ class MaskLearner:
             s[torch.tensor(idx, device=s.device)] = s_part
         new_logits = updated_logits(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
                                     temperature=self.temperature, c_sparsity=self.c_sparsity, mask_lr=self.mask_lr)
+        no_budget = updated_logits(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
+                                   temperature=self.temperature, c_sparsity=0.0, mask_lr=self.mask_lr)
+        data_step = (no_budget - self.logits).abs().median()
+        budget_step = (new_logits - no_budget).abs().median()
+        self._data_to_budget = float(data_step / budget_step) if float(budget_step) > 0 else None
         dm = soft_mask(new_logits, self.temperature) - soft_mask(self.logits, self.temperature)
         ops.mask_shift_(self._theta(), self._delta, dm, backend=self.backend)
         self.logits.copy_(new_logits)
+        self._track_mask_movement()
 
     def _user_update(self, k: int, idx, theta, delta, grads) -> None:
         if not grads:
@@ -333,9 +369,18 @@ class MaskLearner:
                     callback(entry)
                 bar.update(1)
                 bar.set_postfix(kind=entry["kind"][0], target=_fmt(entry["target_loss"]),
-                                innocent=_fmt(entry["innocent_loss"]), frozen=f"{entry['frozen_ratio']:.3f}")
+                                innocent=_fmt(entry["innocent_loss"]), frozen=f"{entry['frozen_ratio']:.3f}",
+                                moved=entry["mask_moved"])
         finally:
             bar.close()
+        if any(e["kind"] == "releaser" for e in logs) and self._mask_moved == 0:
+            first = next((e["data_to_budget"] for e in self.history if e["data_to_budget"] is not None), None)
+            balance = "" if first is None else f" (the first releaser step's data/budget ratio was {first:.2g})"
+            warnings.warn(
+                f"MaskLearner: after {self.step_count} steps the hard mask is still exactly the one of the "
+                f"random initial logits: the data has not reordered any tensor{balance}. The budget penalty "
+                "saturates the logits before the releaser gradient can act; lower c_sparsity or raise "
+                "mask_lr (watch mask_moved and data_to_budget in the log).", stacklevel=2)
         return logs
 
     # results ----------------------------------------------------------------------------------
@@ -430,6 +475,7 @@ class MaskLearner:
                 raise ValueError(f"{path}: logits have shape {tuple(tensors['logits'].shape)}")
             self.logits.copy_(tensors["logits"])
         self.step_count, self.user_steps = step_count, user_steps
+        self._track_mask_movement()  # the resumed log continues where the saved one stopped
         return self
 
 

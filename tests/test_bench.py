@@ -97,3 +97,19 @@ def test_learned_mask_file_is_measured(tmp_path):
                     isolate=False, learner=False, progress=False)
     row = res["rows"][1]
     assert row["mask_path"] == str(path) and row["frozen_tensors"] == len(mask.frozen_names)
+
+
+def test_quick_bench_as_a_user_runs_it(capsys):
+    """`freezeguard bench --quick` end to end (~30 s on 2 cores): every configuration in the table."""
+    from freezeguard.cli import main as cli_main
+
+    assert cli_main(["bench", "--quick"]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| config")]
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == [
+        "torch.optim.AdamW(fused)", "guard 0% by tensors", "guard 30% by tensors", "guard 70% by tensors",
+        "guard 30% by params", "guard 70% by params"]
+    assert "learner update (686 tensors" in table
+    # frozen tensors own no optimizer state: the state column shrinks with the ratio
+    state = [float(r.split("|")[10]) for r in rows]
+    assert state[0] == state[1] > state[2] > state[3] and state[4] > state[5]

@@ -65,6 +65,8 @@ def test_learn_writes_mask_plot_and_log(assets, tmp_path, capsys):
     log = [json.loads(line) for line in (tmp_path / "mask.safetensors.log.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in log] == ["releaser", "user", "releaser", "user"]
     assert all(e["n_target"] == 2 and e["n_innocent"] == 2 for e in log)
+    assert summary["mask_moved"] == log[-1]["mask_moved"] >= 0
+    assert isinstance(log[0]["data_to_budget"], float) and log[1]["data_to_budget"] is None
 
 
 def test_resume_continues_exactly(assets, tmp_path):

@@ -176,3 +176,23 @@ def test_cli_evaluate_real_pipeline(tmp_path, capsys):
     data = json.loads(captured.out)
     assert data["primary_metric"] == "loss" and "prompt_gain" in data["metrics"]
     assert set(data["domains"].values()) == {"target", "innocent"}
+
+
+def test_sweep_of_learner_settings_runs_and_tabulates(tmp_path, capsys):
+    """`python -m freezeguard.evaluation.sweep --quick`: learned variants against shared baselines."""
+    from freezeguard.evaluation import sweep
+
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--quick", "--ratios", "0.5", "--random-seeds", "2", "--variants", "demo; c 50 mask_lr 1e3",
+                       "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    table = res["ratios"]["0.5"]["table"]
+    assert list(table) == ["standard", "10x lr", "3x steps"]
+    assert set(table["standard"]) == {"full", "random", "demo", "c 50 mask_lr 1e3"}
+    assert table["standard"]["random"]["n_masks"] == 2
+    printed = capsys.readouterr().out
+    assert printed.count("| 0.5 |") == 3  # random, then one row per variant
+    assert sweep.main(["--markdown", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == printed.strip()
+    with pytest.raises(SystemExit):
+        sweep.main(["--variants", "no such variant"])

@@ -272,6 +272,31 @@ def test_fit_cycles_a_list_and_reports(capsys):
         learner.fit([], steps=1, progress=False)
 
 
+# --- is the data moving the mask? --------------------------------------------------------------
+def test_a_budget_that_drowns_the_data_is_reported():
+    # The authors' c_sparsity on a small model: the first releaser step saturates every logit
+    # in its initial order, so the "learned" mask is the random initial ranking. Say so.
+    learner, _ = make(user_interval=2, freeze_ratio=0.5)  # defaults: c_sparsity 5e3, mask_lr 10
+    initial = learner.hard_mask().frozen_names
+    with pytest.warns(UserWarning, match="still exactly the one of the random initial logits"):
+        logs = learner.fit(batches(3), steps=6, progress=False)
+    assert [e["mask_moved"] for e in logs] == [0] * 6
+    assert logs[0]["kind"] == "releaser" and logs[0]["data_to_budget"] < 1e-2  # later ones: both steps ~0
+    assert all(e["data_to_budget"] is None for e in logs if e["kind"] == "user")
+    assert learner.hard_mask().frozen_names == initial
+
+
+def test_a_data_driven_mask_moves_and_does_not_warn(recwarn):
+    learner, _ = make(user_interval=2, freeze_ratio=0.5, c_sparsity=1e-3, mask_lr=1e4)
+    initial = set(learner.hard_mask().frozen_names)
+    logs = learner.fit(batches(3), steps=6, progress=False)
+    moved = logs[-1]["mask_moved"]
+    assert moved > 0
+    assert moved == len(set(learner.hard_mask().frozen_names) ^ initial)  # the log counts what hard_mask gives
+    assert logs[0]["data_to_budget"] > 1
+    assert not [w for w in recwarn if "random initial logits" in str(w.message)]
+
+
 # --- empty groups and unused tensors ----------------------------------------------------------
 def test_releaser_batch_without_innocent_samples_only_hurts_the_target():
     data = batches(1, targets=[True] * 6)

@@ -245,11 +245,14 @@ def run(args: argparse.Namespace) -> int:
         "tensors": len(mask.names), "hard_mask": args.hard_mask,
         "final_target_loss": last.get("target_loss"), "final_innocent_loss": last.get("innocent_loss"),
         "soft_ratio": last.get("soft_ratio"),
+        # tensors the data moved in or out of the mask, against the random initial logits' mask
+        "mask_moved": last.get("mask_moved"),
     }
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"mask written to {out}: {summary['frozen_tensors']}/{summary['tensors']} tensors frozen "
               f"({summary['ratio_tensors']:.1%} of tensors, {summary['ratio_params']:.1%} of parameters) "
-              f"after {summary['steps']} steps in {seconds:.1f}s on {device}; plot {plot_path}, log {log_path}")
+              f"after {summary['steps']} steps in {seconds:.1f}s on {device}; {summary['mask_moved']} tensors moved "
+              f"by the data from the random initial mask; plot {plot_path}, log {log_path}")
     return 0

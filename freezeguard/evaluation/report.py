@@ -79,6 +79,11 @@ def headline(summary: dict[str, Any]) -> list[str]:
     for attacker, share in summary.get("survival", {}).items():
         lines.append(f"{attacker}: {_pct(share) if share is not None else 'n/a'} of the learned mask's "
                      "mitigation survives (relative to the standard attacker).")
+    moved = summary.get("learner", {}).get("final", {}).get("mask_moved")
+    if moved is not None:
+        lines.append(f"learner: the data moved {moved} tensor(s) in or out of the mask that the random initial "
+                     "logits give" + (" -- none: the learned mask IS that random mask (the budget penalty "
+                                      "saturated the logits first; see the README)" if moved == 0 else "") + ".")
     return lines
 
 
