@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 HELP = "learn which UNet tensors to freeze so fine-tunes on the target data fail (bilevel MaskLearner)"
@@ -221,9 +222,13 @@ def run(args: argparse.Namespace) -> int:
                 learner.save(args.state)
 
         try:
-            learner.fit(with_generator(batches), remaining, progress=not args.quiet, callback=on_step)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                learner.fit(with_generator(batches), remaining, progress=not args.quiet, callback=on_step)
         except (ValueError, FloatingPointError) as exc:
             return _error(str(exc))
+    for w in caught:  # said once, plainly, after the progress bar (not as a Python source line)
+        print(f"freezeguard learn: warning: {w.message}", file=sys.stderr)
     seconds = time.perf_counter() - started
 
     if args.state:
