@@ -260,6 +260,7 @@ def test_load_rejects_another_model_and_other_files(tmp_path):
 
 
 # --- fit --------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:MaskLearner. after")  # the unmoved-mask warning has its own test
 def test_fit_cycles_a_list_and_reports(capsys):
     learner, _ = make(user_interval=2)
     seen = []
