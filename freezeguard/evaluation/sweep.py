@@ -29,12 +29,13 @@ from ..evaluate import Attacker, evaluate_masks
 from ..mask import FreezeMask
 from .toy_setup import toy_domains
 
-# One change to the demo's config each (the demo itself is "demo").
+# Changes to the demo's learner settings ("demo": none). seed_offset and steps_mult are relative
+# to the base config, so the variants mean the same under --quick.
 VARIANTS: dict[str, dict] = {
     "demo": {},
     "learner seed 1": {"seed_offset": 1},
     "learner seed 2": {"seed_offset": 2},
-    "3x learner steps": {"learner_steps": 600},
+    "3x learner steps": {"steps_mult": 3},
     "simulated user lr x10": {"user_lr": 1e-2},
     "simulated user sgd (authors')": {"user_optimizer": "sgd"},
     "user step every 2nd step": {"user_interval": 2},
@@ -58,7 +59,8 @@ def _attackers(cfg: DemoConfig) -> list[Attacker]:
 def _learned_mask(base: DemoConfig, model, ft_state, loss_fn, change: dict) -> FreezeMask:
     change = dict(change)
     offset = change.pop("seed_offset", 0)
-    cfg = base.replace(**change)
+    steps_mult = change.pop("steps_mult", 1)
+    cfg = base.replace(**change, learner_steps=base.learner_steps * steps_mult)
     if offset:  # a different learner (logit init, batches, noise), same data and publisher model
         cfg = cfg.replace(seed=base.seed + offset)
     mask, _ = learn_mask(model, ft_state, cfg, loss_fn, progress=False)
