@@ -2,7 +2,7 @@
 
 Validating a 686-tensor list in Python reads half a dozen attributes of every tensor of every
 list (~1.5 ms a call), and bumping 686 step counters through the dispatcher costs ~0.7 ms; a
-fused GPU AdamW step of an SD-1.5 UNet takes ~3 ms. The native versions (``csrc/cpu/list_checks.cpp``)
+fused H100 AdamW step of an SD-1.5 UNet takes 3-12 ms. The native versions (``csrc/cpu/list_checks.cpp``)
 do the same in well under 0.2 ms. They are shortcuts only: the rules and every error message stay
 in Python (``freezeguard.ops``), which runs whenever the shortcut is missing or says no.
 
