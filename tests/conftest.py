@@ -34,3 +34,16 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one intra-op thread for a module (use: ``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    The test machines have 2 cores shared by parallel jobs; on these tiny models more threads only
+    spin against each other (4-30x slower).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

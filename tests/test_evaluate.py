@@ -15,13 +15,7 @@ from freezeguard.evaluation.toy_setup import heldout_batch, toy_domains
 TINY = toy.ToyModelConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The toy model's ops are tiny: on a shared 2-core machine, 2 threads only fight (4-30x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(attacker, mask, domain, role, before, after):

@@ -15,12 +15,7 @@ from freezeguard.learning.user_adamw import reference_user_adamw_, user_adamw_up
 from freezeguard.mask import select_budget
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: intra-op threads only contend
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(seed: int = 0) -> torch.nn.Module:

@@ -22,13 +22,7 @@ TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channel
                  norm_num_groups=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two cores shared by several jobs: intra-op threads spin against each other (~30x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(seed: int) -> torch.nn.Module:

@@ -22,13 +22,7 @@ BACKENDS = [pytest.param("torch"),
 TOL = dict(rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machines have 2 cores shared by parallel jobs; more threads only thrash.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet() -> torch.nn.Module:

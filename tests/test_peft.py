@@ -6,6 +6,7 @@ import torch
 
 import freezeguard as fg
 from freezeguard.adapters import FrozenAdapterError, frozen_adapters, trainable_target_modules
+from freezeguard.diffusion.testing import build_tiny_unet
 
 peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
@@ -14,11 +15,7 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def tiny_unet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, cross_attention_dim=8,
-        sample_size=8, attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return build_tiny_unet(seed=0, cross_attention_dim=8)
 
 
 def attn_mask(unet) -> fg.FreezeMask:

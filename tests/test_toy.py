@@ -8,13 +8,7 @@ import torch
 from freezeguard.diffusion import judge, toy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The toy model's ops are tiny: on a shared 2-core machine, 2 threads only fight (4-30x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", toy.ALL_CLASSES)

@@ -10,16 +10,13 @@ from safetensors.torch import save_file
 import freezeguard as fg
 from freezeguard.cli import main
 from freezeguard.audit import VerifyInputError
+from freezeguard.diffusion.testing import build_tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 
 
 def tiny_unet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, cross_attention_dim=8,
-        sample_size=8, attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return build_tiny_unet(seed=0, cross_attention_dim=8)
 
 
 def _lin() -> torch.nn.Module:

@@ -59,20 +59,33 @@ def write_tiny_clip_tokenizer_files(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def build_tiny_unet(seed: int = 0, cross_attention_dim: int = TINY_TEXT_DIM) -> torch.nn.Module:
+    """A two-block SD-shaped ``UNet2DConditionModel`` (208 tensors), randomly initialised after ``seed``.
+
+    Example:
+        >>> unet = build_tiny_unet(cross_attention_dim=8)       # doctest: +SKIP
+        >>> len(list(unet.parameters()))                        # doctest: +SKIP
+        208
+    """
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), norm_num_groups=8, cross_attention_dim=cross_attention_dim,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
+    )
+
+
 def build_tiny_components(seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> dict:
     """The five components of a tiny SD pipeline, in memory (randomly initialised, seeded)."""
     import tempfile
 
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(8, 16), norm_num_groups=8, cross_attention_dim=TINY_TEXT_DIM,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
-    )
+    unet = build_tiny_unet(seed)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
