@@ -45,6 +45,31 @@ def _check_by(by: str) -> str:
     return by
 
 
+def describe_layout_mismatch(expected: Mapping[str, Iterable[int]], actual: Mapping[str, Iterable[int]], *,
+                             missing: str, extra: str, reshaped: str, arrow: str = "->", limit: int = 8) -> str:
+    """Name the tensors missing from ``actual``, extra in it and reshaped, each under its label; "" if none.
+
+    Example:
+        >>> describe_layout_mismatch({"a": (2,), "b": (3,)}, {"b": (4,), "c": (1,)},
+        ...                          missing="missing", extra="extra", reshaped="reshaped")
+        'missing: a; extra: c; reshaped: b (3,) -> (4,)'
+    """
+    def listing(names: list[str]) -> str:
+        return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+    gone = sorted(expected.keys() - actual.keys())
+    new = sorted(actual.keys() - expected.keys())
+    changed = sorted(n for n in expected.keys() & actual.keys() if tuple(expected[n]) != tuple(actual[n]))
+    parts = []
+    if gone:
+        parts.append(f"{missing}: {listing(gone)}")
+    if new:
+        parts.append(f"{extra}: {listing(new)}")
+    if changed:
+        parts.append(f"{reshaped}: " + ", ".join(f"{n} {expected[n]} {arrow} {actual[n]}" for n in changed[:limit]))
+    return "; ".join(parts)
+
+
 def select_budget(order: list[str], sizes: Mapping[str, int], ratio: float, by: str) -> list[str]:
     """Take names from the front of ``order`` until the budget ``ratio`` is met.
 
@@ -178,19 +203,10 @@ class FreezeMask:
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise ValueError naming missing / extra / reshaped tensors if the model differs."""
-        layout = _layout(model)
-        missing = sorted(self._layout.keys() - layout.keys())
-        extra = sorted(layout.keys() - self._layout.keys())
-        reshaped = sorted(n for n in self._layout.keys() & layout.keys() if self._layout[n] != layout[n])
-        if missing or extra or reshaped:
-            parts = []
-            if missing:
-                parts.append(f"missing from the model: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-            if extra:
-                parts.append(f"not in the mask: {', '.join(extra[:8])}" + (" ..." if len(extra) > 8 else ""))
-            if reshaped:
-                parts.append("reshaped: " + ", ".join(f"{n} {self._layout[n]} -> {layout[n]}" for n in reshaped[:8]))
-            raise ValueError("mask was made for a different model (" + "; ".join(parts) + ")")
+        mismatch = describe_layout_mismatch(self._layout, _layout(model), missing="missing from the model",
+                                            extra="not in the mask", reshaped="reshaped")
+        if mismatch:
+            raise ValueError(f"mask was made for a different model ({mismatch})")
 
     def lora_exclude_modules(self, model: torch.nn.Module) -> list[str]:
         """Module names to pass to peft ``LoraConfig(exclude_modules=...)``.

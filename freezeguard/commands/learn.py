@@ -106,18 +106,12 @@ def _unet_layout(unet_dir: Path, flag: str) -> dict[str, tuple[int, ...]]:
 
 
 def _check_same_model(pre: dict, ft: dict) -> None:
-    missing = sorted(pre.keys() - ft.keys())
-    extra = sorted(ft.keys() - pre.keys())
-    reshaped = sorted(k for k in pre.keys() & ft.keys() if pre[k] != ft[k])
-    if missing or extra or reshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing from --finetuned: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-        if extra:
-            parts.append(f"not in --pretrained: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
-        if reshaped:
-            parts.append("shapes differ: " + ", ".join(f"{k} {pre[k]} vs {ft[k]}" for k in reshaped[:5]))
-        raise UsageError("--finetuned is not a fine-tune of --pretrained (" + "; ".join(parts) + ")")
+    from ..mask import describe_layout_mismatch
+
+    mismatch = describe_layout_mismatch(pre, ft, missing="missing from --finetuned", extra="not in --pretrained",
+                                        reshaped="shapes differ", arrow="vs", limit=5)
+    if mismatch:
+        raise UsageError(f"--finetuned is not a fine-tune of --pretrained ({mismatch})")
 
 
 def _check_cheap(args: argparse.Namespace) -> tuple[Path, Path, Path]:
