@@ -57,7 +57,7 @@ import torch
 from . import ops
 from .fingerprint import model_fingerprint
 from .learning import checks, distributed, state_io
-from .learning.logits import BUDGET_BASES, budget_weights, soft_mask, updated_logits
+from .learning.logits import BUDGET_BASES, budget_weights, logit_steps, soft_mask
 from .learning.user_adamw import user_adamw_update_
 from .mask import FreezeMask, select_budget
 
@@ -296,13 +296,11 @@ class MaskLearner:
         else:  # tensors without a gradient have zero sensitivity
             s = torch.zeros_like(self.logits)
             s[torch.tensor(idx, device=s.device)] = s_part
-        new_logits = updated_logits(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
-                                    temperature=self.temperature, c_sparsity=self.c_sparsity, mask_lr=self.mask_lr)
-        no_budget = updated_logits(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
-                                   temperature=self.temperature, c_sparsity=0.0, mask_lr=self.mask_lr)
-        data_step = (no_budget - self.logits).abs().median()
-        budget_step = (new_logits - no_budget).abs().median()
-        self._data_to_budget = float(data_step / budget_step) if float(budget_step) > 0 else None
+        data, budget = logit_steps(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
+                                   temperature=self.temperature, c_sparsity=self.c_sparsity, mask_lr=self.mask_lr)
+        new_logits = self.logits - data - budget
+        budget_step = float(budget.abs().median())
+        self._data_to_budget = float(data.abs().median()) / budget_step if budget_step > 0 else None
         dm = soft_mask(new_logits, self.temperature) - soft_mask(self.logits, self.temperature)
         ops.mask_shift_(self._theta(), self._delta, dm, backend=self.backend)
         self.logits.copy_(new_logits)

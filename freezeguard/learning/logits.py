@@ -43,18 +43,26 @@ def soft_mask(x: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.sigmoid(x / temperature)
 
 
-def updated_logits(x: torch.Tensor, s: torch.Tensor, *, weights: torch.Tensor, ratio: float,
-                   temperature: float, c_sparsity: float, mask_lr: float) -> torch.Tensor:
-    """New logits after one releaser step (a new tensor; ``x`` is not modified).
+def logit_steps(x: torch.Tensor, s: torch.Tensor, *, weights: torch.Tensor, ratio: float,
+                temperature: float, c_sparsity: float, mask_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data step, budget step) of one releaser step: x' = x - data - budget.
 
-    x_i' = x_i - mask_lr * s_i * dm_i/dx_i - dB/dx_i, with dm/dx = m (1 - m) / T and
+    data_i = mask_lr * s_i * dm_i/dx_i and budget_i = dB/dx_i, with dm/dx = m (1 - m) / T and
     dB/dx_i = -2 c (rho - sum_j w_j m_j) w_i dm_i/dx_i (the authors' c * autograd of B).
     """
     m = soft_mask(x, temperature)
     dm_dx = m * (1.0 - m) / temperature
     realised = (weights * m).sum()
     budget_grad = (-2.0 * c_sparsity) * (ratio - realised) * weights * dm_dx
-    return x - mask_lr * s * dm_dx - budget_grad
+    return mask_lr * s * dm_dx, budget_grad
 
 
-__all__ = ["BUDGET_BASES", "budget_weights", "soft_mask", "updated_logits"]
+def updated_logits(x: torch.Tensor, s: torch.Tensor, *, weights: torch.Tensor, ratio: float,
+                   temperature: float, c_sparsity: float, mask_lr: float) -> torch.Tensor:
+    """New logits after one releaser step (a new tensor; ``x`` is not modified); see :func:`logit_steps`."""
+    data, budget = logit_steps(x, s, weights=weights, ratio=ratio, temperature=temperature,
+                               c_sparsity=c_sparsity, mask_lr=mask_lr)
+    return x - data - budget
+
+
+__all__ = ["BUDGET_BASES", "budget_weights", "soft_mask", "logit_steps", "updated_logits"]
