@@ -177,8 +177,11 @@ def test_looking_for_the_native_module_never_compiles(monkeypatch):
 
     monkeypatch.setattr(_build, "_jit_build", no_build)
     monkeypatch.setattr(_build, "_loaded", {})
+    monkeypatch.setattr(_build, "_no_prebuilt", set())
     monkeypatch.setattr(_build, "_prebuilt_present", lambda kind: False)
     assert _build.loaded_or_prebuilt("cpu") is None
+    assert "cpu" in _build._no_prebuilt  # asked on every op: the miss is remembered, not searched again
+    monkeypatch.setattr(_build, "_no_prebuilt", set())  # forget the miss: look again below
 
     def broken_import(name):
         raise ImportError("built against another torch")

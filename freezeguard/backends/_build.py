@@ -48,6 +48,7 @@ _lock = threading.Lock()
 _loaded: dict[str, ModuleType] = {}
 _failed: dict[str, str] = {}
 _origin: dict[str, str] = {}
+_no_prebuilt: set[str] = set()  # kinds loaded_or_prebuilt found no importable prebuilt module for
 
 
 def _kind(kind: str) -> _Kind:
@@ -255,13 +256,17 @@ def loaded_or_prebuilt(kind: str) -> ModuleType | None:
     module = _loaded.get(kind)
     if module is not None or kind in _failed or os.environ.get("FREEZEGUARD_FORCE_JIT", "0") == "1":
         return module
-    if kind == "cuda" and _cuda_runtime_problem():
+    # Asked on every fused op: remember a miss instead of searching the filesystem each call (a later
+    # JIT build lands in _loaded, checked above).
+    if kind in _no_prebuilt or (kind == "cuda" and _cuda_runtime_problem()):
         return None
     if not _prebuilt_present(kind):
+        _no_prebuilt.add(kind)
         return None
     try:
         module = _import_prebuilt(k.module)
     except ImportError:  # load_extension would JIT-build a replacement; that is not ours to start
+        _no_prebuilt.add(kind)
         return None
     with _lock:
         _origin.setdefault(kind, f"prebuilt {k.module}")
@@ -273,6 +278,10 @@ def reset(kind: str | None = None) -> None:
     for d in (_loaded, _failed, _origin):
         for key in [kind] if kind else list(d):
             d.pop(key, None)
+    if kind:
+        _no_prebuilt.discard(kind)
+    else:
+        _no_prebuilt.clear()
 
 
 __all__ = ["ExtensionBuildError", "extension_status", "load_extension", "loaded_or_prebuilt", "jit_cache_dir",
