@@ -20,7 +20,7 @@ import random
 
 import torch
 
-from freezeguard.mask import select_budget
+from freezeguard.core.mask import select_budget
 
 SCALED_CHANNELS = (96, 192, 384, 384)  # SD-1.5 uses (320, 640, 1280, 1280)
 FROZEN_RATIOS = (0.0, 0.2, 0.5, 0.8)
@@ -53,7 +53,7 @@ def numel(shape: tuple[int, ...]) -> int:
 def frozen_split(shapes: Shapes, ratio: float, by: str = "tensors", seed: int = 0) -> list[int]:
     """Indices of the *trainable* tensors after freezing ``ratio`` of them (by tensors or params).
 
-    A fixed random order feeds ``freezeguard.mask.select_budget``, the same rule
+    A fixed random order feeds ``freezeguard.core.mask.select_budget``, the same rule
     FreezeMask.random uses, so every implementation in a run steps the same tensors.
     """
     names = [n for n, _ in shapes]

@@ -11,7 +11,7 @@ to $OUT (or the given directory):
 
     python benchmarks/bench_finetune.py --gpu-suite ${OUT:-/tmp/fg_bench_gpu}
 
-The table itself (`freezeguard bench`, :mod:`freezeguard.bench`) is the same code path.
+The table itself (`freezeguard bench`, :mod:`freezeguard.apps.bench`) is the same code path.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import pytest
 import torch
 
 import freezeguard as fg
-from freezeguard.bench import format_table, plot, run_bench
-from freezeguard.benchmarking.models import DEFAULT_LATENT, build_unet, make_batch
+from freezeguard.apps.bench import format_table, plot, run_bench
+from freezeguard.integrations.diffusers.layouts import DEFAULT_LATENT, build_unet, make_batch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -77,7 +77,7 @@ def gpu_suite(out_dir: str) -> int:
         res["meta"]["wall_s"] = time.perf_counter() - t0
         table = format_table(res)
         print(f"\n### {tag} ({res['meta']['wall_s']:.0f} s)\n{table}", flush=True)
-        md += ["", f"### {tag}: `python -m freezeguard.bench --device cuda --model sd15 --batch {kw['batch']}"
+        md += ["", f"### {tag}: `python -m freezeguard.apps.bench --device cuda --model sd15 --batch {kw['batch']}"
                f"{' --bf16' if kw['bf16'] else ''}{' --checkpointing' if kw['checkpointing'] else ''}{' --lean-frozen-convs' if kw.get('lean_frozen_convs') else ''}`", "", table]
         with open(os.path.join(out_dir, f"bench_{tag}.json"), "w") as f:
             json.dump(res, f, indent=2)

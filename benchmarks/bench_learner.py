@@ -6,7 +6,7 @@ FG_BENCH_CHANNELS="32,64,128,128" for a quicker run), full size on CUDA (the rea
 the releaser step and the user step:
 
 - update: the parameter/mask update alone, given the gradients (fused ops vs the authors' loop,
-  ``freezeguard.learning.reference_loop``, as written in pittisl/FreezeAsGuard ``src/mask_learner.py``);
+  ``support.authors_loop``, as written in pittisl/FreezeAsGuard ``src/mask_learner.py``);
 - step: forward + backward + update.
 
 The literal loop is the anchor: the tables give median times and fused speedups over it
@@ -35,11 +35,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import _paths  # noqa: F401  (tests/support on sys.path)
 import pytest
 import torch
+from support import authors_loop
 
 import freezeguard as fg
-from freezeguard.learning import reference_loop
 
 HP = dict(freeze_ratio=0.2, temperature=0.2, c_sparsity=5e3, mask_lr=10.0, user_lr=1e-5, user_interval=5)
 
@@ -86,7 +87,7 @@ class Bench:
         self.unet = copy.deepcopy(base)
         self.unet_diff = copy.deepcopy(base)
         with torch.no_grad():
-            for (n, p), d in zip(self.unet_diff.named_parameters(), self.learner._delta):
+            for (n, p), d in zip(self.unet_diff.named_parameters(), self.learner._delta, strict=True):
                 p.copy_(d)
         self.x_for_mask = torch.nn.Parameter(self.learner.logits.clone())
         del pre, ft
@@ -122,9 +123,9 @@ class Bench:
         params, diffs = list(self.unet.parameters()), list(self.unet_diff.parameters())
         if kind == "releaser":
             hp = {k: self.hp[k] for k in ("T", "freeze_ratio", "c_sparsity", "mask_lr")}
-            return lambda: reference_loop.releaser_update(params, diffs, self.x_for_mask, **hp)
+            return lambda: authors_loop.releaser_update(params, diffs, self.x_for_mask, **hp)
         hp = {k: self.hp[k] for k in ("T", "user_lr")}
-        return lambda: reference_loop.user_update(params, diffs, self.x_for_mask, **hp)
+        return lambda: authors_loop.user_update(params, diffs, self.x_for_mask, **hp)
 
     def fused_step(self, kind: str) -> Callable[[], None]:
         def run():

@@ -5,7 +5,7 @@
   by params (frozen tensors are simply not given to any of them).
 - user_update_ and the releaser update (segment_dot + logit update + mask_shift_) vs the
   per-tensor Python loops of the authors' implementation (pittisl/FreezeAsGuard,
-  src/mask_learner.py), as written there: ``freezeguard.learning.reference_loop``.
+  src/mask_learner.py), as written there: ``support.authors_loop``.
 CPU: the channel-scaled UNet list (fp32), backend cpp. CUDA (when visible): the full-size
 list, backends triton and cuda. Run and summarise: see conftest.py.
 """
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import gc
 
+import _shapes
 import pytest
 import torch
+from support import authors_loop
 
 import freezeguard as fg
-from freezeguard.learning import reference_loop
 from freezeguard.backends import get_backend, status
-
-import _shapes
 
 LR = 1e-4
 T, RHO, C_SPARSITY, MASK_LR, USER_LR = 0.2, 0.2, 5e3, 10.0, 1e-5  # the authors' defaults
@@ -130,7 +129,7 @@ def test_optimizer_step_overhead(run_bench, benchmark, device, impl, monkeypatch
     backend = impl.removesuffix("-python-bookkeeping")
     _skip_unless_runs(backend, device)
     if impl.endswith("-python-bookkeeping"):
-        from freezeguard import _bookkeeping
+        from freezeguard.ops import bookkeeping as _bookkeeping
 
         monkeypatch.setattr(_bookkeeping, "_native", lambda: None)
     opt = fg.optim.AdamW(named, lr=LR, mask=fg.FreezeMask({n: (16,) for n, _ in named}, []), backend=backend)
@@ -162,7 +161,7 @@ def _fused_releaser(theta, diffs, grads, x, backend):
     fg.ops.mask_shift_(theta, diffs, torch.sigmoid(x / T) - m, backend=backend)
 
 
-LEARNER_IMPLS = (_impls("cpu", ("reference_loop", "torch")) + _impls("cuda", ("reference_loop", "torch")))
+LEARNER_IMPLS = (_impls("cpu", ("authors_loop", "torch")) + _impls("cuda", ("authors_loop", "torch")))
 
 
 @pytest.mark.parametrize("device,impl", LEARNER_IMPLS)
@@ -170,8 +169,8 @@ def test_user_update(run_bench, benchmark, device, impl):
     params, diffs, x = _learner_state(device)
     benchmark.group = f"user_update {device}"
     nbytes = 5 * sum(p.numel() * p.element_size() for p in params)  # read theta,delta,grad; write theta,delta
-    if impl == "reference_loop":
-        run_bench(lambda: reference_loop.user_update(params, diffs, x, T=T, user_lr=USER_LR),
+    if impl == "authors_loop":
+        run_bench(lambda: authors_loop.user_update(params, diffs, x, T=T, user_lr=USER_LR),
                   impl="per-tensor loop (authors')",
                   role="anchor", nbytes=nbytes, device=device)
         return
@@ -192,9 +191,9 @@ def test_releaser_update(run_bench, benchmark, device, impl):
     params, diffs, x = _learner_state(device)
     benchmark.group = f"releaser update {device}"
     nbytes = 5 * sum(p.numel() * p.element_size() for p in params)  # dot reads 2; shift reads 2, writes 1
-    if impl == "reference_loop":
+    if impl == "authors_loop":
         x_for_mask = x.clone().requires_grad_(True)
-        run_bench(lambda: reference_loop.releaser_update(params, diffs, x_for_mask, **RELEASER_HP),
+        run_bench(lambda: authors_loop.releaser_update(params, diffs, x_for_mask, **RELEASER_HP),
                   impl="per-tensor loop (authors')",
                   role="anchor", nbytes=nbytes, device=device)
         return
@@ -218,7 +217,7 @@ def test_fused_releaser_matches_the_loop():
     x = torch.rand(len(shapes), generator=gen)
     theta = [p.detach().clone() for p in params]
     xf = x.clone()
-    reference_loop.releaser_update(params, diffs, x.clone().requires_grad_(True), **RELEASER_HP)
+    authors_loop.releaser_update(params, diffs, x.clone().requires_grad_(True), **RELEASER_HP)
     _fused_releaser(theta, diffs, [p.grad for p in params], xf, "torch")
-    for a, b in zip(theta, params):
+    for a, b in zip(theta, params, strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import _shapes` from the benchmark files
+import _paths  # noqa: E402,F401  (tests/support: the authors' loop and fixtures)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HAS_CUDA = torch.cuda.is_available()

@@ -47,7 +47,7 @@ class Checker:
     def close(self, what: str, got: list[torch.Tensor], ref_lp: list[torch.Tensor],
               exact: list[torch.Tensor]) -> None:
         """fp32: tight; bf16/fp16: error vs fp32 truth at most 2x torch's own in that dtype."""
-        for i, (g, r, e) in enumerate(zip(got, ref_lp, exact)):
+        for i, (g, r, e) in enumerate(zip(got, ref_lp, exact, strict=True)):
             self.checks += 1
             if g.numel() == 0:
                 continue
@@ -77,7 +77,7 @@ def make(shape, dtype, offset: int) -> torch.Tensor:
 
 
 def make_list(shapes, dtypes, offset):
-    return [make(s, d, offset) for s, d in zip(shapes, dtypes)]
+    return [make(s, d, offset) for s, d in zip(shapes, dtypes, strict=True)]
 
 
 def clone(ts):
@@ -113,7 +113,7 @@ def run_case(be, ref, ck: Checker, shapes, dtypes, offset: int, tag: str) -> Non
     # segment_dot: accuracy and bitwise reproducibility
     a, b = make_list(shapes, dtypes, offset), make_list(shapes, dtypes, offset)
     got, again, want = be.segment_dot(a, b), be.segment_dot(a, b), ref.segment_dot(a, b)
-    scale = torch.stack([(x.float() * y.float()).abs().sum() for x, y in zip(a, b)])
+    scale = torch.stack([(x.float() * y.float()).abs().sum() for x, y in zip(a, b, strict=True)])
     ck.true(f"{tag} segment_dot not reproducible", torch.equal(got, again))
     bad = ((got - want).abs() > 1e-5 * scale + 1e-6).nonzero().flatten().tolist()
     ck.true(f"{tag} segment_dot mismatch at {bad}: got {got[bad].tolist()} want {want[bad].tolist()}", not bad)

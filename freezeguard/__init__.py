@@ -13,26 +13,27 @@ from __future__ import annotations
 
 import importlib
 
-from . import ops
-from ._version import __version__
-from .backends import available_backends
-from .fingerprint import model_fingerprint
-from .mask import FreezeMask
+from freezeguard import ops
+from freezeguard._version import __version__
+from freezeguard.backends import available_backends
+from freezeguard.core.fingerprint import model_fingerprint
+from freezeguard.core.mask import FreezeMask
 
 # name -> (module, attribute or None for the module itself); loaded on first access, which keeps
-# `import freezeguard` light. Functions live in modules of other names (guard in enforce.py,
-# verify in audit.py) so that importing a submodule never shadows a function on the package.
+# `import freezeguard` light. The package tree shows the layers (DESIGN.md section 2): backends ->
+# ops -> core (mask, optim, guard, verify) -> integrations -> apps -> cli; this module is only the
+# public face over them, and no module inside the layers imports it for a name.
 _LAZY = {
     "optim": ("freezeguard.optim", None),
-    "guard": ("freezeguard.enforce", "guard"),
-    "wrap": ("freezeguard.enforce", "wrap"),
-    "unwrap": ("freezeguard.enforce", "unwrap"),
-    "lean_frozen_convs_": ("freezeguard.lean_convs", "lean_frozen_convs_"),
-    "verify": ("freezeguard.audit", "verify"),
-    "VerifyReport": ("freezeguard.audit", "VerifyReport"),
-    "MaskLearner": ("freezeguard.learner", "MaskLearner"),
+    "guard": ("freezeguard.core.guard", "guard"),
+    "wrap": ("freezeguard.core.guard", "wrap"),
+    "unwrap": ("freezeguard.core.guard", "unwrap"),
+    "lean_frozen_convs_": ("freezeguard.core.lean_convs", "lean_frozen_convs_"),
+    "verify": ("freezeguard.core.verify", "verify"),
+    "VerifyReport": ("freezeguard.core.verify", "VerifyReport"),
+    "MaskLearner": ("freezeguard.apps.learn.learner", "MaskLearner"),
     "diffusion": ("freezeguard.diffusion", None),
-    "evaluate": ("freezeguard.evaluate", None),
+    "evaluate": ("freezeguard.apps.evaluate", None),
 }
 
 

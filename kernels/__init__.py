@@ -5,10 +5,12 @@ The ops layer reaches them through ``freezeguard.backends.triton_backend``. Modu
 * ``tables``        host-built, cached device tables (chunk layout, data-pointer table);
 * ``addressing``    device helpers: chunk coordinates, typed pointers, rounding to storage;
 * ``adamw``         masked AdamW;
-* ``learner``       segment_dot, mask_shift_, user_update_;
-* ``launch``        per-op (BLOCK, num_warps) and small launch helpers;
-* ``compile_check`` compile every kernel for a GPU target without a GPU (CI);
-* ``tune_gpu``      BLOCK x num_warps sweep against the anchors, on a GPU.
+* ``mask_updates``  the mask-learning ops: segment_dot, mask_shift_, user_update_;
+* ``launch``        per-op (BLOCK, num_warps) and small launch helpers.
+
+Development tools that drive these kernels live outside the package: the compile check for a GPU
+target without a GPU in ``tests/support/triton_compile_check.py``, the BLOCK x num_warps sweep
+in ``benchmarks/tune_triton.py``.
 
 Importing this package imports nothing heavy; the kernel modules import triton.
 """

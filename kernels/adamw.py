@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tables
-from .addressing import chunk_coords, tensor_ptr, to_storage
-from .launch import CONFIGS, on_device, per_tensor_scalars, triton_dtype
+from freezeguard.kernels import tables
+from freezeguard.kernels.addressing import chunk_coords, tensor_ptr, to_storage
+from freezeguard.kernels.launch import CONFIGS, on_device, per_tensor_scalars, triton_dtype
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     device = params[0].device
     scal = per_tensor_scalars(_bias_corrections(steps, lr, beta1, beta2), device)
     with on_device(device):
-        for g, aligned in zip(lay.groups, ptr.aligned):
+        for g, aligned in zip(lay.groups, ptr.aligned, strict=True):
             if g.num_chunks == 0:
                 continue
             _masked_adamw_kernel[(g.num_chunks,)](

@@ -14,7 +14,7 @@ timeout 200 "$PY" -m pytest -q benchmarks/bench_ops.py -k cuda --fg-rounds 10 \
 echo "bench_ops rc=$?"; tail -3 /tmp/fg_bench/ops.log
 "$PY" benchmarks/report.py /tmp/fg_bench/ops.json --title "$title" > "$OUT_DIR/bench_ops.md" 2>&1
 timeout 60 "$PY" benchmarks/gpu_cuda_sanitize.py --bench > "$OUT_DIR/cuda_bench.txt" 2>&1; echo "cuda bench rc=$?"
-timeout 150 "$PY" -m freezeguard.kernels.tune_gpu --dtypes fp32,bf16 > "$OUT_DIR/triton_tune.txt" 2>&1; echo "tune rc=$?"
+timeout 150 "$PY" benchmarks/tune_triton.py --dtypes fp32,bf16 > "$OUT_DIR/triton_tune.txt" 2>&1; echo "tune rc=$?"
 for dt in fp32 bf16; do
   timeout 60 "$PY" benchmarks/bench_learner.py --device cuda --dtype $dt --json "/tmp/fg_bench/learner_$dt.json" \
       >> "$OUT_DIR/learner.txt" 2>&1; echo "learner $dt rc=$?"

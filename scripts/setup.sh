@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0" "triton==3.8.0" ninja setuptools wheel pybind11
 python -m pip install -q "diffusers>=0.30" "transformers>=4.40" "accelerate>=0.30" "peft>=0.10" \
-    safetensors numpy tqdm pillow matplotlib pytest pytest-benchmark
+    safetensors numpy tqdm pillow matplotlib pytest pytest-benchmark ruff import-linter
 # --no-build-isolation: the extension is compiled against the torch installed above.
 python -m pip install -q --no-build-isolation -e .

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import freezeguard as fg
-from freezeguard import _bookkeeping, ops
+from freezeguard import ops
+from freezeguard.ops import bookkeeping as _bookkeeping
 
 NATIVE = _bookkeeping._native() is not None
 needs_native = pytest.mark.skipif(not NATIVE, reason="the C++ extension freezeguard._C is not installed prebuilt")
@@ -111,7 +112,7 @@ def test_ops_give_identical_results_without_native(monkeypatch):
     with_native = _run_all_ops(_random_lists(0, 5))
     monkeypatch.setattr(_bookkeeping, "_native", lambda: None)
     python_only = _run_all_ops(_random_lists(0, 5))
-    assert all(torch.equal(a, b) for a, b in zip(with_native, python_only))
+    assert all(torch.equal(a, b) for a, b in zip(with_native, python_only, strict=True))
 
 
 def test_non_contiguous_outputs_are_still_written_back():
@@ -132,7 +133,7 @@ def test_step_counters_read_and_bump(native, monkeypatch):
     assert _bookkeeping.read_steps(counters) == [0.0, 1.0, 2.0, 3.0, 4.0]
     _bookkeeping.add_to_steps_(counters, 1.0)
     assert [c.item() for c in counters] == [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert all(c._version > v for c, v in zip(counters, versions))  # seen as an in-place write
+    assert all(c._version > v for c, v in zip(counters, versions, strict=True))  # seen as an in-place write
 
 
 def test_step_counters_of_another_kind_fall_back_and_nothing_is_half_applied():
@@ -160,9 +161,9 @@ def test_optimizer_is_identical_without_native(monkeypatch):
     model_a, opt_a = _train(0)
     monkeypatch.setattr(_bookkeeping, "_native", lambda: None)
     model_b, opt_b = _train(0)
-    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
         assert torch.equal(a, b), name
-    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
         sa, sb = opt_a.state.get(pa, {}), opt_b.state.get(pb, {})
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -9,11 +9,12 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from support.tiny_models import build_tiny_sd_pipeline, write_tiny_imagefolder  # noqa: E402
+
 import freezeguard as fg  # noqa: E402
+from freezeguard.apps.finetune import finetune  # noqa: E402
 from freezeguard.cli import main  # noqa: E402
-from freezeguard.diffusion import ImageFolderDataset, load_components  # noqa: E402
-from freezeguard.diffusion.testing import build_tiny_sd_pipeline, write_tiny_imagefolder  # noqa: E402
-from freezeguard.finetune import finetune  # noqa: E402
+from freezeguard.integrations.diffusers import ImageFolderDataset, load_components  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-testing = pytest.importorskip("freezeguard.diffusion.testing")
+testing = pytest.importorskip("support.tiny_models")
 
 from freezeguard.cli import main  # noqa: E402
-from freezeguard.mask import FreezeMask  # noqa: E402
-
+from freezeguard.core.mask import FreezeMask  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +21,7 @@ def assets(tmp_path_factory):
     """A released pipeline, a fine-tune of it (perturbed UNet), target and innocent folders."""
     from diffusers import UNet2DConditionModel
 
-    from freezeguard.diffusion.pipeline import save_pipeline_with_unet
+    from freezeguard.integrations.diffusers.pipeline import save_pipeline_with_unet
 
     root = tmp_path_factory.mktemp("learn")
     pre = testing.build_tiny_sd_pipeline(root / "pre", seed=0)
@@ -82,7 +81,7 @@ def test_a_mask_the_data_never_moved_is_reported(assets, tmp_path, capsys):
 
 
 def test_resume_continues_exactly(assets, tmp_path):
-    from freezeguard.learning.state_io import read
+    from freezeguard.apps.learn.state_io import read
 
     straight = tmp_path / "straight.safetensors"
     assert main(_argv(assets, tmp_path / "a.safetensors", "--steps", "4", "--state", str(straight))) == 0

@@ -193,7 +193,7 @@ def _f32(ts):
 
 def _assert_close_lowp(got, ref_lp, exact, what):
     """fp32: tight. bf16/fp16: error vs fp32 truth at most 2x what torch itself gets in that dtype."""
-    for i, (g, r, e) in enumerate(zip(got, ref_lp, exact)):
+    for i, (g, r, e) in enumerate(zip(got, ref_lp, exact, strict=True)):
         if g.numel() == 0:
             continue
         if g.dtype == torch.float32:
@@ -224,7 +224,7 @@ def test_masked_adamw_matches_reference(dtype, misaligned):
         reference.masked_adamw_(ref[0], grads_per_step[k], ref[1], ref[2], steps, **hp)
         reference.masked_adamw_(exact[0], _f32(grads_per_step[k]), exact[1], exact[2], steps, **hp)
     torch.cuda.synchronize()
-    for name, got, r, e in zip(("param", "exp_avg", "exp_avg_sq"), (params, exp_avgs, exp_avg_sqs), ref, exact):
+    for name, got, r, e in zip(("param", "exp_avg", "exp_avg_sq"), (params, exp_avgs, exp_avg_sqs), ref, exact, strict=True):
         _assert_close_lowp(got, r, e, name)
 
 
@@ -232,7 +232,7 @@ def test_masked_adamw_matches_reference(dtype, misaligned):
 def test_masked_adamw_mixed_dtypes_through_public_op():
     # One list, three storage dtypes (three launches), non-contiguous members (ops.py copies back).
     shapes = [(65, 33), (CHUNK + 1,), (5, 7)]
-    params = [_rand(s, d) for s, d in zip(shapes, DTYPES)]
+    params = [_rand(s, d) for s, d in zip(shapes, DTYPES, strict=True)]
     params[0] = params[0].t()  # non-contiguous view
     grads = [torch.randn_like(p) for p in params]
     m = [torch.zeros_like(p) for p in params]
@@ -240,7 +240,7 @@ def test_masked_adamw_mixed_dtypes_through_public_op():
     ref = [_clone(params), _clone(m), _clone(v)]
     fg.ops.masked_adamw_(params, grads, m, v, [1.0, 2.0, 5.0], lr=1e-3, backend="cuda")
     fg.ops.masked_adamw_(ref[0], grads, ref[1], ref[2], [1.0, 2.0, 5.0], lr=1e-3, backend="torch")
-    for got, r in zip(params + m + v, ref[0] + ref[1] + ref[2]):
+    for got, r in zip(params + m + v, ref[0] + ref[1] + ref[2], strict=True):
         tol = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[got.dtype]
         torch.testing.assert_close(got.float(), r.float(), rtol=tol, atol=tol)
 
@@ -256,7 +256,7 @@ def test_segment_dot_matches_reference_and_is_deterministic(dtype, misaligned):
     want = reference.segment_dot(a, b)
     assert got.dtype == torch.float32 and got.shape == (len(SHAPES),)
     assert torch.equal(got, again), "segment_dot must be bitwise reproducible"
-    scale = torch.stack([(x.float() * y.float()).abs().sum() for x, y in zip(a, b)])
+    scale = torch.stack([(x.float() * y.float()).abs().sum() for x, y in zip(a, b, strict=True)])
     assert ((got - want).abs() <= 1e-5 * scale + 1e-6).all(), (got, want)
     assert got[0] == 0  # the empty tensor
 
@@ -265,8 +265,8 @@ def test_segment_dot_matches_reference_and_is_deterministic(dtype, misaligned):
 def test_segment_dot_mixed_dtypes_keeps_list_order():
     shapes = [(100,), (CHUNK + 9,), (3,), (0,), (1000,), (7,)]
     dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.float32, torch.bfloat16, torch.float16]
-    a = [_rand(s, d) for s, d in zip(shapes, dtypes)]
-    b = [_rand(s, d) for s, d in zip(shapes, dtypes)]
+    a = [_rand(s, d) for s, d in zip(shapes, dtypes, strict=True)]
+    b = [_rand(s, d) for s, d in zip(shapes, dtypes, strict=True)]
     got = fg.ops.segment_dot(a, b, backend="cuda")
     want = reference.segment_dot(a, b)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -336,7 +336,7 @@ def test_masked_adamw_captured_in_a_cuda_graph_reads_lr_and_steps_on_device():
         reference.masked_adamw_(ref[0], grads, ref[1], ref[2], host_steps, lr=new_lr, **hp)
     torch.cuda.synchronize()
     assert steps.tolist() == host_steps
-    for got, r in zip(params + m + v, ref[0] + ref[1] + ref[2]):
+    for got, r in zip(params + m + v, ref[0] + ref[1] + ref[2], strict=True):
         torch.testing.assert_close(got, r, rtol=2e-5, atol=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""freezeguard.diffusion.data: imagefolder datasets, roles, early errors, mixed batches."""
+"""freezeguard.integrations.diffusers.data: imagefolder datasets, roles, early errors, mixed batches."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,9 @@ import torch
 
 pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
+from support.tiny_models import build_tiny_components, write_tiny_clip_tokenizer_files, write_tiny_imagefolder  # noqa: E402
 
-from freezeguard.diffusion import DatasetError, ImageFolderDataset, mixed_batches  # noqa: E402
-from freezeguard.diffusion.testing import (build_tiny_components, write_tiny_clip_tokenizer_files,  # noqa: E402
-                                           write_tiny_imagefolder)
+from freezeguard.integrations.diffusers import DatasetError, ImageFolderDataset, mixed_batches  # noqa: E402
 
 
 def _metadata(folder, rows):
@@ -126,8 +125,8 @@ def test_mixed_batches_balance_and_determinism(tmp_path):
         assert b["caption"] == ["sks"] * 3 + ["dog"] * 2
     again = list(mixed_batches(tgt, inn, batch_size=5, seed=7, steps=6))
     other = list(mixed_batches(tgt, inn, batch_size=5, seed=8, steps=6))
-    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(batches, again))
-    assert not all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(batches, other))
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(batches, again, strict=True))
+    assert not all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(batches, other, strict=True))
     # each target epoch (3 samples) visits every target image once
     first_epoch = torch.cat([b["pixel_values"][:3] for b in batches[:1]])
     assert len({tuple(x.flatten()[:20].tolist()) for x in first_epoch}) == 3

@@ -1,4 +1,4 @@
-"""freezeguard.diffusion loss + pipeline loading: hand-computed DDPM losses, epsilon vs v, latent path."""
+"""freezeguard.integrations.diffusers loss + pipeline loading: hand-computed DDPM losses, epsilon vs v, latent path."""
 from __future__ import annotations
 
 import pytest
@@ -8,10 +8,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from support.tiny_models import build_tiny_sd_pipeline  # noqa: E402
 
-from freezeguard.diffusion import (PipelineError, load_components, make_loss_fn,  # noqa: E402
-                                   save_pipeline_with_unet)
-from freezeguard.diffusion.testing import build_tiny_sd_pipeline  # noqa: E402
+from freezeguard.integrations.diffusers import PipelineError, load_components, make_loss_fn, save_pipeline_with_unet  # noqa: E402
 
 
 def _pixel_unet(in_channels: int = 3) -> UNet2DConditionModel:
@@ -126,7 +125,7 @@ def test_save_pipeline_with_unet_round_trip(tiny_pipe, tmp_path):
             p.add_(0.5)
     out = save_pipeline_with_unet(tiny_pipe, tmp_path / "ft", comps.unet)
     back = load_components(out)
-    for (n, a), (_, b) in zip(comps.unet.state_dict().items(), back.unet.state_dict().items()):
+    for (n, a), (_, b) in zip(comps.unet.state_dict().items(), back.unet.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=n)
     orig = load_components(tiny_pipe)
     torch.testing.assert_close(orig.vae.state_dict(), back.vae.state_dict())

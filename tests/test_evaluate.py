@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import freezeguard as fg
-from freezeguard.diffusion import toy
-from freezeguard.evaluate import Attacker, Domain, EvalResult, Run, evaluate_masks
-from freezeguard.evaluation.metrics import removed_share, summarize
-from freezeguard.evaluation.toy_setup import heldout_batch, toy_domains
+from freezeguard.apps.evaluate.harness import Attacker, Domain, EvalResult, Run, evaluate_masks
+from freezeguard.apps.evaluate.metrics import removed_share, summarize
+from freezeguard.apps.evaluate.toy_domains import heldout_batch, toy_domains
+from freezeguard.integrations.diffusers import toy
 
 TINY = toy.ToyModelConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4)
 
@@ -85,8 +85,9 @@ def test_evaluate_masks_runs_every_combination_deterministically():
 
 def test_masked_finetune_leaves_frozen_tensors_untouched():
     model, loss_fn, domains, masks = _tiny_setup()
-    from freezeguard.evaluate import finetune
     import copy
+
+    from freezeguard.apps.evaluate.harness import finetune
     tuned = copy.deepcopy(model)
     finetune(tuned, masks["learned"], domains[0], loss_fn, Attacker("a", 1e-2, 2), curve_points=1)
     before, after = dict(model.named_parameters()), dict(tuned.named_parameters())
@@ -115,8 +116,8 @@ def test_validation_errors():
 
 
 def test_report_files(tmp_path):
-    from freezeguard.diffusion import judge
-    from freezeguard.evaluation.report import write_report
+    from freezeguard.apps.evaluate.report import write_report
+    from freezeguard.integrations.diffusers import judge
     model, loss_fn, _, masks = _tiny_setup()
     j = judge.train_judge(steps=5, cache_dir=False, progress=False)
     domains = toy_domains(judge=j, heldout_n=4, sample_n=2, sample_steps=2, batch_size=4)
@@ -134,8 +135,9 @@ def test_report_files(tmp_path):
 def test_cli_evaluate_toy(tmp_path, capsys):
     """The CLI plumbing on the toy model; the cache is pre-filled with untrained weights (speed)."""
     from safetensors.torch import save_file
+
     from freezeguard.cli import main
-    from freezeguard.diffusion import judge
+    from freezeguard.integrations.diffusers import judge
     model = toy.build_model()
     save_file(model.state_dict(), str(tmp_path / f"toy-{toy.PretrainConfig().key()}.safetensors"))
     save_file(judge.Judge().state_dict(), str(judge.cache_path(tmp_path)))
@@ -152,9 +154,10 @@ def test_cli_evaluate_toy(tmp_path, capsys):
 
 def test_cli_evaluate_real_pipeline(tmp_path, capsys):
     """--pretrained path on the tiny SD pipeline fixture: loss and prompt gain, CLIP/FID skipped."""
+    from support.tiny_models import build_tiny_sd_pipeline, write_tiny_imagefolder
+
     from freezeguard.cli import main
-    from freezeguard.diffusion import load_components
-    from freezeguard.diffusion.testing import build_tiny_sd_pipeline, write_tiny_imagefolder
+    from freezeguard.integrations.diffusers import load_components
     pipe = build_tiny_sd_pipeline(tmp_path / "sd")
     write_tiny_imagefolder(tmp_path / "t", n=4, caption="a photo of sks", seed=0, style="checker")
     write_tiny_imagefolder(tmp_path / "i", n=4, caption="a photo of stripes", seed=1, style="stripes")
@@ -172,9 +175,19 @@ def test_cli_evaluate_real_pipeline(tmp_path, capsys):
     assert set(data["domains"].values()) == {"target", "innocent"}
 
 
+def _benchmark_module(name: str):
+    """A development tool from benchmarks/ (not part of the installed package)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module(name)
+
+
 def test_sweep_of_learner_settings_runs_and_tabulates(tmp_path, capsys):
-    """`python -m freezeguard.evaluation.sweep --quick`: learned variants against shared baselines."""
-    from freezeguard.evaluation import sweep
+    """`python benchmarks/demo_sweep.py --quick`: learned variants against shared baselines."""
+    sweep = _benchmark_module("demo_sweep")
 
     out = tmp_path / "sweep.json"
     assert sweep.main(["--quick", "--ratios", "0.5", "--random-seeds", "2", "--variants", "demo; c 50 mask_lr 1e3",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import freezeguard as fg
-from freezeguard.enforce import unwrap
+from freezeguard.core.guard import unwrap
 
 FROZEN = ["0.weight", "2.bias"]
 
@@ -223,8 +223,8 @@ def test_guard_maps_renamed_model():
 
 
 def test_public_names_are_callables():
-    import freezeguard.enforce  # noqa: F401  (binding the submodule must not break fg.guard)
-    import freezeguard.audit  # noqa: F401
+    import freezeguard.core.guard  # noqa: F401  (binding the submodule must not break fg.guard)
+    import freezeguard.core.verify  # noqa: F401
 
     assert callable(fg.guard) and callable(fg.wrap) and callable(fg.verify)
     model = _model()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import freezeguard as fg
-from freezeguard.benchmarking.models import build_unet, make_batch
-from freezeguard.lean_convs import LeanFrozenConv2d, lean_frozen_convs_
+from freezeguard.core.lean_convs import LeanFrozenConv2d, lean_frozen_convs_
+from freezeguard.integrations.diffusers.layouts import build_unet, make_batch
 
 
 def _saved_numel(fn):
@@ -41,7 +41,7 @@ def test_guard_with_lean_convs_keeps_gradients_and_saves_less(lean):
     n_lean = sum(isinstance(m, LeanFrozenConv2d) for m in unet.modules())
     assert (n_lean > 5) == lean
     torch.testing.assert_close(out, ref_out)
-    for (name, p), q in zip(unet.named_parameters(), ref_unet.parameters()):
+    for (name, p), q in zip(unet.named_parameters(), ref_unet.parameters(), strict=True):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import freezeguard as fg
-from freezeguard.learning.logits import budget_weights, updated_logits
-from freezeguard.learning.user_adamw import reference_user_adamw_, user_adamw_update_
-from freezeguard.mask import select_budget
-
+from freezeguard.apps.learn.logits import budget_weights, updated_logits
+from freezeguard.core.mask import select_budget
+from freezeguard.ops.user_adamw import reference_user_adamw_, user_adamw_update_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,12 +151,12 @@ def test_hard_mask_meets_the_budget_exactly_with_the_highest_logits(by, ratio):
     torch.manual_seed(1)
     learner.logits.copy_(torch.randn(len(learner.names)))
     mask = learner.hard_mask()
-    order = [n for _, n in sorted(zip((-learner.logits).tolist(), learner.names))]
+    order = [n for _, n in sorted(zip((-learner.logits).tolist(), learner.names, strict=True))]
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     assert mask.frozen_names == sorted(select_budget(order, sizes, ratio, by))
     if by == "tensors":
         assert mask.ratio("tensors") == round(ratio * len(learner.names)) / len(learner.names)
-    assert mask == fg.FreezeMask.from_scores(model, dict(zip(learner.names, learner.logits.tolist())), ratio, by=by)
+    assert mask == fg.FreezeMask.from_scores(model, dict(zip(learner.names, learner.logits.tolist(), strict=True)), ratio, by=by)
     assert mask.metadata["source"] == "mask_learner"
 
 
@@ -167,7 +166,7 @@ def test_hard_mask_round_is_the_references_rounding():
     # m exactly 0.5 rounds to 0 in numpy (half to even): not frozen.
     learner.logits.copy_(torch.tensor([1.0, -1.0, 0.0, 2.0, -0.01, 0.01]) * T)
     mask = learner.hard_mask("round")
-    expected = [n for n, v in zip(learner.names, [1, 0, 0, 1, 0, 1]) if v]
+    expected = [n for n, v in zip(learner.names, [1, 0, 0, 1, 0, 1], strict=True) if v]
     assert mask.frozen_names == sorted(expected)
     with pytest.raises(ValueError, match="method"):
         learner.hard_mask("nearest")
@@ -180,19 +179,19 @@ def test_adamw_user_is_torch_adamw_on_the_finetuned_weights():
     learner.step(batches(1)[0])  # step 0 is a releaser step; m is fixed afterwards
     m = torch.sigmoid(learner.logits / learner.temperature)
     theta_pre = [p.detach() + 0 for p in model.parameters()]
-    theta_pre = [t + (1 - mi) * d for t, mi, d in zip(theta_pre, m, learner._delta)]  # theta + (1-m) Delta
-    theta_ft = [torch.nn.Parameter(t - d) for t, d in zip(theta_pre, learner._delta)]
+    theta_pre = [t + (1 - mi) * d for t, mi, d in zip(theta_pre, m, learner._delta, strict=True)]  # theta + (1-m) Delta
+    theta_ft = [torch.nn.Parameter(t - d) for t, d in zip(theta_pre, learner._delta, strict=True)]
     ref_opt = torch.optim.AdamW(theta_ft, lr=hp["user_lr"], betas=hp["user_betas"], eps=hp["user_eps"],
                                 weight_decay=hp["user_weight_decay"])
     for b in batches(5, seed=7):
         model.zero_grad()
         loss_fn(model, b).mean().backward()
-        for q, p, mi in zip(theta_ft, model.parameters(), m):
+        for q, p, mi in zip(theta_ft, model.parameters(), m, strict=True):
             q.grad = (1 - mi) * p.grad  # d loss / d theta_ft, since theta = (1-m) theta_ft + m theta_pre
         model.zero_grad()
         ref_opt.step()
         assert learner.step(b)["kind"] == "user"
-        for q, p, d, tp, mi in zip(theta_ft, model.parameters(), learner._delta, theta_pre, m):
+        for q, p, d, tp, mi in zip(theta_ft, model.parameters(), learner._delta, theta_pre, m, strict=True):
             torch.testing.assert_close(d, tp - q.detach(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(p.detach(), q.detach() + mi * (tp - q.detach()), rtol=1e-5, atol=1e-6)
     assert learner.user_steps == 5
@@ -210,7 +209,7 @@ def test_adamw_user_fused_path_matches_its_per_tensor_reference(dtype):
     user_adamw_update_(theta, delta, grad, mu, nu, m, 3, **hp)
     reference_user_adamw_(*copies, m, 3, **hp)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=0)
-    for a, b in zip(theta + delta + mu + nu, copies[0] + copies[1] + copies[3] + copies[4]):
+    for a, b in zip(theta + delta + mu + nu, copies[0] + copies[1] + copies[3] + copies[4], strict=True):
         torch.testing.assert_close(a, b, **tol)
 
 
@@ -232,9 +231,9 @@ def test_save_and_resume_continue_identically(tmp_path, user_optimizer):
     for b in data[7:]:
         resumed.step(b)
     assert torch.equal(resumed.logits, learner.logits)
-    for p, q in zip(model.parameters(), other.parameters()):
+    for p, q in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(p, q)
-    for d, e in zip(learner._delta + learner._exp_avg, resumed._delta + resumed._exp_avg):
+    for d, e in zip(learner._delta + learner._exp_avg, resumed._delta + resumed._exp_avg, strict=True):
         assert torch.equal(d, e)
     assert [h["kind"] for h in resumed.history] == [h["kind"] for h in learner.history[7:]]
 
@@ -301,7 +300,7 @@ def test_releaser_batch_without_innocent_samples_only_hurts_the_target():
     # Expected: the innocent term drops out, L = -mean(target) / 2 (as in the reference).
     model.zero_grad()
     (-loss_fn(model, data[0]).mean() / 2).backward()
-    s = torch.stack([(d * p.grad).sum() for d, p in zip(delta, model.parameters())])
+    s = torch.stack([(d * p.grad).sum() for d, p in zip(delta, model.parameters(), strict=True)])
     model.zero_grad()
     expected = updated_logits(x0, s, weights=budget_weights([p.numel() for p in model.parameters()], "tensors"),
                               ratio=learner.freeze_ratio, temperature=learner.temperature,
@@ -391,7 +390,7 @@ def test_nan_loss_stops_naming_the_step():
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(FloatingPointError, match="step 1: non-finite loss"):
         learner.step(data[1])
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # nothing was updated
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))  # nothing was updated
 
 
 @pytest.mark.parametrize("kind_step", [0, 1])
@@ -418,5 +417,5 @@ def test_bf16_model_learns_with_fp32_logits(user_optimizer):
     for b in batches(4):
         entry = learner.step(b)
         assert math.isfinite(entry["loss"])
-    assert any(not torch.equal(a, p) for a, p in zip(start, model.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(start, model.parameters(), strict=True))
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())

@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import freezeguard as fg
-import freezeguard.learning.distributed  # noqa: F401
+import freezeguard.apps.learn.distributed  # noqa: F401
+from freezeguard.apps.learn import distributed as learn_distributed
 
 WORLD = 2
 STEPS = 6
@@ -61,7 +62,7 @@ def _run(model, pre, ft, batches):
     inner = learner.module
     out = {"logits": learner.logits.clone()}
     out.update({f"theta/{n}": p.detach().clone() for n, p in inner.named_parameters()})
-    out.update({f"delta/{n}": d.clone() for n, d in zip(learner.names, learner._delta)})
+    out.update({f"delta/{n}": d.clone() for n, d in zip(learner.names, learner._delta, strict=True)})
     return out, logs
 
 
@@ -82,7 +83,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 from accelerate import Accelerator
 
                 model = Accelerator(cpu=True).prepare(model)
-                assert fg.learning.distributed.is_ddp(model), type(model)
+                assert learn_distributed.is_ddp(model), type(model)
             out, logs = _run(model, pre, ft, shards)
             # Logged losses are over the global batch (reduced across ranks).
             out["target_losses"] = torch.tensor([e["target_loss"] for e in logs])

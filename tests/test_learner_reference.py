@@ -2,17 +2,42 @@
 
 ``literal_mask_learning`` follows pittisl/FreezeAsGuard ``src/mask_learner.py`` statement by
 statement (a difference model, the schedule, means that divide by count + 1e-5); its per-tensor
-updates are ``freezeguard.learning.reference_loop``, the project's one copy of the authors' loop. The fused learner must end with the same logits, live weights
+updates are ``support.authors_loop``, the project's one copy of the authors' loop. The fused learner must end with the same logits, live weights
 and Delta after a run mixing releaser and user steps, on every backend that can run here.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from support import authors_loop
 
 import freezeguard as fg
+from freezeguard.apps.learn.logits import budget_weights, soft_mask, updated_logits
 from freezeguard.backends import get_backend, status
-from freezeguard.learning import reference_loop
+
+AUTHORS_HP = dict(T=0.2, freeze_ratio=0.2, c_sparsity=5e3, mask_lr=10.0, user_lr=1e-5)  # their scripts' defaults
+
+
+def test_literal_loop_matches_fused_update():
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(3, 4), (5,), (2, 2, 2), (1,)]
+    theta = [torch.randn(s, generator=gen) for s in shapes]
+    delta = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    x = torch.rand(len(shapes), generator=gen)
+    th_f, de_f = [t.clone() for t in theta], [d.clone() for d in delta]
+    s = fg.ops.segment_dot(de_f, grads)
+    new = updated_logits(x, s, weights=budget_weights([t.numel() for t in theta], "tensors"), ratio=AUTHORS_HP["freeze_ratio"],
+                         temperature=AUTHORS_HP["T"], c_sparsity=AUTHORS_HP["c_sparsity"], mask_lr=AUTHORS_HP["mask_lr"])
+    fg.ops.mask_shift_(th_f, de_f, soft_mask(new, AUTHORS_HP["T"]) - soft_mask(x, AUTHORS_HP["T"]))
+    fg.ops.user_update_(th_f, de_f, grads, soft_mask(new, AUTHORS_HP["T"]), AUTHORS_HP["user_lr"] * 1e4)
+    xl = x.clone().requires_grad_(True)
+    authors_loop.releaser_update(theta, delta, xl, grads=grads, **{k: AUTHORS_HP[k] for k in ("T", "freeze_ratio", "c_sparsity", "mask_lr")})
+    authors_loop.user_update(theta, delta, xl, grads=grads, T=AUTHORS_HP["T"], user_lr=AUTHORS_HP["user_lr"] * 1e4)
+    torch.testing.assert_close(xl.detach(), new)
+    for a, b in zip(theta + delta, th_f + de_f, strict=True):
+        torch.testing.assert_close(a, b)
+
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -53,7 +78,7 @@ def literal_mask_learning(unet_pre, unet_ft, x_init, batches, *, T, freeze_ratio
     """The authors' releaser / user loop, as written (per tensor, .data updates)."""
     unet_diff, unet = unet_pre, unet_ft
     x_for_mask = torch.nn.Parameter(x_init.clone())
-    for i, (param_diff, param_ft) in enumerate(zip(unet_diff.parameters(), unet.parameters())):
+    for i, (param_diff, param_ft) in enumerate(zip(unet_diff.parameters(), unet.parameters(), strict=True)):
         param_diff.data = param_diff.data - param_ft.data
         param_ft.data = param_ft.data + param_diff.data * torch.sigmoid(x_for_mask[i] / T)
     for step, batch in enumerate(batches):
@@ -65,13 +90,13 @@ def literal_mask_learning(unet_pre, unet_ft, x_init, batches, *, T, freeze_ratio
             innocent_iqa_loss = (loss * ffi_innocent).sum() / (ffi_innocent.sum() + 1e-5)
             mixed_loss = ((-target_iqa_loss + innocent_iqa_loss) / 2).mean()
             mixed_loss.backward()
-            reference_loop.releaser_update(list(unet.parameters()), list(unet_diff.parameters()), x_for_mask,
+            authors_loop.releaser_update(list(unet.parameters()), list(unet_diff.parameters()), x_for_mask,
                                            T=T, freeze_ratio=freeze_ratio, c_sparsity=c_sparsity, mask_lr=mask_lr)
             unet.zero_grad()
         else:
             loss = per_sample_loss(unet, batch).mean()
             loss.backward()
-            reference_loop.user_update(list(unet.parameters()), list(unet_diff.parameters()), x_for_mask,
+            authors_loop.user_update(list(unet.parameters()), list(unet_diff.parameters()), x_for_mask,
                                        T=T, user_lr=user_lr)
             unet.zero_grad()
     return x_for_mask.detach(), unet, unet_diff
@@ -126,8 +151,8 @@ def test_fused_learner_matches_the_authors_loop(device, backend, monkeypatch):
     moved = (learner.logits - x0).abs().max()
     assert moved > 0.1, "the run must move the logits for the comparison to mean anything"
     for (name, p), p_ref, d, d_ref in zip(model.named_parameters(), unet_ref.parameters(), learner._delta,
-                                          diff_ref.parameters()):
+                                          diff_ref.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), p_ref.detach(), rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(d, d_ref.detach(), rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} delta: {m}")
     # User steps changed Delta (theta_pre = theta_ft + Delta is what stays fixed).
-    assert any(not torch.equal(d, (pre_state[n] - ft_state[n])) for n, d in zip(learner.names, learner._delta))
+    assert any(not torch.equal(d, (pre_state[n] - ft_state[n])) for n, d in zip(learner.names, learner._delta, strict=True))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import freezeguard as fg
-from freezeguard.mask_io import FreezeMaskFileError
+from freezeguard.core.mask_files import FreezeMaskFileError
 
 
 def _model() -> torch.nn.Module:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import freezeguard as fg
-from freezeguard.mask_io import FreezeMaskFileError
+from freezeguard.core.mask_files import FreezeMaskFileError
 
 
 def _model(width: int = 8) -> torch.nn.Module:
@@ -121,8 +121,8 @@ def test_garbled_header(saved):
 
 
 def _rewrite_metadata(path, **changes):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())

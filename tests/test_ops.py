@@ -101,13 +101,13 @@ def _f32(ts):
 
 
 def _max_err(got, want) -> float:
-    errs = [(g.double() - w.double()).abs().max().item() for g, w in zip(got, want) if g.numel()]
+    errs = [(g.double() - w.double()).abs().max().item() for g, w in zip(got, want, strict=True) if g.numel()]
     return max(errs, default=0.0)
 
 
 def _assert_close_lists(got, want, dtype, what=""):
     tol = TOLERANCES[dtype]
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(g.float(), w.float(), atol=tol.atol, rtol=tol.rtol,
                                    msg=lambda m, i=i: f"{what}[{i}]: {m}")
 
@@ -125,7 +125,7 @@ def _assert_lowp_rule(got, fp32_ref, naive, dtype, what):
 
 def _naive_adamw_(p, g, m, v, steps, lr, betas, eps, weight_decay):
     b1, b2 = betas
-    for pi, gi, mi, vi, s in zip(p, g, m, v, steps):
+    for pi, gi, mi, vi, s in zip(p, g, m, v, steps, strict=True):
         pi.mul_(1 - lr * weight_decay)
         mi.lerp_(gi, 1 - b1)
         vi.mul_(b2).addcmul_(gi, gi, value=1 - b2)
@@ -134,12 +134,12 @@ def _naive_adamw_(p, g, m, v, steps, lr, betas, eps, weight_decay):
 
 
 def _naive_mask_shift_(theta, delta, dm):
-    for i, (t, d) in enumerate(zip(theta, delta)):
+    for i, (t, d) in enumerate(zip(theta, delta, strict=True)):
         t.add_(d * dm[i].to(t.dtype))
 
 
 def _naive_user_update_(theta, delta, grad, m, lr):
-    for i, (t, d, g) in enumerate(zip(theta, delta, grad)):
+    for i, (t, d, g) in enumerate(zip(theta, delta, grad, strict=True)):
         keep = (1 - m[i]).to(t.dtype)
         u = g * (-lr * keep)
         t.add_(keep * u)
@@ -237,8 +237,8 @@ def test_masked_adamw_frozen_patterns(backend, pattern, dtype, device):
 # ---- segment_dot
 
 def _check_dot(got, a, b):
-    exact = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]) if a else torch.zeros(0)
-    scale = torch.stack([(x.double() * y.double()).abs().sum() for x, y in zip(a, b)]) if a else torch.zeros(0)
+    exact = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]) if a else torch.zeros(0)
+    scale = torch.stack([(x.double() * y.double()).abs().sum() for x, y in zip(a, b, strict=True)]) if a else torch.zeros(0)
     assert got.dtype == torch.float32 and got.shape == (len(a),)
     # fp32 accumulation: a few roundings per term at most, relative to sum |a_i b_i|.
     bound = 1e-5 * scale.to(got.device) + 1e-6
@@ -334,7 +334,7 @@ MIXED = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.floa
 def test_mixed_dtypes_in_one_list(backend, device):
     backend = _backend_or_skip(backend, device)
     sizes = [1001, 64, 3, 5000, 1]
-    mk = lambda scale=1.0: [(torch.randn(n, device=device) * scale).to(dt) for n, dt in zip(sizes, MIXED)]  # noqa: E731
+    mk = lambda scale=1.0: [(torch.randn(n, device=device) * scale).to(dt) for n, dt in zip(sizes, MIXED, strict=True)]  # noqa: E731
     # AdamW, two steps
     p, g, mm = mk(), mk(), mk(0.1)
     v = [(t.float() ** 2).to(t.dtype) for t in mk(0.1)]
@@ -345,7 +345,7 @@ def test_mixed_dtypes_in_one_list(backend, device):
         reference.masked_adamw_(rp, g, rm, rv, steps, lr=ADAM["lr"], beta1=0.9, beta2=0.999, eps=1e-8,
                                 weight_decay=ADAM["weight_decay"])
     for got, ref in ((kp, rp), (km, rm), (kv, rv)):
-        for x, y in zip(got, ref):
+        for x, y in zip(got, ref, strict=True):
             _assert_close_lists([x], [y.to(x.dtype)], x.dtype, "adamw mixed")
     # the learner ops
     theta, delta, grad = mk(), mk(0.1), mk()
@@ -358,7 +358,7 @@ def test_mixed_dtypes_in_one_list(backend, device):
     fg.ops.user_update_(kt2, kd2, grad, m, 0.05, backend=backend)
     reference.user_update_(rt2, rd2, _f32(grad), m, 0.05)
     for got, ref in ((kt, rt), (kt2, rt2), (kd2, rd2)):
-        for x, y in zip(got, ref):
+        for x, y in zip(got, ref, strict=True):
             _assert_close_lists([x], [y.to(x.dtype)], x.dtype, "learner mixed")
 
 
@@ -429,7 +429,7 @@ def test_length_mismatch_is_rejected_and_nothing_changes():
     p, g, m, v = _three(), _three(), _three(), _three()
     with pytest.raises(ValueError, match="steps has 1 entries"):
         fg.ops.masked_adamw_(p, g, m, v, [1.0], lr=1e-3)
-    assert all(torch.equal(a, b) for a, b in zip(theta, before))
+    assert all(torch.equal(a, b) for a, b in zip(theta, before, strict=True))
 
 
 def test_wrong_scalar_length_and_bad_steps():

@@ -146,7 +146,7 @@ def test_state_dict_interchangeable_with_torch():
         fake_grads(b, s, skip=frozen)  # torch skips tensors without a grad
         ours.step()
         theirs.step()
-    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
 
     # torch -> ours, including state torch kept for tensors the mask freezes (it is dropped)
@@ -166,7 +166,7 @@ def test_state_dict_interchangeable_with_torch():
         fake_grads(d, s)
         ours.step()
         theirs.step()
-    for (n, p), q in zip(d.named_parameters(), c.parameters()):
+    for (n, p), q in zip(d.named_parameters(), c.parameters(), strict=True):
         if n in frozen:
             assert torch.equal(p, frozen_before[n])
         else:
@@ -201,7 +201,7 @@ def test_pickle_and_deepcopy_continue_identically(make):
         for p in ps:
             p.grad = torch.randn(p.shape, generator=gen)
         o.step()
-    for p, q in zip(model.parameters(), clone_params):
+    for p, q in zip(model.parameters(), clone_params, strict=True):
         assert torch.equal(p, q)
     assert len(clone.state[clone_params[0]]) == 0
 
@@ -233,7 +233,7 @@ def test_lr_schedulers_drive_it_like_torch_adamw(which):
     lrs, params = _lr_run(lambda m: fg.optim.AdamW(m.named_parameters(), lr=1e-2, backend="torch"), make_sched)
     ref_lrs, ref_params = _lr_run(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False), make_sched)
     assert lrs == ref_lrs and len(set(lrs)) > 1
-    for p, q in zip(params, ref_params):
+    for p, q in zip(params, ref_params, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
@@ -254,7 +254,7 @@ def test_closure_hooks_and_zero_grad():
     before = [p.detach().clone() for p in model.parameters()]
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and calls == ["pre", "post"]
-    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     h1.remove()
     h2.remove()
     opt.step(closure)
@@ -298,6 +298,6 @@ def test_triton_backend_on_cpu_matches_torch_adamw():
         fake_grads(b, s)
         ours.step()
         ref.step()
-    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
     assert torch.equal(a[0].bias, bias) and len(ours.state[a[0].bias]) == 0

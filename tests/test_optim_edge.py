@@ -32,7 +32,7 @@ def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer):
 
 def assert_unchanged(model, opt, snap):
     params, state = snap
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
     now = {id(p): st for p, st in opt.state.items() if st}
     assert now.keys() == {k for k, v in state.items() if v}
     for k, st in now.items():
@@ -62,7 +62,7 @@ def test_foreach_and_fused_are_accepted_and_ignored(foreach, fused):
     for o, m in ((ours, a), (plain, b)):
         fake_grads(m, 0)
         o.step()
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -82,7 +82,7 @@ def test_tensor_hyperparameters_work():
     for o, m in ((ours, a), (ref, b)):
         fake_grads(m, 0)
         o.step()
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
@@ -333,7 +333,7 @@ def test_nonfinite_grads_propagate_like_torch():
         m[0].weight.grad[0, 0] = float("nan")
         m[2].bias.grad[1] = float("inf")
         o.step()
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, equal_nan=True)
     assert a[0].weight[0, 0].isnan() and a[2].bias[1].isnan()
 
@@ -347,5 +347,5 @@ def test_grad_scaler_skips_the_step_on_inf():
     model[0].weight.grad[0, 0] = float("inf")
     scaler.step(opt)
     scaler.update()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     assert len(opt.state) == 0 and scaler.get_scale() < 2.0 ** 4

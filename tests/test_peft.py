@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.tiny_models import build_tiny_unet
 
 import freezeguard as fg
-from freezeguard.adapters import FrozenAdapterError, frozen_adapters, trainable_target_modules
-from freezeguard.diffusion.testing import build_tiny_unet
+from freezeguard.core.names import FrozenAdapterError, canonical_name, frozen_adapters, trainable_target_modules
 
 peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
@@ -68,7 +68,7 @@ def test_adapters_on_trainable_modules_train_and_frozen_stay(how):
     opt = fg.wrap(torch.optim.AdamW(unet.parameters(), lr=1e-2), mask, unet)
     train_step(unet, opt)
     params = dict(unet.named_parameters())
-    frozen_live = [n for n in params if fg.adapters.canonical_name(n) in set(mask.frozen_names)]
+    frozen_live = [n for n in params if canonical_name(n) in set(mask.frozen_names)]
     assert len(frozen_live) == len(mask.frozen_names)
     for n in frozen_live:
         assert torch.equal(params[n], before[n]) and params[n] not in opt.state
@@ -90,7 +90,7 @@ def test_peft_model_wrapper_names_map_back():
     train_step(model.base_model.model, opt)
     frozen = set(mask.frozen_names)
     for n, p in model.named_parameters():
-        if fg.adapters.canonical_name(n) in frozen:
+        if canonical_name(n) in frozen:
             assert torch.equal(p, before[n]), n
 
 

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from freezeguard.diffusion import judge, toy
-
+from freezeguard.integrations.diffusers import judge, toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,7 +60,7 @@ def test_make_batch_and_streams():
 
 def test_model_loss_and_sampling_are_deterministic():
     model = toy.build_model(seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), toy.build_model(seed=0).parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), toy.build_model(seed=0).parameters(), strict=True))
     loss_fn = toy.make_loss_fn()
     batch = toy.make_batch(["disc"], 4, seed=0)
     batch["noise"] = torch.randn(4, 1, 16, 16)
@@ -81,9 +80,9 @@ def test_pretrained_model_is_cached(tmp_path):
     files = list(tmp_path.glob("toy-*.safetensors"))
     assert len(files) == 1
     m2 = toy.pretrained_model(cfg, cache_dir=tmp_path, progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters(), strict=True))
     fresh = toy.build_model(cfg.model, seed=cfg.seed)
-    assert not all(torch.equal(a, b) for a, b in zip(m1.parameters(), fresh.parameters())), "training changed nothing"
+    assert not all(torch.equal(a, b) for a, b in zip(m1.parameters(), fresh.parameters(), strict=True)), "training changed nothing"
     assert toy.PretrainConfig(steps=3).key() != cfg.key()
 
 

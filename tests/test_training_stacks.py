@@ -10,9 +10,9 @@ import socket
 
 import pytest
 import torch
+from support.tiny_models import build_tiny_unet
 
 import freezeguard as fg
-from freezeguard.diffusion.testing import build_tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 accelerate = pytest.importorskip("accelerate")
@@ -156,7 +156,7 @@ def test_diffusers_schedulers_see_the_same_lrs(name):
               for o in (plain, wrapped)]
     seen = [[], []]
     for _ in range(6):
-        for k, (o, s) in enumerate(zip((plain, wrapped), scheds)):
+        for k, (o, s) in enumerate(zip((plain, wrapped), scheds, strict=True)):
             o.step()
             s.step()
             seen[k].append(o.param_groups[0]["lr"])

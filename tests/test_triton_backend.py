@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ pytest.importorskip("triton")
 if not tb.availability()[0]:
     pytest.skip(f"triton backend unavailable: {tb.availability()[1]}", allow_module_level=True)
 
-from freezeguard.kernels import adamw, learner, tables  # noqa: E402
+from freezeguard.kernels import adamw, mask_updates, tables  # noqa: E402
 from freezeguard.kernels.launch import CONFIGS  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not tb._interpreting() else "cpu")
@@ -43,7 +44,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype | None = No
 
 def _make(shapes, dtypes, scale=1.0, positive=False):
     out = []
-    for s, dt in zip(shapes, dtypes):
+    for s, dt in zip(shapes, dtypes, strict=True):
         t = torch.rand(s) if positive else torch.randn(s)
         out.append((t * scale).to(dtype=dt, device=DEVICE))
     return out
@@ -68,7 +69,7 @@ def _adamw_case(shapes, dtypes, n_steps=3, steps0=None):
         fg.ops.masked_adamw_(p, g, m, v, steps, backend="triton", **ADAMW)
         ref.masked_adamw_(P, _clone(g), M, V, steps, lr=ADAMW["lr"], beta1=0.9, beta2=0.999, eps=1e-8,
                           weight_decay=1e-2)
-        for got, want in zip(p + m + v, P + M + V):
+        for got, want in zip(p + m + v, P + M + V, strict=True):
             _close(got, want)
             # Compare each step from identical inputs: one-ulp differences must not compound.
             want.copy_(got)
@@ -97,7 +98,7 @@ def test_learner_ops_match_reference(dtype):
     dm = torch.linspace(-1, 1, len(SHAPES), device=DEVICE)
     fg.ops.mask_shift_(theta, delta, dm, backend="triton")
     ref.mask_shift_(T, D, dm)
-    for a, b in zip(theta, T):
+    for a, b in zip(theta, T, strict=True):
         _close(a, b)
         b.copy_(a)  # the next op starts from identical inputs
 
@@ -106,7 +107,7 @@ def test_learner_ops_match_reference(dtype):
     frozen_before = (theta[1].clone(), delta[1].clone())
     fg.ops.user_update_(theta, delta, grad, m, 0.5, backend="triton")
     ref.user_update_(T, D, grad, m, 0.5)
-    for a, b in zip(theta + delta, T + D):
+    for a, b in zip(theta + delta, T + D, strict=True):
         _close(a, b)
     assert torch.equal(theta[1], frozen_before[0]) and torch.equal(delta[1], frozen_before[1])
 
@@ -125,7 +126,7 @@ def test_mixed_dtypes_many_small_and_one_bigger():
     dm = torch.rand(len(shapes), device=DEVICE)
     fg.ops.mask_shift_(theta, delta, dm, backend="triton")
     ref.mask_shift_(T, delta, dm)
-    for x, y in zip(theta, T):
+    for x, y in zip(theta, T, strict=True):
         _close(x, y)
 
 
@@ -141,7 +142,7 @@ def test_unaligned_and_noncontiguous_tensors():
     P, M, V = _clone(p), _clone(m), _clone(v)
     fg.ops.masked_adamw_(p, g, m, v, [2.0, 5.0], backend="triton", **ADAMW)
     ref.masked_adamw_(P, g, M, V, [2.0, 5.0], lr=ADAMW["lr"], beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
-    for got, want in zip(p + m + v, P + M + V):
+    for got, want in zip(p + m + v, P + M + V, strict=True):
         _close(got, want)
     assert torch.equal(torch.cat([base[:1], base[BLOCK + 4:]]), outside)  # nothing written outside the view
 
@@ -169,7 +170,7 @@ def test_nonfinite_gradients_propagate_like_reference():
     P, M, V = _clone(p), _clone(m), _clone(v)
     fg.ops.masked_adamw_(p, g, m, v, [1.0], backend="triton", **ADAMW)
     ref.masked_adamw_(P, g, M, V, [1.0], lr=ADAMW["lr"], beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
-    for got, want in zip(p + m + v, P + M + V):
+    for got, want in zip(p + m + v, P + M + V, strict=True):
         torch.testing.assert_close(got, want, equal_nan=True)
 
 
@@ -177,32 +178,32 @@ def test_tables_are_cached_and_rebuilt_when_the_list_changes():
     tables.clear_caches()
     shapes = [(10,), (BLOCK + 1,)]
     a, b = _make(shapes, [torch.float32] * 2), _make(shapes, [torch.float32] * 2)
-    learner.segment_dot(a, b)
-    learner.segment_dot(a, b)
+    mask_updates.segment_dot(a, b)
+    mask_updates.segment_dot(a, b)
     assert tables.cache_stats()["layout_builds"] == 1 and tables.cache_stats()["pointer_builds"] == 1
 
     # Same sizes, new storage (e.g. grads reallocated): layout reused, pointers rebuilt, and
     # the result is the new tensors', not the old ones'.
     c = _make(shapes, [torch.float32] * 2)
-    torch.testing.assert_close(learner.segment_dot(a, c), ref.segment_dot(a, c), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mask_updates.segment_dot(a, c), ref.segment_dot(a, c), rtol=1e-5, atol=1e-4)
     assert tables.cache_stats()["layout_builds"] == 1 and tables.cache_stats()["pointer_builds"] == 2
 
     # A different list (a tensor more, another dtype): both rebuilt, still right.
     d = a + [torch.randn(3, device=DEVICE, dtype=torch.bfloat16)]
     e = b + [torch.randn(3, device=DEVICE, dtype=torch.bfloat16)]
-    torch.testing.assert_close(learner.segment_dot(d, e), ref.segment_dot(d, e), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mask_updates.segment_dot(d, e), ref.segment_dot(d, e), rtol=1e-5, atol=1e-4)
     assert tables.cache_stats()["layout_builds"] == 2
 
     # Back to the first list: served from the caches.
-    learner.segment_dot(a, b)
+    mask_updates.segment_dot(a, b)
     assert tables.cache_stats()["layout_builds"] == 2 and tables.cache_stats()["pointer_builds"] == 3
 
 
 def _count_launches(monkeypatch):
     counts: dict[str, int] = {}
-    kernels = {"adamw": adamw._masked_adamw_kernel, "partials": learner._dot_partials_kernel,
-               "reduce": learner._dot_reduce_kernel, "shift": learner._mask_shift_kernel,
-               "user": learner._user_update_kernel}
+    kernels = {"adamw": adamw._masked_adamw_kernel, "partials": mask_updates._dot_partials_kernel,
+               "reduce": mask_updates._dot_reduce_kernel, "shift": mask_updates._mask_shift_kernel,
+               "user": mask_updates._user_update_kernel}
     for name, k in kernels.items():
         original = k.run
 
@@ -265,7 +266,8 @@ def test_kernels_compile_for_h100_with_vector_accesses():
     # Compiles (not runs) every kernel for sm_90 in a subprocess without the interpreter: catches
     # kernels that only work interpreted, and pins the 128-bit accesses the bandwidth needs.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "freezeguard.kernels.compile_check", "--arch", "90",
+    script = Path(__file__).parent / "support" / "triton_compile_check.py"
+    out = subprocess.run([sys.executable, str(script), "--arch", "90",
                           "--dtypes", "fp32,bf16", "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     import json

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from support.tiny_models import build_tiny_unet
 
 import freezeguard as fg
 from freezeguard.cli import main
-from freezeguard.audit import VerifyInputError
-from freezeguard.diffusion.testing import build_tiny_unet
+from freezeguard.core.verify import VerifyInputError
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from . import _build
+from freezeguard.backends import _build
 
 NAME = "cpp"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -30,7 +30,7 @@ Tensors = Sequence[torch.Tensor]
 
 
 def _ext():
-    from ._build import load_extension
+    from freezeguard.backends._build import load_extension
 
     return load_extension("cuda")
 
@@ -38,7 +38,7 @@ def _ext():
 def availability() -> tuple[bool, str]:
     """(ok, reason): the extension is prebuilt or JIT-buildable and a CUDA GPU is visible."""
     try:
-        from ._build import extension_status
+        from freezeguard.backends._build import extension_status
     except ImportError as exc:  # pragma: no cover - a broken install
         return False, f"extension builder unavailable: {exc}"
     ok, reason = extension_status("cuda")

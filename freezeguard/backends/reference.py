@@ -21,7 +21,7 @@ def masked_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sq
 
     ``steps[i]`` is tensor i's step count *including* this update (1 on the first step).
     """
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
         p32, g32, m32, v32 = p.float(), g.float(), m.float(), v.float()
         p32 = p32 * (1.0 - lr * weight_decay)
         m32 = m32 + (g32 - m32) * (1.0 - beta1)            # lerp, as torch does
@@ -39,14 +39,14 @@ def segment_dot(a: Tensors, b: Tensors) -> torch.Tensor:
     """fp32 tensor [S] with <a_i, b_i> for each pair, accumulated in fp32."""
     device = a[0].device if len(a) else torch.device("cpu")
     out = torch.empty(len(a), dtype=torch.float32, device=device)
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         out[i] = (x.float() * y.float()).sum()
     return out
 
 
 def mask_shift_(theta: Tensors, delta: Tensors, dm: torch.Tensor) -> None:
     """theta_i += delta_i * dm[i]: move live weights after the soft mask changed by dm."""
-    for i, (t, d) in enumerate(zip(theta, delta)):
+    for i, (t, d) in enumerate(zip(theta, delta, strict=True)):
         t.copy_(t.float() + d.float() * dm[i].float())
 
 
@@ -55,7 +55,7 @@ def user_update_(theta: Tensors, delta: Tensors, grad: Tensors, m: torch.Tensor,
 
     u_i = -lr * (1 - m_i) * g_i;  theta_i += (1 - m_i) * u_i;  delta_i -= u_i.
     """
-    for i, (t, d, g) in enumerate(zip(theta, delta, grad)):
+    for i, (t, d, g) in enumerate(zip(theta, delta, grad, strict=True)):
         keep = 1.0 - m[i].float()
         u = (-lr) * keep * g.float()
         t.copy_(t.float() + keep * u)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import masked_adamw_, mask_shift_, segment_dot, user_update_  # noqa: F401
+from freezeguard.backends.reference import mask_shift_, masked_adamw_, segment_dot, user_update_  # noqa: F401
 
 NAME = "torch"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

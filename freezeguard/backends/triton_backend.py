@@ -29,7 +29,7 @@ def _interpreting() -> bool:
     # freezeguard.kernels.* is first imported; after that the environment no longer matters.
     import sys
 
-    mod = sys.modules.get("freezeguard.kernels.learner")
+    mod = sys.modules.get("freezeguard.kernels.mask_updates")
     if mod is not None:
         return type(mod._mask_shift_kernel).__name__ == "InterpretedFunction"
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
@@ -71,18 +71,18 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, bet
 
 
 def segment_dot(a, b) -> torch.Tensor:
-    from freezeguard.kernels.learner import segment_dot as run
+    from freezeguard.kernels.mask_updates import segment_dot as run
 
     return run(a, b)
 
 
 def mask_shift_(theta, delta, dm) -> None:
-    from freezeguard.kernels.learner import mask_shift_ as run
+    from freezeguard.kernels.mask_updates import mask_shift_ as run
 
     run(theta, delta, dm)
 
 
 def user_update_(theta, delta, grad, m, lr) -> None:
-    from freezeguard.kernels.learner import user_update_ as run
+    from freezeguard.kernels.mask_updates import user_update_ as run
 
     run(theta, delta, grad, m, lr)

@@ -1,15 +1,22 @@
-"""Diffusers integration: per-sample loss, imagefolder datasets, local pipelines, tiny fixtures.
+"""``freezeguard.diffusion``: the public name of the diffusers integration (``freezeguard.integrations.diffusers``).
 
 Example:
-    >>> from freezeguard.diffusion import load_components, make_loss_fn          # doctest: +SKIP
-    >>> comps = load_components("models/sd15")                                    # doctest: +SKIP
-    >>> loss_fn = make_loss_fn(comps.noise_scheduler, vae=comps.vae, text_encoder=comps.text_encoder)  # doctest: +SKIP
+    >>> import freezeguard as fg
+    >>> fg.diffusion.make_loss_fn          # doctest: +ELLIPSIS
+    <function make_loss_fn at ...>
 """
 from __future__ import annotations
 
-from .data import DatasetError, ImageFolderDataset, collate, mixed_batches
-from .loss import make_loss_fn
-from .pipeline import PipelineError, SDComponents, load_components, save_pipeline_with_unet, save_unet
+import importlib
 
-__all__ = ["make_loss_fn", "ImageFolderDataset", "mixed_batches", "collate", "DatasetError",
-           "load_components", "save_unet", "save_pipeline_with_unet", "SDComponents", "PipelineError"]
+from freezeguard.integrations.diffusers import *  # noqa: F403  (the alias re-exports the whole surface)
+from freezeguard.integrations.diffusers import __all__ as __all__
+
+_SUBMODULES = ("data", "judge", "layouts", "loss", "pipeline", "toy")
+
+
+def __getattr__(name: str):
+    # fg.diffusion.toy and friends keep working without importing them all up front.
+    if name in _SUBMODULES:
+        return importlib.import_module(f"freezeguard.integrations.diffusers.{name}")
+    raise AttributeError(f"module 'freezeguard.diffusion' has no attribute {name!r}")

@@ -1,13 +1,10 @@
-"""Optimizers that enforce a FreezeMask: ``fg.optim.AdamW``.
+"""``freezeguard.optim``: the public name of the guarded optimizers (they live in ``freezeguard.core.optim``).
 
 Example:
     >>> import torch, freezeguard as fg
     >>> model = torch.nn.Linear(4, 4)
-    >>> opt = fg.optim.AdamW(model.named_parameters(), lr=1e-3,
-    ...                      mask=fg.FreezeMask.from_names(model, ["bias"]))
+    >>> opt = fg.optim.AdamW(model.named_parameters(), lr=1e-3)
 """
-from __future__ import annotations
-
-from .adamw import AdamW
+from freezeguard.core.optim import AdamW
 
 __all__ = ["AdamW"]

@@ -1,0 +1,198 @@
+"""Writing an evaluation: a terminal/Markdown table, JSON, loss-curve and sample-grid PNGs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:+.1%}"
+
+
+def _num(v: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if v is None or not math.isfinite(v) else format(v, fmt)
+
+
+def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per attacker x mask group."""
+    primary = summary["primary_metric"]
+    innocent = [d for d, r in summary["domains"].items() if r == "innocent"]
+    header = ["attacker", "mask", "frozen (tensors/params)", f"mitigation ({primary})"]
+    header += [f"innocent impact: {d}" for d in innocent] + ["learned / random"]
+    rows = []
+    for attacker, table in summary["table"].items():
+        for group, row in table.items():
+            members = [m for m in summary["masks"] if m.split("#", 1)[0] == group]
+            rt = sum(summary["masks"][m]["ratio_tensors"] for m in members) / max(len(members), 1)
+            rp = sum(summary["masks"][m]["ratio_params"] for m in members) / max(len(members), 1)
+            mit = _pct(row["mitigation"])
+            if row["n_masks"] > 1 and row.get("mitigation_std") is not None:
+                mit += f" ± {row['mitigation_std']:.1%} ({row['n_masks']} seeds)"
+            rows.append([attacker, group, f"{rt:.0%} / {rp:.0%}", mit]
+                        + [_pct(row["innocent_impact"].get(d)) for d in innocent]
+                        + [_num(row.get("vs_random"), ".2f") + "x" if row.get("vs_random") is not None else ""])
+    return header, rows
+
+
+def detail_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Every metric's removed share, per attacker x mask x domain."""
+    metrics = summary["metrics"]
+    header = ["attacker", "mask", "domain"] + [f"removed: {m}" for m in metrics] + [f"after: {m}" for m in metrics]
+    rows = []
+    for attacker, table in summary["table"].items():
+        for group, row in table.items():
+            for domain in summary["domains"]:
+                rem = row["removed"][domain]
+                rows.append([attacker, group, domain] + [_pct(rem[m]["mean"]) for m in metrics]
+                            + [_num(row["after"][domain][m]) for m in metrics])
+    return header, rows
+
+
+def format_table(header: list[str], rows: list[list[str]], markdown: bool = False) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def headline(summary: dict[str, Any]) -> list[str]:
+    """Plain sentences with the figures the issue asks for."""
+    lines = []
+    for attacker, table in summary["table"].items():
+        learned, random = table.get("learned"), table.get("random")
+        if not learned:
+            continue
+        inn = ", ".join(f"{d} {_pct(v)}" for d, v in learned["innocent_impact"].items())
+        s = f"{attacker}: learned mask removes {_pct(learned['mitigation'])} of the full fine-tune's target gain"
+        if random:
+            s += f" (random at the same ratio: {_pct(random['mitigation'])}"
+            if learned.get("vs_random") is not None:
+                s += f", learned/random = {learned['vs_random']:.2f}x"
+            s += ")"
+        lines.append(s + f"; innocent impact: {inn}.")
+    for attacker, share in summary.get("survival", {}).items():
+        lines.append(f"{attacker}: {_pct(share) if share is not None else 'n/a'} of the learned mask's "
+                     "mitigation survives (relative to the standard attacker).")
+    moved = summary.get("learner", {}).get("final", {}).get("mask_moved")
+    if moved is not None:
+        lines.append(f"learner: the data moved {moved} tensor(s) in or out of the mask that the random initial "
+                     "logits give" + (" -- none: the learned mask IS that random mask (the budget penalty "
+                                      "saturated the logits first; see the README)" if moved == 0 else "") + ".")
+    return lines
+
+
+def jsonable(summary: dict[str, Any]) -> dict[str, Any]:
+    def conv(x):
+        if isinstance(x, dict):
+            return {str(k): conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple, set)):
+            return [conv(v) for v in x]
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        return x
+    return conv(summary)
+
+
+def runs_json(result) -> list[dict[str, Any]]:
+    return [{"attacker": r.attacker, "mask": r.mask, "domain": r.domain, "role": r.role,
+             "before": r.before, "after": r.after, "curve": r.curve} for r in result.runs]
+
+
+def plot_curves(result, path: Path) -> Path:
+    """Held-out loss over fine-tuning steps: one panel per attacker x domain, one line per mask."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attackers = list(dict.fromkeys(r.attacker for r in result.runs))
+    domains = list(dict.fromkeys(r.domain for r in result.runs))
+    fig, axes = plt.subplots(len(attackers), len(domains), figsize=(4.2 * len(domains), 3.2 * len(attackers)),
+                             squeeze=False)
+    roles = {r.domain: r.role for r in result.runs}
+    colours = {"full": "tab:red", "random": "tab:grey", "learned": "tab:blue"}
+    for i, a in enumerate(attackers):
+        for j, d in enumerate(domains):
+            ax = axes[i][j]
+            for r in result.runs:
+                if r.attacker == a and r.domain == d:
+                    group = r.mask.split("#", 1)[0]
+                    xs, ys = zip(*r.curve, strict=True)
+                    ax.plot(xs, ys, color=colours.get(group, None), alpha=0.5 if group == "random" else 1.0,
+                            label=group if r.mask in ("full", "learned", "random#0") or "#" not in r.mask else None)
+            ax.set_title(f"{d} ({roles[d]}) — {a}", fontsize=9)
+            ax.set_xlabel("fine-tuning step")
+            ax.set_ylabel("held-out loss")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_samples(result, path: Path, n: int = 8) -> Path | None:
+    """Grid of generated samples: rows = before / each mask after the first attacker, per domain."""
+    if not result.before_samples:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = result.runs[0].attacker
+    domains = list(result.before_samples)
+    masks = list(dict.fromkeys(r.mask for r in result.runs if r.attacker == first))
+    rows = [("before", d, result.before_samples[d]) for d in domains]
+    rows += [(m, r.domain, r.samples) for m in masks for r in result.runs
+             if r.attacker == first and r.mask == m and r.samples is not None]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(n * 0.6 + 1.6, 0.75 * len(rows) + 0.3), squeeze=False)
+    for ax, (label, domain, images) in zip(axes[:, 0], rows, strict=True):
+        imgs = images[:n, 0]
+        strip = torch.cat(list(imgs), dim=1) if len(imgs) else torch.zeros(16, 16)
+        ax.imshow(((strip + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(f"{label}\n{domain}", rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(f"samples after the '{first}' attacker", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(result, summary: dict[str, Any], out_dir: str | Path, *, mask=None) -> Path:
+    """Write report.md, summary.json, runs.json, loss_curves.png, samples.png (+ mask file)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
+    (out / "runs.json").write_text(json.dumps(jsonable(runs_json(result)), indent=1))
+    plot_curves(result, out / "loss_curves.png")
+    has_samples = plot_samples(result, out / "samples.png") is not None
+    if mask is not None:
+        mask.save(str(out / "learned_mask.safetensors"))
+    header, rows = table_rows(summary)
+    dheader, drows = detail_rows(summary)
+    md = ["# freezeguard evaluation", "",
+          f"Primary metric: **{summary['primary_metric']}**. *Mitigation* = share of the full fine-tune's "
+          "gain on the target removed by the mask; *innocent impact* = the same share on an innocent "
+          "domain (want high mitigation, impact near 0).", ""]
+    md += [f"- {line}" for line in headline(summary)] + ["", format_table(header, rows, markdown=True), "",
+                                                         "## Every metric", "",
+                                                         format_table(dheader, drows, markdown=True), "",
+                                                         "## Attackers", ""]
+    md += [f"- {a}: AdamW lr {v['lr']:g}, {v['steps']} steps" for a, v in summary["attackers"].items()]
+    md += ["", "![held-out loss curves](loss_curves.png)", ""]
+    if has_samples:
+        md += ["![samples](samples.png)", ""]
+    if "timings_s" in summary:
+        md += ["## Timings (s)", ""] + [f"- {k}: {v:.1f}" for k, v in summary["timings_s"].items()] + [""]
+    if "config" in summary:
+        md += ["## Configuration", "", "```json", json.dumps(jsonable(summary["config"]), indent=2), "```", ""]
+    (out / "report.md").write_text("\n".join(md))
+    return out

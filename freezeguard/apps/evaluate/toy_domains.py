@@ -1,0 +1,59 @@
+"""Evaluation domains for the built-in toy world (freezeguard.integrations.diffusers.toy + judge)."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import torch
+
+from freezeguard.apps.evaluate.harness import Domain
+from freezeguard.integrations.diffusers import toy
+
+
+def heldout_batch(name: str, n: int, seed: int, *, null_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """``n`` fresh images of class ``name`` with fixed noise and timesteps (spread over [0, T))."""
+    batch = toy.make_batch([name], n, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    batch["noise"] = torch.randn(batch["pixel_values"].shape, generator=gen)
+    # Evenly spaced timesteps cover every noise level once, so the loss is not at the mercy
+    # of a few lucky draws.
+    t = toy.ToyModelConfig().num_train_timesteps
+    batch["timesteps"] = torch.linspace(0, t - 1, n).round().long()
+    if null_prompt:
+        batch["encoder_hidden_states"] = toy.class_embedding(toy.NULL_CLASS).expand_as(
+            batch["encoder_hidden_states"]).clone()
+    return batch
+
+
+def toy_domains(target: Sequence[str] = toy.TARGET_CLASSES, innocent: Sequence[str] = toy.INNOCENT_CLASSES, *,
+                judge=None, batch_size: int = 16, heldout_n: int = 64, sample_n: int = 32,
+                sample_steps: int = 20, guidance: float = 1.0, seed: int = 1000) -> list[Domain]:
+    """One Domain per toy class: target classes first, then innocent ones.
+
+    Held-out data and sampling noise use seeds disjoint from training streams (``seed`` + k).
+    With a ``judge`` (freezeguard.integrations.diffusers.judge), samples are judged for recognisability.
+    """
+    from freezeguard.integrations.diffusers import judge as judge_mod
+
+    domains = []
+    for k, (name, role) in enumerate([(c, "target") for c in target] + [(c, "innocent") for c in innocent]):
+        sample = judgef = None
+        if judge is not None:
+            sample = partial(_sample, name=name, n=sample_n, seed=seed + 100 + k, steps=sample_steps,
+                             guidance=guidance)
+            judgef = partial(judge_mod.recognisability, judge, name=name)
+        domains.append(Domain(
+            name=name, role=role,
+            train_batches=partial(_stream, name=name, batch_size=batch_size, target=tuple(target)),
+            heldout=heldout_batch(name, heldout_n, seed + 10 * k),
+            heldout_uncond=heldout_batch(name, heldout_n, seed + 10 * k, null_prompt=True),
+            sample=sample, judge=judgef))
+    return domains
+
+
+def _stream(seed: int, *, name: str, batch_size: int, target: tuple[str, ...]):
+    return toy.batches((name,), batch_size, seed, target_classes=target)
+
+
+def _sample(model, *, name: str, n: int, seed: int, steps: int, guidance: float) -> torch.Tensor:
+    return toy.sample(model, [name], n, seed, steps=steps, guidance=guidance)

@@ -1,0 +1,60 @@
+"""`freezeguard bench`: time and memory of guarded fine-tuning against full fine-tuning."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "measure step time and memory of guarded vs full fine-tuning of a diffusers UNet"
+DESCRIPTION = (HELP + ". Peak memory: torch.cuda.max_memory_allocated on CUDA; peak RSS delta of a "
+               "fresh subprocess per configuration on CPU. The learner's fused update against the "
+               "authors' loop is measured by benchmarks/bench_learner.py in the repository.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="sd15-s", help="tiny | sd15-s | sd15-m | sd15 (full SD-1.5 UNet)")
+    parser.add_argument("--device", default="cpu", help="torch device to measure on (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--ratios", default="0,0.1,0.3,0.5,0.7", help="comma-separated frozen ratios")
+    parser.add_argument("--by", default="tensors,params", help="budget kinds: tensors, params")
+    parser.add_argument("--mask", default=None, help="a learned mask (.safetensors) to measure as well")
+    parser.add_argument("--batch", type=int, default=1, help="images per fine-tuning step")
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default per model)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--backend", default="auto", help="freezeguard backend for the guarded optimizer")
+    parser.add_argument("--lean-frozen-convs", action="store_true",
+                        help="also measure each guarded config with fg.guard(..., lean_frozen_convs=True): "
+                             "frozen Conv2d layers keep no input for backward")
+    parser.add_argument("--in-process", action="store_true",
+                        help="no subprocess per configuration (faster; no CPU peak memory)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU smoke run: sd15-s, ratios 0/0.3/0.7, 3 steps (~1-2 min)")
+    parser.add_argument("--json", nargs="?", const="-", default=None,
+                        help="write results as JSON to this path ('-' or no value: stdout)")
+    parser.add_argument("--png", default=None, help="write the time/memory plot here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from freezeguard.apps.bench import format_table, plot, run_bench
+
+    if args.quick:
+        args.ratios, args.steps, args.warmup = "0,0.3,0.7", 3, 1
+    result = run_bench(model=args.model, device=args.device,
+                       ratios=[float(r) for r in args.ratios.split(",") if r],
+                       by=[b for b in args.by.split(",") if b], mask_path=args.mask, batch=args.batch,
+                       latent=args.latent, steps=args.steps, warmup=args.warmup, bf16=args.bf16,
+                       checkpointing=args.checkpointing, backend=args.backend,
+                       lean_frozen_convs=args.lean_frozen_convs,
+                       isolate=False if args.in_process else None, progress=sys.stderr.isatty())
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+    if args.png:
+        plot(result, args.png)
+    return 0

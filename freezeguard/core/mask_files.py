@@ -1,0 +1,185 @@
+"""Mask files: a FreezeMask as a small, name-keyed ``.safetensors`` file.
+
+Layout of a mask file (format version 1):
+
+- one 0-dim ``uint8`` tensor per parameter name of the model, 1 = frozen, 0 = trainable. Any
+  safetensors reader can list which tensors are frozen without freezeguard;
+- string-only metadata: ``format`` ("freezeguard.core.mask"), ``format_version``, ``granularity``,
+  ``budget_by``, ``ratio`` (realised, on the budget basis), ``model_fingerprint``
+  (:func:`freezeguard.model_fingerprint`, when known), ``layout`` (JSON name -> shape),
+  ``learning`` (JSON of the learning settings, "{}" when none), ``extra`` (JSON of any other
+  string metadata of the mask) and ``checksum`` (sha256 over names, shapes and bits).
+
+safetensors never unpickles, but it also does not checksum the tensor bytes; the ``checksum``
+entry is what turns a flipped byte into a clear error instead of a silently different mask.
+
+Example:
+    >>> import os, tempfile, torch, freezeguard as fg
+    >>> model = torch.nn.Linear(3, 2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "mask.safetensors")
+    >>> fg.FreezeMask.from_names(model, ["bias"]).save(path)
+    >>> fg.FreezeMask.load(path, model).frozen_names
+    ['bias']
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+FORMAT = "freezeguard.core.mask"
+FORMAT_VERSION = "1"
+SUPPORTED_VERSIONS = ("1",)
+# A mask file holds one 1-byte tensor per name plus JSON; a header beyond this is not ours and
+# would only make us parse a huge JSON blob from an untrusted file.
+_MAX_HEADER_BYTES = 64 * 2**20
+
+
+class FreezeMaskFileError(ValueError):
+    """A mask file cannot be used: missing, not safetensors, damaged, unknown version, or made
+    for a different model. The message names the file and what is wrong."""
+
+
+def layout_checksum(layout: Mapping[str, tuple[int, ...]], frozen: set[str] | frozenset[str]) -> str:
+    """sha256 over sorted ``name|shape|bit`` lines (what the file must reproduce exactly)."""
+    h = hashlib.sha256()
+    for name in sorted(layout):
+        h.update(f"{name}|{tuple(layout[name])}|{int(name in frozen)}\n".encode())
+    return h.hexdigest()
+
+
+def write_mask_file(path: str | os.PathLike, layout: Mapping[str, tuple[int, ...]],
+                    frozen: set[str] | frozenset[str], metadata: Mapping[str, str]) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash or full disk therefore leaves either the old file or the new one, never half of one.
+    """
+    from safetensors.torch import save as st_save
+
+    path = Path(path)
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
+    if bad:
+        raise TypeError(f"mask file metadata must be strings; got {bad}")
+    tensors = {name: torch.tensor(int(name in frozen), dtype=torch.uint8) for name in sorted(layout)}
+    meta = dict(metadata)
+    meta.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+                 "layout": json.dumps({n: list(s) for n, s in sorted(layout.items())}, separators=(",", ":")),
+                 "checksum": layout_checksum(layout, frozen)})
+    data = st_save(tensors, metadata=meta)
+    if not path.parent.exists():
+        raise FreezeMaskFileError(f"cannot write mask file {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _read_header(path: Path, raw: bytes) -> dict:
+    """Parse the safetensors header by hand so every failure gets a specific message."""
+    if len(raw) < 8:
+        raise FreezeMaskFileError(f"{path} is not a safetensors mask file (only {len(raw)} bytes)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n == 0 or n > _MAX_HEADER_BYTES:
+        raise FreezeMaskFileError(f"{path} is not a safetensors mask file (header length {n} is implausible)")
+    if len(raw) < 8 + n:
+        raise FreezeMaskFileError(f"{path} is truncated: header says {n} bytes, file has {len(raw) - 8} after the length")
+    try:
+        header = json.loads(raw[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FreezeMaskFileError(f"{path} is not a safetensors mask file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise FreezeMaskFileError(f"{path} is not a safetensors mask file (header is not a JSON object)")
+    data_len = len(raw) - 8 - n
+    ends = [int(v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    if ends and max(ends) > data_len:
+        raise FreezeMaskFileError(f"{path} is truncated: tensors need {max(ends)} data bytes, file has {data_len}")
+    return header
+
+
+def read_mask_file(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], set[str], dict[str, str]]:
+    """Read and validate a mask file; returns ``(layout, frozen_names, metadata)``.
+
+    Raises :class:`FreezeMaskFileError` for every problem with the file itself.
+    """
+    from safetensors.torch import load as st_load
+
+    path = Path(path)
+    if not path.exists():
+        raise FreezeMaskFileError(f"mask file {path} does not exist")
+    if path.is_dir():
+        raise FreezeMaskFileError(f"mask file {path} is a folder, not a file")
+    raw = path.read_bytes()
+    header = _read_header(path, raw)
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != FORMAT:
+        raise FreezeMaskFileError(f"{path} is a safetensors file but not a freezeguard mask "
+                                  f"(metadata format={meta.get('format')!r}, expected {FORMAT!r})")
+    version = meta.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise FreezeMaskFileError(f"{path} has mask format version {version!r}; this freezeguard reads "
+                                  f"{', '.join(SUPPORTED_VERSIONS)} (upgrade freezeguard to read newer masks)")
+    try:
+        tensors = st_load(raw)
+    except Exception as exc:  # safetensors' own error type differs across versions
+        raise FreezeMaskFileError(f"{path} is corrupted: {exc}") from None
+    try:
+        layout = {n: tuple(int(d) for d in s) for n, s in json.loads(meta["layout"]).items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise FreezeMaskFileError(f"{path} is corrupted: its 'layout' metadata is missing or not valid JSON") from None
+    if set(layout) != set(tensors):
+        raise FreezeMaskFileError(f"{path} is corrupted: its tensors and its layout name different parameters")
+    frozen: set[str] = set()
+    for name, t in tensors.items():
+        if t.dtype not in (torch.uint8, torch.bool) or t.numel() != 1 or int(t.item()) not in (0, 1):
+            raise FreezeMaskFileError(f"{path} is corrupted: entry {name!r} is not a single 0/1 byte")
+        if int(t.item()):
+            frozen.add(name)
+    if meta.get("checksum") != layout_checksum(layout, frozen):
+        raise FreezeMaskFileError(f"{path} is corrupted: checksum does not match its contents")
+    return layout, frozen, dict(meta)
+
+
+def read_reference_txt(path: str | os.PathLike, expected: int) -> list[bool]:
+    """Parse a mask written by the authors' code: one 0/1 per line, 1 = frozen.
+
+    Numbers such as ``1.0`` or ``0.000000e+00`` (numpy ``savetxt``) are accepted; anything that
+    is not exactly 0 or 1, or a line count different from ``expected``, is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FreezeMaskFileError(f"reference mask file {path} does not exist")
+    try:
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+    except UnicodeDecodeError:
+        raise FreezeMaskFileError(f"{path} is not a text file of 0/1 lines") from None
+    while lines and not lines[-1]:
+        lines.pop()
+    bits = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            v = float(ln)
+        except ValueError:
+            raise FreezeMaskFileError(f"{path}:{i}: expected 0 or 1, got {ln!r}") from None
+        if v not in (0.0, 1.0):
+            raise FreezeMaskFileError(f"{path}:{i}: expected 0 or 1, got {ln!r}")
+        bits.append(v == 1.0)
+    if len(bits) != expected:
+        raise FreezeMaskFileError(f"{path} has {len(bits)} entries but the model has {expected} parameter "
+                                  f"tensors (one 0/1 line per tensor of model.parameters() is expected)")
+    return bits
