@@ -17,10 +17,10 @@ Triton on CPU runs in the (slow) interpreter, so it gets the small cases only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
+from support.tolerances import KERNEL
 
 import freezeguard as fg
 from freezeguard.backends import BackendUnavailable, get_backend, reference, status
@@ -32,23 +32,7 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
 ADAM = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """How far a backend may be from the reference in one storage dtype."""
-
-    atol: float
-    rtol: float
-    lowp_factor: float = 2.0  # kernel error vs fp32 <= this x PyTorch-in-dtype error
-
-
-TOLERANCES = {
-    # fp32: the kernels may contract a*b+c into an FMA and reorder a division; a few ulp.
-    torch.float32: Tolerance(atol=1e-6, rtol=1e-5),
-    # Low precision: one rounding of an fp32 result can land one ulp away (2^-8, 2^-11).
-    torch.bfloat16: Tolerance(atol=1e-5, rtol=2 ** -7),
-    # 2 ulp: GPU kernels contract a*b+c into FMAs, so fp32 intermediates may round differently.
-    torch.float16: Tolerance(atol=1e-4, rtol=2 ** -9),
-}
+TOLERANCES = KERNEL  # tests/support/tolerances.py
 
 
 def _backend_or_skip(name: str, device: str):

@@ -11,6 +11,7 @@ import pickle
 
 import pytest
 import torch
+from support.tolerances import TRAJECTORY
 
 import freezeguard as fg
 from freezeguard.backends import status
@@ -19,7 +20,7 @@ BACKENDS = [pytest.param("torch"),
             pytest.param("cpp", marks=pytest.mark.skipif(not status("cpp").available,
                                                          reason=f"cpp backend: {status('cpp').reason}"))]
 # fp32 after 50 steps: the backends compute in fp32 like torch, in a slightly different order.
-TOL = dict(rtol=1e-4, atol=1e-6)
+TOL = TRAJECTORY.kwargs()  # tests/support/tolerances.py
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

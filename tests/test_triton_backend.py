@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.tolerances import KERNEL
 
 import freezeguard as fg
 from freezeguard.backends import reference as ref
@@ -30,16 +31,11 @@ from freezeguard.kernels.launch import CONFIGS  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not tb._interpreting() else "cpu")
 BLOCK = CONFIGS["masked_adamw_"][0]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Kernel and reference both compute in fp32 and round once; they may differ by fp32
-# reassociation/FMA, which can flip one rounding of the storage dtype: allow one ulp there.
-TOL = {torch.float32: dict(rtol=2e-6, atol=1e-6),
-       torch.bfloat16: dict(rtol=2 ** -7, atol=1e-6),
-       torch.float16: dict(rtol=2 ** -10, atol=1e-6)}
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype or got.dtype], equal_nan=True)
+    torch.testing.assert_close(got.float(), want.float(), **KERNEL[dtype or got.dtype].kwargs(), equal_nan=True)
 
 
 def _make(shapes, dtypes, scale=1.0, positive=False):
