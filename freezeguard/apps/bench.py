@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from typing import Any, Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from freezeguard.apps.bench_step import measure
 
@@ -87,13 +89,9 @@ def run_bench(*, model: str = "sd15-s", device: str = "cpu", ratios: Iterable[fl
     if lean_frozen_convs:  # each guarded configuration again, frozen convs keeping no input (item 3)
         todo += [dict(c, lean_frozen_convs=True) for c in todo if c["mode"] == "guard" and c.get("ratio")]
     rows = []
-    from tqdm.auto import tqdm
-
     for cfg in tqdm(todo, desc="bench", disable=not progress):
         rows.append(_measure_isolated(cfg) if isolate else measure(cfg))
     _add_ratios(rows)
-    import platform
-
     meta = dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
                 device_name=torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
                 or platform.machine(), isolate=isolate, **common)

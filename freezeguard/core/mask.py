@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from freezeguard._version import __version__
 from freezeguard.core.fingerprint import model_fingerprint
 from freezeguard.core.mask_files import FreezeMaskFileError, read_mask_file, read_reference_txt, write_mask_file
 from freezeguard.core.names import lora_exclude_modules
@@ -258,8 +259,6 @@ class FreezeMask:
         }
         if "target_ratio" in meta:
             file_meta["target_ratio"] = meta["target_ratio"]
-        from freezeguard._version import __version__
-
         file_meta["freezeguard_version"] = __version__
         write_mask_file(path, self._layout, self._frozen, file_meta)
 

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 FORMAT = "freezeguard.core.mask"
 FORMAT_VERSION = "1"
@@ -60,8 +62,6 @@ def write_mask_file(path: str | os.PathLike, layout: Mapping[str, tuple[int, ...
 
     A crash or full disk therefore leaves either the old file or the new one, never half of one.
     """
-    from safetensors.torch import save as st_save
-
     path = Path(path)
     bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
     if bad:
@@ -117,8 +117,6 @@ def read_mask_file(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]],
 
     Raises :class:`FreezeMaskFileError` for every problem with the file itself.
     """
-    from safetensors.torch import load as st_load
-
     path = Path(path)
     if not path.exists():
         raise FreezeMaskFileError(f"mask file {path} does not exist")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import safe_open
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Looked for, in order, inside a folder: a diffusers model folder, a transformers-style one,
@@ -45,8 +46,6 @@ class SafetensorsSource(Mapping):
     """
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
         self._where: dict[str, Any] = {}
         self._handles = []
         for f in files:

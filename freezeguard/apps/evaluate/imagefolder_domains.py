@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import torch
 
 from freezeguard.apps.evaluate.harness import Domain
+from freezeguard.integrations.diffusers.data import ImageFolderDataset, collate
 
 
 def _latent_shape(comps, pixel_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -17,8 +18,6 @@ def _latent_shape(comps, pixel_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _fixed_batch(comps, items: list[dict[str, Any]], seed: int, *, empty_prompt: bool) -> dict[str, Any]:
-    from freezeguard.integrations.diffusers.data import collate
-
     batch = collate(items)
     gen = torch.Generator().manual_seed(seed)
     batch["noise"] = torch.randn(_latent_shape(comps, tuple(batch["pixel_values"].shape)), generator=gen)
@@ -39,8 +38,6 @@ def imagefolder_domains(comps, target_dir: str, innocent_dirs: Sequence[str], *,
     Example:
         >>> domains = imagefolder_domains(load_components("sd"), "data/target", ["data/legal"])  # doctest: +SKIP
     """
-    from freezeguard.integrations.diffusers.data import ImageFolderDataset, collate
-
     domains = []
     for k, (path, role) in enumerate([(target_dir, "target")] + [(p, "innocent") for p in innocent_dirs]):
         ds = ImageFolderDataset(path, role=role, resolution=resolution, tokenizer=comps.tokenizer)

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from freezeguard.apps.evaluate.harness import Domain
+from freezeguard.integrations.diffusers import judge as judge_mod
 from freezeguard.integrations.diffusers import toy
 
 
@@ -33,8 +34,6 @@ def toy_domains(target: Sequence[str] = toy.TARGET_CLASSES, innocent: Sequence[s
     Held-out data and sampling noise use seeds disjoint from training streams (``seed`` + k).
     With a ``judge`` (freezeguard.integrations.diffusers.judge), samples are judged for recognisability.
     """
-    from freezeguard.integrations.diffusers import judge as judge_mod
-
     domains = []
     for k, (name, role) in enumerate([(c, "target") for c in target] + [(c, "innocent") for c in innocent]):
         sample = judgef = None

@@ -23,7 +23,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from freezeguard.integrations.diffusers import toy
 
@@ -64,9 +66,6 @@ def train_judge(classes: Sequence[str] = toy.ALL_CLASSES, *, steps: int = 300, b
                 seed: int = 0, cache_dir: str | os.PathLike | None | bool = None,
                 progress: bool = True) -> Judge:
     """Train (or load from cache) the judge on fresh procedural images of ``classes``."""
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
-
     if not classes:
         raise ValueError("the judge needs at least one class")
     judge = Judge(classes)

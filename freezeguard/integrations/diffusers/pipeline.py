@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from freezeguard.core.weights import WeightsError, weight_files
+from freezeguard.integrations.diffusers.loss import make_loss_fn
 
 
 class PipelineError(ValueError):
@@ -50,8 +51,6 @@ class SDComponents:
 
     def loss_fn(self):
         """``make_loss_fn`` over these components (VAE / text encoder when present)."""
-        from freezeguard.integrations.diffusers.loss import make_loss_fn
-
         return make_loss_fn(self.noise_scheduler, vae=self.vae, text_encoder=self.text_encoder)
 
 

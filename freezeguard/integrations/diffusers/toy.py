@@ -28,8 +28,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from freezeguard.core.training import train_steps
+from freezeguard.integrations.diffusers.loss import make_loss_fn as _make
 
 RESOLUTION = 16
 EMBED_LEN = 4      # "prompt tokens" per class
@@ -200,8 +203,6 @@ def build_scheduler(config: ToyModelConfig = ToyModelConfig()):
 
 def make_loss_fn(config: ToyModelConfig = ToyModelConfig()) -> Callable:
     """Per-sample diffusion loss of the toy model (freezeguard.integrations.diffusers's loss, pixel space)."""
-    from freezeguard.integrations.diffusers.loss import make_loss_fn as _make
-
     return _make(build_scheduler(config))
 
 
@@ -261,8 +262,6 @@ class PretrainConfig:
 def train(model, stream: Iterator[dict], steps: int, lr: float, loss_fn: Callable, *, seed: int,
           progress: str | None = None) -> list[float]:
     """Plain AdamW (no weight decay) on ``stream`` at a constant lr, seeded; returns the per-step losses."""
-    from tqdm.auto import tqdm
-
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     with tqdm(total=steps, desc=progress, disable=progress is None, leave=False) as bar:
         return train_steps(model, opt, stream, loss_fn, steps, generator=torch.Generator().manual_seed(seed),
@@ -281,8 +280,6 @@ def pretrained_model(config: PretrainConfig = PretrainConfig(), cache_dir: str |
     The cache entry is ``<cache_dir>/toy-<hash of config>.safetensors``; with ``cache_dir=None``
     the default cache is used, ``cache_dir=False`` disables caching.
     """
-    from safetensors.torch import load_file, save_file
-
     model = build_model(config.model, seed=config.seed)
     path = None
     if cache_dir is not False:
