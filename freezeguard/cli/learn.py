@@ -5,9 +5,6 @@ import argparse
 import json
 import math
 import sys
-import time
-import warnings
-from pathlib import Path
 
 HELP = "learn which UNet tensors to freeze so fine-tunes on the target data fail (bilevel MaskLearner)"
 DESCRIPTION = (
@@ -68,182 +65,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-class UsageError(ValueError):
-    """Bad command-line input, reported before any long work."""
-
-
 def _error(msg: str) -> int:
     print(f"freezeguard learn: error: {msg}", file=sys.stderr)
     return 2
 
 
-def _unet_dir(path: str, flag: str) -> Path:
-    root = Path(path)
-    if not root.is_dir():
-        raise UsageError(f"{flag} {root} does not exist (a local diffusers folder is needed; nothing is downloaded)")
-    for cand in (root / "unet", root):
-        if (cand / "config.json").is_file():
-            return cand
-    raise UsageError(f"{flag} {root} is neither a diffusers pipeline folder (unet/config.json) nor a unet folder")
-
-
-def _unet_layout(unet_dir: Path, flag: str) -> dict[str, tuple[int, ...]]:
-    """name -> shape from the safetensors headers, without loading any weight (pickles refused)."""
-    from freezeguard.core.weights import WeightsError, weights_layout
-
-    try:
-        return weights_layout(unet_dir, flag)
-    except WeightsError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _check_same_model(pre: dict, ft: dict) -> None:
-    from freezeguard.core.mask import describe_layout_mismatch
-
-    mismatch = describe_layout_mismatch(pre, ft, missing="missing from --finetuned", extra="not in --pretrained",
-                                        reshaped="shapes differ", arrow="vs", limit=5)
-    if mismatch:
-        raise UsageError(f"--finetuned is not a fine-tune of --pretrained ({mismatch})")
-
-
-def _check_cheap(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    """Every check that needs no model loaded: options, paths, model match (from file headers)."""
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if args.batch_size < 2:
-        raise UsageError(f"--batch-size must be >= 2 (each batch mixes target and innocent images), "
-                         f"got {args.batch_size}")
-    if args.user_interval < 1:
-        raise UsageError(f"--user-interval must be >= 1, got {args.user_interval}")
-    for flag, value in (("--user-lr", args.user_lr), ("--mask-lr", args.mask_lr), ("--c-sparsity", args.c_sparsity)):
-        if not value >= 0:
-            raise UsageError(f"{flag} must be >= 0, got {value}")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    if args.checkpoint_every < 0 or (args.checkpoint_every and not args.state):
-        raise UsageError("--checkpoint-every needs --state and must be >= 0")
-    for flag, path in (("--target-data", args.target_data), ("--innocent-data", args.innocent_data)):
-        if not Path(path).is_dir():
-            raise UsageError(f"{flag} {path} does not exist (or is not a folder)")
-    if args.resume and not Path(args.resume).is_file():
-        raise UsageError(f"--resume {args.resume} does not exist")
-    out = Path(args.out)
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name such as mask.safetensors")
-    if not out.parent.exists():
-        raise UsageError(f"--out: folder {out.parent} does not exist")
-    pre_dir = _unet_dir(args.pretrained, "--pretrained")
-    ft_dir = _unet_dir(args.finetuned, "--finetuned")
-    _check_same_model(_unet_layout(pre_dir, "--pretrained"), _unet_layout(ft_dir, "--finetuned"))
-    return Path(args.pretrained), ft_dir, out
+def _warn(msg: str) -> None:
+    # said once, plainly, after the progress bar (not as a Python source line)
+    print(f"freezeguard learn: warning: {msg}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
+    from freezeguard.apps.learn.run import LearnInputError, learn
+
     try:
-        pre_root, ft_dir, out = _check_cheap(args)
-    except UsageError as exc:
+        summary = learn(args.pretrained, args.finetuned, args.target_data, args.innocent_data, args.out,
+                        freeze_ratio=args.freeze_ratio, steps=args.steps, batch_size=args.batch_size,
+                        budget_by=args.budget_by, user_optimizer=args.user_optimizer, user_lr=args.user_lr,
+                        user_interval=args.user_interval, mask_lr=args.mask_lr, temperature=args.temperature,
+                        c_sparsity=args.c_sparsity, hard_mask=args.hard_mask, seed=args.seed,
+                        resolution=args.resolution, caption_column=args.caption_column, state=args.state,
+                        checkpoint_every=args.checkpoint_every, resume=args.resume, plot=args.plot, log=args.log,
+                        backend=args.backend, device=args.device, progress=not args.quiet, on_warning=_warn)
+    except (LearnInputError, ValueError, FloatingPointError) as exc:
         return _error(str(exc))
-
-    import torch
-
-    from freezeguard.apps.learn.learner import MaskLearner
-    from freezeguard.apps.learn.plot import plot_soft_mask
-    from freezeguard.integrations.diffusers.data import DatasetError, ImageFolderDataset, mixed_batches
-    from freezeguard.integrations.diffusers.pipeline import PipelineError, load_components
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        comps = load_components(pre_root, dtype=torch.float32)
-        data_kwargs = {"resolution": args.resolution, "tokenizer": comps.tokenizer,
-                       "caption_column": args.caption_column}
-        target = ImageFolderDataset(args.target_data, role="target", **data_kwargs)
-        innocent = ImageFolderDataset(args.innocent_data, role="innocent", **data_kwargs)
-        if target.image_size != innocent.image_size:
-            raise DatasetError(f"target images are {target.image_size} but innocent images are "
-                               f"{innocent.image_size}; pass --resolution")
-        unet = comps.unet
-        unet_cls = type(unet)
-        comps.to(device)
-        loss_fn = comps.loss_fn()
-        if args.resume:
-            learner = MaskLearner.load(args.resume, unet, loss_fn, backend=args.backend)
-        else:
-            pre_state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-            ft_state = unet_cls.from_pretrained(str(ft_dir), torch_dtype=torch.float32,
-                                                local_files_only=True).state_dict()
-            learner = MaskLearner(unet, pre_state, ft_state, loss_fn, freeze_ratio=args.freeze_ratio,
-                                  temperature=args.temperature, c_sparsity=args.c_sparsity, mask_lr=args.mask_lr,
-                                  user_lr=args.user_lr, user_interval=args.user_interval, budget_by=args.budget_by,
-                                  user_optimizer=args.user_optimizer, seed=args.seed, backend=args.backend)
-            del pre_state, ft_state
-    except (ValueError, KeyError, TypeError, DatasetError, PipelineError) as exc:
-        return _error(str(exc).strip("'\""))
-    if args.resume and learner.freeze_ratio != args.freeze_ratio:
-        return _error(f"--resume state was learned with ratio {learner.freeze_ratio}, not --freeze-ratio "
-                      f"{args.freeze_ratio}")
-
-    unet.train()
-    done = learner.step_count
-    remaining = max(0, args.steps - done)
-    batches = mixed_batches(target, innocent, args.batch_size, seed=args.seed)
-
-    def with_generator(stream):
-        # Per-step generators make noise and timesteps a function of (seed, step): a resumed run
-        # continues exactly as an uninterrupted one.
-        step = 0
-        for batch in stream:
-            if step >= done:
-                gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
-                yield dict(batch, generator=gen)
-            step += 1
-
-    log_path = Path(args.log) if args.log else out.with_name(out.name + ".log.jsonl")
-    plot_path = Path(args.plot) if args.plot else out.with_name(out.name + ".png")
-    started = time.perf_counter()
-    with open(log_path, "a" if args.resume else "w", encoding="utf-8") as log_file:
-        def on_step(entry: dict) -> None:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
-            if args.checkpoint_every and learner.step_count % args.checkpoint_every == 0:
-                learner.save(args.state)
-
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                learner.fit(with_generator(batches), remaining, progress=not args.quiet, callback=on_step)
-        except (ValueError, FloatingPointError) as exc:
-            return _error(str(exc))
-    for w in caught:  # said once, plainly, after the progress bar (not as a Python source line)
-        print(f"freezeguard learn: warning: {w.message}", file=sys.stderr)
-    seconds = time.perf_counter() - started
-
-    if args.state:
-        learner.save(args.state)
-    mask = learner.hard_mask(args.hard_mask)
-    unet.to("cpu")
-    mask.save(str(out), model=unet)
-    soft = learner.soft_mask()
-    plot_soft_mask(soft, plot_path, frozen=mask.frozen_names,
-                   title=f"soft mask after {learner.step_count} steps (target ratio {args.freeze_ratio} "
-                         f"by {args.budget_by})")
-    last = learner.history[-1] if learner.history else {}
-    summary = {
-        "out": str(out), "plot": str(plot_path), "log": str(log_path), "state": args.state,
-        "steps": learner.step_count, "steps_this_run": remaining, "seconds": round(seconds, 3),
-        "device": str(device), "budget_by": args.budget_by, "target_ratio": args.freeze_ratio,
-        "realised_ratio": mask.ratio(args.budget_by), "ratio_tensors": mask.ratio("tensors"),
-        "ratio_params": mask.ratio("params"), "frozen_tensors": len(mask.frozen_names),
-        "tensors": len(mask.names), "hard_mask": args.hard_mask,
-        "final_target_loss": last.get("target_loss"), "final_innocent_loss": last.get("innocent_loss"),
-        "soft_ratio": last.get("soft_ratio"),
-        # tensors the data moved in or out of the mask, against the random initial logits' mask
-        "mask_moved": last.get("mask_moved"),
-    }
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"mask written to {out}: {summary['frozen_tensors']}/{summary['tensors']} tensors frozen "
+        print(f"mask written to {summary['out']}: {summary['frozen_tensors']}/{summary['tensors']} tensors frozen "
               f"({summary['ratio_tensors']:.1%} of tensors, {summary['ratio_params']:.1%} of parameters) "
-              f"after {summary['steps']} steps in {seconds:.1f}s on {device}; {summary['mask_moved']} tensors moved "
-              f"by the data from the random initial mask; plot {plot_path}, log {log_path}")
+              f"after {summary['steps']} steps in {summary['seconds']:.1f}s on {summary['device']}; "
+              f"{summary['mask_moved']} tensors moved by the data from the random initial mask; "
+              f"plot {summary['plot']}, log {summary['log']}")
     return 0

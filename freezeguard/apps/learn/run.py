@@ -1,0 +1,202 @@
+"""``learn()``: the publisher's whole mask-learning run on a local Stable Diffusion folder.
+
+What ``freezeguard learn`` does, as a Python function: check every input that needs no model
+(options, folders, that --finetuned is a fine-tune of --pretrained, from the safetensors headers
+alone), load the pipeline and the data, run the :class:`MaskLearner` (resumable from a state
+file), then write the mask (atomically), the state, the soft-mask plot and a per-step JSONL log.
+Errors that are the caller's input raise :class:`LearnInputError` before any long work; the
+messages name the ``freezeguard learn`` flag of each input (the parameter of the same name).
+
+Example:
+    >>> summary = learn("sd15/", "sd15-ft/", "data/target", "data/innocent", "mask.safetensors",
+    ...                 freeze_ratio=0.3, steps=400)                                  # doctest: +SKIP
+    >>> summary["frozen_tensors"], summary["mask_moved"]                              # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from freezeguard.apps.learn.learner import HARD_MASK_METHODS, MaskLearner
+from freezeguard.core.mask import describe_layout_mismatch
+from freezeguard.core.weights import WeightsError, load_tensors, weights_layout
+from freezeguard.integrations.diffusers.data import DatasetError, ImageFolderDataset, mixed_batches
+from freezeguard.integrations.diffusers.pipeline import PipelineError, load_components
+
+
+class LearnInputError(ValueError):
+    """Bad input to :func:`learn`, reported before any long work."""
+
+
+def _unet_dir(path: str | Path, flag: str) -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise LearnInputError(f"{flag} {root} does not exist (a local diffusers folder is needed; nothing is "
+                              "downloaded)")
+    for cand in (root / "unet", root):
+        if (cand / "config.json").is_file():
+            return cand
+    raise LearnInputError(f"{flag} {root} is neither a diffusers pipeline folder (unet/config.json) nor a unet "
+                          "folder")
+
+
+def _layout(unet_dir: Path, flag: str) -> dict[str, tuple[int, ...]]:
+    """name -> shape from the safetensors headers, without loading any weight (pickles refused)."""
+    try:
+        return weights_layout(unet_dir, flag)
+    except WeightsError as exc:
+        raise LearnInputError(str(exc)) from None
+
+
+def check_learn_inputs(pretrained: str | Path, finetuned: str | Path, target_data: str | Path,
+                       innocent_data: str | Path, out: str | Path, *, steps: int, batch_size: int,
+                       user_interval: int, user_lr: float, mask_lr: float, c_sparsity: float, temperature: float,
+                       hard_mask: str = "topk", state: str | Path | None = None, checkpoint_every: int = 0,
+                       resume: str | Path | None = None) -> tuple[Path, Path, Path]:
+    """Every check that needs no model loaded; returns (pipeline folder, fine-tuned unet folder, out)."""
+    if steps < 1:
+        raise LearnInputError(f"--steps must be >= 1, got {steps}")
+    if batch_size < 2:
+        raise LearnInputError(f"--batch-size must be >= 2 (each batch mixes target and innocent images), "
+                              f"got {batch_size}")
+    if user_interval < 1:
+        raise LearnInputError(f"--user-interval must be >= 1, got {user_interval}")
+    for flag, value in (("--user-lr", user_lr), ("--mask-lr", mask_lr), ("--c-sparsity", c_sparsity)):
+        if not value >= 0:
+            raise LearnInputError(f"{flag} must be >= 0, got {value}")
+    if not temperature > 0:
+        raise LearnInputError(f"--temperature must be > 0, got {temperature}")
+    if hard_mask not in HARD_MASK_METHODS:
+        raise LearnInputError(f"--hard-mask must be one of {HARD_MASK_METHODS}, got {hard_mask!r}")
+    if checkpoint_every < 0 or (checkpoint_every and not state):
+        raise LearnInputError("--checkpoint-every needs --state and must be >= 0")
+    for flag, path in (("--target-data", target_data), ("--innocent-data", innocent_data)):
+        if not Path(path).is_dir():
+            raise LearnInputError(f"{flag} {path} does not exist (or is not a folder)")
+    if resume and not Path(resume).is_file():
+        raise LearnInputError(f"--resume {resume} does not exist")
+    out = Path(out)
+    if out.is_dir():
+        raise LearnInputError(f"--out {out} is a folder; give a file name such as mask.safetensors")
+    if not out.parent.exists():
+        raise LearnInputError(f"--out: folder {out.parent} does not exist")
+    pre_dir = _unet_dir(pretrained, "--pretrained")
+    ft_dir = _unet_dir(finetuned, "--finetuned")
+    mismatch = describe_layout_mismatch(_layout(pre_dir, "--pretrained"), _layout(ft_dir, "--finetuned"),
+                                        missing="missing from --finetuned", extra="not in --pretrained",
+                                        reshaped="shapes differ", arrow="vs", limit=5)
+    if mismatch:
+        raise LearnInputError(f"--finetuned is not a fine-tune of --pretrained ({mismatch})")
+    return Path(pretrained), ft_dir, out
+
+
+def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path, innocent_data: str | Path,
+          out: str | Path, *, freeze_ratio: float, steps: int = 100, batch_size: int = 4,
+          budget_by: str = "tensors", user_optimizer: str = "sgd", user_lr: float = 1e-5, user_interval: int = 5,
+          mask_lr: float = 10.0, temperature: float = 0.2, c_sparsity: float = 5e3, hard_mask: str = "topk",
+          seed: int = 0, resolution: int | None = None, caption_column: str = "text",
+          state: str | Path | None = None, checkpoint_every: int = 0, resume: str | Path | None = None,
+          plot: str | Path | None = None, log: str | Path | None = None, backend: str = "auto",
+          device: str | torch.device | None = None, progress: bool = True,
+          on_warning: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Learn a mask for the UNet of a local SD folder and write it; returns a JSON-ready summary.
+
+    The mask is written first (atomically); the plot is optional and comes last, so a missing
+    plotting library never costs the learned mask. ``on_warning`` receives the learner's
+    warnings (e.g. "the data never moved the mask") once, after the run.
+    """
+    pre_root, ft_dir, out = check_learn_inputs(
+        pretrained, finetuned, target_data, innocent_data, out, steps=steps, batch_size=batch_size,
+        user_interval=user_interval, user_lr=user_lr, mask_lr=mask_lr, c_sparsity=c_sparsity,
+        temperature=temperature, hard_mask=hard_mask, state=state, checkpoint_every=checkpoint_every, resume=resume)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        comps = load_components(pre_root, dtype=torch.float32)
+        data_kwargs = {"resolution": resolution, "tokenizer": comps.tokenizer, "caption_column": caption_column}
+        target = ImageFolderDataset(target_data, role="target", **data_kwargs)
+        innocent = ImageFolderDataset(innocent_data, role="innocent", **data_kwargs)
+        if target.image_size != innocent.image_size:
+            raise DatasetError(f"target images are {target.image_size} but innocent images are "
+                               f"{innocent.image_size}; pass --resolution")
+        unet = comps.unet
+        comps.to(device)
+        loss_fn = comps.loss_fn()
+        if resume:
+            learner = MaskLearner.load(str(resume), unet, loss_fn, backend=backend)
+        else:
+            pre_state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+            ft_state = load_tensors(ft_dir, "--finetuned")  # safetensors only, read lazily
+            learner = MaskLearner(unet, pre_state, ft_state, loss_fn, freeze_ratio=freeze_ratio,
+                                  temperature=temperature, c_sparsity=c_sparsity, mask_lr=mask_lr,
+                                  user_lr=user_lr, user_interval=user_interval, budget_by=budget_by,
+                                  user_optimizer=user_optimizer, seed=seed, backend=backend)
+            del pre_state, ft_state
+    except (KeyError, TypeError, DatasetError, PipelineError, WeightsError) as exc:
+        raise LearnInputError(str(exc).strip("'\"")) from None
+    if resume and learner.freeze_ratio != freeze_ratio:
+        raise LearnInputError(f"--resume state was learned with ratio {learner.freeze_ratio}, not --freeze-ratio "
+                              f"{freeze_ratio}")
+
+    from freezeguard.apps.learn.plot import plot_soft_mask  # matplotlib: optional, used last
+
+    unet.train()
+    done = learner.step_count
+    remaining = max(0, steps - done)
+    batches = mixed_batches(target, innocent, batch_size, seed=seed)
+
+    def with_generator(stream):
+        # Per-step generators make noise and timesteps a function of (seed, step): a resumed run
+        # continues exactly as an uninterrupted one.
+        step = 0
+        for batch in stream:
+            if step >= done:
+                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+                yield dict(batch, generator=gen)
+            step += 1
+
+    log_path = Path(log) if log else out.with_name(out.name + ".log.jsonl")
+    plot_path = Path(plot) if plot else out.with_name(out.name + ".png")
+    started = time.perf_counter()
+    with open(log_path, "a" if resume else "w", encoding="utf-8") as log_file:
+        def on_step(entry: dict) -> None:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+            if checkpoint_every and learner.step_count % checkpoint_every == 0:
+                learner.save(str(state))
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            learner.fit(with_generator(batches), remaining, progress=progress, callback=on_step)
+    for w in caught:
+        if on_warning is not None:
+            on_warning(str(w.message))
+    seconds = time.perf_counter() - started
+
+    if state:
+        learner.save(str(state))
+    mask = learner.hard_mask(hard_mask)
+    unet.to("cpu")
+    mask.save(str(out), model=unet)
+    plot_soft_mask(learner.soft_mask(), plot_path, frozen=mask.frozen_names,
+                   title=f"soft mask after {learner.step_count} steps (target ratio {freeze_ratio} by {budget_by})")
+    last = learner.history[-1] if learner.history else {}
+    return {
+        "out": str(out), "plot": str(plot_path), "log": str(log_path), "state": None if state is None else str(state),
+        "steps": learner.step_count, "steps_this_run": remaining, "seconds": round(seconds, 3),
+        "device": str(device), "budget_by": budget_by, "target_ratio": freeze_ratio,
+        "realised_ratio": mask.ratio(budget_by), "ratio_tensors": mask.ratio("tensors"),
+        "ratio_params": mask.ratio("params"), "frozen_tensors": len(mask.frozen_names),
+        "tensors": len(mask.names), "hard_mask": hard_mask,
+        "final_target_loss": last.get("target_loss"), "final_innocent_loss": last.get("innocent_loss"),
+        "soft_ratio": last.get("soft_ratio"),
+        # tensors the data moved in or out of the mask, against the random initial logits' mask
+        "mask_moved": last.get("mask_moved"),
+    }
+
+
+__all__ = ["learn", "check_learn_inputs", "LearnInputError"]
