@@ -12,7 +12,7 @@ import importlib
 from freezeguard.integrations.diffusers import *  # noqa: F403  (the alias re-exports the whole surface)
 from freezeguard.integrations.diffusers import __all__ as __all__
 
-_SUBMODULES = ("data", "judge", "layouts", "loss", "pipeline", "toy")
+_SUBMODULES = ("data", "judge", "layouts", "loss", "models", "pipeline", "toy")
 
 
 def __getattr__(name: str):
