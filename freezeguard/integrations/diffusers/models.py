@@ -108,7 +108,7 @@ class ModelFamily:
     # -- inputs ----------------------------------------------------------------------------
     def latent_channels(self, model: torch.nn.Module) -> int:
         """Channels of the (unpacked) latent the denoiser is trained on."""
-        cin = int(model.config.in_channels)
+        cin = int(_inner(model).config.in_channels)
         return cin // 4 if self.kind == "flux" else cin
 
     def conditioning(self, model: torch.nn.Module, batch_size: int, *, text_len: int = 8,
@@ -117,7 +117,7 @@ class ModelFamily:
 
         ``text_len`` tokens (the released models use ``self.text_len``; tests use a few).
         """
-        cfg = model.config
+        cfg = _inner(model).config
         p = next(model.parameters())
         device = p.device if p.device.type != "meta" else torch.device("cpu")
         length = int(text_len)
@@ -153,7 +153,7 @@ class ModelFamily:
                 kwargs["encoder_hidden_states"] = ehs
             if batch.get("class_labels") is not None:
                 kwargs["class_labels"] = batch["class_labels"].to(device)
-            if getattr(getattr(model, "config", None), "addition_embed_type", None) == "text_time":
+            if getattr(getattr(_inner(model), "config", None), "addition_embed_type", None) == "text_time":
                 kwargs["added_cond_kwargs"] = {"text_embeds": _need(batch, "pooled_projections", self).to(device, dtype),
                                                "time_ids": _sdxl_time_ids(batch, noisy).to(device, dtype)}
             return model(noisy.to(dtype), timesteps, return_dict=False, **kwargs)[0]
@@ -173,7 +173,7 @@ class ModelFamily:
         img_ids[..., 2] += torch.arange(w // 2, device=device)[None, :]
         txt_ids = torch.zeros(ehs.shape[1], 3, device=device)
         kwargs = {}
-        if model.config.guidance_embeds:
+        if _inner(model).config.guidance_embeds:
             g = batch.get("guidance", 3.5)
             kwargs["guidance"] = torch.as_tensor(g, dtype=torch.float32, device=device).expand(b).to(dtype)
         out = model(hidden_states=packed.to(dtype), timestep=(timesteps.to(device).float() / 1000.0).to(dtype),
@@ -283,23 +283,32 @@ def get_family(name: str) -> ModelFamily:
         raise ValueError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}") from None
 
 
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    # DDP / accelerate wrappers keep the diffusers model in .module (FSDP2 subclasses it instead)
+    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 def family_of(model: torch.nn.Module, objective: str | None = None) -> ModelFamily:
-    """The family whose forward call fits ``model`` (by class and config).
+    """The family whose forward call fits ``model`` (by class and config; wrappers see through).
 
     UNets: SDXL when the config has ``addition_embed_type="text_time"``, else SD-1.x (SD-2.x when
-    ``objective="v_prediction"``); the forward call is the same for SD-1.x and SD-2.x.
+    ``objective="v_prediction"``); the forward call is the same for SD-1.x and SD-2.x. A model
+    under FSDP2 (``fully_shard`` makes a subclass), DDP or accelerate maps to its family.
     """
-    cls = type(model).__name__
-    if cls == "SD3Transformer2DModel":
+    inner = _inner(model)
+    classes = {c.__name__ for c in type(inner).__mro__}
+    if "SD3Transformer2DModel" in classes:
         return FAMILIES["sd3"]
-    if cls == "FluxTransformer2DModel":
+    if "FluxTransformer2DModel" in classes:
         return FAMILIES["flux"]
-    if cls == "UNet2DConditionModel":
-        if getattr(model.config, "addition_embed_type", None) == "text_time":
+    if "UNet2DConditionModel" in classes:
+        if getattr(inner.config, "addition_embed_type", None) == "text_time":
             return FAMILIES["sdxl"]
         return FAMILIES["sd21" if objective == "v_prediction" else "sd15"]
-    raise TypeError(f"no model family for {cls}; known: UNet2DConditionModel, SD3Transformer2DModel, "
-                    "FluxTransformer2DModel")
+    raise TypeError(f"no model family for {type(inner).__name__}; known: UNet2DConditionModel, "
+                    "SD3Transformer2DModel, FluxTransformer2DModel")
 
 
 def layout(name: str, size: str = "full") -> dict[str, tuple[int, ...]]:
