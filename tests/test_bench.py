@@ -85,3 +85,77 @@ def test_quick_bench_as_a_user_runs_it(capsys):
     # frozen tensors own no optimizer state: the state column shrinks with the ratio
     state = [float(r.split("|")[10]) for r in rows]
     assert state[0] == state[1] > state[2] > state[3] and state[4] > state[5]
+
+
+# -- other model families: real steps on tiny configs, layout-only costing at full size ------------
+@pytest.mark.parametrize("model", ["sd21-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny"])
+def test_layout_mode_equals_a_real_guarded_step(model):
+    """What the layout mode predicts for a tiny family preset is what a real guarded step allocates."""
+    from freezeguard.apps.bench import run_layout_bench
+
+    real = measure(dict(model=model, mode="guard", ratio=0.5, by="params", steps=1, warmup=0))
+    full = measure(dict(model=model, mode="full", steps=1, warmup=0))
+    rows = run_layout_bench(model=model, ratios=(0.5,), by=("params",))["rows"]
+    layout_full, layout_half = rows
+    assert layout_half["frozen_tensors"] == real["frozen_tensors"] > 0
+    assert (layout_half["grads"], layout_half["optimizer_state"]) == (real["grad_bytes"], real["state_bytes"])
+    assert (layout_full["grads"], layout_full["optimizer_state"]) == (full["grad_bytes"], full["state_bytes"])
+    assert layout_full["weights"] == real["param_bytes"]
+
+
+FULL = {"sdxl": (1680, 2_567_463_684), "sd3": (682, 2_028_328_000), "flux": (1160, 11_901_408_320)}
+
+
+def _check_layout_result(model, res):
+    tensors, params = FULL[model]
+    assert (res["meta"]["tensors"], res["meta"]["parameters"]) == FULL[model] and res["meta"]["layout_only"]
+    rows = {(r["world_size"], r["by"], r["ratio"]): r for r in res["rows"]}
+    full1, full8 = rows[(1, "tensors", 0.0)], rows[(8, "tensors", 0.0)]
+    assert full1["grads"] == params * 4 and full1["optimizer_state"] == params * 8 + 4 * tensors
+    assert full8["grads"] == pytest.approx(full1["grads"] / 8, rel=2e-3)
+    assert rows[(1, "params", 0.7)]["saved_vs_full"] == pytest.approx(0.7, abs=0.01)
+    assert 0 < rows[(1, "tensors", 0.3)]["saved_vs_full"] < rows[(1, "tensors", 0.7)]["saved_vs_full"] < 1
+
+
+@pytest.mark.parametrize("model", ["sdxl", "sd3"])
+def test_cli_layout_mode_for_full_size_models(model, tmp_path, capsys):
+    """`freezeguard bench --model sdxl|sd3`: gradient and AdamW-state bytes saved at each ratio."""
+    out = tmp_path / "layout.json"
+    assert cli_main(["bench", "--model", model, "--ratios", "0,0.3,0.7", "--world-size", "1,8",
+                     "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "layout only" in table and "| 8 | guard 70% by params |" in table
+    _check_layout_result(model, json.loads(out.read_text()))
+
+
+def test_cli_layout_mode_never_allocates_flux(tmp_path):
+    """`freezeguard bench --model flux` in a fresh process: 12B parameters costed, the model never allocated."""
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "layout.json"
+    proc = subprocess.run([sys.executable, "-m", "freezeguard", "bench", "--model", "flux", "--ratios", "0,0.3,0.7",
+                           "--world-size", "1,8", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # its fp32 weights alone would be 44 GiB; the whole command (torch + diffusers imported) stays below 3 GiB
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < 3 * 2**30
+    _check_layout_result("flux", json.loads(out.read_text()))
+
+
+def test_layout_mode_takes_a_mask_file_and_refuses_bad_input(tmp_path, capsys):
+    from freezeguard.integrations.diffusers.layouts import build_model
+
+    meta = build_model("sd3", device="meta")
+    mask = fg.FreezeMask.random(meta, ratio=0.4, by="params", seed=5)
+    path = tmp_path / "sd3-mask.safetensors"
+    mask.save(path, model=meta)
+    assert cli_main(["bench", "--model", "sd3", "--mask", str(path), "--ratios", "0", "--by", "params",
+                     "--json", "-"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    filed = [r for r in res["rows"] if r["mask"] == str(path)]
+    assert len(filed) == 1 and filed[0]["frozen_tensors"] == len(mask.frozen_names)
+    assert cli_main(["bench", "--model", "flux", "--world-size", "0"]) == 2
+    assert "--world-size" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="layout only"):
+        measure(dict(model="flux", steps=1, warmup=0))

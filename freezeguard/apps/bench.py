@@ -6,9 +6,15 @@ parameters, or a learned mask from a file): median step time, optimizer step tim
 gradient and optimizer-state bytes, each also as a ratio to full fine-tuning measured in the same
 run. See :mod:`freezeguard.apps.bench_step` for what each memory figure means.
 
+Layout-only mode (``freezeguard bench --model sdxl|sd3|flux``, or ``--layout`` for any preset):
+the model is built on the meta device, nothing is allocated or run, and each frozen ratio is
+costed with the memory model (:mod:`freezeguard.apps.memory`): gradient and AdamW-state bytes
+per GPU, and what freezing saves, at each ``--world-size`` under FSDP2 full sharding.
+
 Run:
     freezeguard bench --quick                    # CPU, 1-2 minutes
     freezeguard bench --device cuda --model sd15 --bf16 --checkpointing --json $OUT/bench.json
+    freezeguard bench --model flux --world-size 1,8,64   # layout only: seconds, no allocation
 
 Example:
     >>> from freezeguard.apps.bench import run_bench, format_table
@@ -101,6 +107,62 @@ def run_bench(*, model: str = "sd15-s", device: str = "cpu", ratios: Iterable[fl
     except Exception:
         meta["triton"] = None
     return {"meta": meta, "rows": rows}
+
+
+def run_layout_bench(*, model: str, ratios: Iterable[float] = RATIOS, by: Sequence[str] = ("tensors", "params"),
+                     mask_path: str | None = None, world_sizes: Sequence[int] = (1,), precision: str = "fp32",
+                     seed: int = 0) -> dict[str, Any]:
+    """Cost every configuration from the meta-device layout (no allocation); ``{"meta", "rows"}``.
+
+    Rows are :func:`freezeguard.apps.memory.memory_rows` guarded rows (full fine-tuning is the 0
+    ratio), each with ``saved_vs_full``: the share of full fine-tuning's gradient + AdamW-state
+    bytes that the mask saves.
+    """
+    from freezeguard.apps.memory import memory_rows
+    from freezeguard.core.mask import FreezeMask
+    from freezeguard.integrations.diffusers.layouts import build_model
+
+    meta_model = build_model(model, device="meta", seed=seed)
+    ratios = sorted({0.0, *map(float, ratios)})
+    masks = {mask_path: FreezeMask.load(mask_path, model=meta_model)} if mask_path else None
+    rows: list[dict[str, Any]] = []
+    for i, b in enumerate(by):
+        rs = ratios if i == 0 else [r for r in ratios if r > 0]  # the empty mask once
+        rows += [r for r in memory_rows(meta_model, world_sizes=world_sizes, ratios=rs, by=b, precision=precision,
+                                        seed=seed, masks=masks if i == 0 else None) if r["kind"] == "guarded"]
+    for r in rows:
+        full = next(f for f in rows if f["world_size"] == r["world_size"] and f["ratio"] == 0.0)
+        r["saved_vs_full"] = r["saved_grads_state"] / (full["grads"] + full["optimizer_state"])
+    rows.sort(key=lambda r: (r["world_size"], r["ratio"] is None, r["by"] != by[0], r["ratio"] or 0.0))
+    meta = dict(model=model, layout_only=True, precision=precision, world_sizes=list(world_sizes),
+                tensors=len(list(meta_model.parameters())),
+                parameters=sum(p.numel() for p in meta_model.parameters()), model_class=type(meta_model).__name__,
+                torch=torch.__version__)
+    return {"meta": meta, "rows": rows}
+
+
+def format_layout_table(result: dict[str, Any]) -> str:
+    """Markdown: per GPU (rank 0 under FSDP2 full sharding), GiB, and the share saved."""
+    m = result["meta"]
+    gib = 2**30
+    lines = [f"model {m['model']} ({m['model_class']}, {m['tensors']} tensors, {m['parameters'] / 1e9:.3f}B "
+             f"parameters), layout only (meta device, nothing allocated); {m['precision']} weights, grads and "
+             f"AdamW moments; per GPU = rank 0 of FSDP2 full sharding",
+             "",
+             "| GPUs | config | frozen t/p | weights GiB | grads GiB | AdamW state GiB | total GiB "
+             "| grads+state saved GiB | saved / full |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["ratio"] is None:
+            name = "guard mask file"
+        elif r["ratio"] == 0:
+            name = "full"
+        else:
+            name = f"guard {r['ratio']:.0%} by {r['by']}"
+        lines.append(f"| {r['world_size']} | {name} | {r['frozen_ratio_tensors']:.2f}/{r['frozen_ratio_params']:.2f} "
+                     f"| {r['weights'] / gib:.2f} | {r['grads'] / gib:.2f} | {r['optimizer_state'] / gib:.2f} "
+                     f"| {r['total'] / gib:.2f} | {r['saved_grads_state'] / gib:.2f} | {r['saved_vs_full']:.1%} |")
+    return "\n".join(lines)
 
 
 def _mib(b: float | None) -> str:

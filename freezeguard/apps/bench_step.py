@@ -1,4 +1,4 @@
-"""One fine-tuning configuration measured: forward + backward + optimizer step of a UNet.
+"""One fine-tuning configuration measured: forward + backward + optimizer step of a denoiser.
 
 A configuration is a plain dict (JSON-able, so it can be measured in a fresh subprocess)::
 
@@ -110,11 +110,14 @@ def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
     """Run one configuration and return its measurements (times in seconds, sizes in bytes)."""
     import freezeguard as fg
-    from freezeguard.integrations.diffusers.layouts import DEFAULT_LATENT, build_unet, make_batch
+    from freezeguard.integrations.diffusers.layouts import DEFAULT_LATENT, LAYOUT_ONLY, build_model, make_batch, predict
 
     c = check_config(cfg)
+    if c["model"] in LAYOUT_ONLY:
+        raise ValueError(f"{c['model']} is costed from its layout only (freezeguard bench --model {c['model']}); "
+                         f"real steps run on {c['model']}-tiny")
     device = torch.device(c["device"])
-    unet = build_unet(c["model"], device, seed=c["seed"])
+    unet = build_model(c["model"], device, seed=c["seed"])
     if c["checkpointing"]:
         unet.enable_gradient_checkpointing()
     batch = make_batch(unet, c["batch"], c["latent"] or DEFAULT_LATENT[c["model"]], seed=c["seed"])
@@ -153,7 +156,7 @@ def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(c["bf16"])), \
                 torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            pred = unet(**batch).sample
+            pred = predict(unet, batch)
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         loss.backward()
         _sync(device)

@@ -72,8 +72,13 @@ def _numels(layout: Layout, world_size: int, rank: int) -> dict[str, int]:
 
 
 def guarded_bytes(layout: Layout, frozen: Iterable[str] = (), *, world_size: int = 1, rank: int = 0,
-                  param_bytes: int = 4, grad_bytes: int = 4, moment_bytes: int = 4) -> dict[str, int]:
-    """Bytes on ``rank`` of weights, gradients and AdamW state for fine-tuning with ``frozen`` frozen."""
+                  param_bytes: int = 4, grad_bytes: int = 4, moment_bytes: int = 4,
+                  buffer_bytes: int = 0) -> dict[str, int]:
+    """Bytes on ``rank`` of weights, gradients and AdamW state for fine-tuning with ``frozen`` frozen.
+
+    ``buffer_bytes``: the model's buffers (e.g. SD3's positional table), replicated on every rank
+    (FSDP2 does not shard buffers); counted in the total when given.
+    """
     frozen = set(frozen)
     unknown = frozen - set(layout)
     if unknown:
@@ -84,12 +89,14 @@ def guarded_bytes(layout: Layout, frozen: Iterable[str] = (), *, world_size: int
     out = {"weights": sum(numel.values()) * param_bytes,
            "grads": t_numel * grad_bytes,
            "optimizer_state": 2 * t_numel * moment_bytes + STEP_BYTES * len(trainable)}
-    out["total"] = out["weights"] + out["grads"] + out["optimizer_state"]
+    if buffer_bytes:
+        out["buffers"] = int(buffer_bytes)
+    out["total"] = sum(out.values())
     return out
 
 
 def learner_bytes(layout: Layout, *, world_size: int = 1, rank: int = 0, param_bytes: int = 4,
-                  user_optimizer: str = "sgd") -> dict[str, int]:
+                  user_optimizer: str = "sgd", buffer_bytes: int = 0) -> dict[str, int]:
     """Bytes on ``rank`` of the MaskLearner: live weights, Delta, gradients, logits, user moments."""
     if user_optimizer not in ("sgd", "adamw"):
         raise ValueError(f"user_optimizer must be 'sgd' or 'adamw', got {user_optimizer!r}")
@@ -97,6 +104,8 @@ def learner_bytes(layout: Layout, *, world_size: int = 1, rank: int = 0, param_b
     out = {"weights": elems * param_bytes, "delta": elems * param_bytes, "grads": elems * param_bytes,
            "logits": 2 * 4 * len(layout),  # fp32 logit + fp32 budget weight per tensor, replicated
            "user_moments": 2 * elems * param_bytes if user_optimizer == "adamw" else 0}
+    if buffer_bytes:
+        out["buffers"] = int(buffer_bytes)
     out["total"] = sum(out.values())
     return out
 
@@ -119,12 +128,15 @@ def largest_unit_bytes(layout: Layout, *, param_bytes: int = 4) -> tuple[str, in
     return name or "(root)", units[name] * param_bytes
 
 
-def memory_rows(family: str, *, world_sizes: Sequence[int] = (1,), ratios: Sequence[float] = (0.0, 0.3, 0.5, 0.7),
-                by: str = "params", precision: str = "fp32", seed: int = 0) -> list[dict[str, Any]]:
+def memory_rows(family: str | Any, *, world_sizes: Sequence[int] = (1,),
+                ratios: Sequence[float] = (0.0, 0.3, 0.5, 0.7), by: str = "params", precision: str = "fp32",
+                seed: int = 0, masks: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per (world size, frozen ratio) for guarded fine-tuning, plus the learner rows.
 
-    Masks are ``FreezeMask.random(ratio, by, seed)`` of the family's full-size meta-device model
-    (a learned mask of the same ratio by params costs the same, up to shard rounding).
+    ``family`` is a family name (its full-size model is built on the meta device) or a model
+    (meta or real; only names and shapes are read). Masks are ``FreezeMask.random(ratio, by,
+    seed)`` (a learned mask of the same ratio by params costs the same, up to shard rounding);
+    ``masks`` adds named masks (e.g. a learned one) as rows of their own.
     """
     from freezeguard.core.mask import FreezeMask
     from freezeguard.integrations.diffusers.models import get_family
@@ -132,22 +144,29 @@ def memory_rows(family: str, *, world_sizes: Sequence[int] = (1,), ratios: Seque
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     prec = PRECISIONS[precision]
-    model = get_family(family).build("full", device="meta")
+    if isinstance(family, str):
+        model = get_family(family).build("full", device="meta")
+    else:
+        model, family = family, type(family).__name__
     lay = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    todo = [(f"{r:g}", r, FreezeMask.random(model, ratio=r, by=by, seed=seed)) for r in ratios]
+    todo += [(label, None, m) for label, m in (masks or {}).items()]
     rows: list[dict[str, Any]] = []
     for w in world_sizes:
-        full = guarded_bytes(lay, (), world_size=w, **prec)
-        for r in ratios:
-            mask = FreezeMask.random(model, ratio=r, by=by, seed=seed)
-            g = guarded_bytes(lay, mask.frozen_names, world_size=w, **prec)
-            rows.append(dict(kind="guarded", family=family, world_size=w, ratio=r, by=by, precision=precision,
-                             frozen_ratio_params=mask.ratio("params"), frozen_tensors=len(mask.frozen_names),
-                             **g, saved=full["total"] - g["total"],
+        full = guarded_bytes(lay, (), world_size=w, buffer_bytes=buffers, **prec)
+        for label, r, mask in todo:
+            g = guarded_bytes(lay, mask.frozen_names, world_size=w, buffer_bytes=buffers, **prec)
+            rows.append(dict(kind="guarded", family=family, world_size=w, ratio=r, by=by, mask=label,
+                             precision=precision, tensors=len(lay),
+                             frozen_ratio_tensors=mask.ratio("tensors"), frozen_ratio_params=mask.ratio("params"),
+                             frozen_tensors=len(mask.frozen_names), **g, saved=full["total"] - g["total"],
                              saved_grads_state=(full["grads"] + full["optimizer_state"])
                              - (g["grads"] + g["optimizer_state"])))
         for uo in ("sgd", "adamw"):
             rows.append(dict(kind=f"learner ({uo} user)", family=family, world_size=w, precision=precision,
-                             **learner_bytes(lay, world_size=w, param_bytes=prec["param_bytes"], user_optimizer=uo)))
+                             **learner_bytes(lay, world_size=w, param_bytes=prec["param_bytes"], user_optimizer=uo,
+                                             buffer_bytes=buffers)))
     unit, unit_b = largest_unit_bytes(lay, param_bytes=prec["param_bytes"])
     for row in rows:
         row["largest_unit"], row["largest_unit_bytes"] = unit, unit_b
@@ -165,8 +184,12 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "guarded":
-            name = "full fine-tune" if r["ratio"] == 0 else (
-                f"guarded, {r['ratio']:.0%} frozen by {r['by']} ({r['frozen_tensors']} tensors)")
+            if r["ratio"] is None:
+                name = f"guarded, mask {r['mask']} ({r['frozen_tensors']} tensors)"
+            elif r["ratio"] == 0:
+                name = "full fine-tune"
+            else:
+                name = f"guarded, {r['ratio']:.0%} frozen by {r['by']} ({r['frozen_tensors']} tensors)"
             lines.append(f"| {r['world_size']} | {name} | {_gib(r['weights'])} | - | {_gib(r['grads'])} "
                          f"| {_gib(r['optimizer_state'])} | - | {_gib(r['total'])} | {_gib(r['saved'])} |")
         else:
@@ -191,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
     else:
         r0 = rows[0]
+        buf = f"; totals include {r0['buffers'] / 2**20:.0f} MiB of replicated buffers" if r0.get("buffers") else ""
         print(f"{a.model}: GiB per GPU on rank 0 (largest shard), {a.precision} weights/grads/moments; "
-              f"largest FSDP unit {r0['largest_unit']} gathers {_gib(r0['largest_unit_bytes'])} GiB unsharded")
+              f"largest FSDP unit {r0['largest_unit']} gathers {_gib(r0['largest_unit_bytes'])} GiB unsharded{buf}")
         print(format_rows(rows))
     return 0
 

@@ -5,14 +5,28 @@ import argparse
 import json
 import sys
 
-HELP = "measure step time and memory of guarded vs full fine-tuning of a diffusers UNet"
+HELP = "measure step time and memory of guarded vs full fine-tuning of a diffusers denoiser"
 DESCRIPTION = (HELP + ". Peak memory: torch.cuda.max_memory_allocated on CUDA; peak RSS delta of a "
-               "fresh subprocess per configuration on CPU. The learner's fused update against the "
-               "authors' loop is measured by benchmarks/bench_learner.py in the repository.")
+               "fresh subprocess per configuration on CPU. Full-size SD-2.1, SDXL, SD3 and Flux "
+               "(--model sd21|sdxl|sd3|flux), or any model with --layout, are costed from their "
+               "meta-device layout without allocating them: gradient and AdamW-state bytes per GPU "
+               "under FSDP2 full sharding (--world-size) and what each frozen ratio saves. The "
+               "learner's fused update against the authors' loop is measured by "
+               "benchmarks/bench_learner.py in the repository.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="sd15-s", help="tiny | sd15-s | sd15-m | sd15 (full SD-1.5 UNet)")
+    parser.add_argument("--model", default="sd15-s",
+                        help="real steps: tiny | sd15-s | sd15-m | sd15 (full SD-1.5 UNet) | sd21-tiny | sdxl-tiny | "
+                             "sd3-tiny | flux-tiny; layout only: sd21 | sdxl | sd3 | flux (full size)")
+    parser.add_argument("--layout", action="store_true",
+                        help="cost the model from its meta-device layout (no allocation, no steps); "
+                             "always on for sd21, sdxl, sd3, flux")
+    parser.add_argument("--world-size", default="1",
+                        help="layout mode: comma-separated GPU counts (FSDP2 full sharding), e.g. 1,8,64")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="layout mode: bytes of weights, grads and AdamW moments (fp32: FSDP2 mixed "
+                             "precision keeps sharded fp32; bf16: all bf16)")
     parser.add_argument("--device", default="cpu", help="torch device to measure on (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--ratios", default="0,0.1,0.3,0.5,0.7", help="comma-separated frozen ratios")
     parser.add_argument("--by", default="tensors,params", help="budget kinds: tensors, params")
@@ -36,9 +50,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", default=None, help="write the time/memory plot here")
 
 
+def _run_layout(args: argparse.Namespace) -> int:
+    from freezeguard.apps.bench import format_layout_table, run_layout_bench
+
+    try:
+        sizes = [int(w) for w in args.world_size.split(",") if w]
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"--world-size needs GPU counts >= 1, got {args.world_size!r}")
+        result = run_layout_bench(model=args.model, ratios=[float(r) for r in args.ratios.split(",") if r],
+                                  by=[b for b in args.by.split(",") if b], mask_path=args.mask, world_sizes=sizes,
+                                  precision=args.precision)
+    except ValueError as exc:
+        print(f"freezeguard bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_layout_table(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+    if args.png:
+        print("freezeguard bench: --png is not drawn in layout mode (no timings)", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from freezeguard.apps.bench import format_table, plot, run_bench
+    from freezeguard.integrations.diffusers.layouts import LAYOUT_ONLY
 
+    if args.layout or args.model in LAYOUT_ONLY:
+        return _run_layout(args)
     if args.quick:
         args.ratios, args.steps, args.warmup = "0,0.3,0.7", 3, 1
     result = run_bench(model=args.model, device=args.device,
