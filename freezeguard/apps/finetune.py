@@ -105,7 +105,8 @@ def finetune(components: Any, target_ds: Any, innocent_ds: Any = None, *, steps:
                             frozen_tensors=sum(1 for _ in unet.parameters()) - len(trainable),
                             trainable_params=sum(p.numel() for p in trainable))
 
-    loss_fn = make_loss_fn(components.noise_scheduler, vae=components.vae, text_encoder=components.text_encoder)
+    loss_fn = make_loss_fn(components.noise_scheduler, vae=components.vae, text_encoder=components.text_encoder,
+                           prompt_encoder=getattr(components, "prompt_encoder", None))
     # Noise and timesteps come from their own seeded generator, so a run is reproducible
     # whatever else draws from the global RNG (dropout, other libraries).
     gen = torch.Generator(device=device).manual_seed(int(seed))

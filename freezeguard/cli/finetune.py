@@ -6,13 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-HELP = "fine-tune a local Stable Diffusion folder's UNet on image folders (full, or guarded by --mask)"
+HELP = "fine-tune a local diffusers pipeline's denoiser on image folders (full, or guarded by --mask)"
 DESCRIPTION = (
-    "Fine-tune the UNet of a local diffusers Stable Diffusion folder on imagefolder data "
+    "Fine-tune the denoiser (unet/ of SD-1.x, SD-2.x, SDXL; transformer/ of SD3, Flux) of a local diffusers "
+    "pipeline folder on imagefolder data "
     "(metadata.jsonl with file_name + caption). Without --mask this is the publisher's full "
     "fine-tune on target (+ innocent) data that produces the fine-tuned weights `freezeguard learn` "
     "needs; with --mask the masked tensors stay frozen (fused AdamW via freezeguard.guard). The "
-    "result is a copy of the pipeline folder with the fine-tuned UNet (safetensors) and "
+    "result is a copy of the pipeline folder with the fine-tuned denoiser (safetensors) and "
     "finetune_log.jsonl (per-step losses). Nothing is downloaded."
 )
 

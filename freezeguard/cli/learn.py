@@ -6,9 +6,10 @@ import json
 import math
 import sys
 
-HELP = "learn which UNet tensors to freeze so fine-tunes on the target data fail (bilevel MaskLearner)"
+HELP = "learn which denoiser tensors to freeze so fine-tunes on the target data fail (bilevel MaskLearner)"
 DESCRIPTION = (
-    "Learn a FreezeAsGuard mask for the UNet of a local diffusers Stable Diffusion folder. "
+    "Learn a FreezeAsGuard mask for the denoiser (UNet of SD-1.x/2.x/SDXL, transformer of SD3/Flux) of a "
+    "local diffusers pipeline folder. "
     "--pretrained is the model you release, --finetuned your own full fine-tune of it on target + "
     "innocent data (`freezeguard finetune`). The learner alternates releaser steps (make the "
     "target loss rise and keep the innocent loss low through the mask) and simulated-user fine-tune "
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", required=True, help="local diffusers SD folder: the model you release")
     parser.add_argument("--finetuned", required=True,
                         help="your full fine-tune of --pretrained on target + innocent data "
-                             "(SD folder or unet/ folder)")
+                             "(pipeline folder, or its unet/ or transformer/ folder)")
     parser.add_argument("--target-data", required=True, help="imagefolder of the target (illegal) domain")
     parser.add_argument("--innocent-data", required=True, help="imagefolder of innocent data to keep working")
     parser.add_argument("--freeze-ratio", type=_ratio, required=True, help="share of tensors (or params) to freeze")

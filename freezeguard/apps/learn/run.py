@@ -24,7 +24,7 @@ import torch
 
 from freezeguard.apps.learn.learner import HARD_MASK_METHODS, MaskLearner
 from freezeguard.core.mask import describe_layout_mismatch
-from freezeguard.core.weights import WeightsError, load_tensors, weights_layout
+from freezeguard.core.weights import DENOISER_SUBFOLDERS, WeightsError, load_tensors, weights_layout
 from freezeguard.integrations.diffusers.data import DatasetError, ImageFolderDataset, mixed_batches
 from freezeguard.integrations.diffusers.pipeline import PipelineError, load_components
 
@@ -34,15 +34,16 @@ class LearnInputError(ValueError):
 
 
 def _unet_dir(path: str | Path, flag: str) -> Path:
+    """The denoiser folder: the pipeline's unet/ (SD-1.x/2.x, SDXL) or transformer/ (SD3, Flux), or the folder."""
     root = Path(path)
     if not root.is_dir():
         raise LearnInputError(f"{flag} {root} does not exist (a local diffusers folder is needed; nothing is "
                               "downloaded)")
-    for cand in (root / "unet", root):
+    for cand in [root / sub for sub in DENOISER_SUBFOLDERS] + [root]:
         if (cand / "config.json").is_file():
             return cand
-    raise LearnInputError(f"{flag} {root} is neither a diffusers pipeline folder (unet/config.json) nor a unet "
-                          "folder")
+    raise LearnInputError(f"{flag} {root} is neither a diffusers pipeline folder (unet/ or transformer/ with a "
+                          "config.json) nor a denoiser folder")
 
 
 def _layout(unet_dir: Path, flag: str) -> dict[str, tuple[int, ...]]:

@@ -38,7 +38,8 @@ def objective_of(noise_scheduler: Any) -> str:
 
 
 def make_loss_fn(noise_scheduler: Any, *, vae: torch.nn.Module | None = None,
-                 text_encoder: torch.nn.Module | None = None, family: Any = None) -> LossFn:
+                 text_encoder: torch.nn.Module | None = None, family: Any = None,
+                 prompt_encoder: Callable[[list[str]], Mapping[str, torch.Tensor]] | None = None) -> LossFn:
     """Build ``loss_fn(model, batch) -> Tensor[B]``, the per-sample diffusion MSE.
 
     The objective follows the scheduler (:func:`objective_of`): a ``DDPMScheduler`` with
@@ -46,7 +47,9 @@ def make_loss_fn(noise_scheduler: Any, *, vae: torch.nn.Module | None = None,
     forward call follows the model (``family``: a :class:`~freezeguard.integrations.diffusers.models.ModelFamily`
     or its name; by default found from the model at each call, :func:`~freezeguard.integrations.diffusers.models.family_of`):
     SDXL, SD3 and Flux read precomputed ``"pooled_projections"`` (and the other keys listed in
-    :mod:`freezeguard.integrations.diffusers.models`) from the batch.
+    :mod:`freezeguard.integrations.diffusers.models`) from the batch, or get them from
+    ``prompt_encoder(batch["caption"])`` (e.g. :class:`~freezeguard.integrations.diffusers.pipeline.PromptEncoder`,
+    a pipeline's ``encode_prompt``), which runs without gradients.
 
     ``batch`` holds ``"pixel_values"`` [B,C,H,W] in [-1, 1] (encoded by ``vae`` to
     ``latents * vae.config.scaling_factor`` when a VAE is given, used as-is for pixel-space
@@ -150,9 +153,13 @@ def make_loss_fn(noise_scheduler: Any, *, vae: torch.nn.Module | None = None,
                 target = noise_scheduler.get_velocity(latents, noise, timesteps)
 
         cond = dict(batch)
-        text = encode_text(batch)
-        if text is not None:
-            cond["encoder_hidden_states"] = text
+        if prompt_encoder is not None and "encoder_hidden_states" not in batch and batch.get("caption") is not None:
+            with torch.no_grad():
+                cond.update(prompt_encoder(list(batch["caption"])))
+        else:
+            text = encode_text(batch)
+            if text is not None:
+                cond["encoder_hidden_states"] = text
         fam = fixed_family or _family(model)
         pred = fam.forward(model, noisy.to(dtype), timesteps, cond)
         per_elem = F.mse_loss(pred.float(), target, reduction="none")

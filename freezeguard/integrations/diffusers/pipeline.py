@@ -1,10 +1,16 @@
-"""Load the trainable parts of a local diffusers Stable Diffusion folder, and save a fine-tune.
+"""Load the trainable parts of a local diffusers pipeline folder, and save a fine-tune.
 
-Only local folders are read (``local_files_only=True``): nothing is downloaded. For training,
-the scheduler is rebuilt as a ``DDPMScheduler`` from the stored scheduler's config, as the
-diffusers training scripts do (a pipeline often ships an inference scheduler such as PNDM).
-Folders without ``vae`` / ``text_encoder`` / ``tokenizer`` (pixel-space or unconditional
-models) load with those parts set to ``None``.
+Only local folders are read (``local_files_only=True``): nothing is downloaded. The denoiser is
+the folder's ``unet/`` (SD-1.x, SD-2.x, SDXL) or ``transformer/`` (SD3, Flux). For training, the
+scheduler is rebuilt as the training scripts do: a ``DDPMScheduler`` from the stored scheduler's
+config (a pipeline often ships an inference scheduler such as PNDM), or the stored
+``FlowMatchEulerDiscreteScheduler`` for rectified-flow models. Folders without ``vae`` /
+``text_encoder`` / ``tokenizer`` (pixel-space or unconditional models) load with those parts set
+to ``None``.
+
+Text conditioning: SD-1.x/2.x run their one CLIP text encoder on the batch's ``input_ids``;
+SDXL, SD3 and Flux (several text encoders, pooled embeddings) load the folder's diffusers
+pipeline and use its own ``encode_prompt`` on the batch's captions (``prompt_encoder``).
 """
 from __future__ import annotations
 
@@ -18,8 +24,9 @@ from typing import Any
 
 import torch
 
-from freezeguard.core.weights import WeightsError, weight_files
+from freezeguard.core.weights import DENOISER_SUBFOLDERS, WeightsError, weight_files
 from freezeguard.integrations.diffusers.loss import make_loss_fn
+from freezeguard.integrations.diffusers.models import family_of
 
 
 class PipelineError(ValueError):
@@ -37,21 +44,73 @@ class SDComponents:
     """
 
     path: Path
-    unet: torch.nn.Module
+    unet: torch.nn.Module           # the denoiser: a UNet or, for SD3 / Flux, a transformer
     noise_scheduler: Any
     vae: torch.nn.Module | None = None
     text_encoder: torch.nn.Module | None = None
     tokenizer: Any = None
+    prompt_encoder: Any = None      # captions -> conditioning (SDXL, SD3, Flux): the pipeline's encode_prompt
+    subfolder: str = "unet"         # where the denoiser lives: "unet" or "transformer"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
 
     def to(self, device: str | torch.device) -> "SDComponents":
         for module in (self.unet, self.vae, self.text_encoder):
             if module is not None:
                 module.to(device)
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.to(device)
         return self
 
     def loss_fn(self):
-        """``make_loss_fn`` over these components (VAE / text encoder when present)."""
-        return make_loss_fn(self.noise_scheduler, vae=self.vae, text_encoder=self.text_encoder)
+        """``make_loss_fn`` over these components (VAE / text encoder / prompt encoder when present)."""
+        return make_loss_fn(self.noise_scheduler, vae=self.vae, text_encoder=self.text_encoder,
+                            prompt_encoder=self.prompt_encoder)
+
+
+class PromptEncoder:
+    """``captions -> {"encoder_hidden_states", "pooled_projections"}`` through a pipeline's ``encode_prompt``.
+
+    Holds the pipeline's text encoders (frozen, no gradients). Used for SDXL, SD3 and Flux, whose
+    conditioning needs several text encoders and a pooled embedding.
+    """
+
+    def __init__(self, pipe: Any, kind: str):
+        self.pipe, self.kind = pipe, kind
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            enc = getattr(pipe, name, None)
+            if enc is not None:
+                enc.requires_grad_(False).eval()
+
+    def to(self, device: str | torch.device) -> "PromptEncoder":
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            enc = getattr(self.pipe, name, None)
+            if enc is not None:
+                enc.to(device)
+        return self
+
+    def _device(self) -> torch.device:
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            enc = getattr(self.pipe, name, None)
+            if enc is not None:
+                return next(enc.parameters()).device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        device = self._device()
+        if self.kind == "flux":
+            embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(captions), prompt_2=None, device=device)
+        elif self.kind == "sd3":
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=list(captions), prompt_2=None, prompt_3=None,
+                                                           device=device, do_classifier_free_guidance=False)
+        else:  # SDXL
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=list(captions), device=device,
+                                                           num_images_per_prompt=1,
+                                                           do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
 def _class_from_index(index: dict, name: str, default: tuple[str, str]) -> type:
@@ -65,27 +124,36 @@ def _class_from_index(index: dict, name: str, default: tuple[str, str]) -> type:
                             f"imported here: {exc}") from None
 
 
+def denoiser_subfolder(root: str | os.PathLike) -> str:
+    """``"unet"`` or ``"transformer"``: the pipeline folder's denoiser (the first with a config.json)."""
+    for name in DENOISER_SUBFOLDERS:
+        if (Path(root) / name / "config.json").is_file():
+            return name
+    raise PipelineError(f"{root} is not a diffusers pipeline folder: no unet/config.json or transformer/config.json")
+
+
 def check_pipeline_folder(path: str | os.PathLike) -> Path:
-    """Return ``path`` as a Path if it looks like a local diffusers pipeline with a UNet, else raise."""
+    """Return ``path`` as a Path if it looks like a local diffusers pipeline with a denoiser, else raise."""
     root = Path(path)
     if not root.is_dir():
         raise PipelineError(f"model folder {root} does not exist (a local diffusers pipeline folder is "
                             "needed; nothing is downloaded)")
-    unet_dir = root / "unet"
-    if not (unet_dir / "config.json").is_file():
-        raise PipelineError(f"{root} is not a diffusers pipeline folder: no unet/config.json")
+    sub = denoiser_subfolder(root)
     try:  # one rule for every command: safetensors only, pickles refused (freezeguard.core.weights)
-        weight_files(unet_dir, "unet")
+        weight_files(root / sub, sub)
     except WeightsError as exc:
         raise PipelineError(str(exc)) from None
     return root
 
 
 def load_components(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> SDComponents:
-    """Load unet, vae, text_encoder, tokenizer and a DDPM noise scheduler from a local folder."""
+    """Load the denoiser, vae, text encoder(s), tokenizer and the training noise scheduler from a local folder."""
     from diffusers import DDPMScheduler
 
     root = check_pipeline_folder(path)
+    sub = denoiser_subfolder(root)
+    if sub != "unet" or (root / "text_encoder_2").is_dir():
+        return _load_with_pipeline(root, sub, dtype)
     index_path = root / "model_index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     # use_safetensors: never fall back to unpickling a .bin that sits beside (or instead of) the
@@ -118,6 +186,40 @@ def load_components(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
                         text_encoder=text_encoder, tokenizer=tokenizer)
 
 
+def _load_with_pipeline(root: Path, sub: str, dtype: torch.dtype) -> SDComponents:
+    """SDXL / SD3 / Flux: the folder's diffusers pipeline, its encode_prompt for the captions."""
+    from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    index_path = root / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    # optional parts saved as absent (e.g. SD3 without its T5) must be passed as None explicitly
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and not any(v)}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(root), dtype=dtype, local_files_only=True,
+                                                 use_safetensors=True, **absent)
+    except (OSError, ValueError, TypeError, ImportError) as exc:
+        raise PipelineError(f"{root}: cannot load it as a local diffusers pipeline: {exc}") from None
+    denoiser = getattr(pipe, sub)
+    try:
+        fam = family_of(denoiser)
+    except TypeError as exc:
+        raise PipelineError(f"{root}: {exc}") from None
+    stored = getattr(pipe, "scheduler", None)
+    if fam.objective == "flow_matching":
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(stored.config) if stored is not None \
+            else fam.scheduler()
+    else:
+        scheduler = DDPMScheduler.from_config(stored.config) if stored is not None else fam.scheduler()
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:
+        vae.requires_grad_(False).eval()
+    denoiser.requires_grad_(True)
+    kind = fam.kind if fam.kind != "unet" else "sdxl"
+    return SDComponents(path=root, unet=denoiser, noise_scheduler=scheduler, vae=vae,
+                        tokenizer=getattr(pipe, "tokenizer", None), prompt_encoder=PromptEncoder(pipe, kind),
+                        subfolder=sub)
+
+
 def save_unet(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
     """Save a UNet with ``save_pretrained`` as safetensors into ``path`` (a unet/ folder)."""
     out = Path(path)
@@ -126,7 +228,7 @@ def save_unet(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
 
 
 def save_pipeline_with_unet(src: str | os.PathLike, dst: str | os.PathLike, unet: torch.nn.Module) -> Path:
-    """Copy pipeline folder ``src`` to ``dst`` with its UNet replaced by ``unet``.
+    """Copy pipeline folder ``src`` to ``dst`` with its denoiser (``unet/`` or ``transformer/``) replaced by ``unet``.
 
     Example:
         >>> save_pipeline_with_unet("models/sd15", "runs/sd15-ft", comps.unet)  # doctest: +SKIP
@@ -134,16 +236,17 @@ def save_pipeline_with_unet(src: str | os.PathLike, dst: str | os.PathLike, unet
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise PipelineError(f"refusing to overwrite the source pipeline {src}; choose another --out")
+    sub = denoiser_subfolder(src)
     dst.mkdir(parents=True, exist_ok=True)
     for entry in src.iterdir():
-        if entry.name == "unet":
+        if entry.name == sub:
             continue
         target = dst / entry.name
         if entry.is_dir():
             shutil.copytree(entry, target, dirs_exist_ok=True)
         else:
             shutil.copy2(entry, target)
-    unet_dir = dst / "unet"
+    unet_dir = dst / sub
     if unet_dir.exists():
         shutil.rmtree(unet_dir)  # drop stale shards of an earlier run
     save_unet(unet, unet_dir)
