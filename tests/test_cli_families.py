@@ -30,13 +30,26 @@ def data(tmp_path_factory):
             "innocent": testing.write_tiny_imagefolder(root / "i", n=4, caption="a checker", seed=2, style="checker")}
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def _pipeline(family, path):
+    if family != "sd21":
+        return testing.build_tiny_family_pipeline(family, path, seed=0)
+    # SD-2.x: the SD-1.x layout (one CLIP text encoder) trained with v-prediction
+    pre = testing.build_tiny_sd_pipeline(path, seed=0)
+    cfg_path = pre / "scheduler" / "scheduler_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), prediction_type="v_prediction")))
+    return pre
+
+
+@pytest.mark.parametrize("family", ["sd21", "sdxl", "sd3", "flux"])
 def test_finetune_learn_guard_verify(family, data, tmp_path, capsys):
-    pre = testing.build_tiny_family_pipeline(family, tmp_path / "pre", seed=0)
+    pre = _pipeline(family, tmp_path / "pre")
     comps = load_components(pre)
-    assert family_of(comps.unet).name == family and comps.prompt_encoder is not None
+    objective = comps.loss_fn().prediction_type
+    assert objective == {"sd21": "v_prediction", "sdxl": "epsilon"}.get(family, "flow_matching")
+    assert family_of(comps.unet, objective).name == family
+    assert (comps.prompt_encoder is None) == (family == "sd21")
     sub = comps.subfolder
-    assert sub == ("unet" if family == "sdxl" else "transformer")
+    assert sub == ("unet" if family in ("sd21", "sdxl") else "transformer")
     common = ["--train-data", str(data["target"]), "--innocent-data", str(data["innocent"]), "--steps", "2",
               "--batch-size", "2", "--quiet", "--json", "--device", "cpu"]
 
