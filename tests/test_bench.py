@@ -88,7 +88,7 @@ def test_quick_bench_as_a_user_runs_it(capsys):
 
 
 # -- other model families: real steps on tiny configs, layout-only costing at full size ------------
-@pytest.mark.parametrize("model", ["sd21-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny"])
+@pytest.mark.parametrize("model", ["tiny", "sd21-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny"])
 def test_layout_mode_equals_a_real_guarded_step(model):
     """What the layout mode predicts for a tiny family preset is what a real guarded step allocates."""
     from freezeguard.apps.bench import run_layout_bench

@@ -147,7 +147,9 @@ def format_layout_table(result: dict[str, Any]) -> str:
     gib = 2**30
     lines = [f"model {m['model']} ({m['model_class']}, {m['tensors']} tensors, {m['parameters'] / 1e9:.3f}B "
              f"parameters), layout only (meta device, nothing allocated); {m['precision']} weights, grads and "
-             f"AdamW moments; per GPU = rank 0 of FSDP2 full sharding",
+             f"AdamW moments; per GPU = rank 0 of FSDP2 full sharding"
+             + (f"; totals include {result['rows'][0]['buffers'] / 2**20:.0f} MiB of replicated buffers"
+                if result["rows"] and result["rows"][0].get("buffers") else ""),
              "",
              "| GPUs | config | frozen t/p | weights GiB | grads GiB | AdamW state GiB | total GiB "
              "| grads+state saved GiB | saved / full |",
