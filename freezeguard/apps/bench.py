@@ -36,6 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from freezeguard.apps.bench_step import measure
+from freezeguard.apps.memory import memory_rows
+from freezeguard.core.mask import FreezeMask
+from freezeguard.integrations.diffusers.layouts import build_model
 
 RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7)
 
@@ -118,10 +121,6 @@ def run_layout_bench(*, model: str, ratios: Iterable[float] = RATIOS, by: Sequen
     ratio), each with ``saved_vs_full``: the share of full fine-tuning's gradient + AdamW-state
     bytes that the mask saves.
     """
-    from freezeguard.apps.memory import memory_rows
-    from freezeguard.core.mask import FreezeMask
-    from freezeguard.integrations.diffusers.layouts import build_model
-
     meta_model = build_model(model, device="meta", seed=seed)
     ratios = sorted({0.0, *map(float, ratios)})
     masks = {mask_path: FreezeMask.load(mask_path, model=meta_model)} if mask_path else None

@@ -42,6 +42,9 @@ import math
 import sys
 from typing import Any, Iterable, Mapping, Sequence
 
+from freezeguard.core.mask import FreezeMask
+from freezeguard.integrations.diffusers.models import get_family
+
 Layout = Mapping[str, Sequence[int]]
 STEP_BYTES = 4  # the per-tensor fp32 step counter of fg.optim.AdamW and torch.optim.AdamW
 
@@ -138,9 +141,6 @@ def memory_rows(family: str | Any, *, world_sizes: Sequence[int] = (1,),
     seed)`` (a learned mask of the same ratio by params costs the same, up to shard rounding);
     ``masks`` adds named masks (e.g. a learned one) as rows of their own.
     """
-    from freezeguard.core.mask import FreezeMask
-    from freezeguard.integrations.diffusers.models import get_family
-
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     prec = PRECISIONS[precision]

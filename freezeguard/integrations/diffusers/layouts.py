@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from freezeguard.integrations.diffusers.models import family_of, get_family
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(sample_size=16, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
                  cross_attention_dim=32, attention_head_dim=4,
@@ -52,8 +54,6 @@ def build_model(preset: str, device: str | torch.device = "cpu", seed: int = 0) 
     its names and shapes (nothing allocated).
     """
     if preset in FAMILY_PRESETS or preset in LAYOUT_ONLY:
-        from freezeguard.integrations.diffusers.models import get_family
-
         size = "tiny" if preset in FAMILY_PRESETS else "full"
         return get_family(FAMILY_PRESETS.get(preset, preset)).build(size, device=device, seed=seed)
     if preset not in PRESETS:
@@ -81,8 +81,6 @@ def make_batch(unet: torch.nn.Module, batch_size: int, latent: int, text_len: in
     """
     if batch_size < 1 or latent < 1:
         raise ValueError(f"batch_size and latent must be >= 1, got {batch_size}, {latent}")
-    from freezeguard.integrations.diffusers.models import family_of
-
     fam = family_of(unet)
     device = next(unet.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -94,6 +92,4 @@ def make_batch(unet: torch.nn.Module, batch_size: int, latent: int, text_len: in
 
 def predict(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The denoiser's output for a :func:`make_batch` batch (same shape as ``batch["sample"]``)."""
-    from freezeguard.integrations.diffusers.models import family_of
-
     return family_of(model).forward(model, batch["sample"], batch["timestep"], batch)

@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from freezeguard.integrations.diffusers.models import ModelFamily, family_of, get_family
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OBJECTIVES = PREDICTION_TYPES + ("flow_matching",)
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]
@@ -68,8 +70,6 @@ def make_loss_fn(noise_scheduler: Any, *, vae: torch.nn.Module | None = None,
         >>> loss_fn = make_loss_fn(DDPMScheduler(), vae=vae, text_encoder=text_encoder)  # doctest: +SKIP
         >>> losses = loss_fn(unet, {"pixel_values": x, "input_ids": ids})  # Tensor[B]  # doctest: +SKIP
     """
-    from freezeguard.integrations.diffusers.models import ModelFamily, family_of, get_family
-
     config = noise_scheduler.config
     prediction_type = objective_of(noise_scheduler)
     if prediction_type not in OBJECTIVES:
