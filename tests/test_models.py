@@ -265,3 +265,23 @@ def test_missing_conditioning_is_a_clear_error():
             make_loss_fn(fam.scheduler())(model, batch)
     with pytest.raises(ValueError, match="unknown model family"):
         get_family("sd4")
+
+
+def test_readme_model_table_matches_the_registry():
+    """The README's model table says what the registry (and the meta-device builds above) say."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0].startswith("`") and cells[0].split("`")[1] in FAMILIES:
+            rows[cells[0].split("`")[1]] = cells
+    assert sorted(rows) == NAMES
+    objective = {"epsilon": "epsilon", "v_prediction": "v-prediction", "flow_matching": "flow matching"}
+    for name, cells in rows.items():
+        fam = get_family(name)
+        assert cells[1].startswith(f"`{fam.class_name}`")
+        assert int(cells[2].replace(",", "")) == fam.tensors
+        assert int(cells[3].replace(",", "")) == fam.parameters
+        assert cells[5] == objective[fam.objective]
