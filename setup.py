@@ -70,7 +70,8 @@ setup(
     # The raw Triton kernels live in the top-level kernels/ folder but install as
     # freezeguard.kernels (a top-level module named `kernels` would shadow another package).
     package_dir={"freezeguard.kernels": "kernels", "freezeguard._csrc": CSRC},
-    package_data={"freezeguard._csrc": ["*.py", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h", "*.h"]},
+    package_data={"freezeguard.backends": ["*.json"],
+                  "freezeguard._csrc": ["*.py", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h", "*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -50,10 +50,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def run_bench(benchmark, request):
-    """run_bench(fn, impl=..., role=..., bytes=..., device=...): time fn, record what it was."""
+    """run_bench(fn, impl=..., role=..., nbytes=..., device=..., setup=None): time fn, record what it was."""
     rounds = request.config.getoption("--fg-rounds")
 
-    def run(fn, *, impl: str, role: str, nbytes: int, device: str = "cpu"):
+    def run(fn, *, impl: str, role: str, nbytes: int, device: str = "cpu", setup=None):
         benchmark.extra_info.update(impl=impl, role=role, bytes=int(nbytes), device=device,
                                     threads=torch.get_num_threads())
         if device == "cuda":
@@ -64,7 +64,8 @@ def run_bench(benchmark, request):
             torch.cuda.reset_peak_memory_stats()
         else:
             timed = fn
-        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+        # setup (untimed) runs before every round, e.g. to give the step fresh gradients
+        benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
         if device == "cuda":
             benchmark.extra_info["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated())
             benchmark.extra_info["gpu"] = torch.cuda.get_device_name()

@@ -39,6 +39,11 @@ def _short(impl: str) -> str:
             "per-tensor loop (authors')": "loop"}.get(impl, impl)
 
 
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if ms >= 10 else f"{ms:.3f}"
+
+
 def _groups(data: dict) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for b in data.get("benchmarks", []):
@@ -83,8 +88,8 @@ def markdown(data: dict, title: str | None = None) -> str:
             mem = ""
             if has_mem:
                 mem = f" {info['peak_mem_bytes'] / 2**30:.2f} |" if "peak_mem_bytes" in info else " |"
-            lines.append(f"| {group} | {info.get('impl', b.get('name', '?'))} | {st['median'] * 1e3:.1f} | "
-                         f"{st['min'] * 1e3:.1f} | {gbs:.1f} | {_ratios(b, anchors)} |{mem}")
+            lines.append(f"| {group} | {info.get('impl', b.get('name', '?'))} | {_ms(st['median'])} | "
+                         f"{_ms(st['min'])} | {gbs:.1f} | {_ratios(b, anchors)} |{mem}")
     checks = _targets(data)
     if checks:
         lines += ["", "| target | measured (median) | met |", "|---|---:|---|"] + checks

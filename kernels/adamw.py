@@ -29,7 +29,7 @@ from freezeguard.kernels.launch import CONFIGS, on_device, per_tensor_scalars, t
 
 @triton.jit
 def _adamw_chunk(ptrs, S, tid, offs, n, scal, wd_factor, one_minus_beta1, beta2, one_minus_beta2, eps,
-                 DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+                 DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, WD_IN_TABLE: tl.constexpr):
     p_ptr = tensor_ptr(ptrs, 0, S, tid, DTYPE, ALIGNED) + offs
     g_ptr = tensor_ptr(ptrs, 1, S, tid, DTYPE, ALIGNED) + offs
     m_ptr = tensor_ptr(ptrs, 2, S, tid, DTYPE, ALIGNED) + offs
@@ -47,6 +47,8 @@ def _adamw_chunk(ptrs, S, tid, offs, n, scal, wd_factor, one_minus_beta1, beta2,
         v = tl.load(v_ptr).to(tl.float32)
     neg_step_size = tl.load(scal + tid)          # -lr / (1 - beta1**step)
     bc2_sqrt = tl.load(scal + S + tid)           # sqrt(1 - beta2**step)
+    if WD_IN_TABLE:                              # capturable: 1 - lr * wd computed on the device
+        wd_factor = tl.load(scal + 2 * S)
     # torch.optim.AdamW's order of operations (reference.py), rounded once at the store.
     p = p * wd_factor
     m = m + (g - m) * one_minus_beta1
@@ -66,15 +68,16 @@ def _adamw_chunk(ptrs, S, tid, offs, n, scal, wd_factor, one_minus_beta1, beta2,
 
 @triton.jit
 def _masked_adamw_kernel(ptrs, S, chunk_tid, chunk_local, numels, scal, wd_factor, one_minus_beta1, beta2,
-                         one_minus_beta2, eps, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                         one_minus_beta2, eps, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                         WD_IN_TABLE: tl.constexpr = False):
     tid, offs, n, full = chunk_coords(chunk_tid, chunk_local, numels, BLOCK)
     # Only a tensor's last chunk needs bounds masks; full chunks stay unmasked so they vectorize.
     if full:
         _adamw_chunk(ptrs, S, tid, offs, n, scal, wd_factor, one_minus_beta1, beta2, one_minus_beta2, eps,
-                     DTYPE, ALIGNED, False)
+                     DTYPE, ALIGNED, False, WD_IN_TABLE)
     else:
         _adamw_chunk(ptrs, S, tid, offs, n, scal, wd_factor, one_minus_beta1, beta2, one_minus_beta2, eps,
-                     DTYPE, ALIGNED, True)
+                     DTYPE, ALIGNED, True, WD_IN_TABLE)
 
 
 def _bias_corrections(steps: Sequence[float], lr: float, beta1: float, beta2: float) -> list[float]:
@@ -86,22 +89,47 @@ def _bias_corrections(steps: Sequence[float], lr: float, beta1: float, beta2: fl
     return [memo[s][0] for s in steps] + [memo[s][1] for s in steps]
 
 
-def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                  exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
-                  steps: Sequence[float], *, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float, block: int | None = None, num_warps: int | None = None) -> None:
-    """One AdamW step of every listed tensor, in place (contract: see freezeguard.ops)."""
+def _launch(params, grads, exp_avgs, exp_avg_sqs, scal: torch.Tensor, wd_factor: float, *, beta1: float,
+            beta2: float, eps: float, wd_in_table: bool, block: int | None, num_warps: int | None) -> None:
     cfg_block, cfg_warps = CONFIGS["masked_adamw_"]
     lay = tables.layout(params, block or cfg_block)
     ptr = tables.pointers((params, grads, exp_avgs, exp_avg_sqs), lay)
-    device = params[0].device
-    scal = per_tensor_scalars(_bias_corrections(steps, lr, beta1, beta2), device)
-    with on_device(device):
+    with on_device(params[0].device):
         for g, aligned in zip(lay.groups, ptr.aligned, strict=True):
             if g.num_chunks == 0:
                 continue
             _masked_adamw_kernel[(g.num_chunks,)](
                 ptr.table, lay.num_tensors, g.chunk_tid, g.chunk_local, lay.numels, scal,
-                1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-                DTYPE=triton_dtype(g.dtype), BLOCK=lay.block, ALIGNED=aligned,
+                wd_factor, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+                DTYPE=triton_dtype(g.dtype), BLOCK=lay.block, ALIGNED=aligned, WD_IN_TABLE=wd_in_table,
                 num_warps=num_warps or cfg_warps)
+
+
+def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                  steps: Sequence[float], *, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float, block: int | None = None, num_warps: int | None = None) -> None:
+    """One AdamW step of every listed tensor, in place (contract: see freezeguard.ops)."""
+    scal = per_tensor_scalars(_bias_corrections(steps, lr, beta1, beta2), params[0].device)
+    _launch(params, grads, exp_avgs, exp_avg_sqs, scal, 1.0 - lr * weight_decay, beta1=beta1, beta2=beta2, eps=eps,
+            wd_in_table=False, block=block, num_warps=num_warps)
+
+
+def masked_adamw_capturable_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                             exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                             steps: torch.Tensor, *, lr: float | torch.Tensor, beta1: float, beta2: float, eps: float,
+                             weight_decay: float, block: int | None = None, num_warps: int | None = None) -> None:
+    """:func:`masked_adamw_` with ``steps`` [S] and ``lr`` read on the device (CUDA-graph capturable).
+
+    The same scalar table, built by a few tensor ops on the device instead of on the host, plus
+    ``1 - lr * weight_decay`` at its end. The pointer tables must already be cached (run one
+    step before capturing), as for any launch inside a graph.
+    """
+    device = params[0].device
+    s = steps.to(device=device, dtype=torch.float64)
+    lr64 = lr.to(device=device, dtype=torch.float64).reshape(1) if isinstance(lr, torch.Tensor) \
+        else torch.full((1,), lr, dtype=torch.float64, device=device)
+    scal = torch.cat([-lr64 / (1.0 - torch.pow(beta1, s)), torch.sqrt(1.0 - torch.pow(beta2, s)),
+                      1.0 - lr64 * weight_decay]).to(torch.float32)
+    _launch(params, grads, exp_avgs, exp_avg_sqs, scal, 0.0, beta1=beta1, beta2=beta2, eps=eps, wd_in_table=True,
+            block=block, num_warps=num_warps)

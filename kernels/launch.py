@@ -40,6 +40,21 @@ def _apply_env_overrides() -> None:
 
 _apply_env_overrides()
 
+
+def _interpret_setting() -> bool:
+    """Whether triton.jit makes interpreted kernels now (triton's own knob, else its variable)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older triton: no knobs module
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Read when the kernels are decorated (this module is imported first by every kernel module), so
+# it says how *these* kernels run, whatever the environment says later.
+INTERPRETED = _interpret_setting()
+
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 

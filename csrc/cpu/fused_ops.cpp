@@ -15,6 +15,38 @@ static T* ptr(const at::Tensor& t, int64_t offset) {
   return reinterpret_cast<T*>(t.data_ptr()) + offset;
 }
 
+// The update itself; inputs already checked. Bias corrections in double, as torch computes
+// them on the host, and computed once per distinct step count (usually one for a whole model).
+static void run_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                      const std::vector<double>& steps, double lr, double beta1, double beta2, double eps,
+                      double weight_decay) {
+  std::vector<AdamCoef> coef(params.size());
+  double last_step = -1.0;
+  AdamCoef last{};
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (steps[i] != last_step) {
+      const double bc1 = 1.0 - std::pow(beta1, steps[i]);
+      const double bc2 = 1.0 - std::pow(beta2, steps[i]);
+      last = {static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta1),
+              static_cast<float>(beta2),  static_cast<float>(1.0 - beta2),
+              static_cast<float>(std::sqrt(bc2)), static_cast<float>(eps),
+              static_cast<float>(-(lr / bc1))};
+      last_step = steps[i];
+    }
+    coef[i] = last;
+  }
+  const WorkTable table = make_work_table(params);
+  for_each_piece(table, [&](int64_t, const Piece& pc) {
+    const auto i = pc.tensor;
+    dispatch_dtype(params[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      adamw_piece<T>(ptr<T>(params[i], pc.begin), ptr<T>(grads[i], pc.begin), ptr<T>(exp_avgs[i], pc.begin),
+                     ptr<T>(exp_avg_sqs[i], pc.begin), pc.size, coef[i]);
+    });
+  });
+}
+
 void masked_adamw_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                    const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                    const std::vector<double>& steps, double lr, double beta1, double beta2, double eps,
@@ -26,26 +58,66 @@ void masked_adamw_(const std::vector<at::Tensor>& params, const std::vector<at::
   check_list(op, params, exp_avg_sqs, "exp_avg_sqs");
   TORCH_CHECK(steps.size() == params.size(), op, ": steps has ", steps.size(), " entries for ", params.size(),
               " tensors");
-  // Per-tensor bias corrections in double, once, as torch computes them on the host.
-  std::vector<AdamCoef> coef(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(steps[i] >= 1.0, op, ": step counts must be >= 1");
-    const double bc1 = 1.0 - std::pow(beta1, steps[i]);
-    const double bc2 = 1.0 - std::pow(beta2, steps[i]);
-    coef[i] = {static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta1),
-               static_cast<float>(beta2),  static_cast<float>(1.0 - beta2),
-               static_cast<float>(std::sqrt(bc2)), static_cast<float>(eps),
-               static_cast<float>(-(lr / bc1))};
+  for (const double s : steps) TORCH_CHECK(s >= 1.0, op, ": step counts must be >= 1");
+  run_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
+}
+
+static bool fits_step_contract(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                               const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                               const std::vector<at::Tensor>& counters) {
+  const size_t n = params.size();
+  if (grads.size() != n || exp_avgs.size() != n || exp_avg_sqs.size() != n || counters.size() != n) return false;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    if (!p.defined()) return false;
+    const auto dt = p.scalar_type();
+    if (!(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) return false;
+    for (const at::Tensor* t : {&p, &grads[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
+      // A tensor subclass (DTensor, a functional wrapper) has no plain storage behind
+      // data_ptr(): it never reaches the kernel.
+      if (!t->defined() || t->layout() != c10::kStrided || !t->device().is_cpu() || t->scalar_type() != dt ||
+          !t->is_contiguous() || !t->has_storage() || t->unsafeGetTensorImpl()->is_python_dispatch() ||
+          (t != &p && t->sizes() != p.sizes()))
+        return false;
+    }
+    const at::Tensor& c = counters[i];
+    if (!c.defined() || !c.device().is_cpu() || c.scalar_type() != at::kFloat || c.numel() != 1 ||
+        c.layout() != c10::kStrided || !c.has_storage() || c.unsafeGetTensorImpl()->is_python_dispatch())
+      return false;
+    const float count = *c.const_data_ptr<float>();
+    if (!(count >= 0.0f) || !std::isfinite(count)) return false;  // also refuses NaN
   }
-  const WorkTable table = make_work_table(params);
-  for_each_piece(table, [&](int64_t, const Piece& pc) {
-    const auto i = pc.tensor;
-    dispatch_dtype(params[i].scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      adamw_piece<T>(ptr<T>(params[i], pc.begin), ptr<T>(grads[i], pc.begin), ptr<T>(exp_avgs[i], pc.begin),
-                     ptr<T>(exp_avg_sqs[i], pc.begin), pc.size, coef[i]);
-    });
-  });
+  return true;
+}
+
+bool masked_adamw_step_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                        const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                        const std::vector<at::Tensor>& step_counters, double lr, double beta1, double beta2,
+                        double eps, double weight_decay) {
+  if (!fits_step_contract(params, grads, exp_avgs, exp_avg_sqs, step_counters)) return false;
+  std::vector<double> steps(params.size());
+  for (size_t i = 0; i < params.size(); ++i) steps[i] = static_cast<double>(*step_counters[i].const_data_ptr<float>()) + 1.0;
+  run_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
+  for (size_t i = 0; i < params.size(); ++i) {
+    // the same float32 rounding as `state["step"] += 1` in torch
+    *step_counters[i].mutable_data_ptr<float>() = static_cast<float>(steps[i]);
+    step_counters[i].unsafeGetTensorImpl()->bump_version();
+  }
+  return true;
+}
+
+bool masked_adamw_step_prepared_(const AdamWLists& lists, double lr, double beta1, double beta2, double eps,
+                                 double weight_decay, bool check_only) {
+  std::vector<at::Tensor> grads;
+  grads.reserve(lists.params.size());
+  for (const auto& p : lists.params) {
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) return false;
+    grads.push_back(g);
+  }
+  if (check_only) return fits_step_contract(lists.params, grads, lists.exp_avgs, lists.exp_avg_sqs, lists.step_counters);
+  return masked_adamw_step_(lists.params, grads, lists.exp_avgs, lists.exp_avg_sqs, lists.step_counters, lr, beta1,
+                            beta2, eps, weight_decay);
 }
 
 at::Tensor segment_dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {

@@ -23,7 +23,9 @@ std::tuple<bool, bool> check_tensor_lists(const std::vector<std::vector<at::Tens
     const at::Tensor& first = lists[0][i];
     for (const auto& list : lists) {
       const at::Tensor& t = list[i];
-      if (!t.defined() || t.layout() != c10::kStrided || !supported_dtype(t.scalar_type())) return {false, false};
+      if (!t.defined() || t.layout() != c10::kStrided || !supported_dtype(t.scalar_type()) ||
+          t.unsafeGetTensorImpl()->is_python_dispatch())
+        return {false, false};
       if (t.scalar_type() != first.scalar_type() || t.sizes() != first.sizes()) return {false, false};
       if (!have_device) {
         device = t.device();

@@ -85,6 +85,11 @@ inline void check_list(const char* op, const std::vector<at::Tensor>& ref, const
     const auto& a = ref[i];
     const auto& b = other[i];
     TORCH_CHECK(b.device().is_cpu() && a.device().is_cpu(), op, ": tensors must be on the CPU");
+    // A tensor subclass (e.g. FSDP2's DTensor) has no plain storage behind data_ptr(): refuse it
+    // here rather than let the kernel read through a wrapper (a crash, not an error).
+    TORCH_CHECK(!a.unsafeGetTensorImpl()->is_python_dispatch() && !b.unsafeGetTensorImpl()->is_python_dispatch() &&
+                    a.has_storage() && b.has_storage(),
+                op, ": ", name, "[", i, "] is a tensor subclass (e.g. a DTensor); pass plain local tensors");
     TORCH_CHECK(b.is_contiguous() && a.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
     TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": ", name, "[", i, "] is ", b.scalar_type(), " but expected ",
                 a.scalar_type());

@@ -1,20 +1,25 @@
 """One registry for every backend of the fused ops.
 
-A backend is a module-like object exposing the four ops with the reference's signatures
-(see ``reference.py``) plus ``availability()`` and ``supports(device)``, each returning
-``(ok, reason)``. Backends load lazily: ``import freezeguard`` never compiles anything.
+A backend meets the ``Backend`` protocol (``protocol.py``): ``name``, ``dtypes``,
+``availability()`` and ``supports(device)`` (both never compile), ``prepare()`` (may load or
+JIT-build once) and the ops it implements, with the reference's signatures (``reference.py``).
+Backends load lazily: ``import freezeguard`` never compiles anything.
 
 Choosing: ``backend="auto"`` (or ``FREEZEGUARD_BACKEND`` unset) picks the first backend in
-``AUTO_ORDER[device.type]`` that is available and supports the tensors' device. Naming a
-backend (argument or ``FREEZEGUARD_BACKEND``) forces it, and an error says why it cannot run.
+``AUTO_ORDER[device.type]`` that is available, supports the tensors' device and dtypes and
+implements the op. Naming a backend (argument or ``FREEZEGUARD_BACKEND``) forces it, and an
+error says why it cannot run.
 """
 from __future__ import annotations
 
 import importlib
 import os
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
+
+from freezeguard.backends.protocol import Backend, implements
 
 BACKEND_NAMES = ("torch", "cpp", "triton", "cuda")
 ENV_VAR = "FREEZEGUARD_BACKEND"
@@ -23,8 +28,7 @@ ENV_VAR = "FREEZEGUARD_BACKEND"
 # kernels comes from measurement (benchmarks/RESULTS.md); the reference is always last.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpp", "torch"),
-    # cuda before triton: through fg.ops on an H100 the CUDA kernels were as fast or faster in
-    # most rows of benchmarks/RESULTS.md (2026-11-23).
+    # cuda before triton: measured, see benchmarks/RESULTS.md ("auto on CUDA").
     "cuda": ("cuda", "triton", "torch"),
 }
 
@@ -47,20 +51,23 @@ class BackendStatus:
     reason: str
 
 
-_cache: dict[str, object] = {}
+_cache: dict[str, Backend] = {}
 
 
-def get_backend(name: str):
+def get_backend(name: str) -> Backend:
     """The backend object called ``name`` (not checked for availability)."""
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(('auto',) + BACKEND_NAMES)}")
     if name not in _cache:
-        _cache[name] = importlib.import_module(_MODULES[name])
+        module = importlib.import_module(_MODULES[name])
+        if not isinstance(module, Backend) or module.name != name:
+            raise TypeError(f"{_MODULES[name]} does not meet freezeguard.backends.protocol.Backend")
+        _cache[name] = module
     return _cache[name]
 
 
 def status(name: str) -> BackendStatus:
-    """Whether backend ``name`` can run on this machine, and why (not)."""
+    """Whether backend ``name`` can run on this machine, and why (not). Never compiles."""
     try:
         ok, reason = get_backend(name).availability()
     except Exception as exc:  # a broken install must not break `freezeguard info`
@@ -79,22 +86,50 @@ def available_backends() -> list[str]:
     return [n for n in BACKEND_NAMES if status(n).available]
 
 
-def resolve(backend: str | None, device: torch.device):
-    """The backend object to run an op on ``device``: forced by name, or the best available."""
+def _why_not(name: str, device: torch.device, op: str | None, dtypes: Iterable[torch.dtype] | None) -> str | None:
+    """Why backend ``name`` cannot run ``op`` on these tensors, or None when it can (may prepare it)."""
+    be = get_backend(name)
+    st = status(name)
+    if not st.available:
+        return f"is unavailable: {st.reason}"
+    ok, why = be.supports(device)
+    if not ok:
+        return f"cannot run on {device}: {why}"
+    if not implements(be, op):
+        return f"has no kernel for {op}"
+    if dtypes is not None:
+        missing = sorted(str(d).removeprefix("torch.") for d in set(dtypes) - be.dtypes)
+        if missing:
+            return f"does not support dtype {', '.join(missing)} (it takes {sorted(str(d) for d in be.dtypes)})"
+    ok, why = be.prepare()  # cheap once done: backends remember what they loaded
+    if not ok:
+        return f"is unavailable: {why}"
+    return None
+
+
+def resolve(backend: str | None, device: torch.device, *, op: str | None = None,
+            tensors: Iterable[torch.Tensor] | None = None) -> Backend:
+    """The backend object to run ``op`` on ``device``: forced by name, or the best available.
+
+    ``tensors`` (any list of the op's) lets the registry enforce the backends' dtypes; their
+    dtypes are only read when some candidate supports fewer than the reference.
+    """
     name = backend or "auto"
     if name == "auto":
         name = os.environ.get(ENV_VAR, "auto") or "auto"
+    dtypes = None
+    if tensors is not None:
+        full = get_backend("torch").dtypes
+        candidates = [name] if name != "auto" else AUTO_ORDER.get(device.type, ("torch",))
+        if any(get_backend(c).dtypes != full for c in candidates):
+            dtypes = {t.dtype for t in tensors}
     if name != "auto":
-        be = get_backend(name)
-        st = status(name)
-        if not st.available:
-            raise BackendUnavailable(f"freezeguard backend {name!r} is unavailable: {st.reason}")
-        ok, why = be.supports(device)
-        if not ok:
-            raise BackendUnavailable(f"freezeguard backend {name!r} cannot run on {device}: {why}")
-        return be
+        why = _why_not(name, device, op, dtypes)
+        if why is not None:
+            raise BackendUnavailable(f"freezeguard backend {name!r} {why}")
+        return get_backend(name)
     for candidate in AUTO_ORDER.get(device.type, ("torch",)):
-        if status(candidate).available and get_backend(candidate).supports(device)[0]:
+        if _why_not(candidate, device, op, dtypes) is None:
             return get_backend(candidate)
     return get_backend("torch")
 
@@ -104,5 +139,5 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-__all__ = ["BACKEND_NAMES", "AUTO_ORDER", "BackendUnavailable", "BackendStatus", "available_backends",
+__all__ = ["BACKEND_NAMES", "AUTO_ORDER", "Backend", "BackendUnavailable", "BackendStatus", "available_backends",
            "get_backend", "resolve", "status", "clear_cache"]

@@ -3,11 +3,11 @@
 The kernels live in ``csrc/cpu`` and load through ``_build.load_extension("cpu")``:
 prebuilt ``freezeguard._C`` when ``pip install`` compiled it, else JIT-built on first use.
 
-Registry contract: ``availability()`` never compiles (it is what ``freezeguard info`` and
-``fg.available_backends()`` show). ``supports(device)`` is asked right before an op runs,
-so that is where the extension is loaded or built; if the build fails it answers False
-with the reason (``auto`` then falls back to the reference) and ``availability()``
-reports the failure from then on.
+Registry contract (``protocol.py``): ``availability()`` and ``supports(device)`` answer from
+what is known (an installed module, a toolchain, a remembered build failure) and never
+compile; ``prepare()``, called by the registry right before the first op, loads the extension
+or JIT-builds it once. If that build fails, ``auto`` falls back to the reference and
+``availability()`` reports the failure from then on.
 
 Example:
     >>> import torch, freezeguard as fg
@@ -23,8 +23,8 @@ import torch
 
 from freezeguard.backends import _build
 
-NAME = "cpp"
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+name = "cpp"
+dtypes = frozenset((torch.float32, torch.bfloat16, torch.float16))
 Tensors = Sequence[torch.Tensor]
 
 
@@ -35,6 +35,11 @@ def availability() -> tuple[bool, str]:
 def supports(device: torch.device) -> tuple[bool, str]:
     if torch.device(device).type != "cpu":
         return False, f"the cpp backend runs on CPU tensors only, not {torch.device(device).type}"
+    ok, why = availability()
+    return ok, "" if ok else why
+
+
+def prepare() -> tuple[bool, str]:
     try:
         _build.load_extension("cpu")
     except _build.ExtensionBuildError as exc:
@@ -51,6 +56,43 @@ def masked_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sq
                   eps: float, weight_decay: float) -> None:
     _ext().masked_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
                          [float(s) for s in steps], lr, beta1, beta2, eps, weight_decay)
+
+
+def try_masked_adamw_step_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                           step_counters: Tensors, *, lr: float, beta1: float, beta2: float, eps: float,
+                           weight_decay: float) -> bool:
+    """The optimizer's whole step (checks, counters, update) in one native call.
+
+    True when done; False, having written nothing, when the input is outside its contract
+    (anything but contiguous CPU tensors, float32 CPU counters >= 0, plain tensors only).
+    """
+    try:
+        return _ext().masked_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step_counters, lr, beta1, beta2,
+                                         eps, weight_decay)
+    except (TypeError, RuntimeError):  # e.g. None or a non-tensor in a list: the Python checks say which
+        return False
+
+
+def adamw_lists(params: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, step_counters: Tensors):
+    """The four lists held natively, for :func:`try_masked_adamw_step_prepared_`; None if they cannot be."""
+    try:
+        return _ext().AdamWLists(list(params), list(exp_avgs), list(exp_avg_sqs), list(step_counters))
+    except (TypeError, RuntimeError):
+        return None
+
+
+def try_masked_adamw_step_prepared_(lists, *, lr: float, beta1: float, beta2: float, eps: float,
+                                    weight_decay: float, check_only: bool = False) -> bool:
+    """:func:`try_masked_adamw_step_` over native lists, each gradient read from its param's ``.grad``."""
+    return _ext().masked_adamw_step_prepared_(lists, lr, beta1, beta2, eps, weight_decay, check_only)
+
+
+def masked_adamw_capturable_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                             steps: torch.Tensor, *, lr: float | torch.Tensor, beta1: float, beta2: float,
+                             eps: float, weight_decay: float) -> None:
+    # On the CPU "the device" is the host: reading the counts and lr costs no synchronisation.
+    masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps.tolist(), lr=float(lr), beta1=beta1, beta2=beta2,
+                  eps=eps, weight_decay=weight_decay)
 
 
 def segment_dot(a: Tensors, b: Tensors) -> torch.Tensor:

@@ -15,16 +15,30 @@ Example:
 """
 from __future__ import annotations
 
+import json
+from importlib import resources
 from typing import Sequence
 
 import torch
 
-NAME = "cuda"
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+name = "cuda"
+dtypes = frozenset((torch.float32, torch.bfloat16, torch.float16))
 
-# What `freezeguard info` says about hardware verification; the lead edits this once a GPU
-# run of the reference grid and compute-sanitizer has been recorded in benchmarks/RESULTS.md.
-HARDWARE_NOTE = "verified on an NVIDIA H100 80GB HBM3, 2026-11-23 (tests/test_ops.py, compute-sanitizer memcheck)"
+
+def hardware_note() -> str:
+    """What `freezeguard info` says about hardware verification.
+
+    Read from ``verified_hardware.json`` (data, not code: whoever records a GPU run of the
+    reference grid and compute-sanitizer in benchmarks/RESULTS.md updates that file).
+    """
+    try:
+        rec = json.loads(resources.files("freezeguard.backends").joinpath("verified_hardware.json").read_text())["cuda"]
+    except (OSError, KeyError, ValueError):
+        return "no recorded hardware verification"
+    return f"verified on an {rec['device']}, {rec['date']} ({rec['checks']}; see {rec['record']})"
+
+
+HARDWARE_NOTE = hardware_note()
 
 Tensors = Sequence[torch.Tensor]
 
@@ -57,6 +71,16 @@ def supports(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+def prepare() -> tuple[bool, str]:
+    from freezeguard.backends._build import ExtensionBuildError
+
+    try:
+        _ext()
+    except ExtensionBuildError as exc:
+        return False, str(exc)
+    return True, ""
+
+
 def _device_vector(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Pinned + non_blocking: no host sync per step (torch keeps the pinned block alive until the
     # copy has run).
@@ -75,26 +99,20 @@ def masked_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sq
 
 
 def masked_adamw_capturable_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
-                             steps: torch.Tensor, lr: torch.Tensor, *, beta1: float = 0.9,
+                             steps: torch.Tensor, *, lr: float | torch.Tensor, beta1: float = 0.9,
                              beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
     """AdamW with the step counts and the learning rate read on the device, for CUDA graphs.
 
     ``steps`` is a float32/float64 CUDA tensor [S] (each tensor's count including this update),
-    ``lr`` a CUDA tensor with one element; neither is read on the host, so the call can be
-    captured and replayed while you update them in place. Tensors must be contiguous CUDA
-    tensors (this bypasses ``freezeguard.ops``' conversions). Run it once on the same tensors
-    before capturing, so the pointer table is already on the device.
-
-    Example:
-        >>> steps = torch.zeros(len(params), device="cuda", dtype=torch.float64)  # doctest: +SKIP
-        >>> lr = torch.tensor(1e-3, device="cuda", dtype=torch.float64)           # doctest: +SKIP
-        >>> g = torch.cuda.CUDAGraph()                                             # doctest: +SKIP
-        >>> with torch.cuda.graph(g):                                              # doctest: +SKIP
-        ...     steps.add_(1)
-        ...     masked_adamw_capturable_(params, grads, exp_avgs, exp_avg_sqs, steps, lr)
+    ``lr`` a float or a one-element CUDA tensor; neither is read on the host, so the call can be
+    captured and replayed while you update them in place. Reached through
+    ``fg.ops.masked_adamw_step_`` (``fg.optim.AdamW(capturable=True)``). Run it once on the same
+    tensors before capturing, so the pointer table is already on the device.
     """
+    lr_t = lr if isinstance(lr, torch.Tensor) else None
     _ext().masked_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), steps,
-                         0.0, float(beta1), float(beta2), float(eps), float(weight_decay), lr)
+                         0.0 if lr_t is not None else float(lr), float(beta1), float(beta2), float(eps),
+                         float(weight_decay), lr_t)
 
 
 def segment_dot(a: Tensors, b: Tensors) -> torch.Tensor:
@@ -117,5 +135,5 @@ def clear_table_cache() -> None:
     _ext().clear_table_cache()
 
 
-__all__ = ["NAME", "DTYPES", "HARDWARE_NOTE", "availability", "supports", "masked_adamw_",
+__all__ = ["name", "dtypes", "HARDWARE_NOTE", "hardware_note", "availability", "supports", "prepare", "masked_adamw_",
            "masked_adamw_capturable_", "segment_dot", "mask_shift_", "user_update_", "clear_table_cache"]

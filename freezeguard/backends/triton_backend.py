@@ -19,19 +19,20 @@ import os
 
 import torch
 
-NAME = "triton"
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+name = "triton"
+dtypes = frozenset((torch.float32, torch.bfloat16, torch.float16))
 
 
 def _interpreting() -> bool:
     """Whether the kernels run (or, once imported, will run) under the Triton interpreter."""
-    # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when
-    # freezeguard.kernels.* is first imported; after that the environment no longer matters.
+    # triton.jit decides when a kernel is decorated, i.e. when freezeguard.kernels is first
+    # imported; kernels/launch.py records triton's own setting at that moment. Before that, the
+    # environment variable triton will read is the answer.
     import sys
 
-    mod = sys.modules.get("freezeguard.kernels.mask_updates")
-    if mod is not None:
-        return type(mod._mask_shift_kernel).__name__ == "InterpretedFunction"
+    launch = sys.modules.get("freezeguard.kernels.launch")
+    if launch is not None:
+        return launch.INTERPRETED
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -63,8 +64,20 @@ def supports(device: torch.device) -> tuple[bool, str]:
     return False, f"triton kernels do not run on {device.type} tensors"
 
 
+def prepare() -> tuple[bool, str]:
+    return True, ""  # kernels compile per launch configuration, inside triton
+
+
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay) -> None:
     from freezeguard.kernels.adamw import masked_adamw_ as run
+
+    run(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay)
+
+
+def masked_adamw_capturable_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
+                             weight_decay) -> None:
+    from freezeguard.kernels.adamw import masked_adamw_capturable_ as run
 
     run(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay)

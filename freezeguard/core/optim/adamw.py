@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from freezeguard import ops
-from freezeguard.backends import resolve
 from freezeguard.core.mask import FreezeMask
+from freezeguard.core.optim import plan as _plan
 from freezeguard.core.optim.checks import (
     check_backend_name,
     check_grad_and_state,
@@ -59,10 +59,17 @@ class AdamW(torch.optim.Optimizer):
             be among the parameters (``KeyError`` otherwise). Change it with :meth:`set_mask`.
         backend: ``"auto"`` (best for the parameters' device), ``"torch"``, ``"cpp"``,
             ``"triton"`` or ``"cuda"``; a forced backend that cannot run raises at construction.
-        amsgrad, maximize, capturable, differentiable: only ``False`` is supported
+        capturable: keep each tensor's step count on its device and read ``lr`` (pass a
+            one-element tensor) on the device too, so a whole step can be recorded in a CUDA graph
+            (``torch.cuda.graph``) and replayed; on the CPU it runs like the default.
+        amsgrad, maximize, differentiable: only ``False`` is supported
             (``NotImplementedError`` otherwise).
         foreach, fused: accepted for compatibility and ignored: the update is always the fused
             freezeguard op.
+
+    A step reuses a cached plan (``core/optim/plan.py``: the trainable lists and their state) as
+    long as the mask, the param groups and the state are the same objects; it reads only the
+    gradients, which may be fresh tensors every step.
 
     Each tensor keeps its own step count, so a tensor that becomes trainable later starts its
     bias correction at step 1. Non-finite gradients propagate into the parameters exactly as
@@ -101,7 +108,7 @@ class AdamW(torch.optim.Optimizer):
         _check_mask(mask, self.param_groups)
         self._mask = mask
         for device in {p.device for g in self.param_groups for p in g["params"]}:
-            resolve(self.backend, device)  # a forced backend that cannot run says why, now
+            ops.check_backend(self.backend, device)  # a forced backend that cannot run says why, now
 
     # mask ---------------------------------------------------------------------------------
     @property
@@ -117,6 +124,16 @@ class AdamW(torch.optim.Optimizer):
         _check_mask(mask, self.param_groups)
         self._mask = mask
         self._drop_frozen_state()
+        self.invalidate_step_plan()
+
+    def invalidate_step_plan(self) -> None:
+        """Forget the cached step plan; the next step rebuilds it.
+
+        Every change made through the optimizer (``set_mask``, ``add_param_group``,
+        ``load_state_dict``) or to its param groups and state dict is noticed without this; it is
+        only needed after swapping a state tensor inside one entry (``opt.state[p]["exp_avg"] = t``).
+        """
+        self._plan = None
 
     def _frozen_flags(self, group: dict[str, Any]) -> list[bool]:
         if self._mask is None:
@@ -148,6 +165,7 @@ class AdamW(torch.optim.Optimizer):
         if self._mask is not None and names is not None:
             name_index([*self.param_groups, {"params": tensors, "param_names": names}])
         super().add_param_group(param_group)
+        self._plan = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -193,27 +211,44 @@ class AdamW(torch.optim.Optimizer):
         self._drop_frozen_state()
 
     # the update ---------------------------------------------------------------------------
-    def _collect(self) -> list[tuple[dict[str, Any], int, list[int], list[torch.Tensor]]]:
-        """(group, group index, indices, params) per group and device: the trainable tensors with a grad."""
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            check_options(group, f"param group {gi}")
-            by_device: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
-            for i, (p, frozen) in enumerate(zip(group["params"], self._frozen_flags(group), strict=True)):
-                if frozen:
-                    self.state.pop(p, None)  # frozen tensors own no state, however it got there
-                    continue
-                if p.grad is None:
-                    continue
-                unit = by_device.get(p.device)
-                if unit is None:
-                    unit = by_device[p.device] = ([], [])
-                unit[0].append(i)
-                unit[1].append(p)
-            for device, (idx, ps) in by_device.items():
-                resolve(self.backend, device)  # a backend that cannot run fails before any update
-                work.append((group, gi, idx, ps))
-        return work
+    def _step_plan(self) -> _plan.StepPlan:
+        plan = getattr(self, "_plan", None)
+        if plan is None or not plan.still_valid(self._mask, self.state, self.param_groups):
+            plan = self._plan = _plan.build(self.param_groups, self.state, self._mask, self._frozen_flags)
+        return plan
+
+    def _lists(self, unit: _plan.Unit, grads: list[torch.Tensor | None], fresh: list[torch.Tensor]):
+        """(idx, params, exp_avgs, exp_avg_sqs, step counters) of the unit's tensors that have a grad.
+
+        Creates missing state (recorded in ``fresh``); cached per pattern of missing grads.
+        """
+        present = None
+        for g in grads:
+            if g is None:
+                present = tuple(k for k, g in enumerate(grads) if g is not None)
+                break
+        lists = unit.lists.get(present)
+        if lists is not None:
+            return lists, present
+        capturable = bool(unit.group.get("capturable"))
+        picked = range(len(unit.params)) if present is None else present
+        idx, params, exp_avgs, exp_avg_sqs, counters = [], [], [], [], []
+        for k in picked:
+            p = unit.params[k]
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else None)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                fresh.append(p)
+            elif capturable and isinstance(st.get("step"), torch.Tensor) and st["step"].device != p.device:
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)  # e.g. loaded on the CPU
+            idx.append(unit.idx[k])
+            params.append(p)
+            exp_avgs.append(st.get("exp_avg"))
+            exp_avg_sqs.append(st.get("exp_avg_sq"))
+            counters.append(st.get("step"))
+        return (idx, params, exp_avgs, exp_avg_sqs, counters), present
 
     def _check_unit(self, group: dict[str, Any], gi: int, idx: list[int], params: list[torch.Tensor]) -> None:
         """Raise a clear error naming the first parameter whose grad or state does not fit."""
@@ -222,6 +257,14 @@ class AdamW(torch.optim.Optimizer):
             label = f"parameter {names[i]!r}" if names else f"param_groups[{gi}]['params'][{i}]"
             check_grad_and_state(p, p.grad, self.state.get(p, {}), label)
 
+    def _lr(self, group: dict[str, Any], device: torch.device) -> float | torch.Tensor:
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor):
+            return float(lr)
+        if group.get("capturable") and lr.device == device:
+            return lr  # read on the device: a captured step follows in-place changes of lr
+        return float(lr)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW step of every trainable tensor that has a gradient; returns closure()."""
@@ -229,42 +272,79 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._collect()
-        # Nothing half-applied: ops.masked_adamw_ validates its whole list before writing, so the
-        # first unit needs no second pass here; later units are checked before the first runs.
-        # The per-tensor checks cost ~2 us a tensor, a real share of a fused GPU step.
-        for unit in work[1:]:
-            self._check_unit(*unit)
-        for group, gi, idx, params in work:
-            fresh = []
-            try:
-                states = []
-                for p in params:
-                    st = self.state[p]
-                    if not st:
-                        st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        fresh.append(p)
-                    states.append(st)
-                step_counts = [st["step"] for st in states]
-                steps = [s + 1.0 for s in _bookkeeping.read_steps(step_counts)]
-                beta1, beta2 = group["betas"]
-                ops.masked_adamw_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
-                                  [st["exp_avg_sq"] for st in states], steps, lr=float(group["lr"]),
-                                  betas=(float(beta1), float(beta2)), eps=float(group["eps"]),
-                                  weight_decay=float(group["weight_decay"]), backend=self.backend)
-            except Exception as exc:
-                for p in fresh:  # leave the state as it was
-                    self.state.pop(p, None)
-                try:
-                    self._check_unit(group, gi, idx, params)
-                except Exception as clearer:  # the same problem, said with the parameter's name
-                    raise clearer from exc
-                raise
-            # one native call for all counters: per-tensor `+= 1` costs milliseconds on a 686-tensor UNet
-            _bookkeeping.add_to_steps_(step_counts, 1.0)
+        for gi, group in enumerate(self.param_groups):
+            check_options(group, f"param group {gi}")
+        plan = self._step_plan()
+        if self._prepared_step(plan.units):
+            return loss
+        fresh: list[torch.Tensor] = []
+        try:
+            work = []
+            for unit in plan.units:
+                grads = [p.grad for p in unit.params]
+                lists, present = self._lists(unit, grads, fresh)
+                if lists[1]:
+                    if present is not None:
+                        grads = [grads[k] for k in present]
+                    work.append((unit, lists, present, grads))
+            if len(work) > 1:
+                # Nothing half-applied: ops.masked_adamw_step_ validates its whole list before
+                # writing, so only the later units need checking before the first one runs.
+                for unit, *_ in work:
+                    ops.check_backend(self.backend, unit.params[0].device)  # a backend that cannot run fails first
+                for unit, lists, _, grads in work[1:]:
+                    fast = _bookkeeping.fast_check([lists[1], grads, lists[2], lists[3]])
+                    if not (fast and fast[0]):
+                        self._check_unit(unit.group, unit.gi, lists[0], lists[1])
+            for unit, lists, present, grads in work:
+                self._run_unit(unit, lists, grads)
+                unit.lists.setdefault(present, lists)
+                if present is None and unit.prepared is None:
+                    unit.prepared = ops.PreparedAdamW(*lists[1:])
+        except BaseException:
+            for p in fresh:  # leave the state as it was
+                self.state.pop(p, None)
+            self._plan = None
+            raise
+        if fresh:
+            plan.state_len = len(self.state)
         return loss
+
+    def _hyper(self, unit: _plan.Unit) -> dict[str, Any]:
+        group = unit.group
+        beta1, beta2 = group["betas"]
+        return dict(lr=self._lr(group, unit.params[0].device), betas=(float(beta1), float(beta2)),
+                    eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), backend=self.backend)
+
+    def _prepared_step(self, units: list[_plan.Unit]) -> bool:
+        """The whole step through ops.try_masked_adamw_step_ (one native call per unit), if it can run.
+
+        False, with nothing written, sends the step down the general path (a missing grad, a
+        tensor lr, a backend without a prepared path, any input that needs the full checks).
+        """
+        if not units or any(u.prepared is None for u in units):
+            return False
+        hypers = [self._hyper(u) for u in units]
+        if len(units) > 1 and not all(ops.try_masked_adamw_step_(u.prepared, check_only=True, **hp)
+                                      for u, hp in zip(units, hypers, strict=True)):
+            return False  # nothing half-applied: every unit must be able to run before the first does
+        for k, (u, hp) in enumerate(zip(units, hypers, strict=True)):
+            if not ops.try_masked_adamw_step_(u.prepared, **hp):
+                if k:  # checked above; only something changing under our feet gets here
+                    raise RuntimeError("fg.optim.AdamW: a parameter group changed in the middle of a step")
+                return False
+        return True
+
+    def _run_unit(self, unit: _plan.Unit, lists, grads: list[torch.Tensor]) -> None:
+        idx, params, exp_avgs, exp_avg_sqs, counters = lists
+        try:
+            ops.masked_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, counters, **self._hyper(unit))
+        except Exception as exc:
+            try:
+                self._check_unit(unit.group, unit.gi, idx, params)
+            except Exception as clearer:  # the same problem, said with the parameter's name
+                raise clearer from exc
+            raise
 
 
 __all__ = ["AdamW"]

@@ -15,7 +15,7 @@ from freezeguard.ops import SUPPORTED_DTYPES
 
 # torch.optim.AdamW options that the fused masked update does not implement. Raising beats
 # silently running plain AdamW when a script asks for a variant.
-UNSUPPORTED_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
+UNSUPPORTED_OPTIONS = ("amsgrad", "maximize", "differentiable")
 
 
 def _scalar(name: str, value: Any) -> float:
