@@ -485,3 +485,192 @@ def test_forcing_an_unavailable_backend_says_why(monkeypatch):
             fg.ops.segment_dot(meta, meta, backend="cpp")
     with pytest.raises(ValueError, match="unknown backend"):
         fg.ops.segment_dot(x, x, backend="fortran")
+
+
+# ---- user_adamw_ (the AdamW simulated user), the same grid
+
+def _naive_user_adamw_(theta, delta, grads, mu, nu, m, step, lr, betas, eps, weight_decay):
+    b1, b2 = betas
+    bc1, bc2 = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
+    for i, (t, d, g, a, b) in enumerate(zip(theta, delta, grads, mu, nu, strict=True)):
+        keep = (1 - m[i]).to(t.dtype)
+        g_ft = g * keep
+        a.lerp_(g_ft, 1 - b1)
+        b.mul_(b2).addcmul_(g_ft, g_ft, value=1 - b2)
+        u = a / (b.sqrt() / bc2 + eps) * (-lr / bc1) - (lr * weight_decay) * (t - m[i].to(t.dtype) * d)
+        t.add_(keep * u)
+        d.sub_(u)
+
+
+USER_M = {
+    "none_frozen": lambda n, step, gen: torch.zeros(n),
+    "all_frozen": lambda n, step, gen: torch.ones(n),
+    "soft": lambda n, step, gen: torch.rand(n, generator=gen.manual_seed(1)),
+    "changing": lambda n, step, gen: torch.rand(n, generator=gen.manual_seed(100 + step)),
+}
+USER_HP = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+
+
+def _run_user_adamw(backend, sizes, dtype, device, m_of_step, steps=3):
+    theta, delta = _randn(sizes, dtype, device), _randn(sizes, dtype, device, 0.1)
+    mu = _randn(sizes, dtype, device, 0.1)
+    nu = [(t.float() ** 2).to(dtype) for t in _randn(sizes, dtype, device, 0.1)]
+    runs = {"kernel": [_clone(x) for x in (theta, delta, mu, nu)], "ref": [_clone(x) for x in (theta, delta, mu, nu)],
+            "ref32": [_f32(x) for x in (theta, delta, mu, nu)], "naive": [_clone(x) for x in (theta, delta, mu, nu)],
+            "initial": [_clone(x) for x in (theta, delta, mu, nu)]}
+    gen = torch.Generator()
+    # eps=1e-8 underflows to 0 in fp16, where the naive in-dtype version then divides 0 by 0
+    hp = {**USER_HP, "eps": 1e-4 if dtype == torch.float16 else USER_HP["eps"]}
+    for step in range(1, steps + 1):
+        m = m_of_step(len(sizes), step, gen).to(device)
+        grads = _randn(sizes, dtype, device)
+        for name, (t, d, a, b) in runs.items():
+            if name == "initial":
+                continue
+            g = _f32(grads) if name == "ref32" else _clone(grads)  # a backend may use grads as scratch
+            if name == "kernel":
+                fg.ops.user_adamw_(t, d, g, a, b, m, step, backend=backend, **hp)
+            elif name == "naive":
+                _naive_user_adamw_(t, d, g, a, b, m, step, **hp)
+            else:
+                reference.user_adamw_(t, d, g, a, b, m, step, lr=hp["lr"], beta1=0.9, beta2=0.999, eps=hp["eps"],
+                                      weight_decay=hp["weight_decay"])
+    return runs
+
+
+def _check_user_adamw(runs, dtype):
+    for k, what in enumerate(("theta", "delta", "exp_avgs", "exp_avg_sqs")):
+        _assert_close_lists(runs["kernel"][k], runs["ref"][k], dtype, what)
+        if dtype != torch.float32:
+            _assert_lowp_rule(runs["kernel"][k], runs["ref32"][k], runs["naive"][k], dtype, what)
+
+
+def _user_adamw_backend_or_skip(name: str, device: str) -> str:
+    name = _backend_or_skip(name, device)
+    if not callable(getattr(get_backend(name), "user_adamw_", None)):
+        pytest.skip(f"backend {name} has no user_adamw_ kernel (auto picks the next backend)")
+    return name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SIZE_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_user_adamw_sizes(backend, case, dtype, device):
+    backend = _user_adamw_backend_or_skip(backend, device)
+    sizes = _sizes_or_skip(case, backend, device)
+    _check_user_adamw(_run_user_adamw(backend, sizes, dtype, device, USER_M["soft"]), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern", list(USER_M))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_user_adamw_frozen_patterns(backend, pattern, dtype, device):
+    backend = _user_adamw_backend_or_skip(backend, device)
+    sizes = SIZES["mixed"] + [129, 2, 1000]
+    runs = _run_user_adamw(backend, sizes, dtype, device, USER_M[pattern], steps=4)
+    _check_user_adamw(runs, dtype)
+    if pattern == "all_frozen":  # m = 1: nothing of the user's step reaches the live weights
+        for got, start in zip(runs["kernel"][0], runs["initial"][0], strict=True):
+            assert torch.equal(got, start)
+
+
+def test_user_adamw_runs_on_auto_and_rejects_bad_steps():
+    theta, delta, g = [torch.ones(3)], [torch.ones(3)], [torch.ones(3)]
+    fg.ops.user_adamw_(theta, delta, g, [torch.zeros(3)], [torch.zeros(3)], [0.5], 1, lr=0.1)
+    assert torch.allclose(theta[0], torch.full((3,), 0.95))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="step"):
+            fg.ops.user_adamw_(theta, delta, g, [torch.zeros(3)], [torch.zeros(3)], [0.5], bad, lr=0.1)
+    with pytest.raises(ValueError, match="list lengths differ"):
+        fg.ops.user_adamw_(theta, delta, [], [torch.zeros(3)], [torch.zeros(3)], [0.5], 1, lr=0.1)
+
+
+# ---- masked_adamw_step_: the optimizer's op (counters in tensors), host and device-side paths
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"], ids=["host", "device_side"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_adamw_step_matches_the_reference(backend, lr_kind, dtype, device):
+    backend = _backend_or_skip(backend, device)
+    sizes = SIZES["mixed"] + [129]
+    p, m, v = _adam_state(sizes, dtype, device)
+    kp, km, kv = _clone(p), _clone(m), _clone(v)
+    start = [0.0, 3.0, 0.0, 1.0, 5.0, 0.0, 2.0]
+    on = device if lr_kind == "tensor" else "cpu"  # device-side: counters and lr where the math runs
+    counters = [torch.tensor(s, device=on) for s in start]
+    lr = torch.tensor(ADAM["lr"], device=device) if lr_kind == "tensor" else ADAM["lr"]
+    for k in range(3):
+        g = _randn(sizes, dtype, device)
+        fg.ops.masked_adamw_step_(kp, g, km, kv, counters, lr=lr, betas=ADAM["betas"], eps=ADAM["eps"],
+                                  weight_decay=ADAM["weight_decay"], backend=backend)
+        reference.masked_adamw_(p, g, m, v, [s + k + 1 for s in start], lr=ADAM["lr"], beta1=0.9, beta2=0.999,
+                                eps=ADAM["eps"], weight_decay=ADAM["weight_decay"])
+    assert [c.item() for c in counters] == [s + 3 for s in start]
+    assert all(c.device.type == torch.device(on).type for c in counters)
+    for got, want, what in ((kp, p, "params"), (km, m, "exp_avgs"), (kv, v, "exp_avg_sqs")):
+        _assert_close_lists(got, want, dtype, what)
+
+
+def test_masked_adamw_step_refuses_bad_counters_and_changes_nothing():
+    p, g, m, v = _three(), _three(), _three(), [t.abs() for t in _three()]
+    before = _clone(p)
+    for counters, err in (([torch.tensor(0.0)], ValueError), ([torch.tensor(-1.0), torch.tensor(0.0)], ValueError),
+                          ([torch.tensor(float("nan")), torch.tensor(0.0)], ValueError),
+                          ([torch.zeros(2), torch.tensor(0.0)], TypeError)):
+        with pytest.raises(err):
+            fg.ops.masked_adamw_step_(p, g, m, v, counters, lr=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(p, before, strict=True))
+
+
+# ---- the backend contract
+
+def test_every_backend_meets_the_protocol():
+    from freezeguard.backends import protocol
+
+    for name in BACKENDS:
+        be = get_backend(name)
+        assert isinstance(be, protocol.Backend), name
+        assert be.name == name and be.dtypes <= set(fg.ops.SUPPORTED_DTYPES)
+    assert all(protocol.implements(get_backend("torch"), op) for op in protocol.OPS)
+
+
+def test_backend_dtypes_are_enforced(monkeypatch):
+    be = get_backend("torch")
+    monkeypatch.setattr(be, "dtypes", frozenset({torch.float32}))
+    x32, x16 = [torch.ones(2)], [torch.ones(2, dtype=torch.bfloat16)]
+    assert fg.ops.segment_dot(x32, x32, backend="torch").tolist() == [2.0]
+    with pytest.raises(BackendUnavailable, match="torch.*dtype bfloat16"):
+        fg.ops.segment_dot(x16, x16, backend="torch")
+
+
+def test_availability_and_supports_never_build(monkeypatch):
+    from freezeguard.backends import _build
+
+    def no_build(kind):
+        raise AssertionError("availability()/supports() must not compile")
+
+    monkeypatch.setattr(_build, "_jit_build", no_build)
+    for name in BACKENDS:
+        get_backend(name).availability()
+        get_backend(name).supports(torch.device("cpu"))
+        status(name)
+
+
+def test_tensor_subclasses_never_reach_a_kernel():
+    # A traceable wrapper subclass (what FSDP2's DTensor is) has no plain storage: an error
+    # naming it, not a crash inside a native kernel.
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    t = TwoTensor(torch.ones(4), torch.ones(4))
+    plain = [torch.ones(4)]
+    for backend in BACKENDS:
+        if not status(backend).available or not get_backend(backend).supports(torch.device("cpu"))[0]:
+            continue
+        with pytest.raises(TypeError, match="TwoTensor"):
+            fg.ops.segment_dot([t], plain, backend=backend)
+        with pytest.raises(TypeError, match="subclass"):
+            fg.ops.masked_adamw_step_([t], plain, [torch.zeros(4)], [torch.zeros(4)], [torch.tensor(0.0)], lr=1e-3,
+                                      backend=backend)

@@ -19,7 +19,7 @@ from typing import Iterable
 
 import torch
 
-from freezeguard.backends.protocol import Backend, implements
+from freezeguard.backends.protocol import ALL_DTYPES, Backend, implements
 
 BACKEND_NAMES = ("torch", "cpp", "triton", "cuda")
 ENV_VAR = "FREEZEGUARD_BACKEND"
@@ -119,9 +119,8 @@ def resolve(backend: str | None, device: torch.device, *, op: str | None = None,
         name = os.environ.get(ENV_VAR, "auto") or "auto"
     dtypes = None
     if tensors is not None:
-        full = get_backend("torch").dtypes
         candidates = [name] if name != "auto" else AUTO_ORDER.get(device.type, ("torch",))
-        if any(get_backend(c).dtypes != full for c in candidates):
+        if any(get_backend(c).dtypes != ALL_DTYPES for c in candidates):
             dtypes = {t.dtype for t in tensors}
     if name != "auto":
         why = _why_not(name, device, op, dtypes)

@@ -25,6 +25,9 @@ import torch
 
 Tensors = Sequence[torch.Tensor]
 
+# The storage dtypes of the reference; a backend lists the ones it takes in ``dtypes``.
+ALL_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
+
 # The fused ops a backend may implement, by the name of its function.
 OPS = ("masked_adamw_", "masked_adamw_capturable_", "segment_dot", "mask_shift_", "user_update_", "user_adamw_")
 
@@ -48,4 +51,4 @@ def implements(backend: object, op: str | None) -> bool:
     return op is None or callable(getattr(backend, op, None))
 
 
-__all__ = ["Backend", "OPS", "implements"]
+__all__ = ["ALL_DTYPES", "Backend", "OPS", "implements"]

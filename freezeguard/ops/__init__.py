@@ -19,9 +19,10 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from freezeguard.backends import resolve
+from freezeguard.backends.protocol import ALL_DTYPES
 from freezeguard.ops import bookkeeping as _bookkeeping
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = tuple(d for d in (torch.float32, torch.bfloat16, torch.float16) if d in ALL_DTYPES)
 Tensors = Sequence[torch.Tensor]
 
 
@@ -32,9 +33,7 @@ def _tracing() -> bool:
 
 
 def _library():
-    from freezeguard.ops import library
-
-    return library.ops()
+    return torch.ops.freezeguard  # registered by freezeguard/ops/library.py, imported below
 
 
 def _check_lists(op: str, **lists: Tensors) -> int:
@@ -180,7 +179,7 @@ def masked_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sq
         raise ValueError("masked_adamw_: step counts must be >= 1 (they include the current update)")
     if n == 0:
         return
-    be = resolve(backend, _device_of(params), op="masked_adamw_")
+    be = resolve(backend, _device_of(params), op="masked_adamw_", tensors=params)
     _run_masked_adamw(be, params, grads, exp_avgs, exp_avg_sqs, steps, contiguous, lr=float(lr), beta1=beta1,
                       beta2=beta2, eps=float(eps), weight_decay=float(weight_decay))
 
@@ -231,7 +230,7 @@ def masked_adamw_step_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_a
         return _library().masked_adamw_step_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
                                              list(step_counters), lr_f, lr_t, *hp.values(), backend)
     if params:
-        be = resolve(backend, params[0].device, op="masked_adamw_")
+        be = resolve(backend, params[0].device, op="masked_adamw_", tensors=params)
         native = getattr(be, "try_masked_adamw_step_", None)
         # The common case in one native call; it refuses (writing nothing) whatever it does not
         # handle, and everything below then runs as if it were not there.
@@ -247,7 +246,7 @@ def masked_adamw_step_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_a
     if n == 0:
         return
     capturable = not (on_host and lr_t is None)
-    be = resolve(backend, device, op="masked_adamw_capturable_" if capturable else "masked_adamw_")
+    be = resolve(backend, device, op="masked_adamw_capturable_" if capturable else "masked_adamw_", tensors=params)
     if not capturable:
         counts = _bookkeeping.read_steps(step_counters)
         if not all(c >= 0 for c in counts):  # also NaN
@@ -305,7 +304,7 @@ def try_masked_adamw_step_(prepared: PreparedAdamW, *, lr: float, betas: tuple[f
     """
     if not prepared.params or isinstance(lr, torch.Tensor) or _tracing():
         return False
-    be = resolve(backend, prepared.params[0].device, op="masked_adamw_")
+    be = resolve(backend, prepared.params[0].device, op="masked_adamw_", tensors=prepared.params)
     run = getattr(be, "try_masked_adamw_step_prepared_", None)
     native = prepared.native_for(be) if run is not None else None
     if native is None:
@@ -324,7 +323,7 @@ def segment_dot(a: Tensors, b: Tensors, *, backend: str = "auto") -> torch.Tenso
     device = _device_of(a)
     if n == 0:
         return torch.empty(0, dtype=torch.float32, device=device)
-    be = resolve(backend, device, op="segment_dot")
+    be = resolve(backend, device, op="segment_dot", tensors=a)
     c = _Contiguous({"a": a, "b": b}, {}, all_contiguous=contiguous)
     return be.segment_dot(c.lists["a"], c.lists["b"])
 
@@ -334,13 +333,13 @@ def mask_shift_(theta: Tensors, delta: Tensors, dm: torch.Tensor | Sequence[floa
                 backend: str = "auto") -> None:
     """theta_i += delta_i * dm[i] for every tensor i, in place."""
     if _tracing():
-        return _library().mask_shift_(list(theta), list(delta), dm, backend)
+        return _library().mask_shift_(list(theta), list(delta), torch.as_tensor(dm, dtype=torch.float32), backend)
     n, contiguous = _validate("mask_shift_", theta=theta, delta=delta)
     device = _device_of(theta)
     dm = _per_tensor_scalars("mask_shift_", "dm", dm, n, device)
     if n == 0:
         return
-    be = resolve(backend, device, op="mask_shift_")
+    be = resolve(backend, device, op="mask_shift_", tensors=theta)
     c = _Contiguous({"delta": delta}, {"theta": theta}, all_contiguous=contiguous)
     be.mask_shift_(c.lists["theta"], c.lists["delta"], dm)
     c.write_back()
@@ -351,13 +350,14 @@ def user_update_(theta: Tensors, delta: Tensors, grad: Tensors, m: torch.Tensor 
                  lr: float, *, backend: str = "auto") -> None:
     """The simulated user's step: u = -lr (1-m_i) g_i; theta_i += (1-m_i) u; delta_i -= u."""
     if _tracing():
-        return _library().user_update_(list(theta), list(delta), list(grad), m, float(lr), backend)
+        return _library().user_update_(list(theta), list(delta), list(grad), torch.as_tensor(m, dtype=torch.float32),
+                                       float(lr), backend)
     n, contiguous = _validate("user_update_", theta=theta, delta=delta, grad=grad)
     device = _device_of(theta)
     m = _per_tensor_scalars("user_update_", "m", m, n, device)
     if n == 0:
         return
-    be = resolve(backend, device, op="user_update_")
+    be = resolve(backend, device, op="user_update_", tensors=theta)
     c = _Contiguous({"grad": grad}, {"theta": theta, "delta": delta}, all_contiguous=contiguous)
     be.user_update_(c.lists["theta"], c.lists["delta"], c.lists["grad"], m, float(lr))
     c.write_back()
@@ -385,7 +385,8 @@ def user_adamw_(theta: Tensors, delta: Tensors, grads: Tensors, exp_avgs: Tensor
     beta1, beta2 = (float(b) for b in betas)
     if _tracing():
         return _library().user_adamw_(list(theta), list(delta), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                                      m, int(step), float(lr), beta1, beta2, float(eps), float(weight_decay),
+                                      torch.as_tensor(m, dtype=torch.float32), int(step), float(lr), beta1, beta2,
+                                      float(eps), float(weight_decay),
                                       backend)
     n, contiguous = _validate("user_adamw_", theta=theta, delta=delta, grads=grads, exp_avgs=exp_avgs,
                               exp_avg_sqs=exp_avg_sqs)
@@ -395,7 +396,7 @@ def user_adamw_(theta: Tensors, delta: Tensors, grads: Tensors, exp_avgs: Tensor
     m = _per_tensor_scalars("user_adamw_", "m", m, n, device)
     if n == 0:
         return
-    be = resolve(backend, device, op="user_adamw_")
+    be = resolve(backend, device, op="user_adamw_", tensors=theta)
     c = _Contiguous({"grads": grads}, {"theta": theta, "delta": delta, "exp_avgs": exp_avgs,
                                        "exp_avg_sqs": exp_avg_sqs}, all_contiguous=contiguous)
     be.user_adamw_(c.lists["theta"], c.lists["delta"], c.lists["grads"], c.lists["exp_avgs"], c.lists["exp_avg_sqs"],
@@ -406,3 +407,6 @@ def user_adamw_(theta: Tensors, delta: Tensors, grads: Tensors, exp_avgs: Tensor
 
 __all__ = ["check_backend", "masked_adamw_", "masked_adamw_step_", "PreparedAdamW", "try_masked_adamw_step_", "segment_dot", "mask_shift_", "user_update_", "user_adamw_",
            "SUPPORTED_DTYPES"]
+
+# Registers the ops above with torch.library (needs them defined, hence last).
+from freezeguard.ops import library as _library_registration  # noqa: E402,F401
