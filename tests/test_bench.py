@@ -28,6 +28,20 @@ def test_guarded_step_allocates_nothing_for_frozen_tensors():
     assert guard["step_s"] > 0 and 0 < guard["opt_step_s"] <= guard["step_s"]
 
 
+def test_optimizer_step_host_and_device_times():
+    row = measure(dict(TINY, mode="guard", ratio=0.3))
+    # host: until step() returns; on the CPU that is the whole step and there is no device time
+    assert 0 < row["opt_host_s"] <= row["opt_step_s"]
+    assert row["opt_device_s"] is None
+    table = fg.apps.bench.format_table({"meta": {"model": "tiny", "device": "cpu", "device_name": "x", "batch": 1,
+                                                 "bf16": False, "checkpointing": False, "torch": "t"},
+                                        "rows": [dict(row, mode="full", impl="full", opt_host_s_vs_full=1.0,
+                                                      opt_device_s_vs_full=None, step_s_vs_full=1.0,
+                                                      opt_step_s_vs_full=1.0, peak_bytes_vs_full=None,
+                                                      state_bytes_vs_full=1.0)]})
+    assert "opt host ms" in table and "opt device ms" in table
+
+
 def test_isolated_worker_reports_peak_rss():
     row = _measure_isolated(dict(TINY, mode="guard", ratio=0.3))
     assert row["peak_measure"].startswith("peak RSS") and row["peak_bytes"] > 0

@@ -2,7 +2,8 @@
 
 For one UNet preset, measures full fine-tuning (``torch.optim.AdamW``, fused where available)
 and guarded fine-tuning (``fg.guard`` with random masks at each frozen ratio, by tensors and by
-parameters, or a learned mask from a file): median step time, optimizer step time, peak memory,
+parameters, or a learned mask from a file): median step time, optimizer step time (wall, host and,
+on CUDA, device), peak memory,
 gradient and optimizer-state bytes, each also as a ratio to full fine-tuning measured in the same
 run. See :mod:`freezeguard.apps.bench_step` for what each memory figure means.
 
@@ -69,7 +70,7 @@ def configs(*, ratios: Sequence[float], by: Sequence[str], mask_path: str | None
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     full = rows[0]
     for r in rows:
-        for key in ("step_s", "opt_step_s", "peak_bytes", "grad_bytes", "state_bytes", "saved_bytes"):
+        for key in ("step_s", "opt_step_s", "opt_host_s", "opt_device_s", "peak_bytes", "grad_bytes", "state_bytes", "saved_bytes"):
             a, b = r.get(key), full.get(key)
             r[f"{key}_vs_full"] = (a / b) if a is not None and b else None
 
@@ -170,6 +171,10 @@ def _mib(b: float | None) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
 
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1e3:.2f}"
+
+
 def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -182,8 +187,8 @@ def format_table(result: dict[str, Any]) -> str:
              f"peak = {result['rows'][0]['peak_measure']}",
              "",
              "| config | frozen t/p | step ms | x full | opt ms | x full | peak MiB | x full "
-             "| grad MiB | state MiB | x full | saved act. MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| grad MiB | state MiB | x full | saved act. MiB | opt host ms | x full | opt device ms | x full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r["mode"] == "full":
             name = r["impl"]
@@ -196,7 +201,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {r['step_s'] * 1e3:.1f} | {_x(r['step_s_vs_full'])} | {r['opt_step_s'] * 1e3:.2f} "
             f"| {_x(r['opt_step_s_vs_full'])} | {_mib(r['peak_bytes'])} | {_x(r['peak_bytes_vs_full'])} "
             f"| {_mib(r['grad_bytes'])} | {_mib(r['state_bytes'])} | {_x(r['state_bytes_vs_full'])} "
-            f"| {_mib(r.get('saved_bytes'))} |")
+            f"| {_mib(r.get('saved_bytes'))} | {r['opt_host_s'] * 1e3:.2f} | {_x(r['opt_host_s_vs_full'])} "
+            f"| {_ms(r.get('opt_device_s'))} | {_x(r.get('opt_device_s_vs_full'))} |")
     return "\n".join(lines)
 
 

@@ -17,6 +17,11 @@ holding the model. On CPU there is no allocator counter; ``peak_bytes`` is the p
 meaningful when the configuration runs alone in a fresh process (``isolate=True`` in
 :func:`freezeguard.apps.bench.run_bench`); in-process it is reported as None. ``grad_bytes`` and
 ``state_bytes`` are exact sums of the ``.grad`` tensors and the optimizer state after a step;
+``opt_step_s`` is the optimizer step's wall time (synchronised before and after); ``opt_host_s``
+is the time until ``step()`` returns (the host's work: Python, checks, launches) and, on CUDA,
+``opt_device_s`` the step's span on the stream between two CUDA events (None on the CPU, where
+host and device are one). Gradients are fresh tensors every step (``zero_grad(set_to_none=True)``
+then backward), as in training.
 ``saved_bytes`` is what autograd keeps for the backward pass (tensors packed by the forward of the
 last step, each storage counted once): the activations, which freezing can only shrink where a
 frozen branch needs no input gradient.
@@ -148,8 +153,11 @@ def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
 
             impl += f" ({sum(isinstance(m, LeanFrozenConv2d) for m in unet.modules())} lean frozen convs)"
 
-    step_t, opt_t, grad_bytes = [], [], 0
+    step_t, opt_t, host_t, dev_t, grad_bytes = [], [], [], [], 0
     saved = _SavedBytes()
+    cuda = device.type == "cuda"
+    if cuda:
+        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for i in range(int(c["warmup"]) + int(c["steps"])):
         _sync(device)
         t0 = time.perf_counter()
@@ -161,13 +169,22 @@ def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
         loss.backward()
         _sync(device)
         t1 = time.perf_counter()
+        if cuda:
+            ev0.record()
         opt.step()
+        # host: until step() returns, i.e. all the Python and launches, without waiting for kernels
+        th = time.perf_counter()
+        if cuda:
+            ev1.record()
         _sync(device)
         t2 = time.perf_counter()
         saved.reset_after_step()
         if i >= int(c["warmup"]):
             step_t.append(t2 - t0)
             opt_t.append(t2 - t1)
+            host_t.append(th - t1)
+            if cuda:
+                dev_t.append(ev0.elapsed_time(ev1) / 1e3)  # the step's span on the stream
         grad_bytes = _tensor_bytes(p.grad for p in unet.parameters())
         del pred, loss
 
@@ -182,6 +199,7 @@ def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
         frozen_ratio_tensors=mask.ratio("tensors") if mask else 0.0,
         frozen_ratio_params=mask.ratio("params") if mask else 0.0,
         step_s=statistics.median(step_t), opt_step_s=statistics.median(opt_t),
+        opt_host_s=statistics.median(host_t), opt_device_s=statistics.median(dev_t) if dev_t else None,
         grad_bytes=grad_bytes, saved_bytes=saved.last,
         state_bytes=_tensor_bytes(v for s in opt.state.values() for v in s.values()),
     )
