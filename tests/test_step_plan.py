@@ -165,3 +165,29 @@ def test_invalidate_step_plan_after_swapping_a_state_tensor():
     _grads(a, 1)
     ours.step()
     assert ours.state[w]["exp_avg"].abs().sum() > 0  # the new tensor was the one updated
+
+
+def test_wrap_resolves_names_once_until_the_optimizer_params_change(monkeypatch):
+    from freezeguard.core import guard as guard_mod
+
+    calls = []
+    real = guard_mod.frozen_parameter_ids
+    monkeypatch.setattr(guard_mod, "frozen_parameter_ids", lambda *a: calls.append(1) or real(*a))
+    model = _model()
+    named = dict(model.named_parameters())
+    before = named["0.weight"].detach().clone()
+    opt = fg.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), fg.FreezeMask.from_names(model, ["0.weight"]),
+                  model)
+    named["0.weight"].requires_grad_(True)
+    for s in range(4):
+        _grads(model, s)  # the frozen tensor gets a gradient too: it must still not move
+        opt.step()
+    assert len(calls) == 1
+    assert torch.equal(named["0.weight"], before) and named["0.weight"] not in opt.state
+    # new parameter objects in the optimizer (what accelerate does): resolved by name again
+    new = torch.nn.Parameter(named["0.weight"].detach().clone())
+    model[0].weight = new
+    opt.param_groups[0]["params"] = [new if p is named["0.weight"] else p for p in opt.param_groups[0]["params"]]
+    _grads(model, 9)
+    opt.step()
+    assert len(calls) == 2 and torch.equal(new, before) and new not in opt.state

@@ -127,6 +127,9 @@ class _Enforcer:
         self.verify_unchanged = verify_unchanged
         self._saved_groups: list[list[torch.nn.Parameter]] | None = None
         self._snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._frozen: set[int] = set()
+        self._frozen_key: tuple | None = None
+        self._filtered: tuple | None = None
         self.handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -135,8 +138,14 @@ class _Enforcer:
         ]
 
     def frozen_ids(self) -> set[int]:
-        # Resolved on every step: a few string operations per parameter, negligible next to a
-        # step, and it is what lets replaced parameter objects keep their frozen status.
+        # Resolving names costs a few string operations per parameter (milliseconds on a UNet), so
+        # the answer is kept while the mask and the optimizer's parameters (by identity) are the
+        # same: replaced parameter objects (accelerate, FSDP) change the key and are resolved by
+        # name again. A parameter swapped in the model alone cannot unfreeze anything: the
+        # optimizer then holds the old object, whose frozen status is already known.
+        key = (id(self.mask), [list(map(id, g["params"])) for g in self._groups_params()])
+        if self._frozen_key is not None and key == self._frozen_key[0] and self.mask is self._frozen_key[1]:
+            return self._frozen
         frozen = frozen_parameter_ids(self.model, self.mask)
         model_ids = {id(p) for p in self.model.parameters()}
         stray = sum(1 for g in self.optimizer.param_groups for p in g["params"] if id(p) not in model_ids)
@@ -144,7 +153,14 @@ class _Enforcer:
             raise RuntimeError(f"freezeguard: the optimizer holds {stray} parameter(s) that are not in the "
                                f"model given to fg.wrap, so the mask cannot be enforced on them; wrap the "
                                f"optimizer with the model it trains (after accelerate/DDP wrapping is fine)")
-        return set(frozen)
+        # the key holds the mask and (through the optimizer) the parameters: ids are not reused
+        self._frozen, self._frozen_key = set(frozen), (key, self.mask)
+        return self._frozen
+
+    def _groups_params(self) -> list[dict[str, Any]]:
+        if self._saved_groups is not None:  # inside a step: the full lists, not the filtered ones
+            return [{"params": ps} for ps in self._saved_groups]
+        return self.optimizer.param_groups
 
     def drop_state(self, frozen: set[int] | None = None) -> None:
         frozen = self.frozen_ids() if frozen is None else frozen
@@ -167,8 +183,14 @@ class _Enforcer:
         if self.verify_unchanged:
             self._snapshot = [(p, p.detach().clone()) for params in self._saved_groups
                               for p in params if id(p) in frozen]
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in frozen]
+        # the filtered lists are kept with the key they were made for, so a step that changes
+        # nothing hands the inner optimizer the same list objects again
+        # (the key lists every group's parameters, so an unchanged key means unchanged groups)
+        if self._filtered is None or self._filtered[0] is not self._frozen_key:
+            self._filtered = (self._frozen_key,
+                              [[p for p in params if id(p) not in frozen] for params in self._saved_groups])
+        for group, kept in zip(optimizer.param_groups, self._filtered[1], strict=True):
+            group["params"] = kept
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if _step_depth(optimizer) > 1:
