@@ -299,7 +299,7 @@ class AdamW(torch.optim.Optimizer):
             for unit, lists, present, grads in work:
                 self._run_unit(unit, lists, grads)
                 unit.lists.setdefault(present, lists)
-                if present is None and unit.prepared is None:
+                if present is None and unit.prepared is None and not unit.sharded:
                     unit.prepared = ops.PreparedAdamW(*lists[1:])
         except BaseException:
             for p in fresh:  # leave the state as it was
@@ -337,6 +337,12 @@ class AdamW(torch.optim.Optimizer):
 
     def _run_unit(self, unit: _plan.Unit, lists, grads: list[torch.Tensor]) -> None:
         idx, params, exp_avgs, exp_avg_sqs, counters = lists
+        if unit.sharded:
+            # FSDP2: every rank updates its own shards, which is exactly AdamW (elementwise); the
+            # state stays DTensors (sharded like the parameters) for distributed checkpoints.
+            loc = _plan.local
+            params, grads = [loc(t) for t in params], [loc(t) for t in grads]
+            exp_avgs, exp_avg_sqs = [loc(t) for t in exp_avgs], [loc(t) for t in exp_avg_sqs]
         try:
             ops.masked_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, counters, **self._hyper(unit))
         except Exception as exc:

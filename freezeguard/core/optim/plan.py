@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Unit:
                                                list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
     # the every-tensor-has-a-grad lists, prepared for ops.try_masked_adamw_step_ once they ran
     prepared: Any = None
+    # DTensor parameters (FSDP2): the fused op runs on their local shards, mapped every step
+    sharded: bool = False
 
 
 @dataclass
@@ -79,9 +82,20 @@ def build(param_groups: list[dict[str, Any]], state: dict, mask: Any,
                 unit = by_device[p.device] = Unit(group, gi, [], [])
             unit.idx.append(i)
             unit.params.append(p)
+            unit.sharded = unit.sharded or is_dtensor(p)
         units.extend(by_device.values())
     groups = [(g, g.get("param_names"), list(map(id, g["params"]))) for g in param_groups]
     return StepPlan(mask, state, len(state), groups, units)
 
 
-__all__ = ["StepPlan", "Unit", "build"]
+def is_dtensor(t: Any) -> bool:
+    """A DTensor (FSDP2's sharded parameters and their grads and state), found without importing it."""
+    return is_traceable_wrapper_subclass(t) and callable(getattr(t, "to_local", None))
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view sharing its storage: in-place updates land in it), else t."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+__all__ = ["StepPlan", "Unit", "build", "is_dtensor", "local"]
