@@ -41,6 +41,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("delta"), py::arg("dm"), nogil);
   m.def("user_update_", &freezeguard::user_update_, "simulated-user SGD step on the unfrozen share, in place",
         py::arg("theta"), py::arg("delta"), py::arg("grad"), py::arg("m"), py::arg("lr"), nogil);
+  m.def("user_adamw_", &freezeguard::user_adamw_, "AdamW simulated-user step, in place (grads only read)",
+        py::arg("theta"), py::arg("delta"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("m"), py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), nogil);
   // Bookkeeping shortcuts (list_checks.h): cheap, so they keep the GIL.
   m.def("check_tensor_lists", &freezeguard::check_tensor_lists,
         "(ok, all_contiguous) of parallel tensor lists under freezeguard.ops' rules", py::arg("lists"));

@@ -175,4 +175,37 @@ void user_update_(const std::vector<at::Tensor>& theta, const std::vector<at::Te
   });
 }
 
+void user_adamw_(const std::vector<at::Tensor>& theta, const std::vector<at::Tensor>& delta,
+                 const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& exp_avgs,
+                 const std::vector<at::Tensor>& exp_avg_sqs, const at::Tensor& m, int64_t step, double lr,
+                 double beta1, double beta2, double eps, double weight_decay) {
+  const char* op = "user_adamw_";
+  check_list(op, theta, theta, "theta");
+  check_list(op, theta, delta, "delta");
+  check_list(op, theta, grads, "grads");
+  check_list(op, theta, exp_avgs, "exp_avgs");
+  check_list(op, theta, exp_avg_sqs, "exp_avg_sqs");
+  TORCH_CHECK(step >= 1, op, ": step counts the current update and must be >= 1");
+  const float* mv = check_scalars(op, m, theta.size(), "m");
+  // Scalars rounded to fp32 once, as the reference's Python floats are when they meet fp32 tensors.
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  std::vector<UserAdamCoef> coef(theta.size());
+  for (size_t i = 0; i < theta.size(); ++i) {
+    const double mi = static_cast<double>(mv[i]);
+    coef[i] = {static_cast<float>(1.0 - mi), static_cast<float>(mi), static_cast<float>(1.0 - beta1),
+               static_cast<float>(beta2), static_cast<float>(1.0 - beta2), static_cast<float>(std::sqrt(bc2)),
+               static_cast<float>(eps), static_cast<float>(-lr / bc1), static_cast<float>(lr * weight_decay)};
+  }
+  const WorkTable table = make_work_table(theta);
+  for_each_piece(table, [&](int64_t, const Piece& pc) {
+    const auto i = pc.tensor;
+    dispatch_dtype(theta[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      user_adamw_piece<T>(ptr<T>(theta[i], pc.begin), ptr<T>(delta[i], pc.begin), ptr<T>(grads[i], pc.begin),
+                          ptr<T>(exp_avgs[i], pc.begin), ptr<T>(exp_avg_sqs[i], pc.begin), pc.size, coef[i]);
+    });
+  });
+}
+
 }  // namespace freezeguard

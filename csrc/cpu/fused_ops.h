@@ -43,4 +43,11 @@ void mask_shift_(const std::vector<at::Tensor>& theta, const std::vector<at::Ten
 void user_update_(const std::vector<at::Tensor>& theta, const std::vector<at::Tensor>& delta,
                   const std::vector<at::Tensor>& grad, const at::Tensor& m, double lr);
 
+// The AdamW simulated user (reference.user_adamw_); grads are only read. step >= 1 counts
+// user steps including this one.
+void user_adamw_(const std::vector<at::Tensor>& theta, const std::vector<at::Tensor>& delta,
+                 const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& exp_avgs,
+                 const std::vector<at::Tensor>& exp_avg_sqs, const at::Tensor& m, int64_t step, double lr,
+                 double beta1, double beta2, double eps, double weight_decay);
+
 }  // namespace freezeguard

@@ -60,6 +60,24 @@ FG_CLONES void user_f32(float* __restrict t, float* __restrict d, const float* _
   }
 }
 
+FG_CLONES void user_adamw_f32(float* __restrict t, float* __restrict d, const float* __restrict g,
+                              float* __restrict mu, float* __restrict nu, int64_t n, const UserAdamCoef& c) {
+  const float keep = c.keep, mi = c.m, omb1 = c.one_minus_b1, b2 = c.beta2, omb2 = c.one_minus_b2;
+  const float bc2 = c.bc2_sqrt, eps = c.eps, step = c.neg_step_size, lr_wd = c.lr_wd;
+  for (int64_t i = 0; i < n; ++i) {
+    // the reference's order: moments of the user's gradient, the step, decay on theta_ft
+    const float gf = g[i] * keep;
+    const float m1 = mu[i] + (gf - mu[i]) * omb1;
+    const float v1 = nu[i] * b2 + omb2 * gf * gf;
+    float u = m1 / (std::sqrt(v1) / bc2 + eps) * step;
+    if (lr_wd != 0.0f) u = u - lr_wd * (t[i] - mi * d[i]);
+    t[i] = t[i] + keep * u;
+    d[i] = d[i] - u;
+    mu[i] = m1;
+    nu[i] = v1;
+  }
+}
+
 // bf16 is the top half of an fp32: widening is a shift, rounding is integer arithmetic
 // (nearest-even, NaN kept quiet), both of which vectorise.
 FG_CLONES void to_f32(const c10::BFloat16* __restrict s, float* __restrict d, int64_t n) {

@@ -26,11 +26,24 @@ struct AdamCoef {
   float neg_step_size;  // -lr / (1 - beta1^step)
 };
 
+struct UserAdamCoef {   // the AdamW simulated user (freezeguard.backends.reference.user_adamw_)
+  float keep;           // 1 - m_i: the unfrozen share of tensor i
+  float m;              // m_i
+  float one_minus_b1;
+  float beta2;
+  float one_minus_b2;
+  float bc2_sqrt;
+  float eps;
+  float neg_step_size;  // -lr / (1 - beta1^step)
+  float lr_wd;          // lr * weight_decay (0: no decay term)
+};
+
 // fp32 loops, vectorised per CPU (simd.h). All update their float arrays in place.
 void adamw_f32(float* p, const float* g, float* m, float* v, int64_t n, const AdamCoef& c);
 double dot_f32(const float* a, const float* b, int64_t n);
 void axpy_f32(float* t, const float* d, float s, int64_t n);                     // t += s d
 void user_f32(float* t, float* d, const float* g, float c, float keep, int64_t n);  // u = c g; t += keep u; d -= u
+void user_adamw_f32(float* t, float* d, const float* g, float* mu, float* nu, int64_t n, const UserAdamCoef& c);
 
 // Widening / rounding (round-to-nearest-even, like torch's .to()).
 void to_f32(const c10::BFloat16* s, float* d, int64_t n);
@@ -108,6 +121,28 @@ void user_piece(T* t, T* d, const T* g, float c, float keep, int64_t n) {
       user_f32(bt, bd, bg, c, keep, k);
       from_f32(bt, t + o, k);
       from_f32(bd, d + o, k);
+    }
+  }
+}
+
+template <typename T>
+void user_adamw_piece(T* t, T* d, const T* g, T* mu, T* nu, int64_t n, const UserAdamCoef& c) {
+  if constexpr (is_f32<T>) {
+    user_adamw_f32(t, d, g, mu, nu, n, c);
+  } else {
+    alignas(64) float bt[kBlock], bd[kBlock], bg[kBlock], bm[kBlock], bv[kBlock];
+    for (int64_t o = 0; o < n; o += kBlock) {
+      const int64_t k = std::min(kBlock, n - o);
+      to_f32(t + o, bt, k);
+      to_f32(d + o, bd, k);
+      to_f32(g + o, bg, k);
+      to_f32(mu + o, bm, k);
+      to_f32(nu + o, bv, k);
+      user_adamw_f32(bt, bd, bg, bm, bv, k, c);
+      from_f32(bt, t + o, k);
+      from_f32(bd, d + o, k);
+      from_f32(bm, mu + o, k);
+      from_f32(bv, nu + o, k);
     }
   }
 }

@@ -105,3 +105,10 @@ def mask_shift_(theta: Tensors, delta: Tensors, dm: torch.Tensor) -> None:
 
 def user_update_(theta: Tensors, delta: Tensors, grad: Tensors, m: torch.Tensor, lr: float) -> None:
     _ext().user_update_(list(theta), list(delta), list(grad), m, float(lr))
+
+
+def user_adamw_(theta: Tensors, delta: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                m: torch.Tensor, step: int, *, lr: float, beta1: float, beta2: float, eps: float,
+                weight_decay: float) -> None:
+    _ext().user_adamw_(list(theta), list(delta), list(grads), list(exp_avgs), list(exp_avg_sqs), m, int(step),
+                       float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
