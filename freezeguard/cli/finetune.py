@@ -49,7 +49,18 @@ def _error(msg: str) -> int:
     return 2
 
 
+class _Failed(Exception):
+    """The fine-tune failed; the temporary log is discarded and the old result kept."""
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except _Failed as exc:
+        return _error(str(exc))
+
+
+def _run(args: argparse.Namespace) -> int:
     from freezeguard.apps.finetune import _check_options
     from freezeguard.integrations.diffusers.data import DatasetError
     from freezeguard.integrations.diffusers.pipeline import PipelineError, check_pipeline_folder
@@ -68,6 +79,20 @@ def run(args: argparse.Namespace) -> int:
                 raise DatasetError(f"{flag} {path} does not exist (or is not a folder)")
         if args.mask is not None and not Path(args.mask).is_file():
             raise ValueError(f"--mask {args.mask} does not exist")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a folder")
+        if not out.parent.is_dir():
+            raise ValueError(f"--out: folder {out.parent} does not exist")
+        if args.mask is not None:  # the mask file and its fit, from file headers, before any model loads
+            from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
+            from freezeguard.core.weights import weights_layout
+
+            early = FreezeMask.load(args.mask)
+            unet_layout = weights_layout(src / "unet", "--model unet")
+            mismatch = describe_layout_mismatch(early.layout, {k: v for k, v in unet_layout.items() if k in early.layout},
+                                                missing="missing from the model", extra="", reshaped="reshaped")
+            if mismatch:
+                raise ValueError(f"--mask {args.mask}: mask was made for a different model ({mismatch})")
     except (ValueError, DatasetError, PipelineError) as exc:
         return _error(str(exc))
 
@@ -92,11 +117,15 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, DatasetError, PipelineError) as exc:
         return _error(str(exc).strip("'\""))
 
+    from freezeguard.core import files
+
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "finetune_log.jsonl"
     show = not args.quiet
 
-    with open(log_path, "w", encoding="utf-8") as log_file:
+    # The log goes to a temporary file, renamed over an earlier run's log only once the new UNet
+    # is in place: a failed run leaves the previous result (UNet and log) as it was.
+    with files.atomic_path(log_path) as tmp_log, open(tmp_log, "w", encoding="utf-8") as log_file:
         def log(record: dict) -> None:
             # NaN (a batch without target or innocent samples) is not JSON: write null.
             log_file.write(json.dumps({k: (None if v != v else v) for k, v in record.items()}) + "\n")
@@ -116,10 +145,11 @@ def run(args: argparse.Namespace) -> int:
                               lean_frozen_convs=args.lean_frozen_convs, device=args.device,
                               progress=show, log=log)
         except (ValueError, FloatingPointError) as exc:
-            return _error(str(exc))
-
-    comps.unet.to("cpu")
-    save_pipeline_with_unet(src, out, comps.unet)
+            log_file.close()
+            raise _Failed(str(exc)) from None
+        log_file.flush()
+        comps.unet.to("cpu")
+        save_pipeline_with_unet(src, out, comps.unet)
     summary = {"out": str(out), "model": str(src), "mask": args.mask, "guarded": mask is not None,
                "train_images": len(target), "innocent_images": len(innocent) if innocent else 0,
                "log": str(log_path), **result.summary()}

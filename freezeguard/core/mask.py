@@ -17,7 +17,7 @@ import torch
 from freezeguard._version import __version__
 from freezeguard.core.fingerprint import model_fingerprint
 from freezeguard.core.mask_files import FreezeMaskFileError, read_mask_file, read_reference_txt, write_mask_file
-from freezeguard.core.names import lora_exclude_modules
+from freezeguard.core.names import lora_exclude_modules, released_layout, resolve_name
 
 BUDGET_BASES = ("tensors", "params")
 
@@ -148,7 +148,13 @@ class FreezeMask:
         extra = sorted(scores.keys() - layout.keys())
         if missing or extra:
             raise KeyError(f"scores do not match the model: missing {missing[:5]}, unknown {extra[:5]}")
-        order = sorted(layout, key=lambda n: (-float(scores[n]), n))
+        values = {n: float(scores[n]) for n in layout}
+        bad = sorted(n for n, v in values.items() if not math.isfinite(v))
+        if bad:
+            # NaN compares false with everything: the "top-scored" order would be arbitrary.
+            raise ValueError(f"scores must be finite; {len(bad)} are not: "
+                             + ", ".join(f"{n}={values[n]}" for n in bad[:5]) + (" ..." if len(bad) > 5 else ""))
+        order = sorted(layout, key=lambda n: (-values[n], n))
         sizes = {n: math.prod(s) for n, s in layout.items()}
         return cls(layout, select_budget(order, sizes, ratio, by), metadata=_describe(model, by, ratio))
 
@@ -204,11 +210,20 @@ class FreezeMask:
         return sum(math.prod(self._layout[n]) for n in self._frozen) / max(total, 1)
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Raise ValueError naming missing / extra / reshaped tensors if the model differs."""
-        mismatch = describe_layout_mismatch(self._layout, _layout(model), missing="missing from the model",
+        """Raise ValueError naming missing / extra / reshaped tensors if the model differs.
+
+        A model wrapped after the release (peft ``add_adapter`` / ``get_peft_model``, DDP's
+        ``module.``, ``torch.compile``) is compared under its released names, without its adapter
+        weights (:func:`freezeguard.core.names.released_layout`).
+        """
+        live = _layout(model)
+        mismatch = describe_layout_mismatch(self._layout, live, missing="missing from the model",
                                             extra="not in the mask", reshaped="reshaped")
         if mismatch:
-            raise ValueError(f"mask was made for a different model ({mismatch})")
+            released = released_layout(model)
+            if released == live or describe_layout_mismatch(self._layout, released, missing="", extra="",
+                                                            reshaped=""):
+                raise ValueError(f"mask was made for a different model ({mismatch})")
 
     def lora_exclude_modules(self, model: torch.nn.Module) -> list[str]:
         """Module names to pass to peft ``LoraConfig(exclude_modules=...)``.
@@ -302,6 +317,11 @@ class FreezeMask:
     def apply_(self, model: torch.nn.Module) -> torch.nn.Module:
         """Set ``requires_grad=False`` on frozen tensors (others untouched); returns the model."""
         params = dict(model.named_parameters())
+        if any(n not in params for n in self._frozen):  # a wrapped model (peft, DDP): map released names
+            for name, p in model.named_parameters():
+                released = resolve_name(name, self._layout)
+                if released is not None and ".modules_to_save." not in name:
+                    params.setdefault(released, p)
         missing = [n for n in self._frozen if n not in params]
         if missing:
             raise KeyError(f"model has no parameter(s) named {sorted(missing)[:8]}")

@@ -27,13 +27,14 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from freezeguard.core.files import write_bytes
 
 FORMAT = "freezeguard.core.mask"
 FORMAT_VERSION = "1"
@@ -74,42 +75,37 @@ def write_mask_file(path: str | os.PathLike, layout: Mapping[str, tuple[int, ...
     data = st_save(tensors, metadata=meta)
     if not path.parent.exists():
         raise FreezeMaskFileError(f"cannot write mask file {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    # A unique temporary name, fsync, rename; the file then gets the umask's permissions (a mask
+    # is published with the model), not mkstemp's 0600.
+    write_bytes(path, data)
 
 
-def _read_header(path: Path, raw: bytes) -> dict:
-    """Parse the safetensors header by hand so every failure gets a specific message."""
-    if len(raw) < 8:
-        raise FreezeMaskFileError(f"{path} is not a safetensors mask file (only {len(raw)} bytes)")
-    (n,) = struct.unpack("<Q", raw[:8])
+def _read_header(path: Path, f, size: int) -> tuple[dict, int]:
+    """Parse the safetensors header by hand, reading only the header, so every failure gets a
+    specific message and a huge file is refused without reading it. Returns (header, data bytes)."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise FreezeMaskFileError(f"{path} is not a safetensors mask file (only {len(head)} bytes)")
+    (n,) = struct.unpack("<Q", head)
     if n == 0 or n > _MAX_HEADER_BYTES:
         raise FreezeMaskFileError(f"{path} is not a safetensors mask file (header length {n} is implausible)")
-    if len(raw) < 8 + n:
-        raise FreezeMaskFileError(f"{path} is truncated: header says {n} bytes, file has {len(raw) - 8} after the length")
+    if size < 8 + n:
+        raise FreezeMaskFileError(f"{path} is truncated: header says {n} bytes, file has {size - 8} after the length")
     try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
+        header = json.loads(f.read(n).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise FreezeMaskFileError(f"{path} is not a safetensors mask file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise FreezeMaskFileError(f"{path} is not a safetensors mask file (header is not a JSON object)")
-    data_len = len(raw) - 8 - n
-    ends = [int(v["data_offsets"][1]) for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    data_len = size - 8 - n
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items()
+                if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise FreezeMaskFileError(f"{path} is corrupted: a tensor entry has invalid data_offsets") from None
     if ends and max(ends) > data_len:
         raise FreezeMaskFileError(f"{path} is truncated: tensors need {max(ends)} data bytes, file has {data_len}")
-    return header
+    return header, data_len
 
 
 def read_mask_file(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], set[str], dict[str, str]]:
@@ -122,12 +118,23 @@ def read_mask_file(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]],
         raise FreezeMaskFileError(f"mask file {path} does not exist")
     if path.is_dir():
         raise FreezeMaskFileError(f"mask file {path} is a folder, not a file")
-    raw = path.read_bytes()
-    header = _read_header(path, raw)
-    meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT:
-        raise FreezeMaskFileError(f"{path} is a safetensors file but not a freezeguard mask "
-                                  f"(metadata format={meta.get('format')!r}, expected {FORMAT!r})")
+    # Only the header is read until the file is known to be a mask of plausible size: a mask
+    # holds one byte per tensor, so a 3 GiB file is refused after reading a few bytes.
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header, data_len = _read_header(path, f, size)
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise FreezeMaskFileError(f"{path} is corrupted: its metadata is not a JSON object")
+        if meta.get("format") != FORMAT:
+            raise FreezeMaskFileError(f"{path} is a safetensors file but not a freezeguard mask "
+                                      f"(metadata format={meta.get('format')!r}, expected {FORMAT!r})")
+        entries = sum(1 for k in header if k != "__metadata__")
+        if data_len > entries:  # one byte per tensor; anything beyond is not a mask's
+            raise FreezeMaskFileError(f"{path} is not a valid mask file: {data_len} data bytes for {entries} "
+                                      f"one-byte entries")
+        f.seek(0)
+        raw = f.read()
     version = meta.get("format_version")
     if version not in SUPPORTED_VERSIONS:
         raise FreezeMaskFileError(f"{path} has mask format version {version!r}; this freezeguard reads "

@@ -97,6 +97,56 @@ def frozen_parameter_ids(model: torch.nn.Module, mask: "FreezeMask") -> dict[int
     return found
 
 
+# Adapter parameters that, merged, change only the wrapped layer's weight (LoRA and its relatives:
+# DoRA's magnitude, LoHa, LoKr, VeRA, old diffusers / kohya LoRA layers). Anything else (IA3 scales
+# the bias too, lora_bias=True adds a bias, unknown tuners) is taken to change every tensor of the layer.
+_WEIGHT_ONLY = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                          "lora_down", "lora_up", "lora_mid", "lora", "lora_layer", "hada_w1_a", "hada_w1_b",
+                          "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w2", "lokr_w1_a",
+                          "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "vera_lambda_b", "vera_lambda_d"})
+
+
+def adapter_touches(adapter_key: str) -> tuple[str, ...]:
+    """Which tensors of the wrapped layer an adapter parameter changes when merged.
+
+    ``adapter_key`` is the adapter parameter's name (a live name such as
+    ``"to_q.lora_A.default.weight"`` or a key of an adapter file). ``("weight",)`` for LoRA-type
+    factors; ``("weight", "bias")`` for an adapter bias (peft ``lora_bias=True``), IA3 and anything
+    unknown. :func:`frozen_adapters` (guard / wrap) and ``verify`` both decide with this, so they
+    flag the same modules.
+
+    Example:
+        >>> adapter_touches("to_q.lora_A.default.weight"), adapter_touches("to_q.lora_B.bias")
+        (('weight',), ('weight', 'bias'))
+    """
+    parts = adapter_key.split(".")
+    kohya = parts[0].startswith("lora_unet_") and parts[-1] in ("alpha", "scale")
+    weight_only = kohya or any(p in _WEIGHT_ONLY or p.endswith("_lora") for p in parts)
+    return ("weight",) if weight_only and parts[-1] != "bias" else ("weight", "bias")
+
+
+def released_layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """name -> shape of a possibly wrapped model's own tensors, under their released names.
+
+    Wrapper prefixes and peft's ``base_layer`` are dropped (:func:`canonical_name`); adapter
+    weights and ``modules_to_save`` copies are left out. For a plain model it is its layout.
+
+    Example:
+        >>> released_layout(torch.nn.Linear(2, 3))
+        {'weight': (3, 2), 'bias': (3,)}
+    """
+    adapter_ids: set[int] = set()
+    for _, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, torch.nn.Module):
+            base_ids = {id(p) for p in base.parameters()}
+            adapter_ids |= {id(p) for p in module.parameters() if id(p) not in base_ids}
+        copies = getattr(module, "modules_to_save", None)
+        if isinstance(copies, torch.nn.ModuleDict):
+            adapter_ids |= {id(p) for p in copies.parameters()}
+    return {canonical_name(name): tuple(p.shape) for name, p in model.named_parameters() if id(p) not in adapter_ids}
+
+
 def _is_adapter_copy(name: str) -> bool:
     return ".modules_to_save." in name
 
@@ -116,7 +166,9 @@ def frozen_adapters(model: torch.nn.Module, mask: "FreezeMask") -> list[str]:
         if isinstance(base, torch.nn.Module):
             base_ids = {id(p) for p in base.parameters()}
             own = [n for n, p in module.named_parameters() if id(p) not in base_ids]
-            if own and _owns_frozen(mod_name, base, layout, frozen):
+            touched = {t for n in own for t in adapter_touches(n)}
+            if own and _owns_frozen(f"{mod_name}.base_layer" if mod_name else "base_layer", base, layout, frozen,
+                                    touched):
                 bad.append(mod_name)
             continue
         copies = getattr(module, "modules_to_save", None)
@@ -127,8 +179,12 @@ def frozen_adapters(model: torch.nn.Module, mask: "FreezeMask") -> list[str]:
     return sorted(set(bad))
 
 
-def _owns_frozen(mod_name: str, base: torch.nn.Module, layout, frozen: set[str]) -> bool:
+def _owns_frozen(mod_name: str, base: torch.nn.Module, layout, frozen: set[str],
+                 touched: set[str] | None = None) -> bool:
+    """Does ``base`` own a frozen tensor (among the ``touched`` local names; None: any)?"""
     for pname, _ in base.named_parameters():
+        if touched is not None and pname.rsplit(".", 1)[-1] not in touched:
+            continue
         released = resolve_name(f"{mod_name}.{pname}" if mod_name else pname, layout)
         if released in frozen:
             return True

@@ -32,10 +32,10 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from freezeguard.core import weights
-from freezeguard.core.mask import FreezeMask
-from freezeguard.core.names import resolve_name
+from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
+from freezeguard.core.names import adapter_touches, canonical_name, resolve_name
 
-__all__ = ["verify", "VerifyReport", "VerifyInputError"]
+__all__ = ["verify", "VerifyReport", "VerifyInputError", "check_mask_fits_release"]
 
 
 class VerifyInputError(ValueError):
@@ -144,6 +144,47 @@ def _release_key(key: str, layout: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _shapes(source: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    if isinstance(source, weights.SafetensorsSource):
+        return source.shapes()  # from the headers: no tensor read
+    return {k: tuple(v.shape) for k, v in source.items()}
+
+
+def check_mask_fits_release(mask: FreezeMask, released: Mapping[str, torch.Tensor]) -> None:
+    """VerifyInputError unless ``mask`` was made for the released model (names and shapes).
+
+    The released tensors are mapped to released names as everywhere else (wrapper prefixes,
+    ``unet.`` in pipeline files); text-encoder tensors and adapter weights are ignored, and so
+    are extra tensors of modules the mask knows (buffers in a state dict). A tensor of the mask
+    missing or reshaped, or a module the mask does not know, means another model: the audit
+    would compare the wrong tensors (or too few), so it is refused, as ``FreezeMask.load(model=)``
+    refuses such a mask.
+    """
+    layout = mask.layout
+    known_modules = {n.rsplit(".", 1)[0] for n in layout}
+    found: dict[str, tuple[int, ...]] = {}
+    foreign = []
+    for key, shape in _shapes(released).items():
+        if key.startswith(_OTHER_MODELS) or _adapter_module(key) is not None:
+            continue
+        name = _release_key(key, layout)
+        if name is not None:
+            found[name] = shape
+            continue
+        module = canonical_name(key.removeprefix("unet.").removeprefix("transformer.")).rsplit(".", 1)[0]
+        if module not in known_modules:
+            foreign.append(key)
+    mismatch = describe_layout_mismatch(layout, found, missing="missing from the released model",
+                                        extra="", reshaped="shapes differ", arrow="in the mask, released:")
+    if foreign:
+        mismatch += ("; " if mismatch else "") + (f"{len(foreign)} released tensor(s) the mask does not know: "
+                                                  f"{', '.join(sorted(foreign)[:8])}" + (" ..." if len(foreign) > 8 else ""))
+    if mismatch:
+        fp = mask.metadata.get("model_fingerprint")
+        raise VerifyInputError(f"the mask was made for a different model than the released one ({mismatch})"
+                               + (f"; mask fingerprint {fp[:12]}" if fp else ""))
+
+
 # ---------------------------------------------------------------------------------------------
 # comparison
 
@@ -184,6 +225,7 @@ def verify(released: Any, finetuned: Any, mask: FreezeMask | str | os.PathLike) 
     layout = mask.layout
     frozen = set(mask.frozen_names)
     rel_src = load_tensors(released, "released")
+    check_mask_fits_release(mask, rel_src)
     ft_src = load_tensors(finetuned, "finetuned")
 
     rel_keys: dict[str, str] = {}
@@ -212,11 +254,14 @@ def verify(released: Any, finetuned: Any, mask: FreezeMask | str | os.PathLike) 
             if module.startswith("lora_unet_"):
                 kohya = kohya if kohya is not None else _kohya_table(layout)
                 module = kohya.get(module)
-            target = _release_key(f"{module}.weight", layout) if module else None
-            if target is None:
+            # The same rule as guard/wrap (names.adapter_touches): LoRA factors change the layer's
+            # weight; an adapter bias, IA3 or an unknown adapter change its bias too.
+            targets = [_release_key(f"{module}.{t}", layout) if module else None for t in adapter_touches(key)]
+            if targets[0] is None:
                 unmapped_adapters.append(key)
-            elif target in frozen:
-                report.lora_violations.append((key, target))
+            for target in targets:
+                if target is not None and target in frozen:
+                    report.lora_violations.append((key, target))
             continue
         name = _release_key(key, layout)
         if name is None:

@@ -13,6 +13,7 @@ import torch
 
 from freezeguard import ops
 from freezeguard.core.mask import FreezeMask
+from freezeguard.core.names import canonical_name
 from freezeguard.core.optim import plan as _plan
 from freezeguard.core.optim.checks import (
     check_backend_name,
@@ -28,11 +29,13 @@ from freezeguard.ops import bookkeeping as _bookkeeping
 
 
 def _check_mask(mask: FreezeMask | None, groups: Iterable[dict[str, Any]]) -> None:
-    """A mask must be resolvable by name against the optimizer's parameters."""
+    """A mask must be resolvable by name against the optimizer's parameters, with the same shapes,
+    and no trainable parameter may share memory with a frozen one."""
     if mask is None:
         return
     if not (hasattr(mask, "is_frozen") and hasattr(mask, "frozen_names")):
         raise TypeError(f"mask must be a freezeguard.FreezeMask (or None), got {type(mask).__name__}")
+    groups = list(groups)
     index = name_index(groups)
     if index is None:
         raise ValueError("a FreezeMask is keyed by parameter name, but the optimizer got unnamed parameters; "
@@ -42,6 +45,51 @@ def _check_mask(mask: FreezeMask | None, groups: Iterable[dict[str, Any]]) -> No
         raise KeyError(f"mask freezes {len(unknown)} tensor(s) the optimizer's parameters do not include: "
                        f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} (pass every named "
                        "parameter of the model the mask was made for, frozen ones included)")
+    layout = getattr(mask, "layout", None) or {}
+    reshaped = [f"{n} {tuple(p.shape)} (mask: {layout[n]})" for n, p in index.items()
+                if n in layout and tuple(p.shape) != tuple(layout[n])]
+    if reshaped:
+        raise ValueError(f"mask was made for a different model: {len(reshaped)} parameter(s) have another shape: "
+                         f"{', '.join(reshaped[:8])}{' ...' if len(reshaped) > 8 else ''}")
+    frozen = [p for n, p in index.items() if mask.is_frozen(n)]
+    trainable = [(n, p) for n, p in index.items() if not mask.is_frozen(n)]
+    for g in groups:  # unnamed tensors in a named optimizer cannot happen (name_index), but be exact
+        if g.get("param_names") is None:
+            trainable += [(f"params[{i}]", p) for i, p in enumerate(g["params"])]
+    _check_no_alias(frozen, trainable)
+
+
+def _span(p: torch.Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, end byte) of the memory a tensor can read or write."""
+    es = p.element_size()
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride(), strict=True)) \
+        if p.numel() else 0
+    start = p.storage_offset() * es
+    return p.untyped_storage().data_ptr(), start, start + extent * es
+
+
+def _check_no_alias(frozen: list[torch.Tensor], trainable: list[tuple[str, torch.Tensor]]) -> None:
+    """ValueError if a trainable parameter shares memory with a frozen one (updating it would change it)."""
+    if not frozen or not trainable:
+        return
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for p in frozen:
+        if p.numel() and p.device.type != "meta":
+            ptr, lo, hi = _span(p)
+            spans.setdefault(ptr, []).append((lo, hi))
+    if not spans:
+        return
+    for name, p in trainable:
+        if not p.numel() or p.device.type == "meta":
+            continue
+        ptr, lo, hi = _span(p)
+        if any(lo < f_hi and f_lo < hi for f_lo, f_hi in spans.get(ptr, ())):
+            raise ValueError(f"parameter {name!r} shares memory with a frozen tensor: updating it would change the "
+                             f"frozen tensor, so it cannot be optimized under this mask")
+
+
+def _same_name(a: str, b: str) -> bool:
+    return a == b or canonical_name(a) == canonical_name(b)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -100,6 +148,9 @@ class AdamW(torch.optim.Optimizer):
         check_options(options)
         self.backend = check_backend_name(backend)
         self._mask: FreezeMask | None = None
+        # id(parameter) -> the name it was given: names are bound to the parameter objects, so
+        # nothing that rewrites a group's "param_names" later (a state dict) can move the mask.
+        self._bound: dict[int, str] = {}
         # The same keys as torch.optim.AdamW's defaults, so param groups (and state dicts)
         # are interchangeable; the backend and the mask live on the optimizer, not in groups.
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused,
@@ -138,7 +189,15 @@ class AdamW(torch.optim.Optimizer):
     def _frozen_flags(self, group: dict[str, Any]) -> list[bool]:
         if self._mask is None:
             return [False] * len(group["params"])
-        return [self._mask.is_frozen(n) for n in group["param_names"]]
+        bound, is_frozen = self._bound, self._mask.is_frozen
+        names = group.get("param_names") or [None] * len(group["params"])
+        # Frozen by the name the parameter was bound to, or by the name its group says now.
+        return [is_frozen(bound.get(id(p), n)) or (n is not None and is_frozen(n))
+                for p, n in zip(group["params"], names, strict=True)]
+
+    def _rebind(self) -> None:
+        self._bound = {id(p): n for g in self.param_groups if g.get("param_names") is not None
+                       for p, n in zip(g["params"], g["param_names"], strict=True)}
 
     def _drop_frozen_state(self) -> None:
         for group in self.param_groups:
@@ -163,9 +222,12 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError("this optimizer enforces a FreezeMask, so added params need names: "
                              "pass (name, tensor) pairs")
         if self._mask is not None and names is not None:
-            name_index([*self.param_groups, {"params": tensors, "param_names": names}])
+            _check_mask(self._mask, [*self.param_groups, {"params": tensors, "param_names": names}])
         super().add_param_group(param_group)
         self._plan = None
+        if names is not None:
+            for p, n in zip(tensors, names, strict=True):
+                self._bound.setdefault(id(p), n)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -177,6 +239,7 @@ class AdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_mask", None)
         self.__dict__.setdefault("backend", "auto")
+        self._rebind()  # ids differ after a copy or unpickling
         for group in self.param_groups:  # groups from older or foreign state dicts
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
                                ("differentiable", False), ("fused", None)):
@@ -195,14 +258,35 @@ class AdamW(torch.optim.Optimizer):
         for key, st in state_dict["state"].items():
             if isinstance(st, dict) and "step" in st:
                 check_step(st["step"], f"load_state_dict: state[{key!r}]")
-        if self._mask is not None and len(saved_groups) == len(self.param_groups):
-            # torch lets saved param_names replace ours; the mask must resolve against them.
-            future = []
-            for group, saved in zip(self.param_groups, saved_groups, strict=True):
-                names = saved.get("param_names", group.get("param_names"))
-                future.append({"params": group["params"], **({"param_names": names} if names else {})})
-            _check_mask(self._mask, future)
+        # Names are bound to our parameter objects; a state dict cannot rename them. torch would
+        # take the saved param_names as the truth, so two swapped names would move the freeze.
+        if len(saved_groups) == len(self.param_groups):
+            for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+                ours, theirs = group.get("param_names"), saved.get("param_names")
+                if ours is None or theirs is None or len(theirs) != len(ours):
+                    continue  # unnamed on either side: positional, as torch; a length mismatch torch refuses
+                moved = [(i, a, b) for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if not _same_name(a, b)]
+                if moved:
+                    i, a, b = moved[0]
+                    raise ValueError(f"load_state_dict: the state dict's param_names do not match this optimizer's "
+                                     f"parameters ({len(moved)} position(s) in group {gi}, e.g. position {i}: saved "
+                                     f"{b!r}, here {a!r}); loading it would give tensors another's state and name "
+                                     f"(and could move the mask), so it is refused")
+        if self._mask is not None:  # a state tensor that *is* a frozen tensor would be updated in place
+            frozen = [p for g in self.param_groups for p, f in zip(g["params"], self._frozen_flags(g), strict=True)
+                      if f]
+            for key, st in state_dict["state"].items():
+                tensors = [(f"state[{key!r}][{k!r}]", v) for k, v in (st.items() if isinstance(st, dict) else ())
+                           if isinstance(v, torch.Tensor) and k != "step"]
+                try:
+                    _check_no_alias(frozen, tensors)
+                except ValueError as exc:
+                    raise ValueError(f"load_state_dict: {exc}") from None
+        ours_names = [g.get("param_names") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, names in zip(self.param_groups, ours_names, strict=True):
+            if names is not None:
+                group["param_names"] = list(names)  # ours, bound to the parameter objects
         for st in self.state.values():
             if isinstance(st, dict) and "step" in st:
                 # a fresh float32 CPU scalar, as torch keeps it when neither fused nor capturable:

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from freezeguard.core.weights import DENOISER_SUBFOLDERS, WeightsError, weight_files
+from freezeguard.core.files import replace_dir
+from freezeguard.core.weights import DENOISER_SUBFOLDERS, PICKLE_SUFFIXES, WeightsError, weight_files
 from freezeguard.integrations.diffusers.loss import make_loss_fn
 from freezeguard.integrations.diffusers.models import family_of
 
@@ -113,10 +114,46 @@ class PromptEncoder:
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
+# model_index.json names the class of each part; only these libraries are imported from it (a
+# folder from someone else must not make freezeguard, or diffusers for it, import and call
+# arbitrary code).
+TRUSTED_LIBRARIES = ("diffusers", "transformers")
+
+
+def _holds_weights(folder: Path) -> bool:
+    return any(f.suffix in PICKLE_SUFFIXES or f.name.endswith(".safetensors") for f in folder.iterdir())
+
+
+def _read_index(root: Path) -> dict:
+    index_path = root / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{index_path} is not valid JSON: {exc}") from None
+    if not isinstance(index, dict):
+        raise PipelineError(f"{index_path} is not a JSON object")
+    return index
+
+
+def _check_index(root: Path) -> None:
+    """Every part model_index.json names comes from a trusted library (or is absent)."""
+    for name, entry in _read_index(root).items():
+        if name.startswith("_") or not isinstance(entry, (list, tuple)) or not any(entry):
+            continue
+        library = entry[0]
+        if library not in TRUSTED_LIBRARIES:
+            raise PipelineError(f"model_index.json names {library}.{entry[1] if len(entry) > 1 else '?'} for "
+                                f"{name!r}; freezeguard only loads classes from {', '.join(TRUSTED_LIBRARIES)}")
+
+
 def _class_from_index(index: dict, name: str, default: tuple[str, str]) -> type:
-    library, cls_name = (index.get(name) or [None, None])[:2]
+    entry = index.get(name)
+    library, cls_name = (list(entry) + [None, None])[:2] if isinstance(entry, (list, tuple)) else (None, None)
     if not library or not cls_name:
         library, cls_name = default
+    if library not in TRUSTED_LIBRARIES or not str(cls_name).isidentifier():
+        raise PipelineError(f"model_index.json names {library}.{cls_name} for {name!r}; freezeguard only loads "
+                            f"classes from {', '.join(TRUSTED_LIBRARIES)}")
     try:
         return getattr(importlib.import_module(library), cls_name)
     except (ImportError, AttributeError) as exc:
@@ -139,11 +176,24 @@ def check_pipeline_folder(path: str | os.PathLike) -> Path:
         raise PipelineError(f"model folder {root} does not exist (a local diffusers pipeline folder is "
                             "needed; nothing is downloaded)")
     sub = denoiser_subfolder(root)
-    try:  # one rule for every command: safetensors only, pickles refused (freezeguard.core.weights)
-        weight_files(root / sub, sub)
-    except WeightsError as exc:
-        raise PipelineError(str(exc)) from None
+    _check_index(root)
+    # One rule for every command and every part (denoiser, VAE, text encoders): safetensors only,
+    # pickles refused (freezeguard.core.weights), checked before anything is loaded.
+    parts = [sub] + sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != sub and _holds_weights(p))
+    for part in parts:
+        try:
+            weight_files(root / part, f"{root.name}/{part}")
+        except WeightsError as exc:
+            raise PipelineError(str(exc)) from None
     return root
+
+
+def _load_part(cls: type, folder: Path, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` on a local folder, safetensors only; every failure as a PipelineError."""
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise PipelineError(f"cannot load {what} from {folder}: {str(exc).strip()[:500]}") from None
 
 
 def load_components(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> SDComponents:
@@ -154,32 +204,34 @@ def load_components(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     sub = denoiser_subfolder(root)
     if sub != "unet" or (root / "text_encoder_2").is_dir():
         return _load_with_pipeline(root, sub, dtype)
-    index_path = root / "model_index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index = _read_index(root)
     # use_safetensors: never fall back to unpickling a .bin that sits beside (or instead of) the
     # safetensors weights; check_pipeline_folder has already refused a folder with pickles only.
-    local = {"local_files_only": True, "use_safetensors": True}
+    local = {"use_safetensors": True}
 
     def sub(name: str) -> str | None:
         return str(root / name) if (root / name).is_dir() else None
 
     unet_cls = _class_from_index(index, "unet", ("diffusers", "UNet2DConditionModel"))
-    unet = unet_cls.from_pretrained(str(root / "unet"), torch_dtype=dtype, **local)
+    unet = _load_part(unet_cls, root / "unet", "the UNet", torch_dtype=dtype, **local)
     vae = text_encoder = tokenizer = None
     if sub("vae"):
-        vae = _class_from_index(index, "vae", ("diffusers", "AutoencoderKL")).from_pretrained(
-            sub("vae"), torch_dtype=dtype, **local)
+        vae = _load_part(_class_from_index(index, "vae", ("diffusers", "AutoencoderKL")), root / "vae", "the VAE",
+                         torch_dtype=dtype, **local)
         vae.requires_grad_(False).eval()
     if sub("text_encoder"):
-        text_encoder = _class_from_index(index, "text_encoder", ("transformers", "CLIPTextModel")).from_pretrained(
-            sub("text_encoder"), dtype=dtype, **local)
+        text_encoder = _load_part(_class_from_index(index, "text_encoder", ("transformers", "CLIPTextModel")),
+                                  root / "text_encoder", "the text encoder", dtype=dtype, **local)
         text_encoder.requires_grad_(False).eval()
     if sub("tokenizer"):
-        tokenizer = _class_from_index(index, "tokenizer", ("transformers", "CLIPTokenizer")).from_pretrained(
-            sub("tokenizer"), local_files_only=True)
+        tokenizer = _load_part(_class_from_index(index, "tokenizer", ("transformers", "CLIPTokenizer")),
+                               root / "tokenizer", "the tokenizer")
     if sub("scheduler"):
-        stored = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        noise_scheduler = DDPMScheduler.from_config(stored)
+        try:
+            stored = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+            noise_scheduler = DDPMScheduler.from_config(stored)
+        except (OSError, ValueError, TypeError) as exc:
+            raise PipelineError(f"cannot read {root / 'scheduler' / 'scheduler_config.json'}: {exc}") from None
     else:
         noise_scheduler = DDPMScheduler()
     return SDComponents(path=root, unet=unet, noise_scheduler=noise_scheduler, vae=vae,
@@ -190,8 +242,7 @@ def _load_with_pipeline(root: Path, sub: str, dtype: torch.dtype) -> SDComponent
     """SDXL / SD3 / Flux: the folder's diffusers pipeline, its encode_prompt for the captions."""
     from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-    index_path = root / "model_index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index = _read_index(root)
     # optional parts saved as absent (e.g. SD3 without its T5) must be passed as None explicitly
     absent = {k: None for k, v in index.items() if isinstance(v, list) and not any(v)}
     try:
@@ -246,8 +297,7 @@ def save_pipeline_with_unet(src: str | os.PathLike, dst: str | os.PathLike, unet
             shutil.copytree(entry, target, dirs_exist_ok=True)
         else:
             shutil.copy2(entry, target)
-    unet_dir = dst / sub
-    if unet_dir.exists():
-        shutil.rmtree(unet_dir)  # drop stale shards of an earlier run
-    save_unet(unet, unet_dir)
+    # The new denoiser is written and fsynced in a temporary folder first; only then does it replace
+    # the old one (stale shards of an earlier run go with it). A failure leaves the old one.
+    replace_dir(dst / sub, lambda tmp: save_unet(unet, tmp))
     return dst
