@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
+import warnings
+from pathlib import Path
 
 HELP = "end-to-end demo on the built-in tiny model and data: pretrain, learn a mask, evaluate, report"
 DESCRIPTION = (HELP + ". Seeded and deterministic; the pretrained model and judge are cached in the "
@@ -59,8 +63,19 @@ def _run(args: argparse.Namespace) -> int:
                 raise SystemExit(f"freezeguard demo: --{name.replace('_', '-')} must be > 0, got {value}")
             cfg = cfg.replace(**{name: value})
     cfg = cfg.replace(seed=args.seed)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"freezeguard demo: --out {out} exists and is not a folder")
+    if not out.parent.is_dir():
+        raise SystemExit(f"freezeguard demo: --out: folder {out.parent} does not exist")
+    # Optional dependencies are said up front; the report's tables, JSON and mask never depend on them.
+    if importlib.util.find_spec("matplotlib") is None:
+        print("freezeguard demo: warning: matplotlib is not installed, so the report will have no PNGs "
+              "(pip install matplotlib); its table, JSON and learned mask are written", file=sys.stderr)
     cache = False if args.no_cache else args.cache_dir
-    summary = run_demo(cfg, out_dir=args.out, cache_dir=cache, progress=not args.no_progress and not args.json)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="matplotlib is not installed", category=RuntimeWarning)
+        summary = run_demo(cfg, out_dir=args.out, cache_dir=cache, progress=not args.no_progress and not args.json)
     if args.json:
         print(json.dumps(jsonable(summary), indent=2))
         return 0

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
 
 HELP = "simulate user fine-tunes under no mask / random masks / your mask; report mitigation and innocent impact"
 DESCRIPTION = (
@@ -15,10 +17,24 @@ DESCRIPTION = (
 
 
 def _ratio_list(s: str) -> float:
-    v = float(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
     return v
+
+
+# Options left unset take the demo's value (freezeguard.apps.demo.DemoConfig), so `freezeguard
+# evaluate` on the demo's mask measures what the demo measured.
+DEMO_DEFAULTS = {"lr": "attacker_lr", "steps": "attacker_steps", "batch_size": "batch_size",
+                 "strong_lr_mult": "strong_lr_mult", "strong_steps_mult": "strong_steps_mult",
+                 "random_seeds": "random_seeds", "samples": "sample_n", "sample_steps": "sample_steps"}
+
+
+class UsageError(ValueError):
+    """Bad command-line input, reported (exit 2) before any long work."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,20 +46,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout", type=int, default=None,
                         help="held-out images per domain (default: 64 generated for the toy model; "
                              "the last 4 of each imagefolder for real models)")
-    parser.add_argument("--samples", type=int, default=32, help="toy model: images generated per domain for the judge")
-    parser.add_argument("--sample-steps", type=int, default=15, help="toy model: DDIM steps per generated image")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="toy model: images generated per domain for the judge (default: the demo's)")
+    parser.add_argument("--sample-steps", type=int, default=None,
+                        help="toy model: DDIM steps per generated image (default: the demo's)")
     parser.add_argument("--resolution", type=int, default=None, help="resize + centre-crop images (real models)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="simulated user's AdamW learning rate")
-    parser.add_argument("--steps", type=int, default=100, help="simulated user's fine-tuning steps")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--strong-lr-mult", type=_ratio_list, default=10.0,
-                        help="the '<k>x lr' attacker's lr multiplier (1 drops it)")
-    parser.add_argument("--strong-steps-mult", type=_ratio_list, default=3.0,
-                        help="the '<k>x steps' attacker's steps multiplier (1 drops it)")
+    parser.add_argument("--lr", type=float, default=None, help="simulated user's AdamW learning rate (default: the demo's)")
+    parser.add_argument("--steps", type=int, default=None, help="simulated user's fine-tuning steps (default: the demo's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the demo's)")
+    parser.add_argument("--strong-lr-mult", type=_ratio_list, default=None,
+                        help="the '<k>x lr' attacker's lr multiplier (1 drops it; default: the demo's)")
+    parser.add_argument("--strong-steps-mult", type=_ratio_list, default=None,
+                        help="the '<k>x steps' attacker's steps multiplier (1 drops it; default: the demo's)")
     parser.add_argument("--no-strong", action="store_true", help="evaluate against the standard attacker only")
-    parser.add_argument("--random-seeds", type=int, default=3, help="random masks at the same ratio")
-    parser.add_argument("--budget-by", choices=("tensors", "params"), default="params",
-                        help="the random masks match the mask's share of tensors or of parameters")
+    parser.add_argument("--random-seeds", type=int, default=None,
+                        help="random masks at the same ratio (default: the demo's)")
+    parser.add_argument("--budget-by", choices=("tensors", "params"), default=None,
+                        help="the random masks match the mask's share of tensors or of parameters "
+                             "(default: the basis the mask was made on, as the demo)")
     parser.add_argument("--cache-dir", default=None, help="cache of the toy model and judge")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, masks, noise)")
@@ -75,8 +95,6 @@ def _real_setup(args, device):
     from freezeguard.apps.evaluate.imagefolder_domains import imagefolder_domains
     from freezeguard.integrations.diffusers import load_components
 
-    if not args.target_data:
-        raise SystemExit("freezeguard evaluate: --pretrained needs --target-data (and usually --innocent-data)")
     comps = load_components(args.pretrained).to(device)
     print("freezeguard evaluate: CLIP score / FID skipped: they need local judge weights, which this build "
           "does not take; reporting held-out denoising loss and prompt gain.", file=sys.stderr)
@@ -85,27 +103,116 @@ def _real_setup(args, device):
     return comps.unet, comps.loss_fn(), domains
 
 
+def apply_demo_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every option left unset with the demo's value (see DEMO_DEFAULTS)."""
+    from freezeguard.apps.demo import DemoConfig
+
+    demo = DemoConfig()
+    for arg, field in DEMO_DEFAULTS.items():
+        if getattr(args, arg) is None:
+            setattr(args, arg, getattr(demo, field))
+    return args
+
+
+def check_args(args: argparse.Namespace):
+    """Validate every input before anything is pretrained or loaded; returns (mask, attackers).
+
+    Raises UsageError (or FreezeMaskFileError) naming the bad input.
+    """
+    from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
+
+    apply_demo_defaults(args)
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                             ("--random-seeds", args.random_seeds, 0), ("--samples", args.samples, 1),
+                             ("--sample-steps", args.sample_steps, 1),
+                             ("--heldout", args.heldout if args.heldout is not None else 1, 1),
+                             ("--resolution", args.resolution if args.resolution is not None else 1, 1)):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    try:
+        attackers = _attackers(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.out is not None:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a folder")
+        if not out.parent.is_dir():
+            raise UsageError(f"--out: folder {out.parent} does not exist")
+    mask = FreezeMask.load(args.mask)  # the file itself: header first, checksum, version
+    if args.budget_by is None:
+        by = mask.metadata.get("budget_by", "tensors")
+        args.budget_by = by if by in ("tensors", "params") else "tensors"
+    if args.pretrained:
+        from freezeguard.core.weights import WeightsError, weights_layout
+        from freezeguard.integrations.diffusers.pipeline import PipelineError, check_pipeline_folder
+
+        if not args.target_data:
+            raise UsageError("--pretrained needs --target-data (and usually --innocent-data)")
+        for flag, path in [("--target-data", args.target_data)] + [("--innocent-data", p) for p in args.innocent_data]:
+            if not Path(path).is_dir():
+                raise UsageError(f"{flag} {path} does not exist (or is not a folder)")
+        try:
+            root = check_pipeline_folder(args.pretrained)
+            layout = weights_layout(root / "unet", "--pretrained unet")
+        except (PipelineError, WeightsError) as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        if args.target_data or args.innocent_data:
+            raise UsageError("--target-data / --innocent-data need --pretrained (the toy model has its own data)")
+        from freezeguard.integrations.diffusers import toy
+
+        layout = {n: tuple(p.shape) for n, p in toy.build_model(toy.PretrainConfig().model).named_parameters()}
+    mismatch = describe_layout_mismatch(mask.layout, layout, missing="missing from the model",
+                                        extra="not in the mask", reshaped="reshaped")
+    if mismatch:
+        what = args.pretrained or "the built-in toy model"
+        raise UsageError(f"--mask {args.mask} was made for a different model than {what} ({mismatch})")
+    return mask, attackers
+
+
+def _error(msg: str) -> int:
+    print(f"freezeguard evaluate: error: {msg}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
+    from freezeguard.core.mask_files import FreezeMaskFileError
+
+    try:
+        _, attackers = check_args(args)
+    except (UsageError, FreezeMaskFileError) as exc:
+        return _error(str(exc))
+    if args.out and not plots_available():
+        print("freezeguard evaluate: warning: matplotlib is not installed, so the report will have no PNGs "
+              "(pip install matplotlib); its tables and JSON are written", file=sys.stderr)
+
     import torch
 
     from freezeguard.apps.evaluate.harness import evaluate_masks
     from freezeguard.apps.evaluate.report import format_table, headline, jsonable, table_rows, write_report
     from freezeguard.core.mask import FreezeMask
+    from freezeguard.integrations.diffusers.pipeline import PipelineError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.pretrained:
-        model, loss_fn, domains = _real_setup(args, device)
-    else:
-        model, loss_fn, domains = _toy_setup(args)
-        model.to(device)
-    mask = FreezeMask.load(args.mask, model=model)
+    try:
+        if args.pretrained:
+            model, loss_fn, domains = _real_setup(args, device)
+        else:
+            model, loss_fn, domains = _toy_setup(args)
+            model.to(device)
+        mask = FreezeMask.load(args.mask, model=model)
+    except (PipelineError, FreezeMaskFileError) as exc:
+        return _error(str(exc))
     ratio = mask.ratio(args.budget_by)
     masks = {"full": None}
     for k in range(args.random_seeds):
         masks[f"random#{k}"] = FreezeMask.random(model, ratio, by=args.budget_by, seed=args.seed + k)
     masks["learned"] = mask
     torch.manual_seed(args.seed)
-    result = evaluate_masks(model, masks, domains, loss_fn, _attackers(args), seed=args.seed,
+    result = evaluate_masks(model, masks, domains, loss_fn, attackers, seed=args.seed,
                             progress=not args.quiet)
     summary = result.summary()
     if args.out:
@@ -119,3 +226,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"report written to {summary['report_dir']}/report.md")
     return 0
+
+
+def plots_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        return False

@@ -175,6 +175,7 @@ class EvalResult:
     attackers: list[Attacker] = field(default_factory=list)
     primary_metric: str = "loss"
     before_samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    real_images: dict[str, torch.Tensor] = field(default_factory=dict)  # held-out training images per domain
 
     def summary(self) -> dict[str, Any]:
         return summarize(self)
@@ -214,6 +215,8 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, FreezeMask | None
                     for name, m in masks.items()}
     before = {}
     for d in domains:
+        if isinstance(d.heldout.get("pixel_values"), torch.Tensor):
+            result.real_images[d.name] = d.heldout["pixel_values"][:8].detach().cpu()
         before[d.name] = measure(model, loss_fn, d)
         if "_samples" in before[d.name]:
             result.before_samples[d.name] = before[d.name].pop("_samples")

@@ -77,14 +77,30 @@ def headline(summary: dict[str, Any]) -> list[str]:
             s += ")"
         lines.append(s + f"; innocent impact: {inn}.")
     for attacker, share in summary.get("survival", {}).items():
-        lines.append(f"{attacker}: {_pct(share) if share is not None else 'n/a'} of the learned mask's "
-                     "mitigation survives (relative to the standard attacker).")
+        lines.append(survival_line(summary, attacker, share))
     moved = summary.get("learner", {}).get("final", {}).get("mask_moved")
     if moved is not None:
         lines.append(f"learner: the data moved {moved} tensor(s) in or out of the mask that the random initial "
                      "logits give" + (" -- none: the learned mask IS that random mask (the budget penalty "
                                       "saturated the logits first; see the README)" if moved == 0 else "") + ".")
     return lines
+
+
+def survival_line(summary: dict[str, Any], attacker: str, share: float | None) -> str:
+    """How much of the learned mask's mitigation a stronger attacker leaves, said so it means something.
+
+    The share is (mitigation under this attacker) / (mitigation under the standard one). Below
+    zero it is not a share: the masked fine-tune then gained *more* than the full one, so none
+    survives; that is said, with the mitigation itself, instead of a negative percentage.
+    """
+    mit = summary["table"].get(attacker, {}).get("learned", {}).get("mitigation")
+    if share is None or not math.isfinite(share):
+        return (f"{attacker}: share of the learned mask's mitigation that survives: n/a (the standard attacker's "
+                "mitigation is not positive, so there is nothing to keep).")
+    if share <= 0:
+        return (f"{attacker}: none of the learned mask's mitigation survives (its mitigation under this attacker is "
+                f"{_pct(mit)}: the masked fine-tune gained at least as much as the full one).")
+    return f"{attacker}: {share:.0%} of the learned mask's mitigation survives (relative to the standard attacker)."
 
 
 def jsonable(summary: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +147,7 @@ def plot_curves(result, path: Path) -> Path:
             ax.set_ylabel("held-out loss")
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -148,7 +164,10 @@ def plot_samples(result, path: Path, n: int = 8) -> Path | None:
     first = result.runs[0].attacker
     domains = list(result.before_samples)
     masks = list(dict.fromkeys(r.mask for r in result.runs if r.attacker == first))
-    rows = [("before", d, result.before_samples[d]) for d in domains]
+    real = getattr(result, "real_images", {}) or {}
+    rows = [("real", d, real[d]) for d in domains if d in real and tuple(real[d].shape[1:]) == tuple(
+        result.before_samples[d].shape[1:])]
+    rows += [("before", d, result.before_samples[d]) for d in domains]
     rows += [(m, r.domain, r.samples) for m in masks for r in result.runs
              if r.attacker == first and r.mask == m and r.samples is not None]
     fig, axes = plt.subplots(len(rows), 1, figsize=(n * 0.6 + 1.6, 0.75 * len(rows) + 0.3), squeeze=False)
@@ -161,38 +180,88 @@ def plot_samples(result, path: Path, n: int = 8) -> Path | None:
         ax.set_ylabel(f"{label}\n{domain}", rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle(f"samples after the '{first}' attacker", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
 
 
+RECOGNISABILITY = (
+    "*Recognisability* = the mean probability a judge classifier (trained on real images of every toy "
+    "class) gives the domain's class on images the fine-tuned model generates for that domain's prompt: "
+    "0 = never recognised, 1 = always. A fine-tune's *gain* is how much it raises that from before.")
+PROGRESS_NOTE = (
+    "The learner's progress bar shows `m>0.5=`, the *rounded soft mask*: the share of tensors (or "
+    "parameters) whose soft mask m = sigmoid(x/T) is above 0.5. The mask written and evaluated here is the "
+    "*hard* mask, which takes the top-scored tensors until the budget is met exactly, so the table's frozen "
+    "share is the budget while the bar's figure can be lower or higher.")
+
+
 def write_report(result, summary: dict[str, Any], out_dir: str | Path, *, mask=None) -> Path:
-    """Write report.md, summary.json, runs.json, loss_curves.png, samples.png (+ mask file)."""
+    """Write summary.json, runs.json, the mask file and report.md, then the PNGs.
+
+    Every file is written to a temporary name, fsynced and renamed. The results come first; the
+    PNGs are optional: without matplotlib (or if plotting fails) they are skipped with a warning
+    and report.md says so, and nothing computed is lost.
+    """
+    import warnings
+
+    from freezeguard.core import files
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
-    (out / "runs.json").write_text(json.dumps(jsonable(runs_json(result)), indent=1))
-    plot_curves(result, out / "loss_curves.png")
-    has_samples = plot_samples(result, out / "samples.png") is not None
+    files.write_text(out / "summary.json", json.dumps(jsonable(summary), indent=2))
+    files.write_text(out / "runs.json", json.dumps(jsonable(runs_json(result)), indent=1))
     if mask is not None:
         mask.save(str(out / "learned_mask.safetensors"))
+    files.write_text(out / "report.md", _markdown(summary, curves=False, samples=False))
+    plotted = {"curves": False, "samples": False}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        warnings.warn("matplotlib is not installed: the report's PNGs (loss curves, samples) were skipped; "
+                      "pip install matplotlib to get them", RuntimeWarning, stacklevel=2)
+        return out
+    try:
+        with files.atomic_path(out / "loss_curves.png") as tmp:
+            plot_curves(result, tmp)
+        plotted["curves"] = True
+        if result.before_samples:
+            with files.atomic_path(out / "samples.png") as tmp:
+                plotted["samples"] = plot_samples(result, tmp) is not None
+    except Exception as exc:  # optional: the results are already on disk
+        warnings.warn(f"a report PNG could not be written ({exc}); the tables and JSON are complete",
+                      RuntimeWarning, stacklevel=2)
+    files.write_text(out / "report.md", _markdown(summary, **plotted))
+    return out
+
+
+def _markdown(summary: dict[str, Any], *, curves: bool, samples: bool) -> str:
     header, rows = table_rows(summary)
     dheader, drows = detail_rows(summary)
     md = ["# freezeguard evaluation", "",
           f"Primary metric: **{summary['primary_metric']}**. *Mitigation* = share of the full fine-tune's "
           "gain on the target removed by the mask; *innocent impact* = the same share on an innocent "
           "domain (want high mitigation, impact near 0).", ""]
+    if summary["primary_metric"] == "recognisability" or "recognisability" in summary.get("metrics", []):
+        md += [RECOGNISABILITY, ""]
+    if "learner" in summary:
+        md += [PROGRESS_NOTE, ""]
     md += [f"- {line}" for line in headline(summary)] + ["", format_table(header, rows, markdown=True), "",
                                                          "## Every metric", "",
                                                          format_table(dheader, drows, markdown=True), "",
                                                          "## Attackers", ""]
     md += [f"- {a}: AdamW lr {v['lr']:g}, {v['steps']} steps" for a, v in summary["attackers"].items()]
-    md += ["", "![held-out loss curves](loss_curves.png)", ""]
-    if has_samples:
-        md += ["![samples](samples.png)", ""]
+    md += [""]
+    if curves:
+        md += ["![held-out loss curves](loss_curves.png)", ""]
+    if samples:
+        md += ["Samples: the first rows (`real`) are real held-out images of each domain (what recognisable "
+               "looks like), then the model's samples before fine-tuning, then after each masked fine-tune.", "",
+               "![samples](samples.png)", ""]
+    if not curves and not samples:
+        md += ["(No PNGs: matplotlib is not installed or plotting failed; the figures above are complete.)", ""]
     if "timings_s" in summary:
         md += ["## Timings (s)", ""] + [f"- {k}: {v:.1f}" for k, v in summary["timings_s"].items()] + [""]
     if "config" in summary:
         md += ["## Configuration", "", "```json", json.dumps(jsonable(summary["config"]), indent=2), "```", ""]
-    (out / "report.md").write_text("\n".join(md))
-    return out
+    return "\n".join(md)

@@ -366,8 +366,9 @@ class MaskLearner:
                 if callback is not None:
                     callback(entry)
                 bar.update(1)
+                # "m>0.5": the share the soft mask rounds to frozen, not the hard (top-k) mask's budget
                 bar.set_postfix(kind=entry["kind"][0], target=_fmt(entry["target_loss"]),
-                                innocent=_fmt(entry["innocent_loss"]), frozen=f"{entry['frozen_ratio']:.3f}",
+                                innocent=_fmt(entry["innocent_loss"]), **{"m>0.5": f"{entry['frozen_ratio']:.3f}"},
                                 moved=entry["mask_moved"])
         finally:
             bar.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
+from freezeguard.core.files import atomic_path
+
 _INDEXED = ("down_blocks", "up_blocks", "blocks", "layers", "layer")
 
 
@@ -58,8 +60,11 @@ def plot_soft_mask(soft: Mapping[str, float], path: str | os.PathLike, *, frozen
     ax.set_title(title, pad=55)
     fig.tight_layout()
     path = os.fspath(path)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a temporary file, fsync, rename: never half a PNG
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

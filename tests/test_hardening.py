@@ -1,0 +1,510 @@
+"""Issue 15: nothing lost, no silent unfreezing. One section per numbered finding; each test
+reproduces the finding (it failed before the fix) and checks the fixed behaviour."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import tracemalloc
+
+import pytest
+import torch
+
+import freezeguard as fg
+from freezeguard.cli import main
+from freezeguard.core.mask_files import FreezeMaskFileError
+
+diffusers = pytest.importorskip("diffusers")
+testing = pytest.importorskip("support.tiny_models")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+
+def grads(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A tiny SD pipeline, a fine-tune of it and two image folders."""
+    from freezeguard.integrations.diffusers.pipeline import load_components, save_pipeline_with_unet
+
+    root = tmp_path_factory.mktemp("h15")
+    pre = testing.build_tiny_sd_pipeline(root / "pre", seed=0)
+    unet = load_components(pre).unet
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02)
+    ft = save_pipeline_with_unet(pre, root / "ft", unet)
+    target = testing.write_tiny_imagefolder(root / "target", n=4, caption="sks stripes", seed=1, style="stripes")
+    innocent = testing.write_tiny_imagefolder(root / "innocent", n=4, caption="a checker", seed=2, style="checker")
+    return {"root": root, "pre": pre, "ft": ft, "target": target, "innocent": innocent}
+
+
+def _no_matplotlib(monkeypatch):
+    """Make `import matplotlib` fail (and find_spec say it is absent), as on an install without it."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Finished work thrown away when matplotlib is missing
+
+def test_1_demo_without_matplotlib_keeps_every_result(tmp_path, capsys, monkeypatch):
+    _no_matplotlib(monkeypatch)
+    out = tmp_path / "report"
+    rc = main(["demo", "--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "matplotlib is not installed" in captured.err
+    assert "learned" in captured.out and "report written to" in captured.out
+    for f in ("report.md", "summary.json", "runs.json", "learned_mask.safetensors"):
+        assert (out / f).stat().st_size > 0, f
+    assert not (out / "loss_curves.png").exists()
+    assert "No PNGs" in (out / "report.md").read_text()
+    fg.FreezeMask.load(out / "learned_mask.safetensors")
+
+
+def test_1_learn_without_matplotlib_writes_mask_and_json(pipeline, tmp_path, capsys, monkeypatch):
+    _no_matplotlib(monkeypatch)
+    out = tmp_path / "mask.safetensors"
+    rc = main(_learn_argv(pipeline, out, "--steps", "2", "--json"))
+    assert rc == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["plot"] is None and summary["out"] == str(out)
+    assert "matplotlib is not installed" in captured.err
+    fg.FreezeMask.load(out)
+    assert not (tmp_path / "mask.safetensors.png").exists()
+
+
+def test_1_evaluate_report_without_matplotlib(tmp_path, monkeypatch):
+    from freezeguard.apps.evaluate.harness import Attacker, evaluate_masks
+    from freezeguard.apps.evaluate.report import write_report
+    from freezeguard.apps.evaluate.toy_domains import toy_domains
+    from freezeguard.integrations.diffusers import toy
+
+    model = toy.build_model(toy.ToyModelConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4))
+    masks = {"full": None, "learned": fg.FreezeMask.random(model, 0.5, seed=0)}
+    domains = toy_domains(heldout_n=2, batch_size=2)
+    res = evaluate_masks(model, masks, domains, toy.make_loss_fn(), [Attacker("std", 1e-3, 1)], curve_points=1,
+                         progress=False)
+    _no_matplotlib(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="matplotlib is not installed"):
+        out = write_report(res, res.summary(), tmp_path / "rep", mask=masks["learned"])
+    for f in ("report.md", "summary.json", "runs.json", "learned_mask.safetensors"):
+        assert (out / f).stat().st_size > 0, f
+
+
+def test_1_evaluate_warns_before_long_work(tmp_path, capsys, monkeypatch):
+    from freezeguard.integrations.diffusers import toy
+
+    calls = []
+    monkeypatch.setattr(toy, "pretrained_model", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        RuntimeError("stop here")))
+    _no_matplotlib(monkeypatch)
+    fg.FreezeMask.random(toy.build_model(), 0.3, seed=0).save(tmp_path / "m.safetensors")
+    with pytest.raises(RuntimeError, match="stop here"):
+        main(["evaluate", "--mask", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "rep"), "--quiet"])
+    assert calls and "matplotlib is not installed" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A loaded optimizer state (or a param group) can move the freeze
+
+def test_2_state_dict_with_swapped_names_cannot_move_the_freeze():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    mask = fg.FreezeMask.from_names(model, ["0.weight"])
+    opt = fg.optim.AdamW(model.named_parameters(), lr=0.1, mask=mask)
+    grads(model)
+    opt.step()
+    sd = opt.state_dict()
+    names = sd["param_groups"][0]["param_names"]
+    i, j = names.index("0.weight"), names.index("1.weight")
+    names[i], names[j] = names[j], names[i]  # same shapes: torch would take these names as the truth
+    fresh = fg.optim.AdamW(model.named_parameters(), lr=0.1, mask=mask)
+    with pytest.raises(ValueError, match="param_names do not match"):
+        fresh.load_state_dict(sd)
+    frozen = model[0].weight.detach().clone()
+    grads(model, 1)
+    fresh.step()
+    assert torch.equal(model[0].weight, frozen)
+    assert fresh.param_groups[0]["param_names"][i] == "0.weight"
+
+
+def test_2_names_are_bound_to_parameter_objects():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    mask = fg.FreezeMask.from_names(model, ["0.weight"])
+    opt = fg.optim.AdamW(model.named_parameters(), lr=0.1, mask=mask)
+    names = opt.param_groups[0]["param_names"]
+    i, j = names.index("0.weight"), names.index("1.weight")
+    names[i], names[j] = names[j], names[i]  # rewriting the group's names does not unfreeze
+    frozen = model[0].weight.detach().clone()
+    grads(model)
+    opt.step()
+    assert torch.equal(model[0].weight, frozen)
+
+
+def test_2_param_group_aliasing_a_frozen_tensor_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    mask = fg.FreezeMask.from_names(model, ["0.weight"])
+    opt = fg.optim.AdamW(model.named_parameters(), lr=0.1, mask=mask)
+    alias = torch.nn.Parameter(model[0].weight.data[1:])  # shares the frozen tensor's storage
+    with pytest.raises(ValueError, match="shares memory with a frozen tensor"):
+        opt.add_param_group({"params": [("extra", alias)]})
+    assert len(opt.param_groups) == 1
+    ok = torch.nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [("extra", ok)]})  # unrelated memory is fine
+
+
+def test_2_state_aliasing_a_frozen_tensor_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    mask = fg.FreezeMask.from_names(model, ["0.weight"])
+    opt = fg.optim.AdamW(model.named_parameters(), lr=0.1, mask=mask)
+    grads(model)
+    opt.step()
+    sd = opt.state_dict()
+    k = sd["param_groups"][0]["param_names"].index("1.weight")
+    sd["state"][k]["exp_avg"] = model[0].weight.data  # the state *is* the frozen tensor
+    with pytest.raises(ValueError, match="shares memory with a frozen tensor"):
+        opt.load_state_dict(sd)
+
+
+def test_2_mask_shapes_are_checked():
+    model = small_model()
+    other = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    mask = fg.FreezeMask.from_names(other, ["0.weight"])  # same names, other shapes
+    with pytest.raises(ValueError, match="different model"):
+        fg.optim.AdamW(model.named_parameters(), lr=0.1, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. verify accepts a mask made for another model
+
+def test_3_verify_refuses_a_mask_for_another_model(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    released = small_model()
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2), torch.nn.Linear(2, 2))
+    fg.FreezeMask.from_names(other, ["0.bias"]).save(tmp_path / "other.safetensors")
+    fg.FreezeMask.from_names(released, ["0.bias"]).save(tmp_path / "mask.safetensors")
+    save_file({k: v.contiguous() for k, v in released.state_dict().items()}, str(tmp_path / "rel.safetensors"))
+    save_file({k: v.contiguous() for k, v in released.state_dict().items()}, str(tmp_path / "ft.safetensors"))
+    argv = ["verify", "--released", str(tmp_path / "rel.safetensors"), "--finetuned", str(tmp_path / "ft.safetensors")]
+    assert main(argv + ["--mask", str(tmp_path / "mask.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--mask", str(tmp_path / "other.safetensors")]) == 2
+    assert "made for a different model" in capsys.readouterr().err
+    # a mask for a bigger model (extra layers, the same names otherwise) is refused as well
+    bigger = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2), torch.nn.Linear(2, 2))
+    fg.FreezeMask.from_names(bigger, ["0.bias"]).save(tmp_path / "bigger.safetensors")
+    assert main(argv + ["--mask", str(tmp_path / "bigger.safetensors")]) == 2
+    # and a released model with modules the mask does not know
+    with pytest.raises(ValueError, match="does not know"):
+        fg.verify(bigger, bigger.state_dict(), fg.FreezeMask.from_names(released, ["0.bias"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. One weights rule: safetensors only, nothing reaches an unpickler
+
+def _copy_pipeline(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _pickle_part(folder):
+    """Replace a part's safetensors weights by a pickle (that must never be loaded)."""
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+
+
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder"])
+def test_4_no_part_of_a_pipeline_reaches_an_unpickler(pipeline, tmp_path, monkeypatch, part):
+    from freezeguard.integrations.diffusers.pipeline import PipelineError, load_components
+
+    pipe = _copy_pipeline(pipeline["pre"], tmp_path / "p")
+    _pickle_part(pipe / part)
+    if part == "text_encoder":
+        (pipe / part / "diffusion_pytorch_model.bin").rename(pipe / part / "pytorch_model.bin")
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(PipelineError, match="pickle"):
+        load_components(pipe)
+
+
+def test_4_model_index_may_not_name_other_libraries(pipeline, tmp_path):
+    from freezeguard.integrations.diffusers.pipeline import PipelineError, load_components
+
+    pipe = _copy_pipeline(pipeline["pre"], tmp_path / "p")
+    index = json.loads((pipe / "model_index.json").read_text())
+    index["vae"] = ["pickle", "Unpickler"]
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(PipelineError, match="only loads classes from"):
+        load_components(pipe)
+
+
+@pytest.mark.parametrize("command", ["finetune", "evaluate"])
+def test_4_finetune_and_evaluate_refuse_pickled_unets(pipeline, tmp_path, capsys, command):
+    pipe = _copy_pipeline(pipeline["pre"], tmp_path / "p")
+    _pickle_part(pipe / "unet")
+    mask = tmp_path / "m.safetensors"
+    fg.FreezeMask.random(testing.build_tiny_unet(), 0.3, seed=0).save(mask)
+    if command == "finetune":
+        argv = ["finetune", "--model", str(pipe), "--train-data", str(pipeline["target"]), "--out",
+                str(tmp_path / "out"), "--steps", "1", "--quiet"]
+    else:
+        argv = ["evaluate", "--pretrained", str(pipe), "--mask", str(mask), "--target-data",
+                str(pipeline["target"]), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pickle" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. evaluate: late checks and tracebacks
+
+@pytest.mark.parametrize("bad, message", [
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--steps", "-1"], "--steps must be >= 1"),
+    (["--random-seeds", "-2"], "--random-seeds must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--mask", "MISSING"], "does not exist"),
+    (["--mask", "OTHER"], "made for a different model"),
+    (["--target-data", "x"], "need --pretrained"),
+])
+def test_5_evaluate_checks_every_input_before_any_work(tmp_path, capsys, monkeypatch, bad, message):
+    from freezeguard.integrations.diffusers import judge, toy
+
+    def no_work(*a, **k):
+        raise AssertionError("long work started before the inputs were checked")
+
+    monkeypatch.setattr(toy, "pretrained_model", no_work)
+    monkeypatch.setattr(judge, "train_judge", no_work)
+    fg.FreezeMask.random(toy.build_model(), 0.3, seed=0).save(tmp_path / "m.safetensors")
+    fg.FreezeMask.random(small_model(), 0.3, seed=0).save(tmp_path / "other.safetensors")
+    argv = ["evaluate", "--mask", str(tmp_path / "m.safetensors"), "--quiet", *bad]
+    argv = [str(tmp_path / "nope.safetensors") if a == "MISSING" else str(tmp_path / "other.safetensors")
+            if a == "OTHER" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_5_strong_multiplier_nan_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--mask", str(tmp_path / "m.safetensors"), "--strong-lr-mult", "nan"])
+    assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Overwrites that can lose the old result; a mask file read whole before its header
+
+def test_6_finetune_failure_keeps_the_previous_unet(pipeline, tmp_path, monkeypatch):
+    from freezeguard.integrations.diffusers import pipeline as pipe_mod
+
+    out = tmp_path / "out"
+    unet = pipe_mod.load_components(pipeline["pre"]).unet
+    pipe_mod.save_pipeline_with_unet(pipeline["pre"], out, unet)
+    before = {p.name: p.read_bytes() for p in (out / "unet").iterdir()}
+
+    def broken(unet, path):
+        (path / "partial.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pipe_mod, "save_unet", broken)
+    with pytest.raises(OSError, match="disk full"):
+        pipe_mod.save_pipeline_with_unet(pipeline["pre"], out, unet)
+    assert {p.name: p.read_bytes() for p in (out / "unet").iterdir()} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".unet")]  # no temporary left behind
+
+
+def test_6_finetune_cli_log_replaced_only_on_success(pipeline, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    argv = ["finetune", "--model", str(pipeline["pre"]), "--train-data", str(pipeline["target"]), "--out", str(out),
+            "--steps", "1", "--batch-size", "2", "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    log = (out / "finetune_log.jsonl").read_text()
+    unet = {p.name: p.read_bytes() for p in (out / "unet").iterdir()}
+    assert log
+    from freezeguard.apps import finetune as app
+
+    def diverges(*a, log=None, **k):
+        log({"step": 0, "loss": 1.0, "target_loss": 1.0, "innocent_loss": float("nan")})
+        raise FloatingPointError("loss became NaN at step 1")
+
+    monkeypatch.setattr(app, "finetune", diverges)
+    assert main(argv) == 2  # a run that fails half-way
+    assert "NaN" in capsys.readouterr().err
+    assert (out / "finetune_log.jsonl").read_text() == log
+    assert {p.name: p.read_bytes() for p in (out / "unet").iterdir()} == unet
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_6_learner_state_write_is_unique_and_fsynced(tmp_path, monkeypatch):
+    from freezeguard.apps.learn import state_io
+
+    path = tmp_path / "state.safetensors"
+    (tmp_path / "state.safetensors.tmp").mkdir()  # the old fixed temporary name is taken
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    state_io.write(path, {"logits": torch.zeros(3)}, {"format": state_io.FORMAT})
+    assert synced
+    tensors, meta = state_io.read(path)
+    assert tensors["logits"].tolist() == [0.0, 0.0, 0.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.safetensors", "state.safetensors.tmp"]
+
+
+def test_6_a_huge_mask_file_is_refused_from_its_header(tmp_path):
+    model = small_model()
+    path = tmp_path / "mask.safetensors"
+    fg.FreezeMask.from_names(model, ["0.bias"]).save(path)
+    with open(path, "r+b") as f:
+        f.truncate(256 * 2**20)  # a sparse 256 MiB file with a valid mask header
+    tracemalloc.start()
+    try:
+        with pytest.raises(FreezeMaskFileError, match="not a valid mask file"):
+            fg.FreezeMask.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, peak
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Resume surprises
+
+def _learn_argv(a, out, *extra):
+    return ["learn", "--pretrained", str(a["pre"]), "--finetuned", str(a["ft"]), "--target-data", str(a["target"]),
+            "--innocent-data", str(a["innocent"]), "--freeze-ratio", "0.25", "--out", str(out), "--quiet",
+            "--user-lr", "1e-3", "--user-interval", "2", "--backend", "torch", *extra]
+
+
+def test_7_resume_refuses_changed_hyperparameters(pipeline, tmp_path, capsys, monkeypatch):
+    state = tmp_path / "state.safetensors"
+    out = tmp_path / "m.safetensors"
+    assert main(_learn_argv(pipeline, out, "--steps", "2", "--state", str(state))) == 0
+    capsys.readouterr()
+    from freezeguard.integrations.diffusers import pipeline as pipe_mod
+
+    loaded = []
+    real = pipe_mod.load_components
+    monkeypatch.setattr(pipe_mod, "load_components", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    for flag, value in (("--mask-lr", "50"), ("--c-sparsity", "7"), ("--temperature", "0.5"),
+                        ("--user-optimizer", "adamw")):
+        rc = main(_learn_argv(pipeline, out, "--steps", "4", "--resume", str(state), "--state", str(state),
+                              flag, value))
+        assert rc == 2, flag
+        assert f"{flag}" in capsys.readouterr().err
+    assert not loaded  # refused from the state file's metadata, before any model was loaded
+    # an explicit flag overrides the overridable ones, with a warning
+    rc = main(_learn_argv(pipeline, out, "--steps", "3", "--resume", str(state), "--state", str(state),
+                          "--mask-lr", "50", "--override-hparams"))
+    assert rc == 0
+    assert "--override-hparams: --mask-lr 10.0 from the state is replaced by 50.0" in capsys.readouterr().err
+    from freezeguard.apps.learn.state_io import saved_hparams
+
+    hp, steps = saved_hparams(state)
+    assert hp["mask_lr"] == 50.0 and steps == 3
+    rc = main(_learn_argv(pipeline, out, "--steps", "4", "--resume", str(state), "--state", str(state),
+                          "--user-optimizer", "adamw", "--override-hparams"))
+    assert rc == 2 and "cannot change on resume" in capsys.readouterr().err
+
+
+def test_7_log_does_not_repeat_steps_after_the_checkpoint(pipeline, tmp_path):
+    state, out = tmp_path / "state.safetensors", tmp_path / "m.safetensors"
+    log = tmp_path / "m.safetensors.log.jsonl"
+    assert main(_learn_argv(pipeline, out, "--steps", "2", "--state", str(state))) == 0
+    # the run went on to log steps 2 and 3 (and half a line) before it was killed, unsaved
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 2}) + "\n" + json.dumps({"step": 3}) + "\n" + '{"step": 4, "ki')
+    assert main(_learn_argv(pipeline, out, "--steps", "4", "--resume", str(state), "--state", str(state))) == 0
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("clash", ["--state", "--log", "--plot"])
+def test_7_outputs_must_not_overwrite_each_other(pipeline, tmp_path, capsys, clash):
+    out = tmp_path / "m.safetensors"
+    assert main(_learn_argv(pipeline, out, "--steps", "1", clash, str(out))) == 2
+    assert "same file" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Small inconsistencies
+
+def test_8_mask_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fg.FreezeMask.from_names(small_model(), ["0.bias"]).save(tmp_path / "m.safetensors")
+        from freezeguard.apps.learn import state_io
+
+        state_io.write(tmp_path / "s.safetensors", {"logits": torch.zeros(1)}, {"format": state_io.FORMAT})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "s.safetensors").stat().st_mode) == 0o644
+
+
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
+@pytest.mark.parametrize("frozen", ["bias", "weight", "both"])
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_8_wrap_and_verify_agree_on_adapters(frozen, lora_bias):
+    peft = pytest.importorskip("peft")
+    from freezeguard.core.names import canonical_name, frozen_adapters
+
+    unet = testing.build_tiny_unet(cross_attention_dim=8)
+    released = {k: v.clone() for k, v in unet.state_dict().items()}
+    suffixes = {"bias": (".bias",), "weight": (".weight",), "both": (".weight", ".bias")}[frozen]
+    names = [n for n, _ in unet.named_parameters() if ".attn1.to_out.0" in n and n.endswith(suffixes)]
+    mask = fg.FreezeMask.from_names(unet, names)
+    unet.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights=True, lora_bias=lora_bias,
+                                     target_modules=["to_q", "to_out.0"]))
+    refused = {canonical_name(m) for m in frozen_adapters(unet, mask)}
+    adapters = {n: p.detach() for n, p in unet.named_parameters() if "lora_" in n}
+    report = fg.verify(released, adapters, mask)
+    flagged = {canonical_name(k.split(".lora_")[0]) for k, _ in report.lora_violations}
+    assert refused == flagged
+    expect_flagged = frozen != "bias" or lora_bias
+    assert bool(refused) == expect_flagged
+    if not expect_flagged:  # LoRA on a module whose bias alone is frozen never changes that bias
+        params = [p for p in unet.parameters() if p.requires_grad]
+        fg.wrap(torch.optim.AdamW(params, lr=1e-3), mask, unet)
+
+
+def test_8_load_with_a_peft_model_maps_released_names(tmp_path):
+    peft = pytest.importorskip("peft")
+    unet = testing.build_tiny_unet(cross_attention_dim=8)
+    mask = fg.FreezeMask.random(unet, 0.3, seed=0)
+    mask.save(tmp_path / "m.safetensors")
+    unet.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, target_modules=["to_k"]))
+    loaded = fg.FreezeMask.load(tmp_path / "m.safetensors", model=unet)
+    assert loaded == mask
+    other = testing.build_tiny_unet(cross_attention_dim=16)
+    with pytest.raises(FreezeMaskFileError, match="different model"):
+        fg.FreezeMask.load(tmp_path / "m.safetensors", model=other)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_8_from_scores_refuses_non_finite_scores(bad):
+    model = small_model()
+    scores = {n: float(i) for i, (n, _) in enumerate(model.named_parameters())}
+    scores["0.bias"] = bad
+    with pytest.raises(ValueError, match="finite"):
+        fg.FreezeMask.from_scores(model, scores, ratio=0.5)
