@@ -65,13 +65,17 @@ import sys  # noqa: E402
 sys.path.insert(0, str(ROOT / CSRC))
 ext_modules, cmdclass = _native_extensions()
 
+# The raw sources ship as data of freezeguard._csrc (JIT builds read them); their folders are
+# listed as packages too, so setuptools installs them without its "absent from packages" warning.
+CSRC_PACKAGES = {"freezeguard._csrc": CSRC, "freezeguard._csrc.cpu": f"{CSRC}/cpu", "freezeguard._csrc.cuda": f"{CSRC}/cuda"}
+
 setup(
-    packages=find_packages(include=["freezeguard", "freezeguard.*"]) + ["freezeguard.kernels", "freezeguard._csrc"],
+    packages=find_packages(include=["freezeguard", "freezeguard.*"]) + ["freezeguard.kernels", *CSRC_PACKAGES],
     # The raw Triton kernels live in the top-level kernels/ folder but install as
     # freezeguard.kernels (a top-level module named `kernels` would shadow another package).
-    package_dir={"freezeguard.kernels": "kernels", "freezeguard._csrc": CSRC},
-    package_data={"freezeguard.backends": ["*.json"],
-                  "freezeguard._csrc": ["*.py", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h", "*.h"]},
+    package_dir={"freezeguard.kernels": "kernels", **CSRC_PACKAGES},
+    package_data={"freezeguard.backends": ["*.json"], "freezeguard._csrc": ["*.py", "*.h"],
+                  "freezeguard._csrc.cpu": ["*.cpp", "*.h"], "freezeguard._csrc.cuda": ["*.cu", "*.cpp", "*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -508,3 +508,183 @@ def test_8_from_scores_refuses_non_finite_scores(bad):
     scores["0.bias"] = bad
     with pytest.raises(ValueError, match="finite"):
         fg.FreezeMask.from_scores(model, scores, ratio=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. README and report
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def _readme_section(title: str) -> str:
+    text = open(README, encoding="utf-8").read()
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 3)
+    return text[start:end if end > 0 else None]
+
+
+def _inline_calls(section: str) -> list[str]:
+    """Inline code of a section that is a Python call (what a reader would paste)."""
+    import ast
+    import re
+
+    fenced = re.sub(r"```.*?```", "", section, flags=re.S)
+    out = []
+    for code in re.findall(r"`([^`\n]+)`", fenced):
+        if "(" not in code:
+            continue
+        try:
+            ast.parse(code)
+        except SyntaxError:
+            continue
+        out.append(code)
+    return out
+
+
+def test_9_readme_guard_snippets_run_as_written(tmp_path, monkeypatch):
+    """The fenced snippet and every inline call of "Guard your fine-tuning script", as written, on a tiny
+    UNet with the argument names of diffusers' train_text_to_image.py (non-default betas and eps)."""
+    import argparse
+    import re
+
+    peft = pytest.importorskip("peft")
+    section = _readme_section("Guard your fine-tuning script")
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    inline = _inline_calls(section)
+    assert blocks and len(inline) >= 3, inline
+    monkeypatch.chdir(tmp_path)
+    unet = testing.build_tiny_unet(cross_attention_dim=8)
+    fg.FreezeMask.random(unet, 0.3, seed=0).save("mask.safetensors")
+    args = argparse.Namespace(learning_rate=1e-4, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6,
+                              adam_weight_decay=0.03)
+    ns = {"unet": unet, "args": args, "torch": torch, "LoraConfig": peft.LoraConfig}
+    # CUDA-graph snippets need a GPU (tests/test_capturable.py covers them there); "..." marks an elision
+    runnable = [c for c in blocks if "cuda" not in c]
+    assert runnable
+    for code in runnable:
+        exec(compile(code, "README.md", "exec"), ns)
+    group = ns["optimizer"].param_groups[0]
+    assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6 and group["weight_decay"] == 0.03
+    for code in inline:
+        if "cuda" in code or "..." in code:
+            continue
+        exec(compile(code, "README.md", "exec"), ns)
+
+
+def test_9_readme_verify_command_runs_as_written(pipeline, tmp_path, capsys):
+    """`freezeguard verify --released SD_DIR --finetuned FT_DIR --mask mask.safetensors` from the README."""
+    import shlex
+
+    section = _readme_section("Guard your fine-tuning script")
+    line = next(c for c in _all_inline(section) if c.startswith("freezeguard verify"))
+    from freezeguard.integrations.diffusers.pipeline import load_components
+
+    fg.FreezeMask.random(load_components(pipeline["pre"]).unet, 0.3, seed=0).save(tmp_path / "mask.safetensors")
+    words = shlex.split(line)[1:]
+    subst = {"SD_DIR": str(pipeline["pre"]), "FT_DIR": str(pipeline["ft"]),
+             "mask.safetensors": str(tmp_path / "mask.safetensors")}
+    assert main([subst.get(w, w) for w in words]) == 1  # the fine-tune changed every tensor: violations
+    assert "VIOLATION" in capsys.readouterr().out
+
+
+def _all_inline(section: str) -> list[str]:
+    import re
+
+    return re.findall(r"`([^`\n]+)`", section)
+
+
+def test_9_readme_has_a_security_section():
+    text = _readme_section("Security")
+    for phrase in ("verify", "own code", "platform", "exit 0"):
+        assert phrase in text, phrase
+
+
+def test_9_evaluate_defaults_are_the_demos(tmp_path):
+    from freezeguard.apps.demo import DemoConfig
+    from freezeguard.cli import build_parser
+    from freezeguard.cli.evaluate import DEMO_DEFAULTS, apply_demo_defaults, check_args
+    from freezeguard.integrations.diffusers import toy
+
+    args = build_parser().parse_args(["evaluate", "--mask", str(tmp_path / "m.safetensors")])
+    apply_demo_defaults(args)
+    demo = DemoConfig()
+    for arg, field in DEMO_DEFAULTS.items():
+        assert getattr(args, arg) == getattr(demo, field), arg
+    # the random masks match the mask on the basis it was made on (the demo's: tensors)
+    fg.FreezeMask.random(toy.build_model(), demo.freeze_ratio, by=demo.budget_by, seed=0).save(
+        tmp_path / "m.safetensors")
+    args = build_parser().parse_args(["evaluate", "--mask", str(tmp_path / "m.safetensors")])
+    _, attackers = check_args(args)
+    assert args.budget_by == demo.budget_by
+    from freezeguard.apps.demo import attackers as demo_attackers
+
+    assert attackers == demo_attackers(demo)
+
+
+def test_9_gitignore_has_the_demo_folder():
+    root = os.path.dirname(README)
+    assert "freezeguard-demo/" in open(os.path.join(root, ".gitignore")).read().split()
+
+
+def test_9_report_defines_recognisability_shows_real_images_and_no_negative_share(tmp_path):
+    from freezeguard.apps.evaluate.harness import Attacker, evaluate_masks
+    from freezeguard.apps.evaluate.report import plot_samples, survival_line, write_report
+    from freezeguard.apps.evaluate.toy_domains import toy_domains
+    from freezeguard.integrations.diffusers import judge, toy
+
+    model = toy.build_model(toy.ToyModelConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4))
+    masks = {"full": None, "learned": fg.FreezeMask.random(model, 0.5, seed=0)}
+    j = judge.train_judge(steps=2, cache_dir=False, progress=False)
+    domains = toy_domains(judge=j, heldout_n=2, sample_n=2, sample_steps=2, batch_size=2)
+    res = evaluate_masks(model, masks, domains, toy.make_loss_fn(), [Attacker("std", 1e-3, 1)], curve_points=1,
+                         progress=False)
+    assert set(res.real_images) == {d.name for d in domains}
+    summary = res.summary()
+    summary["learner"] = {"final": {}}
+    out = write_report(res, summary, tmp_path / "rep")
+    md = (out / "report.md").read_text()
+    assert "*Recognisability* = the mean probability a judge classifier" in md
+    assert "real held-out images" in md and "`m>0.5=`" in md and "hard" in md
+    import matplotlib.pyplot as plt
+
+    shown = []
+    real_subplots = plt.subplots
+
+    def spy(*a, **k):
+        fig, axes = real_subplots(*a, **k)
+        shown.append(axes)
+        return fig, axes
+
+    plt.subplots = spy
+    try:
+        plot_samples(res, tmp_path / "s.png")
+    finally:
+        plt.subplots = real_subplots
+    labels = [ax.get_ylabel() for ax in shown[0][:, 0]]
+    assert labels[0].startswith("real") and any(lb.startswith("before") for lb in labels)
+    # a negative "share kept" is not printed as a percentage
+    summary = {"table": {"10x lr": {"learned": {"mitigation": -0.036}}}}
+    line = survival_line(summary, "10x lr", -0.109)
+    assert "-10.9%" not in line and "none of the learned mask's mitigation survives" in line
+    assert "85%" in survival_line(summary, "10x lr", 0.85)
+
+
+def test_9_setup_is_quick_the_second_time_and_warning_free(tmp_path):
+    import subprocess
+    import time
+
+    root = os.path.dirname(README)
+    started = time.perf_counter()
+    proc = subprocess.run(["bash", "scripts/setup.sh", "--check"], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # this checkout was set up: nothing to redo
+    assert time.perf_counter() - started < 30
+    # setuptools reads pyproject.toml and lays out the packages without a deprecation warning
+    env = {**os.environ, "FREEZEGUARD_SKIP_BUILD": "1"}
+    proc = subprocess.run([sys.executable, "-W", "always", "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+                           "build_py", "-d", str(tmp_path / "b")], cwd=root, capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout + proc.stderr
+    assert "Deprecat" not in text and "absent from the `packages`" not in text, text[-3000:]
+    assert (tmp_path / "b" / "freezeguard" / "_csrc" / "cpu" / "kernels.cpp").is_file()
