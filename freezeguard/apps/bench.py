@@ -237,7 +237,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     m = result["meta"]
     fig.suptitle(f"freezeguard bench: {m['model']} on {m['device_name']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 

@@ -68,19 +68,32 @@ def _run_layout(args: argparse.Namespace) -> int:
     else:
         print(format_layout_table(result))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+            from freezeguard.core import files
+
+            files.write_text(args.json, json.dumps(result, indent=2))
     if args.png:
         print("freezeguard bench: --png is not drawn in layout mode (no timings)", file=sys.stderr)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+    from pathlib import Path
+
     from freezeguard.apps.bench import format_table, plot, run_bench
+    from freezeguard.core import files
     from freezeguard.integrations.diffusers.layouts import LAYOUT_ONLY
 
+    # Outputs are checked before the (long) measurement, not after it.
+    for flag, value in (("--json", args.json if args.json != "-" else None), ("--png", args.png)):
+        if value and (Path(value).is_dir() or not Path(value).parent.is_dir()):
+            print(f"freezeguard bench: error: {flag} {value}: not a file in an existing folder", file=sys.stderr)
+            return 2
     if args.layout or args.model in LAYOUT_ONLY:
         return _run_layout(args)
+    if args.png and importlib.util.find_spec("matplotlib") is None:
+        print("freezeguard bench: error: --png needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return 2
     if args.quick:
         args.ratios, args.steps, args.warmup = "0,0.3,0.7", 3, 1
     result = run_bench(model=args.model, device=args.device,
@@ -95,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table(result))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+            files.write_text(args.json, json.dumps(result, indent=2))
     if args.png:
-        plot(result, args.png)
+        with files.atomic_path(args.png) as tmp:
+            plot(result, str(tmp))
     return 0

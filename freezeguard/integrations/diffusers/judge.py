@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from freezeguard.core.files import atomic_path
 from freezeguard.integrations.diffusers import toy
 
 
@@ -89,7 +90,8 @@ def train_judge(classes: Sequence[str] = toy.ALL_CLASSES, *, steps: int = 300, b
             opt.step()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(judge.state_dict(), str(path))
+        with atomic_path(path) as tmp:  # a concurrent or interrupted run never leaves half a cache file
+            save_file(judge.state_dict(), str(tmp))
     return judge.eval()
 
 

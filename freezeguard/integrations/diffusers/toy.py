@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from freezeguard.core.files import atomic_path
 from freezeguard.core.training import train_steps
 from freezeguard.integrations.diffusers.loss import make_loss_fn as _make
 
@@ -293,8 +294,7 @@ def pretrained_model(config: PretrainConfig = PretrainConfig(), cache_dir: str |
           progress="pretrain tiny model" if progress else None)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"config": json.dumps(asdict(config))})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # unique temporary name, fsync, rename
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                      metadata={"config": json.dumps(asdict(config))})
     return model
