@@ -400,11 +400,11 @@ def test_7_resume_refuses_changed_hyperparameters(pipeline, tmp_path, capsys, mo
     out = tmp_path / "m.safetensors"
     assert main(_learn_argv(pipeline, out, "--steps", "2", "--state", str(state))) == 0
     capsys.readouterr()
-    from freezeguard.integrations.diffusers import pipeline as pipe_mod
+    from freezeguard.apps.learn import run as learn_run
 
     loaded = []
-    real = pipe_mod.load_components
-    monkeypatch.setattr(pipe_mod, "load_components", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    real = learn_run.load_components
+    monkeypatch.setattr(learn_run, "load_components", lambda *a, **k: loaded.append(1) or real(*a, **k))
     for flag, value in (("--mask-lr", "50"), ("--c-sparsity", "7"), ("--temperature", "0.5"),
                         ("--user-optimizer", "adamw")):
         rc = main(_learn_argv(pipeline, out, "--steps", "4", "--resume", str(state), "--state", str(state),

@@ -57,7 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", default=None, help="learner state file to write (resumable with --resume)")
     parser.add_argument("--checkpoint-every", type=int, default=0,
                         help="with --state: also save every N steps (0: only at the end)")
-    parser.add_argument("--resume", default=None, help="learner state file to continue from (see --state)")
+    parser.add_argument("--resume", default=None,
+                        help="learner state file to continue from (see --state); the hyperparameters must be "
+                             "the ones it was saved with (refused otherwise, see --override-hparams)")
+    parser.add_argument("--override-hparams", action="store_true",
+                        help="with --resume: continue with this run's --mask-lr, --c-sparsity, --temperature, "
+                             "--user-lr and --user-interval where they differ from the state's (with a warning)")
     parser.add_argument("--plot", default=None, help="PNG of the soft mask (default: <out>.png)")
     parser.add_argument("--log", default=None, help="per-step JSONL log (default: <out>.log.jsonl)")
     parser.add_argument("--backend", default="auto", help="fused-op backend: auto, torch, cpp, triton, cuda")
@@ -87,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                         c_sparsity=args.c_sparsity, hard_mask=args.hard_mask, seed=args.seed,
                         resolution=args.resolution, caption_column=args.caption_column, state=args.state,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, plot=args.plot, log=args.log,
-                        backend=args.backend, device=args.device, progress=not args.quiet, on_warning=_warn)
+                        backend=args.backend, device=args.device, progress=not args.quiet, on_warning=_warn,
+                        override_hparams=args.override_hparams)
     except (LearnInputError, ValueError, FloatingPointError) as exc:
         return _error(str(exc))
     if args.json:
@@ -97,5 +103,5 @@ def run(args: argparse.Namespace) -> int:
               f"({summary['ratio_tensors']:.1%} of tensors, {summary['ratio_params']:.1%} of parameters) "
               f"after {summary['steps']} steps in {summary['seconds']:.1f}s on {summary['device']}; "
               f"{summary['mask_moved']} tensors moved by the data from the random initial mask; "
-              f"plot {summary['plot']}, log {summary['log']}")
+              f"plot {summary['plot'] or '(skipped)'}, log {summary['log']}")
     return 0

@@ -14,6 +14,7 @@ Example:
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 import warnings
@@ -22,7 +23,9 @@ from typing import Any, Callable
 
 import torch
 
+from freezeguard.apps.learn import state_io
 from freezeguard.apps.learn.learner import HARD_MASK_METHODS, MaskLearner
+from freezeguard.core import files
 from freezeguard.core.mask import describe_layout_mismatch
 from freezeguard.core.weights import DENOISER_SUBFOLDERS, WeightsError, load_tensors, weights_layout
 from freezeguard.integrations.diffusers.data import DatasetError, ImageFolderDataset, mixed_batches
@@ -96,6 +99,85 @@ def check_learn_inputs(pretrained: str | Path, finetuned: str | Path, target_dat
     return Path(pretrained), ft_dir, out
 
 
+# Hyperparameters a resumed run may change with override_hparams=True (the learner simply continues
+# with them); the others change what the saved state means (budget, user optimizer, data order).
+OVERRIDABLE = ("temperature", "c_sparsity", "mask_lr", "user_lr", "user_interval")
+FIXED = ("freeze_ratio", "budget_by", "user_optimizer", "seed")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def check_resume(resume: str | Path, wanted: dict[str, Any], *, override_hparams: bool = False) -> dict[str, Any]:
+    """The hyperparameters to override on resume ({} when none); LearnInputError for a refused change.
+
+    Read from the state file's metadata alone, before any model is loaded. A change of a FIXED
+    hyperparameter is always refused; of an OVERRIDABLE one, unless ``override_hparams``.
+    """
+    try:
+        saved, _ = state_io.saved_hparams(resume)
+    except (ValueError, FileNotFoundError) as exc:
+        raise LearnInputError(f"--resume: {exc}") from None
+    changes = state_io.hparam_changes(saved, wanted)
+    fixed = {k: v for k, v in changes.items() if k in FIXED}
+    if fixed:
+        said = ", ".join(f"{_flag(k)} {old} (this run: {new})" for k, (old, new) in fixed.items())
+        raise LearnInputError(f"--resume state {resume} was learned with {said}; these cannot change on resume "
+                              f"(start a new run instead)")
+    if changes and not override_hparams:
+        said = ", ".join(f"{_flag(k)} {old} (this run: {new})" for k, (old, new) in changes.items())
+        raise LearnInputError(f"--resume state {resume} was learned with {said}; pass the same values to "
+                              f"continue, or --override-hparams to continue with this run's")
+    return {k: new for k, (_, new) in changes.items()}
+
+
+def check_outputs(out: Path, *, state: str | Path | None, log: str | Path | None, plot: str | Path | None,
+                  resume: str | Path | None) -> tuple[Path, Path]:
+    """Output paths: distinct, in existing folders, the resumed state only as --state; returns (log, plot)."""
+    log_path = Path(log) if log else out.with_name(out.name + ".log.jsonl")
+    plot_path = Path(plot) if plot else out.with_name(out.name + ".png")
+    named = {"--out": out, "--log": log_path, "--plot": plot_path}
+    if state:
+        named["--state"] = Path(state)
+    seen: dict[Path, str] = {}
+    for flag, path in named.items():
+        if path.is_dir():
+            raise LearnInputError(f"{flag} {path} is a folder; give a file name")
+        if not path.parent.is_dir():
+            raise LearnInputError(f"{flag}: folder {path.parent} does not exist")
+        key = path.resolve()
+        if key in seen:
+            raise LearnInputError(f"{flag} and {seen[key]} are the same file ({path}); one would overwrite the other")
+        seen[key] = flag
+    if resume and seen.get(Path(resume).resolve(), "--state") != "--state":
+        raise LearnInputError(f"--resume {resume} is also {seen[Path(resume).resolve()]}; it would be overwritten")
+    return log_path, plot_path
+
+
+def _keep_log_until(log_path: Path, done: int) -> None:
+    """Drop log lines of steps at or after the resumed checkpoint (they run again), atomically."""
+    if not log_path.is_file():
+        files.write_text(log_path, "")
+        return
+    kept = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue  # a line cut short by the interruption
+        if isinstance(step, int) and step < done:
+            kept.append(line)
+    files.write_text(log_path, "".join(x + "\n" for x in kept))
+
+
+def _matplotlib_missing() -> bool:
+    try:
+        return importlib.util.find_spec("matplotlib") is None
+    except (ImportError, ValueError):
+        return True
+
+
 def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path, innocent_data: str | Path,
           out: str | Path, *, freeze_ratio: float, steps: int = 100, batch_size: int = 4,
           budget_by: str = "tensors", user_optimizer: str = "sgd", user_lr: float = 1e-5, user_interval: int = 5,
@@ -104,17 +186,34 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
           state: str | Path | None = None, checkpoint_every: int = 0, resume: str | Path | None = None,
           plot: str | Path | None = None, log: str | Path | None = None, backend: str = "auto",
           device: str | torch.device | None = None, progress: bool = True,
-          on_warning: Callable[[str], None] | None = None) -> dict[str, Any]:
+          on_warning: Callable[[str], None] | None = None, override_hparams: bool = False) -> dict[str, Any]:
     """Learn a mask for the UNet of a local SD folder and write it; returns a JSON-ready summary.
 
     The mask is written first (atomically); the plot is optional and comes last, so a missing
     plotting library never costs the learned mask. ``on_warning`` receives the learner's
-    warnings (e.g. "the data never moved the mask") once, after the run.
+    warnings (e.g. "the data never moved the mask") once, after the run, and a missing plotting
+    library up front. A resumed run (``resume``) must use the hyperparameters of its state file;
+    ``override_hparams=True`` continues with the new values of the overridable ones (a warning
+    each). Outputs (out, state, log, plot) must be distinct files.
     """
     pre_root, ft_dir, out = check_learn_inputs(
         pretrained, finetuned, target_data, innocent_data, out, steps=steps, batch_size=batch_size,
         user_interval=user_interval, user_lr=user_lr, mask_lr=mask_lr, c_sparsity=c_sparsity,
         temperature=temperature, hard_mask=hard_mask, state=state, checkpoint_every=checkpoint_every, resume=resume)
+    log_path, plot_path = check_outputs(out, state=state, log=log, plot=plot, resume=resume)
+    if override_hparams and not resume:
+        raise LearnInputError("--override-hparams needs --resume")
+    overrides = {}
+    if resume:
+        wanted = dict(freeze_ratio=freeze_ratio, budget_by=budget_by, user_optimizer=user_optimizer, seed=seed,
+                      temperature=temperature, c_sparsity=c_sparsity, mask_lr=mask_lr, user_lr=user_lr,
+                      user_interval=user_interval)
+        overrides = check_resume(resume, wanted, override_hparams=override_hparams)
+    # The plot is optional: a missing matplotlib is said now, not after the learning.
+    plot_skipped = _matplotlib_missing()
+    if plot_skipped and on_warning is not None:
+        on_warning("matplotlib is not installed, so no soft-mask PNG will be written (pip install matplotlib); "
+                   "the mask, log and summary are unaffected")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         comps = load_components(pre_root, dtype=torch.float32)
@@ -142,8 +241,13 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
     if resume and learner.freeze_ratio != freeze_ratio:
         raise LearnInputError(f"--resume state was learned with ratio {learner.freeze_ratio}, not --freeze-ratio "
                               f"{freeze_ratio}")
-
-    from freezeguard.apps.learn.plot import plot_soft_mask  # matplotlib: optional, used last
+    for key, value in overrides.items():
+        old = getattr(learner, key)
+        setattr(learner, key, type(old)(value) if isinstance(old, (int, float)) else value)
+        if on_warning is not None:
+            on_warning(f"--override-hparams: {_flag(key)} {old} from the state is replaced by {value}")
+    if overrides and any(learner.hparams().get(k) != v for k, v in overrides.items()):
+        raise LearnInputError("--override-hparams: the learner did not take the new values")
 
     unet.train()
     done = learner.step_count
@@ -160,10 +264,12 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
                 yield dict(batch, generator=gen)
             step += 1
 
-    log_path = Path(log) if log else out.with_name(out.name + ".log.jsonl")
-    plot_path = Path(plot) if plot else out.with_name(out.name + ".png")
+    if resume:  # steps after the checkpoint run again: their old lines go
+        _keep_log_until(log_path, done)
+    else:
+        files.write_text(log_path, "")
     started = time.perf_counter()
-    with open(log_path, "a" if resume else "w", encoding="utf-8") as log_file:
+    with open(log_path, "a", encoding="utf-8") as log_file:
         def on_step(entry: dict) -> None:
             log_file.write(json.dumps(entry) + "\n")
             log_file.flush()
@@ -183,11 +289,20 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
     mask = learner.hard_mask(hard_mask)
     unet.to("cpu")
     mask.save(str(out), model=unet)
-    plot_soft_mask(learner.soft_mask(), plot_path, frozen=mask.frozen_names,
-                   title=f"soft mask after {learner.step_count} steps (target ratio {freeze_ratio} by {budget_by})")
+    if not plot_skipped:  # optional, and never fatal: the mask is already written
+        try:
+            from freezeguard.apps.learn.plot import plot_soft_mask
+
+            plot_soft_mask(learner.soft_mask(), plot_path, frozen=mask.frozen_names,
+                           title=f"soft mask after {learner.step_count} steps (target ratio {freeze_ratio} by "
+                                 f"{budget_by})")
+        except Exception as exc:
+            plot_skipped = True
+            if on_warning is not None:
+                on_warning(f"the soft-mask PNG was not written: {exc}")
     last = learner.history[-1] if learner.history else {}
     return {
-        "out": str(out), "plot": str(plot_path), "log": str(log_path), "state": None if state is None else str(state),
+        "out": str(out), "plot": None if plot_skipped else str(plot_path), "log": str(log_path), "state": None if state is None else str(state),
         "steps": learner.step_count, "steps_this_run": remaining, "seconds": round(seconds, 3),
         "device": str(device), "budget_by": budget_by, "target_ratio": freeze_ratio,
         "realised_ratio": mask.ratio(budget_by), "ratio_tensors": mask.ratio("tensors"),
@@ -200,4 +315,4 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
     }
 
 
-__all__ = ["learn", "check_learn_inputs", "LearnInputError"]
+__all__ = ["learn", "check_learn_inputs", "check_resume", "check_outputs", "LearnInputError", "OVERRIDABLE", "FIXED"]
