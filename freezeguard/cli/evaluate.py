@@ -81,14 +81,19 @@ def _attackers(args):
 
 
 def _toy_setup(args):
+    """The demo's published model, judge and domains (its config, so the figures are comparable)."""
+    from freezeguard.apps.demo import DemoConfig
     from freezeguard.apps.evaluate.toy_domains import toy_domains
     from freezeguard.integrations.diffusers import judge, toy
 
-    model = toy.pretrained_model(cache_dir=args.cache_dir, progress=not args.quiet)
-    j = judge.train_judge(cache_dir=args.cache_dir, progress=not args.quiet)
-    domains = toy_domains(judge=j, batch_size=args.batch_size, heldout_n=args.heldout or 64,
-                          sample_n=args.samples, sample_steps=args.sample_steps, seed=1000 + args.seed)
-    return model, toy.make_loss_fn(), domains
+    demo = DemoConfig()
+    model = toy.pretrained_model(demo.pretrain, cache_dir=args.cache_dir, progress=not args.quiet)
+    j = judge.train_judge(tuple(toy.ALL_CLASSES), steps=demo.judge_steps, seed=demo.seed, cache_dir=args.cache_dir,
+                          progress=not args.quiet)
+    domains = toy_domains(demo.target, demo.innocent, judge=j, batch_size=args.batch_size,
+                          heldout_n=args.heldout or demo.heldout_n, sample_n=args.samples,
+                          sample_steps=args.sample_steps, guidance=demo.guidance, seed=1000 + args.seed)
+    return model, toy.make_loss_fn(demo.pretrain.model), domains
 
 
 def _real_setup(args, device):
@@ -162,9 +167,10 @@ def check_args(args: argparse.Namespace):
     else:
         if args.target_data or args.innocent_data:
             raise UsageError("--target-data / --innocent-data need --pretrained (the toy model has its own data)")
+        from freezeguard.apps.demo import DemoConfig
         from freezeguard.integrations.diffusers import toy
 
-        layout = {n: tuple(p.shape) for n, p in toy.build_model(toy.PretrainConfig().model).named_parameters()}
+        layout = {n: tuple(p.shape) for n, p in toy.build_model(DemoConfig().pretrain.model).named_parameters()}
     mismatch = describe_layout_mismatch(mask.layout, layout, missing="missing from the model",
                                         extra="not in the mask", reshaped="reshaped")
     if mismatch:
