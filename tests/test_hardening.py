@@ -688,3 +688,28 @@ def test_9_setup_is_quick_the_second_time_and_warning_free(tmp_path):
     text = proc.stdout + proc.stderr
     assert "Deprecat" not in text and "absent from the `packages`" not in text, text[-3000:]
     assert (tmp_path / "b" / "freezeguard" / "_csrc" / "cpu" / "kernels.cpp").is_file()
+
+
+def test_9_readme_publisher_workflow_runs_as_written(pipeline, tmp_path, monkeypatch, capsys):
+    """The three commands of "The publisher's workflow", as written, in a folder holding a tiny `sd15/`
+    and the two image folders; only step counts are appended (the last value of a flag wins)."""
+    import re
+    import shlex
+    import shutil
+
+    block = re.search(r"```bash\n(.*?)```", _readme_section("The publisher's workflow"), flags=re.S).group(1)
+    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.lstrip().startswith("#")]
+    assert [shlex.split(c)[1] for c in commands] == ["finetune", "learn", "evaluate"]
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(pipeline["pre"], "sd15")
+    shutil.copytree(pipeline["target"], "target_imgs")
+    shutil.copytree(pipeline["innocent"], "innocent_imgs")
+    faster = {"finetune": ["--steps", "2", "--batch-size", "2", "--quiet"],
+              "learn": ["--steps", "2", "--batch-size", "2", "--quiet"],
+              "evaluate": ["--steps", "1", "--batch-size", "2", "--heldout", "2", "--random-seeds", "1", "--no-strong",
+                           "--quiet", "--device", "cpu"]}
+    for command in commands:
+        words = shlex.split(command)[1:]
+        assert main(words + faster[words[0]]) == 0, command
+    assert fg.FreezeMask.load("mask.safetensors").ratio("tensors") == pytest.approx(0.3, abs=0.01)
+    assert "learned" in capsys.readouterr().out
