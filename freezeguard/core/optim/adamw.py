@@ -249,8 +249,10 @@ class AdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of ``torch.optim.AdamW``.
 
-        Checked before anything is loaded: unsupported options, and that the mask still
-        resolves against the loaded ``param_names``. Frozen tensors' state is dropped.
+        Checked before anything is loaded: unsupported options, step counts and, under a mask,
+        that the saved ``param_names`` are this optimizer's (names stay bound to the parameter
+        objects; a state dict cannot rename, swap or move them) and that no saved state tensor
+        shares memory with a frozen tensor. Frozen tensors' state is dropped.
         """
         saved_groups = state_dict["param_groups"]
         for group in saved_groups:
@@ -258,9 +260,10 @@ class AdamW(torch.optim.Optimizer):
         for key, st in state_dict["state"].items():
             if isinstance(st, dict) and "step" in st:
                 check_step(st["step"], f"load_state_dict: state[{key!r}]")
-        # Names are bound to our parameter objects; a state dict cannot rename them. torch would
-        # take the saved param_names as the truth, so two swapped names would move the freeze.
-        if len(saved_groups) == len(self.param_groups):
+        # Names are bound to our parameter objects; a state dict cannot rename them (ours are put
+        # back after loading). torch would take the saved param_names as the truth, so under a mask
+        # two swapped names would move the freeze: a state dict whose names do not match is refused.
+        if self._mask is not None and len(saved_groups) == len(self.param_groups):
             for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
                 ours, theirs = group.get("param_names"), saved.get("param_names")
                 if ours is None or theirs is None or len(theirs) != len(ours):
