@@ -174,6 +174,10 @@ def check_mask_fits_release(mask: FreezeMask, released: Mapping[str, torch.Tenso
         module = canonical_name(key.removeprefix("unet.").removeprefix("transformer.")).rsplit(".", 1)[0]
         if module not in known_modules:
             foreign.append(key)
+    if foreign and not isinstance(released, weights.SafetensorsSource):
+        # a state dict lists tied parameters under every name: an alias of a known tensor is not foreign
+        known = {released[k].data_ptr() for k in released if _release_key(k, layout) is not None}
+        foreign = [k for k in foreign if released[k].data_ptr() not in known]
     mismatch = describe_layout_mismatch(layout, found, missing="missing from the released model",
                                         extra="", reshaped="shapes differ", arrow="in the mask, released:")
     if foreign:
