@@ -66,8 +66,6 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"freezeguard demo: --out {out} exists and is not a folder")
-    if not out.parent.is_dir():
-        raise SystemExit(f"freezeguard demo: --out: folder {out.parent} does not exist")
     # Optional dependencies are said up front; the report's tables, JSON and mask never depend on them.
     if importlib.util.find_spec("matplotlib") is None:
         print("freezeguard demo: warning: matplotlib is not installed, so the report will have no PNGs "

@@ -144,8 +144,6 @@ def check_args(args: argparse.Namespace):
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder")
-        if not out.parent.is_dir():
-            raise UsageError(f"--out: folder {out.parent} does not exist")
     mask = FreezeMask.load(args.mask)  # the file itself: header first, checksum, version
     if args.budget_by is None:
         by = mask.metadata.get("budget_by", "tensors")

@@ -165,8 +165,8 @@ def plot_samples(result, path: Path, n: int = 8) -> Path | None:
     domains = list(result.before_samples)
     masks = list(dict.fromkeys(r.mask for r in result.runs if r.attacker == first))
     real = getattr(result, "real_images", {}) or {}
-    rows = [("real", d, real[d]) for d in domains if d in real and tuple(real[d].shape[1:]) == tuple(
-        result.before_samples[d].shape[1:])]
+    rows = [("real", d, real[d][:len(result.before_samples[d])]) for d in domains
+            if d in real and tuple(real[d].shape[1:]) == tuple(result.before_samples[d].shape[1:])]
     rows += [("before", d, result.before_samples[d]) for d in domains]
     rows += [(m, r.domain, r.samples) for m in masks for r in result.runs
              if r.attacker == first and r.mask == m and r.samples is not None]
