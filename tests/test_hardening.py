@@ -305,6 +305,15 @@ def test_5_evaluate_checks_every_input_before_any_work(tmp_path, capsys, monkeyp
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("bad", [["--weight-decay", "nan"], ["--lr", "inf"], ["--resolution", "0"], ["--steps", "0"]])
+def test_5_finetune_checks_its_inputs_first(pipeline, tmp_path, capsys, bad):
+    out = tmp_path / "out"
+    argv = ["finetune", "--model", str(pipeline["pre"]), "--train-data", str(pipeline["target"]), "--out", str(out),
+            "--quiet", *bad]
+    assert main(argv) == 2
+    assert "error" in capsys.readouterr().err and not out.exists()
+
+
 def test_5_strong_multiplier_nan_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", "--mask", str(tmp_path / "m.safetensors"), "--strong-lr-mult", "nan"])

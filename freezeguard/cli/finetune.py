@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -68,6 +69,10 @@ def _run(args: argparse.Namespace) -> int:
     # Everything that can be checked cheaply is checked before any model is loaded.
     try:
         _check_options(args.steps, args.lr, args.batch_size, args.mixed_precision)
+        if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+            raise ValueError(f"--weight-decay must be a number >= 0, got {args.weight_decay}")
+        if args.resolution is not None and args.resolution < 1:
+            raise ValueError(f"--resolution must be >= 1, got {args.resolution}")
         src = check_pipeline_folder(args.model)
         out = Path(args.out)
         if args.lean_frozen_convs and not args.mask:
