@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from freezeguard.apps.finetune import _check_options
     from freezeguard.integrations.diffusers.data import DatasetError
-    from freezeguard.integrations.diffusers.pipeline import PipelineError, check_pipeline_folder
+    from freezeguard.integrations.diffusers.pipeline import PipelineError, check_pipeline_folder, denoiser_subfolder
 
     # Everything that can be checked cheaply is checked before any model is loaded.
     try:
@@ -93,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
             from freezeguard.core.weights import weights_layout
 
             early = FreezeMask.load(args.mask)
-            unet_layout = weights_layout(src / "unet", "--model unet")
+            sub = denoiser_subfolder(src)
+            unet_layout = weights_layout(src / sub, f"--model {sub}")
             mismatch = describe_layout_mismatch(early.layout, {k: v for k, v in unet_layout.items() if k in early.layout},
                                                 missing="missing from the model", extra="", reshaped="reshaped")
             if mismatch:

@@ -155,13 +155,15 @@ def check_mask_fits_release(mask: FreezeMask, released: Mapping[str, torch.Tenso
 
     The released tensors are mapped to released names as everywhere else (wrapper prefixes,
     ``unet.`` in pipeline files); text-encoder tensors and adapter weights are ignored, and so
-    are extra tensors of modules the mask knows (buffers in a state dict). A tensor of the mask
+    are extra tensors of modules the mask knows or their parents (buffers). A tensor of the mask
     missing or reshaped, or a module the mask does not know, means another model: the audit
     would compare the wrong tensors (or too few), so it is refused, as ``FreezeMask.load(model=)``
     refuses such a mask.
     """
     layout = mask.layout
-    known_modules = {n.rsplit(".", 1)[0] for n in layout}
+    # modules the mask knows, and their ancestors (buffers may sit on a parent module, e.g. SD3's
+    # pos_embed.pos_embed beside pos_embed.proj.weight)
+    known_modules = {".".join(n.split(".")[:i]) for n in layout for i in range(len(n.split(".")))}
     found: dict[str, tuple[int, ...]] = {}
     foreign = []
     for key, shape in _shapes(released).items():
