@@ -118,6 +118,17 @@ def test_1_evaluate_warns_before_long_work(tmp_path, capsys, monkeypatch):
     assert calls and "matplotlib is not installed" in capsys.readouterr().err
 
 
+def test_1_bench_checks_matplotlib_and_outputs_before_measuring(tmp_path, capsys, monkeypatch):
+    from freezeguard.apps import bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
+    _no_matplotlib(monkeypatch)
+    assert main(["bench", "--quick", "--png", str(tmp_path / "b.png")]) == 2
+    assert "--png needs matplotlib" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--json", str(tmp_path / "missing" / "b.json")]) == 2
+    assert "not a file in an existing folder" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. A loaded optimizer state (or a param group) can move the freeze
 
