@@ -59,13 +59,21 @@ def _check_mask(mask: FreezeMask | None, groups: Iterable[dict[str, Any]]) -> No
     _check_no_alias(frozen, trainable)
 
 
-def _span(p: torch.Tensor) -> tuple[int, int, int]:
-    """(storage address, first byte, end byte) of the memory a tensor can read or write."""
+def _span(p: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage address, first byte, end byte) of the memory a tensor can read or write; None when it
+    has no storage of its own to compare (meta tensors, wrapper subclasses other than DTensor)."""
+    p = _plan.local(p)  # a DTensor (FSDP2): its local shard holds the memory
+    if p.device.type == "meta" or not p.numel():
+        return None
+    try:
+        ptr = p.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
     es = p.element_size()
     extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride(), strict=True)) \
         if p.numel() else 0
     start = p.storage_offset() * es
-    return p.untyped_storage().data_ptr(), start, start + extent * es
+    return ptr, start, start + extent * es
 
 
 def _check_no_alias(frozen: list[torch.Tensor], trainable: list[tuple[str, torch.Tensor]]) -> None:
@@ -74,15 +82,16 @@ def _check_no_alias(frozen: list[torch.Tensor], trainable: list[tuple[str, torch
         return
     spans: dict[int, list[tuple[int, int]]] = {}
     for p in frozen:
-        if p.numel() and p.device.type != "meta":
-            ptr, lo, hi = _span(p)
-            spans.setdefault(ptr, []).append((lo, hi))
+        span = _span(p)
+        if span is not None:
+            spans.setdefault(span[0], []).append(span[1:])
     if not spans:
         return
     for name, p in trainable:
-        if not p.numel() or p.device.type == "meta":
+        span = _span(p)
+        if span is None:
             continue
-        ptr, lo, hi = _span(p)
+        ptr, lo, hi = span
         if any(lo < f_hi and f_lo < hi for f_lo, f_hi in spans.get(ptr, ())):
             raise ValueError(f"parameter {name!r} shares memory with a frozen tensor: updating it would change the "
                              f"frozen tensor, so it cannot be optimized under this mask")
