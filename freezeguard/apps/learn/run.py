@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from freezeguard.apps.learn import reference_masks
+from freezeguard.apps.learn.config import LearnerConfig
 from freezeguard.apps.learn.learner import HARD_MASK_METHODS, MaskLearner
 from freezeguard.core.mask import describe_layout_mismatch
 from freezeguard.core.weights import DENOISER_SUBFOLDERS, WeightsError, load_tensors, weights_layout
@@ -56,9 +58,9 @@ def _layout(unet_dir: Path, flag: str) -> dict[str, tuple[int, ...]]:
 
 def check_learn_inputs(pretrained: str | Path, finetuned: str | Path, target_data: str | Path,
                        innocent_data: str | Path, out: str | Path, *, steps: int, batch_size: int,
-                       user_interval: int, user_lr: float, mask_lr: float, c_sparsity: float, temperature: float,
+                       user_interval: int, user_lr: float, mask_lr: float, c_sparsity: float | str, temperature: float,
                        hard_mask: str = "topk", state: str | Path | None = None, checkpoint_every: int = 0,
-                       resume: str | Path | None = None) -> tuple[Path, Path, Path]:
+                       resume: str | Path | None = None, signal_batches: int = 1) -> tuple[Path, Path, Path]:
     """Every check that needs no model loaded; returns (pipeline folder, fine-tuned unet folder, out)."""
     if steps < 1:
         raise LearnInputError(f"--steps must be >= 1, got {steps}")
@@ -67,7 +69,12 @@ def check_learn_inputs(pretrained: str | Path, finetuned: str | Path, target_dat
                               f"got {batch_size}")
     if user_interval < 1:
         raise LearnInputError(f"--user-interval must be >= 1, got {user_interval}")
-    for flag, value in (("--user-lr", user_lr), ("--mask-lr", mask_lr), ("--c-sparsity", c_sparsity)):
+    if signal_batches < 1:
+        raise LearnInputError(f"--signal-batches must be >= 1, got {signal_batches}")
+    if isinstance(c_sparsity, str) and c_sparsity != "auto":
+        raise LearnInputError(f"--c-sparsity must be a number >= 0 or 'auto', got {c_sparsity!r}")
+    for flag, value in (("--user-lr", user_lr), ("--mask-lr", mask_lr),
+                        ("--c-sparsity", 0.0 if c_sparsity == "auto" else c_sparsity)):
         if not value >= 0:
             raise LearnInputError(f"{flag} must be >= 0, got {value}")
     if not temperature > 0:
@@ -99,7 +106,8 @@ def check_learn_inputs(pretrained: str | Path, finetuned: str | Path, target_dat
 def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path, innocent_data: str | Path,
           out: str | Path, *, freeze_ratio: float, steps: int = 100, batch_size: int = 4,
           budget_by: str = "tensors", user_optimizer: str = "sgd", user_lr: float = 1e-5, user_interval: int = 5,
-          mask_lr: float = 10.0, temperature: float = 0.2, c_sparsity: float = 5e3, hard_mask: str = "topk",
+          mask_lr: float = 10.0, temperature: float = 0.2, c_sparsity: float | str = "auto", hard_mask: str = "topk",
+          budget: str = "penalty", signal_batches: int = 1, signal_norm: str | None = None, init: str = "uniform",
           seed: int = 0, resolution: int | None = None, caption_column: str = "text",
           state: str | Path | None = None, checkpoint_every: int = 0, resume: str | Path | None = None,
           plot: str | Path | None = None, log: str | Path | None = None, backend: str = "auto",
@@ -114,7 +122,18 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
     pre_root, ft_dir, out = check_learn_inputs(
         pretrained, finetuned, target_data, innocent_data, out, steps=steps, batch_size=batch_size,
         user_interval=user_interval, user_lr=user_lr, mask_lr=mask_lr, c_sparsity=c_sparsity,
-        temperature=temperature, hard_mask=hard_mask, state=state, checkpoint_every=checkpoint_every, resume=resume)
+        temperature=temperature, hard_mask=hard_mask, state=state, checkpoint_every=checkpoint_every, resume=resume,
+        signal_batches=signal_batches)
+    if init not in ("uniform", "constant", "delta", "cross-attention"):
+        raise LearnInputError(f"--init must be uniform, constant, delta or cross-attention, got {init!r}")
+    try:
+        config = LearnerConfig(freeze_ratio=freeze_ratio, temperature=temperature, c_sparsity=c_sparsity,
+                               mask_lr=mask_lr, user_lr=user_lr, user_interval=user_interval, budget_by=budget_by,
+                               user_optimizer=user_optimizer, seed=seed, budget=budget,
+                               signal_batches=signal_batches, signal_norm=signal_norm,
+                               init=init if init in ("uniform", "constant") else "scores")
+    except ValueError as exc:
+        raise LearnInputError(str(exc)) from None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         comps = load_components(pre_root, dtype=torch.float32)
@@ -132,16 +151,23 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
         else:
             pre_state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
             ft_state = load_tensors(ft_dir, "--finetuned")  # safetensors only, read lazily
-            learner = MaskLearner(unet, pre_state, ft_state, loss_fn, freeze_ratio=freeze_ratio,
-                                  temperature=temperature, c_sparsity=c_sparsity, mask_lr=mask_lr,
-                                  user_lr=user_lr, user_interval=user_interval, budget_by=budget_by,
-                                  user_optimizer=user_optimizer, seed=seed, backend=backend)
+            scores = None
+            if init in ("delta", "cross-attention"):
+                rank = (reference_masks.delta_scores if init == "delta" else reference_masks.cross_attention_scores)
+                scores = rank(unet, pre_state, ft_state)
+            learner = MaskLearner(unet, pre_state, ft_state, loss_fn, config, backend=backend,
+                                  **({"init": scores} if scores is not None else {}))
             del pre_state, ft_state
     except (KeyError, TypeError, DatasetError, PipelineError, WeightsError) as exc:
         raise LearnInputError(str(exc).strip("'\"")) from None
     if resume and learner.freeze_ratio != freeze_ratio:
         raise LearnInputError(f"--resume state was learned with ratio {learner.freeze_ratio}, not --freeze-ratio "
                               f"{freeze_ratio}")
+    if resume:
+        diff = learner.config.differences(config)
+        if diff:
+            raise LearnInputError("--resume state was learned with other settings (" + "; ".join(
+                f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items()) + ")")
 
     from freezeguard.apps.learn.plot import plot_soft_mask  # matplotlib: optional, used last
 
@@ -195,8 +221,10 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
         "tensors": len(mask.names), "hard_mask": hard_mask,
         "final_target_loss": last.get("target_loss"), "final_innocent_loss": last.get("innocent_loss"),
         "soft_ratio": last.get("soft_ratio"),
-        # tensors the data moved in or out of the mask, against the random initial logits' mask
-        "mask_moved": last.get("mask_moved"),
+        # tensors the data moved in or out of the mask, against the initial logits' mask
+        "mask_moved": last.get("mask_moved"), "frozen_moved": last.get("frozen_moved"),
+        "frozen_moved_share": last.get("frozen_moved_share"), "live": last.get("live"), "init": init,
+        "budget": budget, "c_sparsity": learner.c_sparsity,
     }
 
 
