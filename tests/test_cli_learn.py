@@ -69,7 +69,7 @@ def test_learn_writes_mask_plot_and_log(assets, tmp_path, capsys):
 def test_a_mask_the_data_never_moved_is_reported(assets, tmp_path, capsys):
     # By tensors with the authors' c_sparsity, the budget term drowns a tiny model's data: said plainly.
     out = tmp_path / "mask.safetensors"
-    assert main(_argv(assets, out, "--steps", "4", "--json")) == 0
+    assert main(_argv(assets, out, "--steps", "4", "--json", "--c-sparsity", "5e3")) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["mask_moved"] == 0
     assert "freezeguard learn: warning: MaskLearner: after 4 steps the hard mask is still exactly" in captured.err
@@ -78,6 +78,22 @@ def test_a_mask_the_data_never_moved_is_reported(assets, tmp_path, capsys):
                       "--mask-lr", "1e4")) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["mask_moved"] > 0 and "warning" not in captured.err
+
+
+def test_new_learner_options(assets, tmp_path, capsys):
+    out = tmp_path / "mask.safetensors"
+    assert main(_argv(assets, out, "--steps", "6", "--json", "--budget", "projected", "--signal-batches", "2",
+                      "--signal-norm", "rms", "--mask-lr", "0.5", "--init", "delta", "--hard-mask", "threshold")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    log = [json.loads(line) for line in (tmp_path / "mask.safetensors.log.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in log] == ["releaser", "releaser", "user"] * 2
+    assert all(e["soft_ratio"] == pytest.approx(0.25, abs=1e-5) for e in log)
+    assert summary["init"] == "delta" and summary["frozen_moved"] == log[-1]["frozen_moved"]
+    assert json.loads(FreezeMask.load(str(out)).metadata["learning"])["hard_mask"] == "threshold"
+    with pytest.raises(SystemExit):
+        main(_argv(assets, tmp_path / "x.safetensors", "--steps", "2", "--c-sparsity", "lots"))
+    assert main(_argv(assets, tmp_path / "x.safetensors", "--steps", "2", "--signal-batches", "0")) != 0
+    assert "--signal-batches must be >= 1" in capsys.readouterr().err
 
 
 def test_resume_continues_exactly(assets, tmp_path):

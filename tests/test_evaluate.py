@@ -203,3 +203,25 @@ def test_sweep_of_learner_settings_runs_and_tabulates(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == printed.strip()
     with pytest.raises(SystemExit):
         sweep.main(["--variants", "no such variant"])
+
+
+def test_learner_sweep_caches_fine_tunes_and_tabulates(tmp_path, capsys):
+    """`python benchmarks/learner_sweep.py --quick`: references, random and learner seeds, one cache."""
+    sweep = _benchmark_module("learner_sweep")
+    argv = ["--quick", "--random-seeds", "2", "--learner-seeds", "2", "--attackers", "standard",
+            "--variants", "projected, rms 0.05, 4 signal batches", "--cache", str(tmp_path / "c.json"),
+            "--model-cache", str(tmp_path / "models"), "--json", str(tmp_path / "r.json")]
+    assert sweep.main(argv) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res["per_mask"]) == {"full", "random#0", "random#1", "ref: delta", "ref: cross-attention",
+                                    "ref: saliency", "projected, rms 0.05, 4 signal batches#0",
+                                    "projected, rms 0.05, 4 signal batches#1"}
+    assert list(res["table"]) == ["standard"]
+    assert "| projected, rms 0.05, 4 signal batches | 2 |" in capsys.readouterr().out
+    cached = json.loads((tmp_path / "c.json").read_text())
+    assert all("|standard|" in k for k in cached)
+    assert len(cached) == 2 * len({k.split("|")[0] for k in cached})  # one entry per distinct mask x domain
+    # A second run takes every fine-tune from the cache and gives the same table.
+    first = res["per_mask"]
+    assert sweep.main(argv) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["per_mask"] == first

@@ -4,6 +4,7 @@ Equivalence with the authors' loop on a tiny UNet lives in test_learner_referenc
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -166,10 +167,12 @@ def test_hard_mask_round_is_the_references_rounding():
     T = learner.temperature
     # m exactly 0.5 rounds to 0 in numpy (half to even): not frozen.
     learner.logits.copy_(torch.tensor([1.0, -1.0, 0.0, 2.0, -0.01, 0.01]) * T)
-    mask = learner.hard_mask("round")
+    mask = learner.hard_mask(rule="threshold")
     expected = [n for n, v in zip(learner.names, [1, 0, 0, 1, 0, 1], strict=True) if v]
     assert mask.frozen_names == sorted(expected)
-    with pytest.raises(ValueError, match="method"):
+    assert learner.hard_mask("round") == mask == learner.hard_mask(method="round")  # the former names
+    assert json.loads(mask.metadata["learning"])["hard_mask"] == "threshold"
+    with pytest.raises(ValueError, match="rule"):
         learner.hard_mask("nearest")
 
 
@@ -272,9 +275,9 @@ def test_fit_cycles_a_list_and_reports(capsys):
 def test_a_budget_that_drowns_the_data_is_reported():
     # The authors' c_sparsity on a small model: the first releaser step saturates every logit
     # in its initial order, so the "learned" mask is the random initial ranking. Say so.
-    learner, _ = make(user_interval=2, freeze_ratio=0.5)  # defaults: c_sparsity 5e3, mask_lr 10
+    learner, _ = make(user_interval=2, freeze_ratio=0.5, c_sparsity=5e3)  # the authors' c; mask_lr 10
     initial = learner.hard_mask().frozen_names
-    with pytest.warns(UserWarning, match="still exactly the one of the random initial logits"):
+    with pytest.warns(UserWarning, match=r"still exactly the one of the initial logits \(uniform\)"):
         logs = learner.fit(batches(3), steps=6, progress=False)
     assert [e["mask_moved"] for e in logs] == [0] * 6
     assert logs[0]["kind"] == "releaser" and logs[0]["data_to_budget"] < 1e-2  # later ones: both steps ~0
@@ -290,7 +293,7 @@ def test_a_data_driven_mask_moves_and_does_not_warn(recwarn):
     assert moved > 0
     assert moved == len(set(learner.hard_mask().frozen_names) ^ initial)  # the log counts what hard_mask gives
     assert logs[0]["data_to_budget"] > 1
-    assert not [w for w in recwarn if "random initial logits" in str(w.message)]
+    assert not [w for w in recwarn if "initial logits" in str(w.message)]
 
 
 # --- empty groups and unused tensors ----------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Development tooling that lives in tests/ and benchmarks/ and must never ship.
 DEV_ONLY = ("tests/", "benchmarks/", "support/", "authors_loop", "reference_loop", "tune_triton", "tune_gpu",
-            "compile_check", "demo_sweep", "tiny_models", "conftest", "learner_step")
+            "compile_check", "demo_sweep", "learner_sweep", "tiny_models", "conftest", "learner_step")
 
 
 @pytest.fixture(scope="module")

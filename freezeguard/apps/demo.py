@@ -40,21 +40,33 @@ class DemoConfig:
     # publisher's relearn fine-tune (theta_ft)
     publisher_steps: int = 200
     publisher_lr: float = 1e-3
-    # mask learning
+    # mask learning. Chosen by benchmarks/learner_sweep.py (benchmarks/RESULTS.md, issue 11): by
+    # tensors the releaser spends the budget on biases and norms (the innocent term keeps the large
+    # tensors both domains need trainable), so the budget counts parameters; the projected budget,
+    # 4 signal batches per logit step and an RMS-normalised signal let the data reorder the logits.
     freeze_ratio: float = 0.5
-    budget_by: str = "tensors"
+    budget_by: str = "params"
     learner_steps: int = 200
     temperature: float = 0.2
-    c_sparsity: float = 5e3
-    mask_lr: float = 10.0
+    c_sparsity: float | str = "auto"
+    mask_lr: float = 0.05
     user_lr: float = 1e-3
     user_interval: int = 5
     user_optimizer: str = "adamw"
+    budget: str = "projected"
+    signal_batches: int = 4
+    signal_norm: str | None = "rms"
+    init: str = "uniform"              # "uniform" | "constant" | a reference mask's name ("delta", ...)
+    # reference masks shown beside learned and random (apps.learn.reference_masks)
+    references: tuple[str, ...] = ("delta", "cross-attention", "saliency")
+    saliency_batches: int = 64
     # evaluation
     attacker_lr: float = 1e-3
     attacker_steps: int = 100
     strong_lr_mult: float = 10.0
-    strong_steps_mult: float = 3.0
+    # The 3x-steps attacker (--strong-steps-mult 3) costs 3x the standard one: with the reference
+    # masks the demo would pass 10 minutes on 2 cores. benchmarks/learner_sweep.py measures all three.
+    strong_steps_mult: float = 1.0
     random_seeds: int = 3
     judge_steps: int = 300
     heldout_n: int = 64
@@ -69,10 +81,21 @@ class DemoConfig:
         small = toy.ToyModelConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4)
         return cls(pretrain=toy.PretrainConfig(model=small, steps=30, batch_size=8), batch_size=8,
                    publisher_steps=10, learner_steps=10, attacker_steps=4, strong_steps_mult=1.0,
-                   random_seeds=1, judge_steps=30, heldout_n=8, sample_n=4, sample_steps=3)
+                   random_seeds=1, judge_steps=30, heldout_n=8, sample_n=4, sample_steps=3, saliency_batches=4)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def learner_config(self):
+        """The demo's LearnerConfig (``init`` other than uniform/constant: a reference ranking's name,
+        whose scores ``learn_mask`` passes to the learner)."""
+        from freezeguard.apps.learn.config import LearnerConfig
+
+        return LearnerConfig(freeze_ratio=self.freeze_ratio, budget_by=self.budget_by, temperature=self.temperature,
+                             c_sparsity=self.c_sparsity, mask_lr=self.mask_lr, user_lr=self.user_lr,
+                             user_interval=self.user_interval, user_optimizer=self.user_optimizer, seed=self.seed,
+                             budget=self.budget, signal_batches=self.signal_batches, signal_norm=self.signal_norm,
+                             init=self.init if self.init in ("uniform", "constant") else "scores")
 
     def replace(self, **changes: Any) -> "DemoConfig":
         return dataclasses.replace(self, **changes)
@@ -92,15 +115,42 @@ def publisher_finetune(model: torch.nn.Module, cfg: DemoConfig, loss_fn, *, prog
     return {k: v.detach().clone() for k, v in tuned.state_dict().items()}
 
 
-def learn_mask(model: torch.nn.Module, ft_state: dict, cfg: DemoConfig, loss_fn, *, progress: bool):
-    """Run the MaskLearner between the released weights and theta_ft; returns (mask, logs)."""
-    from freezeguard.apps.learn.learner import MaskLearner
+def reference_scores(model: torch.nn.Module, ft_state: dict, cfg: DemoConfig, loss_fn,
+                     names: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """The reference rankings ``names`` (of "delta", "cross-attention", "saliency") between the
+    released weights and theta_ft; saliency averages s over ``cfg.saliency_batches`` mixed batches."""
+    from freezeguard.apps.learn import reference_masks as ref
 
     pre_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    learner = MaskLearner(copy.deepcopy(model), pre_state, ft_state, loss_fn, freeze_ratio=cfg.freeze_ratio,
-                          temperature=cfg.temperature, c_sparsity=cfg.c_sparsity, mask_lr=cfg.mask_lr,
-                          user_lr=cfg.user_lr, user_interval=cfg.user_interval, budget_by=cfg.budget_by,
-                          user_optimizer=cfg.user_optimizer, seed=cfg.seed)
+    out = {}
+    for name in names:
+        if name == "delta":
+            out[name] = ref.delta_scores(model, pre_state, ft_state)
+        elif name == "cross-attention":
+            out[name] = ref.cross_attention_scores(model, pre_state, ft_state)
+        elif name == "saliency":
+            stream = toy.mixed_batches(cfg.target, cfg.innocent, cfg.batch_size, seed=cfg.seed + 41)
+            gen = torch.Generator().manual_seed(cfg.seed + 42)
+            out[name] = ref.saliency_scores(model, pre_state, ft_state, loss_fn,
+                                            (dict(b, generator=gen) for b in stream), cfg.saliency_batches)
+        else:
+            raise ValueError(f"unknown reference mask {name!r}; known: delta, cross-attention, saliency")
+    return out
+
+
+def learn_mask(model: torch.nn.Module, ft_state: dict, cfg: DemoConfig, loss_fn, *, progress: bool,
+               scores: dict[str, dict[str, float]] | None = None):
+    """Run the MaskLearner between the released weights and theta_ft; returns (mask, logs).
+
+    ``cfg.init`` names the logits' start: "uniform", "constant" or a reference ranking (taken
+    from ``scores`` when given, else computed)."""
+    from freezeguard.apps.learn.learner import INITS, MaskLearner
+
+    pre_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    init = cfg.init
+    if init not in INITS:
+        init = (scores or {}).get(init) or reference_scores(model, ft_state, cfg, loss_fn, (init,))[init]
+    learner = MaskLearner(copy.deepcopy(model), pre_state, ft_state, loss_fn, cfg.learner_config(), init=init)
     stream = toy.mixed_batches(cfg.target, cfg.innocent, cfg.batch_size, seed=cfg.seed + 21)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # The demo reports how far the data moved the mask in its summary (``mask_moved``); the
@@ -119,8 +169,11 @@ def attackers(cfg: DemoConfig):
 
 def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freezeguard-demo",
              cache_dir: str | Path | None | bool = None, *, progress: bool = True,
-             device: str | torch.device = "cpu") -> dict[str, Any]:
+             device: str | torch.device = "cpu", workers: int = 1) -> dict[str, Any]:
     """Run every phase; write the report to ``out_dir`` (None: no files). Returns the summary.
+
+    ``workers``: processes for the evaluation's fine-tunes (same figures, less wall time; see
+    ``evaluate_masks``).
 
     The figures are seeded; on another device (``device="cuda"``) they differ slightly from CPU's.
     """
@@ -144,9 +197,13 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
     ft_state = publisher_finetune(model, cfg, loss_fn, progress=progress)
     timings["publisher_finetune"] = time.perf_counter() - t
 
-    _phase(f"3/4 learn a mask ({cfg.freeze_ratio:.0%} of {cfg.budget_by})", progress)
+    _phase(f"3/4 reference rankings, then learn a mask ({cfg.freeze_ratio:.0%} of {cfg.budget_by})", progress)
     t = time.perf_counter()
-    learned, logs = learn_mask(model, ft_state, cfg, loss_fn, progress=progress)
+    wanted = tuple(dict.fromkeys(cfg.references + (() if cfg.init in ("uniform", "constant") else (cfg.init,))))
+    scores = reference_scores(model, ft_state, cfg, loss_fn, wanted)
+    timings["reference_masks"] = time.perf_counter() - t
+    t = time.perf_counter()
+    learned, logs = learn_mask(model, ft_state, cfg, loss_fn, progress=progress, scores=scores)
     timings["learn_mask"] = time.perf_counter() - t
 
     _phase("4/4 evaluate full / random / learned on target and innocent", progress)
@@ -154,11 +211,13 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
     masks: dict[str, FreezeMask | None] = {"full": None}
     for k in range(cfg.random_seeds):
         masks[f"random#{k}"] = FreezeMask.random(model, cfg.freeze_ratio, by=cfg.budget_by, seed=cfg.seed + k)
+    for name in cfg.references:
+        masks[f"ref: {name}"] = FreezeMask.from_scores(model, scores[name], cfg.freeze_ratio, by=cfg.budget_by)
     masks["learned"] = learned
     domains = toy_domains(cfg.target, cfg.innocent, judge=judge, batch_size=cfg.batch_size,
                           heldout_n=cfg.heldout_n, sample_n=cfg.sample_n, sample_steps=cfg.sample_steps,
                           guidance=cfg.guidance)
-    result = evaluate_masks(model, masks, domains, loss_fn, attackers(cfg), seed=cfg.seed + 31,
+    result = evaluate_masks(model, masks, domains, loss_fn, attackers(cfg), seed=cfg.seed + 31, workers=workers,
                             progress=progress)
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
@@ -166,8 +225,11 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
     summary = result.summary()
     summary["config"] = cfg.to_json()
     summary["timings_s"] = timings
-    summary["learner"] = {"final": {k: v for k, v in logs[-1].items() if isinstance(v, (int, float, str))}
-                          if logs else {}}
+    final = {k: v for k, v in logs[-1].items() if isinstance(v, (int, float, str))} if logs else {}
+    frozen = len(learned.frozen_names)
+    summary["learner"] = {"final": final, "init": cfg.init, "budget": cfg.budget, "frozen": frozen,
+                          "budget_by": cfg.budget_by, "frozen_moved": final.get("frozen_moved"),
+                          "frozen_moved_share": final.get("frozen_moved_share")}
     if out_dir is not None:
         from freezeguard.apps.evaluate.report import write_report
 

@@ -20,15 +20,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $FREEZEGUARD_CACHE or ~/.cache/freezeguard)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.add_argument("--quick", action="store_true", help="shortened run (every phase, far fewer steps)")
-    parser.add_argument("--ratio", type=float, default=None, help="freeze ratio (default: the demo's)")
+    parser.add_argument("--ratio", type=float, default=None, help="freeze ratio (default: the demo's, 0.5)")
+    parser.add_argument("--budget-by", choices=("tensors", "params"), default=None,
+                        help="what the ratio counts, for every mask (default: the demo's, params)")
     parser.add_argument("--strong-lr-mult", type=float, default=None,
                         help="the '<k>x lr' attacker's lr multiplier (default: the demo's, 10; 1 drops it)")
     parser.add_argument("--strong-steps-mult", type=float, default=None,
-                        help="the '<k>x steps' attacker's steps multiplier (default: the demo's, 3; 1 drops it)")
+                        help="the '<k>x steps' attacker's steps multiplier (default: the demo's, 1 = no such "
+                             "attacker; 3 adds it, at 3x the time)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, masks, noise)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 0 keeps torch's default. The tiny model's ops are too small to "
                              "share across threads: on a busy 2-core machine one thread was 4-30x faster per step")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes for the evaluation's fine-tunes (default 2: both cores of a small machine; "
+                             "the figures do not depend on it)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -38,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads < 0:
         raise SystemExit(f"freezeguard demo: --threads must be >= 0, got {args.threads}")
+    if args.workers < 1:
+        raise SystemExit(f"freezeguard demo: --workers must be >= 1, got {args.workers}")
     previous = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,6 +64,8 @@ def _run(args: argparse.Namespace) -> int:
         if not 0.0 <= args.ratio <= 1.0:
             raise SystemExit(f"freezeguard demo: --ratio must be in [0, 1], got {args.ratio}")
         cfg = cfg.replace(freeze_ratio=args.ratio)
+    if args.budget_by is not None:
+        cfg = cfg.replace(budget_by=args.budget_by)
     for name in ("strong_lr_mult", "strong_steps_mult"):
         value = getattr(args, name)
         if value is not None:
@@ -73,7 +83,8 @@ def _run(args: argparse.Namespace) -> int:
     cache = False if args.no_cache else args.cache_dir
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="matplotlib is not installed", category=RuntimeWarning)
-        summary = run_demo(cfg, out_dir=args.out, cache_dir=cache, progress=not args.no_progress and not args.json)
+        summary = run_demo(cfg, out_dir=args.out, cache_dir=cache, progress=not args.no_progress and not args.json,
+                           workers=args.workers)
     if args.json:
         print(json.dumps(jsonable(summary), indent=2))
         return 0

@@ -19,6 +19,18 @@ DESCRIPTION = (
 )
 
 
+def _c_sparsity(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number >= 0 or 'auto', got {text!r}") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 or 'auto', got {text}")
+    return value
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -48,8 +60,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user-interval", type=int, default=5, help="one releaser step every N steps")
     parser.add_argument("--mask-lr", type=float, default=10.0, help="learning rate of the mask logits")
     parser.add_argument("--temperature", type=float, default=0.2, help="soft mask m = sigmoid(x / T)")
-    parser.add_argument("--c-sparsity", type=float, default=5e3, help="weight of the budget penalty")
-    parser.add_argument("--hard-mask", choices=("topk", "round"), default="topk",
+    parser.add_argument("--c-sparsity", type=_c_sparsity, default="auto",
+                        help="weight of the budget penalty: a number (the authors': 5e3) or 'auto' (default: the "
+                             "c whose first step lands the soft ratio on --freeze-ratio)")
+    parser.add_argument("--budget", choices=("penalty", "projected"), default="penalty",
+                        help="penalty (the authors') or projected (one common logit shift holds the soft ratio "
+                             "at --freeze-ratio after every releaser step)")
+    parser.add_argument("--signal-batches", type=int, default=1,
+                        help="releaser batches averaged into one logit step (1: the authors')")
+    parser.add_argument("--signal-norm", choices=("none", "rms"), default="none",
+                        help="rms: divide the data signal by its RMS over tensors (then --mask-lr ~ 0.01-0.1)")
+    parser.add_argument("--init", choices=("uniform", "constant", "delta", "cross-attention"), default="uniform",
+                        help="initial logits: uniform U[0,1) (the authors'), constant, or a reference ranking "
+                             "(largest mean |pretrained - finetuned| first; cross-attention projections first)")
+    parser.add_argument("--hard-mask", choices=("topk", "threshold", "round"), default="topk",
                         help="topk: meet the ratio exactly; round: m > 0.5 as the reference")
     parser.add_argument("--seed", type=int, default=0, help="seed of the logits, batch order, noise, timesteps")
     parser.add_argument("--resolution", type=int, default=None, help="resize + centre-crop images to this size")
@@ -90,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
                         budget_by=args.budget_by, user_optimizer=args.user_optimizer, user_lr=args.user_lr,
                         user_interval=args.user_interval, mask_lr=args.mask_lr, temperature=args.temperature,
                         c_sparsity=args.c_sparsity, hard_mask=args.hard_mask, seed=args.seed,
+                        budget=args.budget, signal_batches=args.signal_batches,
+                        signal_norm=None if args.signal_norm == "none" else args.signal_norm, init=args.init,
                         resolution=args.resolution, caption_column=args.caption_column, state=args.state,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, plot=args.plot, log=args.log,
                         backend=args.backend, device=args.device, progress=not args.quiet, on_warning=_warn,
@@ -102,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mask written to {summary['out']}: {summary['frozen_tensors']}/{summary['tensors']} tensors frozen "
               f"({summary['ratio_tensors']:.1%} of tensors, {summary['ratio_params']:.1%} of parameters) "
               f"after {summary['steps']} steps in {summary['seconds']:.1f}s on {summary['device']}; "
-              f"{summary['mask_moved']} tensors moved by the data from the random initial mask; "
+              f"the data moved {summary['frozen_moved']} of the frozen tensors away from the {summary['init']} "
+              "initial mask; "
               f"plot {summary['plot'] or '(skipped)'}, log {summary['log']}")
     return 0

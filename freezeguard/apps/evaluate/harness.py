@@ -181,14 +181,33 @@ class EvalResult:
         return summarize(self)
 
 
+# The work of a forked evaluation worker: set by evaluate_masks just before its pool forks.
+_FORKED: tuple | None = None
+
+
+def _forked_job(i: int):
+    model, masks, domains, loss_fn, jobs, seed, curve_points, threads = _FORKED
+    torch.set_num_threads(threads)
+    attacker, mask_name, d = jobs[i]
+    tuned = copy.deepcopy(model)
+    curve = finetune(tuned, masks[mask_name], domains[d], loss_fn, attacker, seed=seed, curve_points=curve_points)
+    return curve, measure(tuned, loss_fn, domains[d])
+
+
 def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, FreezeMask | None], domains: Sequence[Domain],
                    loss_fn: LossFn, attackers: Sequence[Attacker], *, seed: int = 0,
-                   curve_points: int = 5, progress: bool = True) -> EvalResult:
+                   curve_points: int = 5, progress: bool = True, workers: int = 1) -> EvalResult:
     """Fine-tune a copy of ``model`` for every attacker x mask x domain and measure each.
 
     ``masks`` maps a display name to a mask (``None`` = full fine-tuning, required under the
     name "full" as the reference). Random masks named ``random#0``, ``random#1``... are averaged
     as one group "random" in the summary.
+
+    ``workers`` > 1 runs the fine-tunes in that many forked processes (CPU, POSIX), each with
+    the caller's torch thread count: every fine-tune is seeded on its own, so the figures are
+    those of ``workers=1``, in less wall time on a multi-core machine (the tiny demo model's ops
+    are too small to share one fine-tune across cores). Use it with one torch thread: a process
+    that forks after OpenMP started its thread pool can hang.
 
     Example:
         >>> result = evaluate_masks(model, {"full": None, "random#0": rnd, "learned": learned},
@@ -223,18 +242,35 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, FreezeMask | None
     metrics = set.intersection(*(set(b) for b in before.values()))
     result.primary_metric = "recognisability" if "recognisability" in metrics else "loss"
 
-    total = len(attackers) * len(masks) * len(domains)
-    bar = tqdm(total=total, desc="evaluate (fine-tunes)", disable=not progress)
-    for attacker in attackers:
-        for mask_name, mask in masks.items():
-            for d in domains:
-                bar.set_postfix_str(f"{attacker.name}/{mask_name}/{d.name}")
-                tuned = copy.deepcopy(model)
-                curve = finetune(tuned, mask, d, loss_fn, attacker, seed=seed, curve_points=curve_points)
-                after = measure(tuned, loss_fn, d)
-                samples = after.pop("_samples", None)
-                result.runs.append(Run(attacker.name, mask_name, d.name, d.role, before[d.name], after,
-                                       curve, samples))
-                bar.update(1)
+    jobs = [(a, m, k) for a in attackers for m in masks for k in range(len(domains))]
+    bar = tqdm(total=len(jobs), desc="evaluate (fine-tunes)", disable=not progress)
+
+    def record(job, curve, after):
+        attacker, mask_name, k = job
+        d = domains[k]
+        samples = after.pop("_samples", None)
+        result.runs.append(Run(attacker.name, mask_name, d.name, d.role, before[d.name], after, curve, samples))
+        bar.set_postfix_str(f"{attacker.name}/{mask_name}/{d.name}")
+        bar.update(1)
+
+    workers = max(1, min(int(workers), len(jobs)))
+    if workers == 1 or next(model.parameters()).device.type != "cpu":
+        for job in jobs:
+            attacker, mask_name, k = job
+            tuned = copy.deepcopy(model)
+            curve = finetune(tuned, masks[mask_name], domains[k], loss_fn, attacker, seed=seed,
+                             curve_points=curve_points)
+            record(job, curve, measure(tuned, loss_fn, domains[k]))
+    else:
+        import multiprocessing
+
+        global _FORKED
+        _FORKED = (model, dict(masks), list(domains), loss_fn, jobs, seed, curve_points, torch.get_num_threads())
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for job, (curve, after) in zip(jobs, pool.imap(_forked_job, range(len(jobs))), strict=True):
+                    record(job, curve, after)
+        finally:
+            _FORKED = None
     bar.close()
     return result

@@ -78,11 +78,27 @@ def headline(summary: dict[str, Any]) -> list[str]:
         lines.append(s + f"; innocent impact: {inn}.")
     for attacker, share in summary.get("survival", {}).items():
         lines.append(survival_line(summary, attacker, share))
-    moved = summary.get("learner", {}).get("final", {}).get("mask_moved")
+    for attacker, table in summary["table"].items():
+        refs = {g: row["mitigation"] for g, row in table.items() if g.startswith("ref: ")}
+        if refs:
+            lines.append(f"{attacker}: reference masks at the same ratio: "
+                         + ", ".join(f"{g[5:]} {_pct(v)}" for g, v in refs.items()) + ".")
+    learner = summary.get("learner", {})
+    final = learner.get("final", {})
+    moved = final.get("frozen_moved")
     if moved is not None:
-        lines.append(f"learner: the data moved {moved} tensor(s) in or out of the mask that the random initial "
-                     "logits give" + (" -- none: the learned mask IS that random mask (the budget penalty "
-                                      "saturated the logits first; see the README)" if moved == 0 else "") + ".")
+        start = learner.get("init", "uniform")
+        start = {"uniform": "the random U[0, 1) initial logits", "constant": "the constant initial logits (no order)"
+                 }.get(start, f"the '{start}' reference ranking it started from")
+        share = learner.get("frozen_moved_share")
+        unit = "of the frozen parameters" if learner.get("budget_by") == "params" else "of the frozen set"
+        lines.append(f"learner: the data moved {moved} of the {learner.get('frozen')} frozen tensors"
+                     + (f" ({share:.0%} {unit})" if share is not None else "") + f" away from the mask of {start}"
+                     + (" -- none: the learned mask IS that initial mask" if moved == 0 else "")
+                     + f"; {final.get('live', 'n/a')} logits still live, soft ratio "
+                     + f"{_num(final.get('soft_ratio'))}.")
+    elif final.get("mask_moved") is not None:
+        lines.append(f"learner: the data moved {final['mask_moved']} tensor(s) in or out of the initial mask.")
     return lines
 
 

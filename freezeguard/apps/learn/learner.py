@@ -8,11 +8,20 @@ theta_i = theta_ft,i + m_i Delta_i. Batches alternate on a fixed schedule:
 - releaser step (batch k with k % user_interval == 0): g = grad of
   L = (mean loss on innocent samples - mean loss on target samples) / 2; s = <Delta, g> per tensor
   (``ops.segment_dot``); the logits take one gradient step on L plus the budget penalty
-  c (rho - mean m)^2 (one vectorized expression over [S], ``learning.logits``); the live weights
+  c (rho - mean m)^2 (one vectorized expression over [S], ``apps.learn.logits``); the live weights
   follow the mask change (``ops.mask_shift_``).
 - user step (all other batches): the simulated attacker fine-tunes the unfrozen share of every
   tensor on the mean loss: SGD (``ops.user_update_``, the reference) or AdamW
-  (``learning.user_adamw``).
+  (``ops.user_adamw``).
+
+Beyond the authors' loop (each off unless chosen; ``LearnerConfig`` holds them all):
+``c_sparsity="auto"`` (the default) picks the c whose first penalty step lands the soft ratio on
+rho (``apps.learn.budget``); ``budget="projected"`` replaces the penalty by one common logit shift
+that holds the soft ratio at rho exactly; ``signal_batches`` averages s over several releaser
+batches per logit step and ``signal_norm="rms"`` divides s by its RMS over tensors; ``init``
+starts from U[0, 1), a constant or a reference ranking (``apps.learn.reference_masks``). With the
+authors' settings (explicit c, penalty, one signal batch, uniform init) the fused learner
+matches their loop step for step (tests/test_learner_reference.py).
 
 Every update is a whole-model op: no Python loop over tensors in the hot path.
 
@@ -47,6 +56,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -56,18 +66,21 @@ import torch
 
 from freezeguard import ops
 from freezeguard.apps.learn import checks, distributed, state_io
-from freezeguard.apps.learn.logits import BUDGET_BASES, budget_weights, logit_steps, soft_mask
+from freezeguard.apps.learn.budget import auto_c_sparsity, project_logits
+from freezeguard.apps.learn.config import BUDGETS, SIGNAL_NORMS, USER_OPTIMIZERS, LearnerConfig
+from freezeguard.apps.learn.logits import budget_weights, logit_steps, soft_mask
 from freezeguard.core.fingerprint import model_fingerprint
 from freezeguard.core.mask import FreezeMask, select_budget
 from freezeguard.ops.user_adamw import user_adamw_update_
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]
-USER_OPTIMIZERS = ("sgd", "adamw")
-HARD_MASK_METHODS = ("topk", "round")
+HARD_MASK_RULES = ("topk", "threshold")
+HARD_MASK_METHODS = HARD_MASK_RULES + ("round",)   # "round": the former name of "threshold"
+INITS = ("uniform", "constant")   # or a name -> score mapping (a reference ranking)
+LIVE_LOGIT = 0.01                 # a logit is "live" while m (1 - m) > this (it can still move)
 
-# Hyperparameters saved with the state (and restored by ``MaskLearner.load``).
-_HPARAMS = ("freeze_ratio", "temperature", "c_sparsity", "mask_lr", "user_lr", "user_interval", "budget_by",
-            "user_optimizer", "user_betas", "user_eps", "user_weight_decay", "seed")
+# Hyperparameters: the fields of LearnerConfig (saved with the state, compared on resume).
+_HPARAMS = frozenset(f.name for f in dataclasses.fields(LearnerConfig))
 
 
 class MaskLearner:
@@ -81,8 +94,27 @@ class MaskLearner:
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-sample losses; ``batch`` is passed
             untouched and must carry ``batch["is_target"]`` (bool [B]).
         freeze_ratio: budget rho in [0, 1], by tensor count or parameter count (``budget_by``).
-        temperature, c_sparsity, mask_lr, user_lr, user_interval: the reference's T, c, eta_m,
-            eta_u and releaser period (defaults from the authors' scripts).
+        temperature, mask_lr, user_lr, user_interval: the reference's T, eta_m, eta_u and releaser
+            period (defaults from the authors' scripts).
+        c_sparsity: weight c of the budget penalty c (rho - mean m)^2. "auto" (default): the c whose
+            first penalty step takes the soft ratio exactly to rho (``apps.learn.budget``; ~5e3, the
+            authors' value, for the SD-1.5 UNet at rho = T = 0.2, but ~4e2 for a 208-tensor model
+            at rho = 0.5). A number is used as given (the authors' behaviour).
+        budget: "penalty" (the authors' penalty, weight ``c_sparsity``) or "projected": after every
+            releaser step (and at the start) all logits move by one common shift so that the soft
+            ratio equals rho exactly; the data alone orders the tensors and nothing saturates to
+            meet the budget (``c_sparsity`` is then unused).
+        signal_batches: releaser batches whose sensitivities s = <Delta, g> are averaged before one
+            logit step (1: the authors' one batch per releaser step). The schedule is then
+            ``signal_batches`` releaser batches followed by ``user_interval - 1`` user batches.
+        signal_norm: None (the authors') or "rms": divide s by its root mean square over tensors
+            before the step, so ``mask_lr`` is a step in logit units whatever the scale of Delta
+            and of the loss (a departure from the authors; then mask_lr ~ 1e-2..1e-1 suits).
+        init: the initial logits: "uniform" (the authors' seeded U[0, 1): everything starts
+            frozen, m > 0.5, in a random order), "constant" (every logit T logit(rho): m = rho, no
+            order; ties go to names), or a name -> score mapping (a reference ranking, e.g.
+            ``apps.learn.reference_masks``): logits spread evenly over [0, 1) by rank, highest score
+            highest, so the search refines that ranking.
         user_optimizer: "sgd" (the reference) or "adamw" (a stronger simulated user; its
             ``user_betas``, ``user_eps``, ``user_weight_decay`` as in torch.optim.AdamW).
         seed: seeds the logits' U[0, 1) initialisation (everything starts frozen, m > 0.5).
@@ -95,20 +127,29 @@ class MaskLearner:
     """
 
     def __init__(self, model: torch.nn.Module, pretrained_state: Mapping[str, torch.Tensor],
-                 finetuned_state: Mapping[str, torch.Tensor], loss_fn: LossFn, *, freeze_ratio: float = 0.2,
-                 temperature: float = 0.2, c_sparsity: float = 5e3, mask_lr: float = 10.0, user_lr: float = 1e-5,
-                 user_interval: int = 5, budget_by: str = "tensors", user_optimizer: str = "sgd",
-                 user_betas: tuple[float, float] = (0.9, 0.999), user_eps: float = 1e-8,
-                 user_weight_decay: float = 1e-2, seed: int = 0, backend: str = "auto",
-                 check_finite: bool = True):
-        self._configure(model, loss_fn, backend=backend, check_finite=check_finite, hparams=dict(
-            freeze_ratio=freeze_ratio, temperature=temperature, c_sparsity=c_sparsity, mask_lr=mask_lr,
-            user_lr=user_lr, user_interval=user_interval, budget_by=budget_by, user_optimizer=user_optimizer,
-            user_betas=user_betas, user_eps=user_eps, user_weight_decay=user_weight_decay, seed=seed))
+                 finetuned_state: Mapping[str, torch.Tensor], loss_fn: LossFn, config: LearnerConfig | None = None,
+                 *, backend: str = "auto", check_finite: bool = True, **overrides: Any):
+        scores = overrides.get("init")
+        if isinstance(scores, Mapping):
+            overrides["init"] = "scores"
+        else:
+            scores = None
+        unknown = sorted(set(overrides) - _HPARAMS)
+        if unknown:
+            raise TypeError(f"MaskLearner got unexpected keyword arguments {unknown}")
+        config = (config or LearnerConfig()).replace(**overrides)
+        if config.init == "scores" and scores is None:
+            raise ValueError("init='scores' needs the scores: pass init={name: score, ...}")
+        self._configure(model, loss_fn, backend=backend, check_finite=check_finite, config=config)
         buffers = frozenset(n for n, _ in self.module.named_buffers())
         checks.check_states(dict(zip(self.names, self._params, strict=True)), pretrained_state, finetuned_state, buffers)
-        self.logits.copy_(self._initial_logits())
-        distributed.broadcast_(self.logits)
+        self._initial = self._make_initial_logits(scores)
+        distributed.broadcast_(self._initial)
+        self.logits.copy_(self._initial)
+        if self.c_sparsity_auto:
+            self.c_sparsity = auto_c_sparsity(self.logits, self._weights, self.freeze_ratio, self.temperature)
+        if self.budget == "projected":
+            self.logits.copy_(self._project(self.logits))
         with torch.no_grad():
             for name, p, d in zip(self.names, self._params, self._delta, strict=True):
                 pre = pretrained_state[name].to(device=p.device, dtype=torch.float32)
@@ -119,32 +160,17 @@ class MaskLearner:
 
     # construction -----------------------------------------------------------------------------
     def _configure(self, model: torch.nn.Module, loss_fn: LossFn, *, backend: str, check_finite: bool,
-                   hparams: Mapping[str, Any]) -> None:
+                   config: LearnerConfig) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> per-sample losses [B]")
-        self.freeze_ratio = checks.check_ratio(hparams["freeze_ratio"])
-        self.temperature = checks.check_positive("temperature", hparams["temperature"])
-        self.c_sparsity = checks.check_positive("c_sparsity", hparams["c_sparsity"], allow_zero=True)
-        self.mask_lr = checks.check_positive("mask_lr", hparams["mask_lr"], allow_zero=True)
-        self.user_lr = checks.check_positive("user_lr", hparams["user_lr"], allow_zero=True)
-        self.user_interval = int(hparams["user_interval"])
-        if self.user_interval < 1 or self.user_interval != hparams["user_interval"]:
-            raise ValueError(f"user_interval must be an integer >= 1, got {hparams['user_interval']!r}")
-        if hparams["budget_by"] not in BUDGET_BASES:
-            raise ValueError(f"budget_by must be one of {BUDGET_BASES}, got {hparams['budget_by']!r}")
-        if hparams["user_optimizer"] not in USER_OPTIMIZERS:
-            raise ValueError(f"user_optimizer must be one of {USER_OPTIMIZERS}, got {hparams['user_optimizer']!r}")
-        self.budget_by, self.user_optimizer = hparams["budget_by"], hparams["user_optimizer"]
-        b1, b2 = (float(b) for b in hparams["user_betas"])
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"user_betas must be in [0, 1), got {(b1, b2)}")
-        self.user_betas = (b1, b2)
-        self.user_eps = checks.check_positive("user_eps", hparams["user_eps"], allow_zero=True)
-        self.user_weight_decay = checks.check_positive("user_weight_decay", hparams["user_weight_decay"],
-                                                       allow_zero=True)
-        self.seed = int(hparams["seed"])
+        self.config = config
+        for name in _HPARAMS:  # the settings as attributes (learner.freeze_ratio, ...), as before
+            setattr(self, name, getattr(config, name))
+        # c_sparsity "auto" is resolved once the initial logits exist (it depends on them).
+        self.c_sparsity_auto = config.c_sparsity == "auto"
+        self.c_sparsity = 0.0 if self.c_sparsity_auto else float(config.c_sparsity)
         self.model, self.loss_fn, self.backend, self.check_finite = model, loss_fn, backend, bool(check_finite)
 
         self.module = distributed.unwrap(model)
@@ -177,9 +203,14 @@ class MaskLearner:
         self.user_steps = 0
         self.history: list[dict[str, Any]] = []
         self._sizes = {n: p.numel() for n, p in named}
+        self._initial = torch.zeros_like(self.logits)   # the initial logits (what "moved" is measured from)
         self._initial_frozen: frozenset[str] | None = None  # the hard mask of the initial logits
         self._mask_moved = 0
+        self._frozen_moved = 0
+        self._frozen_moved_share = 0.0
         self._data_to_budget: float | None = None
+        self._signal = torch.zeros_like(self.logits)   # s accumulated over the releaser batches so far
+        self._signal_count = 0
 
     def _theta(self) -> list[torch.Tensor]:
         # Detached aliases of the parameters: the ops write the live weights in place.
@@ -189,6 +220,30 @@ class MaskLearner:
         """The seeded U[0, 1) initial logits (as the authors initialise them), on the CPU."""
         gen = torch.Generator().manual_seed(int(self.seed))
         return torch.rand(len(self.names), generator=gen)
+
+    def _make_initial_logits(self, scores: Mapping[str, float] | None) -> torch.Tensor:
+        """The initial logits of ``init`` on the logits' device (before any projection)."""
+        n = len(self.names)
+        if self.init == "uniform":
+            x = self._initial_logits()
+        elif self.init == "constant":
+            r = min(max(self.freeze_ratio, 1e-6), 1.0 - 1e-6)
+            x = torch.full((n,), self.temperature * math.log(r / (1.0 - r)))
+        else:
+            unknown = sorted(set(scores) - set(self.names))
+            missing = sorted(set(self.names) - set(scores))
+            if unknown or missing:
+                raise ValueError(f"init scores must name every parameter of the model (missing: {missing[:8]}, "
+                                 f"unknown: {unknown[:8]})")
+            # Evenly spread over [0, 1) by rank (the span of the authors' U[0, 1)), highest score
+            # highest; ties go to names, as in FreezeMask.from_scores.
+            order = sorted(range(n), key=lambda i: (-float(scores[self.names[i]]), self.names[i]))
+            x = torch.empty(n)
+            x[torch.tensor(order)] = (n - 0.5 - torch.arange(n, dtype=torch.float32)) / n
+        return x.to(device=self.logits.device, dtype=torch.float32)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return project_logits(x, self._weights, self.freeze_ratio, self.temperature)
 
     def _hard_frozen(self, logits: torch.Tensor) -> frozenset[str]:
         """The names ``hard_mask("topk")`` would freeze for these logits."""
@@ -203,13 +258,27 @@ class MaskLearner:
         # logit in the first releaser step while keeping their initial order: the "learned"
         # mask is then the random initial ranking (see benchmarks/RESULTS.md, demo calibration).
         if self._initial_frozen is None:
-            self._initial_frozen = self._hard_frozen(self._initial_logits())
-        self._mask_moved = len(self._hard_frozen(self.logits) ^ self._initial_frozen)
+            self._initial_frozen = self._hard_frozen(self._initial)
+        now = self._hard_frozen(self.logits)
+        self._mask_moved = len(now ^ self._initial_frozen)
+        left = self._initial_frozen - now
+        self._frozen_moved = len(left)
+        # The same in the budget's unit: the share of the initially frozen tensors (or parameters)
+        # that the hard mask no longer freezes.
+        unit = (lambda n: 1) if self.budget_by == "tensors" else self._sizes.__getitem__
+        total = sum(unit(n) for n in self._initial_frozen)
+        self._frozen_moved_share = sum(unit(n) for n in left) / total if total else 0.0
 
     # the two kinds of step ----------------------------------------------------------------------
     def next_kind(self) -> str:
-        """"releaser" or "user": the kind of the next ``step``."""
-        return "releaser" if self.step_count % self.user_interval == 0 else "user"
+        """"releaser" or "user": the kind of the next ``step``.
+
+        The schedule repeats ``signal_batches`` releaser batches (the last one steps the logits)
+        followed by ``user_interval - 1`` user batches: with one signal batch, the authors' "a
+        releaser step every ``user_interval``-th batch".
+        """
+        period = self.signal_batches + self.user_interval - 1
+        return "releaser" if self.step_count % period < self.signal_batches else "user"
 
     def step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """One releaser or user step on ``batch``, by the schedule; returns its log entry.
@@ -218,9 +287,13 @@ class MaskLearner:
         innocent_loss (batch means, None for an empty group), n_target, n_innocent,
         frozen_ratio (share frozen by rounding the soft mask, as the reference reports) and
         soft_ratio (the budget's mean m), both by ``budget_by``; mask_moved (how many tensors the
-        hard mask now treats differently from the initial random logits' hard mask: 0 means the
-        data has not reordered anything yet) and, on releaser steps, data_to_budget (median size
-        of the logits' data step over that of their budget step; None on user steps).
+        hard mask now treats differently from the initial logits' hard mask: 0 means the data has
+        not reordered anything yet), frozen_moved (how many of the initially frozen tensors the
+        hard mask no longer freezes), frozen_moved_share (their share of the initially frozen set,
+        counted by ``budget_by``: tensors or parameters), live (logits with m (1 - m) > 0.01,
+        which can still move); on releaser steps, updated (whether this batch ended an accumulation and stepped the
+        logits) and data_to_budget (median size of the logits' data step over that of their
+        budget step; None on user steps, before the step, and with the projected budget).
         """
         k, kind = self.step_count, self.next_kind()
         flags = checks.check_targets(batch)
@@ -240,8 +313,9 @@ class MaskLearner:
         objective.backward()
 
         idx, theta, delta, grads = self._gradients()
+        updated = False
         if kind == "releaser":
-            self._releaser_update(k, idx, theta, delta, grads)
+            updated = self._releaser_update(k, idx, theta, delta, grads)
         else:
             self._user_update(k, idx, theta, delta, grads)
         for p in self._params:
@@ -259,8 +333,11 @@ class MaskLearner:
             "n_target": int(c_t), "n_innocent": int(c_i),
             "frozen_ratio": float((self._weights * (m > 0.5)).sum()),
             "soft_ratio": float((self._weights * m).sum()),
-            "mask_moved": self._mask_moved,
-            "data_to_budget": self._data_to_budget if kind == "releaser" else None,
+            "mask_moved": self._mask_moved, "frozen_moved": self._frozen_moved,
+            "frozen_moved_share": self._frozen_moved_share,
+            "live": int((m * (1.0 - m) > LIVE_LOGIT).sum()),
+            "updated": updated if kind == "releaser" else None,
+            "data_to_budget": self._data_to_budget if updated else None,
         }
         self.step_count += 1
         self.history.append(entry)
@@ -283,28 +360,52 @@ class MaskLearner:
             return None, theta, self._delta, grads
         return present, [theta[i] for i in present], [self._delta[i] for i in present], grads
 
-    def _releaser_update(self, k: int, idx, theta, delta, grads) -> None:
-        if not grads:
-            return
-        s_part = ops.segment_dot(delta, grads, backend=self.backend)
-        if self.check_finite and not bool(torch.isfinite(s_part).all()):
-            bad = (~torch.isfinite(s_part)).nonzero().flatten().tolist()
-            names = [self.names[idx[j] if idx else j] for j in bad]
-            checks.raise_non_finite(k, "gradient in the releaser step", names)
-        if idx is None:
-            s = s_part
-        else:  # tensors without a gradient have zero sensitivity
-            s = torch.zeros_like(self.logits)
-            s[torch.tensor(idx, device=s.device)] = s_part
-        data, budget = logit_steps(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
-                                   temperature=self.temperature, c_sparsity=self.c_sparsity, mask_lr=self.mask_lr)
-        new_logits = self.logits - data - budget
-        budget_step = float(budget.abs().median())
-        self._data_to_budget = float(data.abs().median()) / budget_step if budget_step > 0 else None
+    def _releaser_update(self, k: int, idx, theta, delta, grads) -> bool:
+        """Add this batch's s to the accumulator; on the last signal batch, step the logits.
+
+        Returns whether the logits were stepped."""
+        if not grads and self.signal_batches == 1:
+            return False  # as the authors' loop: no gradient, no step (not even the budget's)
+        if grads:
+            s_part = ops.segment_dot(delta, grads, backend=self.backend)
+            if self.check_finite and not bool(torch.isfinite(s_part).all()):
+                bad = (~torch.isfinite(s_part)).nonzero().flatten().tolist()
+                names = [self.names[idx[j] if idx else j] for j in bad]
+                checks.raise_non_finite(k, "gradient in the releaser step", names)
+            if idx is None:
+                s = s_part
+            else:  # tensors without a gradient have zero sensitivity
+                s = torch.zeros_like(self.logits)
+                s[torch.tensor(idx, device=s.device)] = s_part
+            if self.signal_batches == 1:
+                self._signal = s  # the authors' path, untouched (bit-for-bit with their loop)
+            else:
+                self._signal.add_(s)
+        self._signal_count += 1
+        if self._signal_count < self.signal_batches:
+            return False
+        s = self._signal if self.signal_batches == 1 else self._signal / self.signal_batches
+        self._signal, self._signal_count = torch.zeros_like(self.logits), 0
+        if self.signal_norm == "rms":
+            rms = s.square().mean().sqrt()
+            s = torch.where(rms > 0, s / rms.clamp(min=torch.finfo(s.dtype).tiny), s)
+        if self.budget == "projected":
+            data, _ = logit_steps(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
+                                  temperature=self.temperature, c_sparsity=0.0, mask_lr=self.mask_lr)
+            new_logits = self._project(self.logits - data)
+            self._data_to_budget = None
+        else:
+            data, budget = logit_steps(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
+                                       temperature=self.temperature, c_sparsity=self.c_sparsity,
+                                       mask_lr=self.mask_lr)
+            new_logits = self.logits - data - budget
+            budget_step = float(budget.abs().median())
+            self._data_to_budget = float(data.abs().median()) / budget_step if budget_step > 0 else None
         dm = soft_mask(new_logits, self.temperature) - soft_mask(self.logits, self.temperature)
         ops.mask_shift_(self._theta(), self._delta, dm, backend=self.backend)
         self.logits.copy_(new_logits)
         self._track_mask_movement()
+        return True
 
     def _user_update(self, k: int, idx, theta, delta, grads) -> None:
         if not grads:
@@ -375,11 +476,15 @@ class MaskLearner:
         if any(e["kind"] == "releaser" for e in logs) and self._mask_moved == 0:
             first = next((e["data_to_budget"] for e in self.history if e["data_to_budget"] is not None), None)
             balance = "" if first is None else f" (the first releaser step's data/budget ratio was {first:.2g})"
+            remedy = ("The budget penalty saturates the logits before the releaser gradient can act; use "
+                      "c_sparsity='auto' or budget='projected', or raise mask_lr (watch mask_moved, live and "
+                      "data_to_budget in the log)." if self.budget == "penalty" else
+                      "The data steps are too small to reorder the logits; raise mask_lr, or use "
+                      "signal_norm='rms' (watch mask_moved and live in the log).")
             warnings.warn(
                 f"MaskLearner: after {self.step_count} steps the hard mask is still exactly the one of the "
-                f"random initial logits: the data has not reordered any tensor{balance}. The budget penalty "
-                "saturates the logits before the releaser gradient can act; lower c_sparsity or raise "
-                "mask_lr (watch mask_moved and data_to_budget in the log).", stacklevel=2)
+                f"initial logits ({self.init}): the data has not reordered any tensor{balance}. " + remedy,
+                stacklevel=2)
         return logs
 
     # results ----------------------------------------------------------------------------------
@@ -387,16 +492,18 @@ class MaskLearner:
         """Per-tensor m = sigmoid(x / T) in [0, 1], name-keyed (1 = frozen)."""
         return dict(zip(self.names, soft_mask(self.logits, self.temperature).tolist(), strict=True))
 
-    def hard_mask(self, method: str = "topk") -> FreezeMask:
+    def hard_mask(self, rule: str = "topk", *, method: str | None = None) -> FreezeMask:
         """A FreezeMask from the logits.
 
-        "topk" (default) freezes the highest logits until the budget is met exactly
-        (``FreezeMask.from_scores`` with ``budget_by``); "round" freezes every tensor with m > 0.5,
-        as the reference's final ``np.round`` does (half rounds to even, i.e. to 0), which only
-        approximates the budget.
+        ``rule="topk"`` (default) freezes the highest logits until the budget is met exactly
+        (``FreezeMask.from_scores`` with ``budget_by``); ``"threshold"`` freezes every tensor with
+        m > 0.5, as the authors' final ``np.round`` does (half rounds to even, i.e. to 0), which
+        only approximates the budget ("round" is accepted as its former name; so is ``method=``).
         """
-        if method not in HARD_MASK_METHODS:
-            raise ValueError(f"method must be one of {HARD_MASK_METHODS}, got {method!r}")
+        rule = rule if method is None else method
+        if rule not in HARD_MASK_METHODS:
+            raise ValueError(f"rule must be one of {HARD_MASK_RULES}, got {rule!r}")
+        method = "threshold" if rule == "round" else rule
         if method == "topk":
             mask = FreezeMask.from_scores(self.module, dict(zip(self.names, self.logits.tolist(), strict=True)),
                                           self.freeze_ratio, by=self.budget_by)
@@ -404,14 +511,41 @@ class MaskLearner:
             m = soft_mask(self.logits, self.temperature).tolist()
             mask = FreezeMask.from_names(self.module, [n for n, v in zip(self.names, m, strict=True) if v > 0.5])
         # Keys understood by FreezeMask.save: budget_by, target_ratio, learning (a JSON string).
-        learning = dict(self.hparams(), steps=self.step_count, hard_mask=method)
+        learning = dict(self.hparams(), steps=self.step_count, hard_mask=method,
+                        c_sparsity_auto=self.c_sparsity_auto, mask_moved=self._mask_moved,
+                        frozen_moved=self._frozen_moved, frozen_moved_share=self._frozen_moved_share)
         mask.metadata.update({"source": "mask_learner", "budget_by": self.budget_by,
                               "target_ratio": repr(self.freeze_ratio),
                               "learning": json.dumps(learning, sort_keys=True)})
         return mask
 
+    # Settings that may change mid-run: step sizes and the schedule, not what is searched for.
+    RETUNABLE = ("temperature", "c_sparsity", "mask_lr", "user_lr", "user_interval")
+
+    def retune(self, **changes: Any) -> None:
+        """Continue with new step sizes (``freezeguard learn --resume ... --override-hparams``).
+
+        Only :attr:`RETUNABLE` settings change; the budget, the user, the seed and the signal
+        define the search and stay as saved. ``c_sparsity="auto"`` is resolved from the current
+        logits. The new values are validated by :class:`LearnerConfig` and saved with the state.
+
+        Example:
+            >>> learner.retune(mask_lr=5.0)          # doctest: +SKIP
+        """
+        fixed = sorted(set(changes) - set(self.RETUNABLE))
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot change on a running learner (only {self.RETUNABLE})")
+        self.config = self.config.replace(**changes)
+        for name in changes:
+            setattr(self, name, getattr(self.config, name))
+        if "c_sparsity" in changes:
+            self.c_sparsity_auto = self.config.c_sparsity == "auto"
+            self.c_sparsity = (auto_c_sparsity(self.logits, self._weights, self.freeze_ratio, self.temperature)
+                               if self.c_sparsity_auto else float(self.config.c_sparsity))
+
     def hparams(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in _HPARAMS)}
+        """The LearnerConfig as JSON, plus ``c_sparsity_resolved``: the c in use ("auto" resolved)."""
+        return dict(self.config.to_json(), c_sparsity_resolved=self.c_sparsity)
 
     # save / resume ----------------------------------------------------------------------------
     def save(self, path: str) -> None:
@@ -420,7 +554,7 @@ class MaskLearner:
         continues exactly as if never stopped. Only rank 0 writes under torch.distributed."""
         if not distributed.is_main_process():
             return
-        tensors = {"logits": self.logits}
+        tensors = {"logits": self.logits, "initial_logits": self._initial, "signal": self._signal}
         for name, p, d in zip(self.names, self._params, self._delta, strict=True):
             tensors[f"theta/{name}"] = p.detach()
             tensors[f"delta/{name}"] = d
@@ -429,27 +563,35 @@ class MaskLearner:
             tensors[f"user_exp_avg/{name}"] = mu
             tensors[f"user_exp_avg_sq/{name}"] = nu
         meta = {"format": state_io.FORMAT, "step_count": str(self.step_count), "user_steps": str(self.user_steps),
-                "hparams": json.dumps(self.hparams(), sort_keys=True), "names": json.dumps(self.names),
+                "hparams": json.dumps(self.config.to_json(), sort_keys=True), "names": json.dumps(self.names),
+                "c_sparsity_resolved": repr(self.c_sparsity), "signal_count": str(self._signal_count),
                 "fingerprint": model_fingerprint(self.module)}
         state_io.write(path, tensors, meta)
 
     @classmethod
-    def load(cls, path: str, model: torch.nn.Module, loss_fn: LossFn, *, backend: str = "auto",
-             check_finite: bool = True) -> "MaskLearner":
+    def load(cls, path: str, model: torch.nn.Module, loss_fn: LossFn, *, config: LearnerConfig | None = None,
+             backend: str = "auto", check_finite: bool = True) -> "MaskLearner":
         """Resume a learner saved with ``save`` on ``model`` (same parameter names and shapes).
+
+        With ``config``, it must equal the saved LearnerConfig: a differing field is an error
+        naming both values (a resumed run continues under the settings it started with).
 
         Example:
             >>> # learner = fg.MaskLearner.load("learner.safetensors", unet, loss_fn); learner.fit(loader, 100)
         """
         tensors, meta = state_io.read(path)
         try:
-            hp = json.loads(meta["hparams"])
+            saved = LearnerConfig.from_json({k: v for k, v in json.loads(meta["hparams"]).items()
+                                             if k != "c_sparsity_resolved"})
             names = json.loads(meta["names"])
             step_count, user_steps = int(meta["step_count"]), int(meta["user_steps"])
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{path}: incomplete learner metadata ({exc})") from exc
+        if config is not None and config != saved:
+            diff = "; ".join(f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in saved.differences(config).items())
+            raise ValueError(f"{path} was learned with other settings ({diff})")
         self = cls.__new__(cls)
-        self._configure(model, loss_fn, backend=backend, check_finite=check_finite, hparams=hp)
+        self._configure(model, loss_fn, backend=backend, check_finite=check_finite, config=saved)
         if names != self.names:
             missing = sorted(set(names) - set(self.names))
             extra = sorted(set(self.names) - set(names))
@@ -475,6 +617,16 @@ class MaskLearner:
             if tensors["logits"].shape != self.logits.shape:
                 raise ValueError(f"{path}: logits have shape {tuple(tensors['logits'].shape)}")
             self.logits.copy_(tensors["logits"])
+            # Files written before "initial_logits" was saved started from the seeded U[0, 1).
+            initial = tensors.get("initial_logits")
+            self._initial.copy_(self._initial_logits() if initial is None else initial)
+            if self.c_sparsity_auto:
+                resolved = meta.get("c_sparsity_resolved")
+                self.c_sparsity = (float(resolved) if resolved is not None else
+                                   auto_c_sparsity(self._initial, self._weights, self.freeze_ratio, self.temperature))
+            if "signal" in tensors:  # a run stopped inside an accumulation resumes it
+                self._signal = tensors["signal"].to(self.logits.device, torch.float32).clone()
+                self._signal_count = int(meta.get("signal_count", "0"))
         self.step_count, self.user_steps = step_count, user_steps
         self._track_mask_movement()  # the resumed log continues where the saved one stopped
         return self
@@ -484,4 +636,5 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
-__all__ = ["MaskLearner", "USER_OPTIMIZERS", "HARD_MASK_METHODS"]
+__all__ = ["MaskLearner", "LearnerConfig", "USER_OPTIMIZERS", "HARD_MASK_RULES", "HARD_MASK_METHODS", "BUDGETS",
+           "SIGNAL_NORMS", "INITS"]

@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from freezeguard.apps.learn import state_io
+from freezeguard.apps.learn import reference_masks, state_io
+from freezeguard.apps.learn.config import LearnerConfig
 from freezeguard.apps.learn.learner import HARD_MASK_METHODS, MaskLearner
 from freezeguard.core import files
 from freezeguard.core.mask import describe_layout_mismatch
@@ -59,9 +60,9 @@ def _layout(unet_dir: Path, flag: str) -> dict[str, tuple[int, ...]]:
 
 def check_learn_inputs(pretrained: str | Path, finetuned: str | Path, target_data: str | Path,
                        innocent_data: str | Path, out: str | Path, *, steps: int, batch_size: int,
-                       user_interval: int, user_lr: float, mask_lr: float, c_sparsity: float, temperature: float,
+                       user_interval: int, user_lr: float, mask_lr: float, c_sparsity: float | str, temperature: float,
                        hard_mask: str = "topk", state: str | Path | None = None, checkpoint_every: int = 0,
-                       resume: str | Path | None = None) -> tuple[Path, Path, Path]:
+                       resume: str | Path | None = None, signal_batches: int = 1) -> tuple[Path, Path, Path]:
     """Every check that needs no model loaded; returns (pipeline folder, fine-tuned unet folder, out)."""
     if steps < 1:
         raise LearnInputError(f"--steps must be >= 1, got {steps}")
@@ -70,7 +71,12 @@ def check_learn_inputs(pretrained: str | Path, finetuned: str | Path, target_dat
                               f"got {batch_size}")
     if user_interval < 1:
         raise LearnInputError(f"--user-interval must be >= 1, got {user_interval}")
-    for flag, value in (("--user-lr", user_lr), ("--mask-lr", mask_lr), ("--c-sparsity", c_sparsity)):
+    if signal_batches < 1:
+        raise LearnInputError(f"--signal-batches must be >= 1, got {signal_batches}")
+    if isinstance(c_sparsity, str) and c_sparsity != "auto":
+        raise LearnInputError(f"--c-sparsity must be a number >= 0 or 'auto', got {c_sparsity!r}")
+    for flag, value in (("--user-lr", user_lr), ("--mask-lr", mask_lr),
+                        ("--c-sparsity", 0.0 if c_sparsity == "auto" else c_sparsity)):
         if not value >= 0:
             raise LearnInputError(f"{flag} must be >= 0, got {value}")
     if not temperature > 0:
@@ -101,8 +107,11 @@ def check_learn_inputs(pretrained: str | Path, finetuned: str | Path, target_dat
 
 # Hyperparameters a resumed run may change with override_hparams=True (the learner simply continues
 # with them); the others change what the saved state means (budget, user optimizer, data order).
+# Settings a resumed run may change with --override-hparams (step sizes and the schedule), and
+# the ones that define the search itself and never change mid-run (every other LearnerConfig field).
 OVERRIDABLE = ("temperature", "c_sparsity", "mask_lr", "user_lr", "user_interval")
-FIXED = ("freeze_ratio", "budget_by", "user_optimizer", "seed")
+FIXED = ("freeze_ratio", "budget_by", "user_optimizer", "seed", "budget", "signal_batches", "signal_norm", "init",
+         "user_betas", "user_eps", "user_weight_decay")
 
 
 def _flag(key: str) -> str:
@@ -181,7 +190,8 @@ def _matplotlib_missing() -> bool:
 def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path, innocent_data: str | Path,
           out: str | Path, *, freeze_ratio: float, steps: int = 100, batch_size: int = 4,
           budget_by: str = "tensors", user_optimizer: str = "sgd", user_lr: float = 1e-5, user_interval: int = 5,
-          mask_lr: float = 10.0, temperature: float = 0.2, c_sparsity: float = 5e3, hard_mask: str = "topk",
+          mask_lr: float = 10.0, temperature: float = 0.2, c_sparsity: float | str = "auto", hard_mask: str = "topk",
+          budget: str = "penalty", signal_batches: int = 1, signal_norm: str | None = None, init: str = "uniform",
           seed: int = 0, resolution: int | None = None, caption_column: str = "text",
           state: str | Path | None = None, checkpoint_every: int = 0, resume: str | Path | None = None,
           plot: str | Path | None = None, log: str | Path | None = None, backend: str = "auto",
@@ -199,16 +209,25 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
     pre_root, ft_dir, out = check_learn_inputs(
         pretrained, finetuned, target_data, innocent_data, out, steps=steps, batch_size=batch_size,
         user_interval=user_interval, user_lr=user_lr, mask_lr=mask_lr, c_sparsity=c_sparsity,
-        temperature=temperature, hard_mask=hard_mask, state=state, checkpoint_every=checkpoint_every, resume=resume)
+        temperature=temperature, hard_mask=hard_mask, state=state, checkpoint_every=checkpoint_every, resume=resume,
+        signal_batches=signal_batches)
+    if init not in ("uniform", "constant", "delta", "cross-attention"):
+        raise LearnInputError(f"--init must be uniform, constant, delta or cross-attention, got {init!r}")
+    try:
+        config = LearnerConfig(freeze_ratio=freeze_ratio, temperature=temperature, c_sparsity=c_sparsity,
+                               mask_lr=mask_lr, user_lr=user_lr, user_interval=user_interval, budget_by=budget_by,
+                               user_optimizer=user_optimizer, seed=seed, budget=budget,
+                               signal_batches=signal_batches, signal_norm=signal_norm,
+                               init=init if init in ("uniform", "constant") else "scores")
+    except ValueError as exc:
+        raise LearnInputError(str(exc)) from None
     log_path, plot_path = check_outputs(out, state=state, log=log, plot=plot, resume=resume)
     if override_hparams and not resume:
         raise LearnInputError("--override-hparams needs --resume")
     overrides = {}
     if resume:
-        wanted = dict(freeze_ratio=freeze_ratio, budget_by=budget_by, user_optimizer=user_optimizer, seed=seed,
-                      temperature=temperature, c_sparsity=c_sparsity, mask_lr=mask_lr, user_lr=user_lr,
-                      user_interval=user_interval)
-        overrides = check_resume(resume, wanted, override_hparams=override_hparams)
+        # From the state file's metadata alone, before any model loads: every LearnerConfig field.
+        overrides = check_resume(resume, config.to_json(), override_hparams=override_hparams)
     # The plot is optional: a missing matplotlib is said now, not after the learning.
     plot_skipped = _matplotlib_missing()
     if plot_skipped and on_warning is not None:
@@ -231,23 +250,32 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
         else:
             pre_state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
             ft_state = load_tensors(ft_dir, "--finetuned")  # safetensors only, read lazily
-            learner = MaskLearner(unet, pre_state, ft_state, loss_fn, freeze_ratio=freeze_ratio,
-                                  temperature=temperature, c_sparsity=c_sparsity, mask_lr=mask_lr,
-                                  user_lr=user_lr, user_interval=user_interval, budget_by=budget_by,
-                                  user_optimizer=user_optimizer, seed=seed, backend=backend)
+            scores = None
+            if init in ("delta", "cross-attention"):
+                rank = (reference_masks.delta_scores if init == "delta" else reference_masks.cross_attention_scores)
+                scores = rank(unet, pre_state, ft_state)
+            learner = MaskLearner(unet, pre_state, ft_state, loss_fn, config, backend=backend,
+                                  **({"init": scores} if scores is not None else {}))
             del pre_state, ft_state
     except (KeyError, TypeError, DatasetError, PipelineError, WeightsError) as exc:
         raise LearnInputError(str(exc).strip("'\"")) from None
     if resume and learner.freeze_ratio != freeze_ratio:
         raise LearnInputError(f"--resume state was learned with ratio {learner.freeze_ratio}, not --freeze-ratio "
                               f"{freeze_ratio}")
-    for key, value in overrides.items():
-        old = getattr(learner, key)
-        setattr(learner, key, type(old)(value) if isinstance(old, (int, float)) else value)
+    if overrides:
+        old = {key: getattr(learner.config, key) for key in overrides}
+        try:
+            learner.retune(**overrides)
+        except ValueError as exc:
+            raise LearnInputError(f"--override-hparams: {exc}") from None
         if on_warning is not None:
-            on_warning(f"--override-hparams: {_flag(key)} {old} from the state is replaced by {value}")
-    if overrides and any(learner.hparams().get(k) != v for k, v in overrides.items()):
-        raise LearnInputError("--override-hparams: the learner did not take the new values")
+            for key, value in overrides.items():
+                on_warning(f"--override-hparams: {_flag(key)} {old[key]} from the state is replaced by {value}")
+    if resume:
+        diff = learner.config.differences(config)
+        if diff:
+            raise LearnInputError("--resume state was learned with other settings (" + "; ".join(
+                f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items()) + ")")
 
     unet.train()
     done = learner.step_count
@@ -310,8 +338,10 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
         "tensors": len(mask.names), "hard_mask": hard_mask,
         "final_target_loss": last.get("target_loss"), "final_innocent_loss": last.get("innocent_loss"),
         "soft_ratio": last.get("soft_ratio"),
-        # tensors the data moved in or out of the mask, against the random initial logits' mask
-        "mask_moved": last.get("mask_moved"),
+        # tensors the data moved in or out of the mask, against the initial logits' mask
+        "mask_moved": last.get("mask_moved"), "frozen_moved": last.get("frozen_moved"),
+        "frozen_moved_share": last.get("frozen_moved_share"), "live": last.get("live"), "init": init,
+        "budget": budget, "c_sparsity": learner.c_sparsity,
     }
 
 
