@@ -178,7 +178,7 @@ def udp(model: nn.Module, loss_fn: LossFn, data: Mapping[str, Any], *, epsilon: 
                 batch = sub(idx, (x0 + d).to(device))
                 batch.update(noise=noise, timesteps=t)
                 loss = per_sample_losses(loss_fn, surrogate, batch, who).mean()
-                (grad,) = torch.autograd.grad(loss, d, allow_unused=True)
+                grad = torch.autograd.grad(loss, d, allow_unused=True)[0] if loss.requires_grad else None
                 if grad is None:
                     raise ValueError(f"{who}: the loss does not depend on data[{key!r}] differentiably (a VAE "
                                      "encoded under no_grad?); perturb latents: pass them as data['latents'], "
