@@ -14,9 +14,11 @@ across rounds (the authors' default, ``--reinitialize_lora`` off); ``reset_every
 The adaptation is LoRA on the attention projections (the authors' text-to-image relearning and
 LoRA experiments) or a full fine-tune (their DreamBooth experiment) -- choose the one you defend
 against. The innocent term (``innocent_weight``) is the regulariser that keeps the model's
-behaviour elsewhere: the ordinary loss of the batch's non-target samples on θ, in the manner of
+behaviour elsewhere: the ordinary loss on θ of data the model already knows, in the manner of
 DreamBooth's prior preservation (IMMA's ``defend_dreambooth.py``; weight 1.0 = diffusers'
-``prior_loss_weight`` default). The authors' text-to-image script has no such term: pass 0.
+``prior_loss_weight`` default): ``preserve_batches`` (e.g. the model's pretraining classes), or,
+without it, the batch's non-target samples -- which also *teaches* θ those samples when they are
+new to it. The authors' text-to-image script has no such term: pass 0.
 
 Defaults and their source (amberyzheng/IMMA ``README.md`` and ``train/defend_text_to_image_lora.py``;
 paper Sec. 4): inner (attacker) lr 1e-4 = the lr of the LoRA attack they defend against; outer
@@ -84,14 +86,15 @@ def _clip_(params: list[torch.Tensor], max_norm: float) -> None:
 def imma(model: nn.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, Any]], *, steps: int = 1000,
          reference_lr: float = 1e-4, inner_lr: float | None = None, outer_lr: float | None = None,
          adaptation: str = "lora", defended: str = "attention", lora_rank: int = 4, inner_steps: int = 1,
-         outer_steps: int = 1, innocent_weight: float = 1.0, max_grad_norm: float = 1.0,
+         outer_steps: int = 1, innocent_weight: float = 1.0,
+         preserve_batches: Iterator[Mapping[str, Any]] | None = None, max_grad_norm: float = 1.0,
          weight_decay: float = 1e-2, reset_every: int | None = None, seed: int = 0,
          inplace: bool = False) -> IMMAResult:
     """Immunize a copy of ``model`` against adaptation on the target samples of ``batches``.
 
     ``batches``: an endless stream of batches for ``loss_fn`` with ``batch["is_target"]`` (target
-    samples drive both levels; non-target ones feed the innocent regulariser). Returns the
-    immunized model with the simulated attacker removed.
+    samples drive both levels; non-target ones feed the innocent regulariser unless
+    ``preserve_batches`` is given). Returns the immunized model with the simulated attacker removed.
 
     Example:
         >>> res = imma(unet, loss_fn, mixed_stream, steps=100, reference_lr=1e-3, adaptation="full")  # doctest: +SKIP
@@ -116,6 +119,7 @@ def imma(model: nn.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, Any]]
     if reset_every is not None:
         check_positive(reset_every, "reset_every", who, integer=True)
     stream = as_iterator(batches, who)
+    preserve = as_iterator(preserve_batches, who) if preserve_batches is not None else None
     proj = attention_projection_names(model)
     if (adaptation == "lora" or defended == "attention") and not proj:
         raise ValueError(f"{who}: the model has no attention projections (to_q/to_k/to_v/to_out); "
@@ -147,7 +151,9 @@ def imma(model: nn.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, Any]]
     result = IMMAResult(released, names, config={
         "steps": steps, "reference_lr": reference_lr, "inner_lr": inner_lr, "outer_lr": outer_lr,
         "adaptation": adaptation, "defended": defended, "lora_rank": lora_rank, "inner_steps": inner_steps,
-        "outer_steps": outer_steps, "innocent_weight": innocent_weight, "max_grad_norm": max_grad_norm,
+        "outer_steps": outer_steps, "innocent_weight": innocent_weight,
+        "preserve": "preserve_batches" if preserve is not None else "non-target samples",
+        "max_grad_norm": max_grad_norm,
         "weight_decay": weight_decay, "reset_every": reset_every})
     gen = torch.Generator().manual_seed(seed)
     period = inner_steps + outer_steps
@@ -179,9 +185,13 @@ def imma(model: nn.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, Any]]
             loss = per_sample_losses(loss_fn, attacked, target, who).mean()
             grads = torch.autograd.grad(loss, [adv[n] for n in names], allow_unused=True)
             outer_opt.zero_grad(set_to_none=True)
-            innocent = ~flags
-            if innocent_weight > 0 and innocent.any():
-                reg = per_sample_losses(loss_fn, released, select(batch, innocent), who).mean()
+            reg_batch = None
+            if innocent_weight > 0 and preserve is not None:
+                reg_batch = dict(next_batch(preserve, who), generator=gen)
+            elif innocent_weight > 0 and (~flags).any():
+                reg_batch = select(batch, ~flags)
+            if reg_batch is not None:
+                reg = per_sample_losses(loss_fn, released, reg_batch, who).mean()
                 (innocent_weight * reg).backward()
                 log["innocent_loss"] = float(reg.detach())
             for p, g in zip(def_params, grads):
