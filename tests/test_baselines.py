@@ -6,10 +6,20 @@ import copy
 import pytest
 import torch
 
-from freezeguard.baselines import (add_lora, concept_ablation, finite_stream, imma, measure_cost, prediction_gap,
-                                   uce_edit, uce_objective, udp, weight_change)
-from freezeguard.baselines._common import cross_attention_kv, snapshot
-from freezeguard.diffusion import toy
+from freezeguard.apps.baselines import (
+    add_lora,
+    concept_ablation,
+    finite_stream,
+    imma,
+    measure_cost,
+    prediction_gap,
+    uce_edit,
+    uce_objective,
+    udp,
+    weight_change,
+)
+from freezeguard.apps.baselines._common import cross_attention_kv, snapshot
+from freezeguard.integrations.diffusers import toy
 
 TINY = toy.ToyModelConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,13 +67,13 @@ def test_uce_solves_its_least_squares_objective_exactly(model):
 
 def test_uce_maps_target_onto_anchor_and_leaves_everything_else(model):
     res = uce_edit(model, [emb("frame")], emb("square"), lamb=1e-6, preserve_scale=0.0)
-    for (name, layer), (_, old) in zip(cross_attention_kv(res.model), cross_attention_kv(model)):
+    for (name, layer), (_, old) in zip(cross_attention_kv(res.model), cross_attention_kv(model), strict=True):
         got = layer(emb("frame"))
         want = old(emb("square"))
         # λ -> 0, no preserve terms: W c_target = W0 c_anchor exactly (4 tokens < 32 dims)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
     edited = set(res.edited)
-    for (n, p), (_, q) in zip(model.named_parameters(), res.model.named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), res.model.named_parameters(), strict=True):
         if n not in edited:
             assert torch.equal(p, q), n
 
@@ -111,7 +121,7 @@ def test_ablation_moves_target_prediction_toward_anchor(model):
     # only the cross-attention K/V trained, and the input model is untouched
     trained = set(res.trained)
     assert trained == {f"{n}.weight" for n, _ in cross_attention_kv(model)}
-    for (n, p), (_, q) in zip(model.named_parameters(), res.model.named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), res.model.named_parameters(), strict=True):
         assert torch.equal(p, q) == (n not in trained), n
     assert all(p.requires_grad for p in res.model.parameters())
 
@@ -182,7 +192,7 @@ def test_imma_attention_defence_moves_only_attention_projections(model, loss_fn)
     res = imma(model, loss_fn, stream, steps=2, reference_lr=1e-3, adaptation="full")
     defended = set(res.defended)
     assert defended and all(".to_" in n for n in defended)
-    for (n, p), (_, q) in zip(model.named_parameters(), res.model.named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), res.model.named_parameters(), strict=True):
         assert torch.equal(p, q) == (n not in defended), n
     assert weight_change(before, model)["tensors_changed"] == 0   # the input model is untouched
 
@@ -259,7 +269,7 @@ def test_lora_starts_at_the_base_model_and_trains_only_adapters(model):
     c = emb("frame").expand(2, -1, -1)
     with torch.no_grad():
         ref = model(x, 10, encoder_hidden_states=c).sample
-    from freezeguard.baselines._common import attention_projection_names
+    from freezeguard.apps.baselines._common import attention_projection_names
 
     params = add_lora(m, attention_projection_names(m), rank=2)
     with torch.no_grad():
@@ -283,3 +293,98 @@ def test_weight_change_and_cost():
     assert cost.seconds > 0
     assert cost.peak_bytes is None or cost.peak_bytes > 8_000_000  # 16 MB allocated
     del x
+
+
+# ------------------------------------------------------------------------------------ harness / CLI
+def test_contenders_face_the_same_attackers_in_one_table(model, loss_fn):
+    from freezeguard.apps.baselines.harness import build_baselines, contenders, resolve_methods, toy_inputs
+    from freezeguard.apps.evaluate.harness import attacker_suite, evaluate_masks
+    from freezeguard.apps.evaluate.report import format_table, table_rows
+    from freezeguard.apps.evaluate.toy_domains import toy_domains
+    from freezeguard.core.mask import FreezeMask
+
+    assert resolve_methods("all") == ["imma", "ablation", "uce", "udp"]
+    with pytest.raises(ValueError, match="unknown baselines"):
+        resolve_methods("uce,esd")
+    inputs = toy_inputs(model, reference_lr=1e-3, reference_steps=2, batch_size=4, n_anchor_images=4, n_protected=4,
+                        sample_steps=2, config=TINY)
+    overrides = {"ablation": {"steps": 1}, "udp": {"rounds": 1, "surrogate_steps": 1, "pgd_steps": 1}}
+    mask = FreezeMask.random(model, 0.5, seed=0)
+    entries = contenders(model, "all", inputs, mask=mask, random_seeds=1, overrides=overrides)
+    assert list(entries) == ["full", "random#0", "learned", "imma", "ablation", "uce", "udp", "udp (clean pool)",
+                             "imma+learned"]
+    assert entries["imma+learned"].mask is mask and entries["imma+learned"].model is entries["imma"].model
+    domains = toy_domains(batch_size=4, heldout_n=4)
+    attackers = attacker_suite(1e-3, 1, lora_rank=4)
+    assert [a.name for a in attackers] == ["standard", "10x lr", "3x steps", "LoRA r4"]
+    res = evaluate_masks(model, entries, domains, loss_fn, attackers[-1:], progress=False)
+    s = res.summary()
+    row = s["table"]["LoRA r4"]
+    assert set(row) == {"full", "random", "learned", "imma", "ablation", "uce", "udp", "udp (clean pool)",
+                        "imma+learned"}
+    assert s["masks"]["uce"]["kind"] == "model" and s["masks"]["uce"]["weight_change"]["tensors_changed"] == 8
+    assert s["masks"]["uce"]["cost"]["seconds"] >= 0 and "released" in s["masks"]["uce"]
+    assert s["masks"]["udp"]["kind"] == "data" and s["masks"]["imma+learned"]["kind"] == "model+mask"
+    # UDP leaves the innocent domain's data alone: that run is the reference's, copied
+    runs = {(r.mask, r.domain): r for r in res.runs}
+    assert runs[("udp", "checker")].after == runs[("full", "checker")].after
+    assert runs[("udp", "frame")].after != runs[("full", "frame")].after
+    header, rows = table_rows(s)
+    assert "publisher cost (time / peak)" in header and len(rows) == 9
+    assert "imma+learned" in format_table(header, rows)
+    with pytest.raises(ValueError, match="unknown domain"):
+        evaluate_masks(model, {"full": None, "x": build_baselines(["udp"], inputs, overrides=overrides)["udp"].__class__(
+            "data", train_batches={"nope": lambda s: iter(())})}, domains, loss_fn, attackers[:1], progress=False)
+
+
+def _prefill_toy_cache(tmp_path):
+    from safetensors.torch import save_file
+
+    from freezeguard.integrations.diffusers import judge
+
+    model = toy.build_model()
+    save_file(model.state_dict(), str(tmp_path / f"toy-{toy.PretrainConfig().key()}.safetensors"))
+    save_file(judge.Judge().state_dict(), str(judge.cache_path(tmp_path)))
+    return model
+
+
+def test_cli_evaluate_baselines_all_toy(tmp_path, capsys):
+    import json
+
+    from freezeguard.cli import main
+
+    _prefill_toy_cache(tmp_path)
+    rc = main(["evaluate", "--baselines", "all", "--cache-dir", str(tmp_path), "--steps", "1", "--baseline-steps", "1",
+               "--heldout", "4", "--samples", "2", "--sample-steps", "2", "--batch-size", "4", "--no-strong",
+               "--quiet", "--json"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert list(data["table"]) == ["standard"]
+    assert set(data["table"]["standard"]) == {"full", "imma", "ablation", "uce", "udp", "udp (clean pool)"}
+    with pytest.raises(SystemExit, match="--baselines"):
+        main(["evaluate", "--baselines", "esd", "--cache-dir", str(tmp_path), "--quiet"])
+    with pytest.raises(SystemExit, match="--mask, --baselines"):
+        main(["evaluate", "--cache-dir", str(tmp_path), "--quiet"])
+
+
+def test_cli_evaluate_baselines_real_pipeline(tmp_path, capsys):
+    import json
+
+    from support.tiny_models import build_tiny_sd_pipeline, write_tiny_imagefolder
+
+    from freezeguard.cli import main
+
+    pipe = build_tiny_sd_pipeline(tmp_path / "sd")
+    write_tiny_imagefolder(tmp_path / "t", n=4, caption="a photo of sks", seed=0, style="checker")
+    write_tiny_imagefolder(tmp_path / "i", n=4, caption="a photo of stripes", seed=1, style="stripes")
+    common = ["evaluate", "--pretrained", str(pipe), "--target-data", str(tmp_path / "t"), "--innocent-data",
+              str(tmp_path / "i"), "--heldout", "2", "--batch-size", "2", "--steps", "1", "--no-strong", "--quiet",
+              "--device", "cpu", "--baseline-steps", "1"]
+    with pytest.raises(SystemExit, match="--target-prompt"):
+        main(common + ["--baselines", "uce"])
+    rc = main(common + ["--baselines", "all", "--target-prompt", "a photo of sks", "--anchor-prompt", "a photo",
+                        "--preserve-prompt", "a photo of stripes", "--json"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["table"]["standard"]) == {"full", "imma", "ablation", "uce", "udp", "udp (clean pool)"}
+    assert data["masks"]["uce"]["weight_change"]["tensors_changed"] > 0

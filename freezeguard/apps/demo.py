@@ -5,7 +5,9 @@ Phases (each with a progress bar):
 2. the publisher's own "relearn" fine-tune on target + innocent data (theta_ft);
 3. the bilevel MaskLearner between theta_pre and theta_ft at the demo's freeze ratio;
 4. simulated user fine-tunes under no mask / random masks / the learned mask, on the target and
-   the innocent domain, for the standard and a stronger attacker; a report folder.
+   the innocent domain, for the standard and stronger attackers, the baselines (UCE and Concept
+   Ablation by default; IMMA and UDP with ``baselines=("all",)`` / ``freezeguard demo --baselines
+   all``) facing the same attackers; a report folder.
 
 Everything is seeded; the same config gives the same figures on the same machine/torch build.
 
@@ -61,6 +63,9 @@ class DemoConfig:
     sample_n: int = 32
     sample_steps: int = 15
     guidance: float = 1.0
+    # baselines facing the same attackers (freezeguard.apps.baselines): the two cheap ones by default
+    baselines: tuple[str, ...] = ("uce", "ablation")
+    baseline_steps: int | None = None  # cap on iterative baselines' steps (None: each paper's, scaled)
     seed: int = 0
 
     @classmethod
@@ -68,7 +73,7 @@ class DemoConfig:
         """A shortened configuration (tests, a first look): every phase, far fewer steps."""
         small = toy.ToyModelConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4)
         return cls(pretrain=toy.PretrainConfig(model=small, steps=30, batch_size=8), batch_size=8,
-                   publisher_steps=10, learner_steps=10, attacker_steps=4, strong_steps_mult=1.0,
+                   publisher_steps=10, learner_steps=10, attacker_steps=4, strong_steps_mult=1.0, baseline_steps=2,
                    random_seeds=1, judge_steps=30, heldout_n=8, sample_n=4, sample_steps=3)
 
     def to_json(self) -> dict[str, Any]:
@@ -124,9 +129,10 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
 
     The figures are seeded; on another device (``device="cuda"``) they differ slightly from CPU's.
     """
+    from freezeguard.apps.baselines import measure_cost
+    from freezeguard.apps.baselines.harness import Protection, contenders, resolve_methods, step_overrides, toy_inputs
     from freezeguard.apps.evaluate.harness import evaluate_masks
     from freezeguard.apps.evaluate.toy_domains import toy_domains
-    from freezeguard.core.mask import FreezeMask
     from freezeguard.integrations.diffusers import judge as judge_mod
 
     timings: dict[str, float] = {}
@@ -139,27 +145,38 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
     model = toy.pretrained_model(cfg.pretrain, cache_dir=cache_dir, progress=progress, device=device)
     timings["pretrain"] = time.perf_counter() - t0
 
-    _phase("2/4 publisher's relearn fine-tune (target + innocent)", progress)
-    t = time.perf_counter()
-    ft_state = publisher_finetune(model, cfg, loss_fn, progress=progress)
-    timings["publisher_finetune"] = time.perf_counter() - t
+    # The publisher's cost of FreezeAsGuard: its own fine-tune (theta_ft) plus the mask learner.
+    with measure_cost(device) as fag_cost:
+        _phase("2/4 publisher's relearn fine-tune (target + innocent)", progress)
+        t = time.perf_counter()
+        ft_state = publisher_finetune(model, cfg, loss_fn, progress=progress)
+        timings["publisher_finetune"] = time.perf_counter() - t
 
-    _phase(f"3/4 learn a mask ({cfg.freeze_ratio:.0%} of {cfg.budget_by})", progress)
-    t = time.perf_counter()
-    learned, logs = learn_mask(model, ft_state, cfg, loss_fn, progress=progress)
-    timings["learn_mask"] = time.perf_counter() - t
+        _phase(f"3/4 learn a mask ({cfg.freeze_ratio:.0%} of {cfg.budget_by})", progress)
+        t = time.perf_counter()
+        learned, logs = learn_mask(model, ft_state, cfg, loss_fn, progress=progress)
+        timings["learn_mask"] = time.perf_counter() - t
 
-    _phase("4/4 evaluate full / random / learned on target and innocent", progress)
+    methods = resolve_methods(cfg.baselines) if cfg.baselines else []
+    _phase("4/4 evaluate full / random / learned" + "".join(f" / {m}" for m in methods)
+           + " on target and innocent", progress)
     t = time.perf_counter()
-    masks: dict[str, FreezeMask | None] = {"full": None}
-    for k in range(cfg.random_seeds):
-        masks[f"random#{k}"] = FreezeMask.random(model, cfg.freeze_ratio, by=cfg.budget_by, seed=cfg.seed + k)
-    masks["learned"] = learned
+    inputs = None
+    if methods:
+        inputs = toy_inputs(model, reference_lr=cfg.attacker_lr, reference_steps=cfg.attacker_steps,
+                            batch_size=cfg.batch_size, target=cfg.target, innocent=cfg.innocent,
+                            sample_steps=cfg.sample_steps, seed=cfg.seed, config=cfg.pretrain.model)
+    # the random masks are drawn as before: same ratio, seeds cfg.seed + k
+    masks = contenders(model, methods, inputs, mask=learned, random_seeds=cfg.random_seeds, budget_by=cfg.budget_by,
+                       seed=cfg.seed, overrides=step_overrides(cfg.baseline_steps), progress=progress)
+    timings["baselines"] = sum(p.cost.seconds for k, p in masks.items()
+                               if isinstance(p, Protection) and p.cost is not None and "+" not in k)
     domains = toy_domains(cfg.target, cfg.innocent, judge=judge, batch_size=cfg.batch_size,
                           heldout_n=cfg.heldout_n, sample_n=cfg.sample_n, sample_steps=cfg.sample_steps,
                           guidance=cfg.guidance)
     result = evaluate_masks(model, masks, domains, loss_fn, attackers(cfg), seed=cfg.seed + 31,
                             progress=progress)
+    result.masks["learned"]["cost"] = fag_cost.to_json()
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 

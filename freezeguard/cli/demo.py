@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the '<k>x lr' attacker's lr multiplier (default: the demo's, 10; 1 drops it)")
     parser.add_argument("--strong-steps-mult", type=float, default=None,
                         help="the '<k>x steps' attacker's steps multiplier (default: the demo's, 3; 1 drops it)")
+    parser.add_argument("--baselines", default=None, metavar="LIST",
+                        help="baselines compared with the learned mask on the same attackers: comma-separated "
+                             "imma, ablation, uce, udp, 'all', or 'none' (default: the cheap pair uce,ablation; "
+                             "'all' adds IMMA and UDP, a few more minutes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, masks, noise)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 0 keeps torch's default. The tiny model's ops are too small to "
@@ -62,6 +66,16 @@ def _run(args: argparse.Namespace) -> int:
             if not value > 0:
                 raise SystemExit(f"freezeguard demo: --{name.replace('_', '-')} must be > 0, got {value}")
             cfg = cfg.replace(**{name: value})
+    if args.baselines is not None:
+        from freezeguard.apps.baselines.harness import resolve_methods
+
+        if args.baselines.strip() == "none":
+            cfg = cfg.replace(baselines=())
+        else:
+            try:
+                cfg = cfg.replace(baselines=tuple(resolve_methods(args.baselines)))
+            except ValueError as exc:
+                raise SystemExit(f"freezeguard demo: --baselines: {exc}") from None
     cfg = cfg.replace(seed=args.seed)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

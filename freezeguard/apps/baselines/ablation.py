@@ -21,8 +21,8 @@ stream. Anchor images: the authors generate them with the model itself from anch
 (200 by default, 1000 in the paper); pass such a stream.
 
 Example:
-    >>> from freezeguard.diffusion import toy
-    >>> from freezeguard.baselines import concept_ablation
+    >>> from freezeguard.integrations.diffusers import toy
+    >>> from freezeguard.apps.baselines import concept_ablation
     >>> model = toy.build_model()
     >>> anchors = toy.batches(("square",), 8, seed=0)
     >>> res = concept_ablation(model, toy.build_scheduler(), toy.class_embedding("frame"),
@@ -40,8 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import (LossFn, as_iterator, check_condition, check_loss_fn, check_module, check_positive,
-                      cross_attention_kv, next_batch)
+from freezeguard.apps.baselines._common import (
+    LossFn,
+    as_iterator,
+    check_condition,
+    check_loss_fn,
+    check_module,
+    check_positive,
+    cross_attention_kv,
+    next_batch,
+)
+from freezeguard.core.training import train_steps
 
 PARAM_GROUPS = ("cross-attn", "full")
 LOSS_TYPES = ("model", "noise")
@@ -63,6 +72,11 @@ class AblationResult:
 def _predict(model: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     out = model(noisy, t, encoder_hidden_states=cond, return_dict=False)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _checked(stream: Iterator[Mapping[str, Any]], who: str) -> Iterator[dict[str, Any]]:
+    while True:
+        yield next_batch(stream, who)
 
 
 def _images(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -160,33 +174,30 @@ def concept_ablation(model: nn.Module, noise_scheduler: Any, target_cond: torch.
     result = AblationResult(out, trained, config={"lr": lr, "reference_lr": reference_lr, "steps": steps,
                                                   "params": params, "loss_type": loss_type,
                                                   "prior_weight": prior_weight, "weight_decay": weight_decay})
-    out.train()
-    for _ in range(steps):
-        batch = next_batch(stream, who)
+    def ablation_loss(m: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Per-sample ablation loss (+ prior preservation) on one batch of anchor images."""
         x0 = _images(batch).to(device, torch.float32)
-        b = x0.shape[0]
+        b, g = x0.shape[0], batch["generator"]
         cond_t = c_tgt.to(device).expand(b, -1, -1)
         cond_a = c_anc.to(device).expand(b, -1, -1)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, num_t, (b,), generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, num_t, (b,), generator=g).to(device)
+        key = "latents" if "latents" in batch else "pixel_values"
         if loss_type == "model":
             noisy = noise_scheduler.add_noise(x0, noise, t)
             with torch.no_grad():
-                goal = _predict(out, noisy, t, cond_a).float()
-            loss = F.mse_loss(_predict(out, noisy, t, cond_t).float(), goal)
+                goal = _predict(m, noisy, t, cond_a).float()
+            diff = (_predict(m, noisy, t, cond_t).float() - goal) ** 2
+            per_sample = diff.mean(dim=tuple(range(1, diff.ndim)))
         else:
-            key = "latents" if "latents" in batch else "pixel_values"
-            loss = loss_fn(out, {key: x0, "encoder_hidden_states": cond_t, "noise": noise, "timesteps": t}).mean()
+            per_sample = loss_fn(m, {key: x0, "encoder_hidden_states": cond_t, "noise": noise, "timesteps": t})
         if prior_weight > 0:
-            key = "latents" if "latents" in batch else "pixel_values"
-            loss = loss + prior_weight * loss_fn(out, {key: x0, "encoder_hidden_states": cond_a,
-                                                        "generator": gen}).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{who}: the loss became {float(loss)}; lower lr (now {lr:g})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        result.losses.append(float(loss.detach()))
+            per_sample = per_sample + prior_weight * loss_fn(m, {key: x0, "encoder_hidden_states": cond_a,
+                                                                 "generator": g})
+        return per_sample
+
+    # the one training loop; a non-finite loss stops it with an error naming the step
+    result.losses = train_steps(out, opt, _checked(stream, who), ablation_loss, steps, generator=gen)
     for n, p in out.named_parameters():
         p.grad = None
         p.requires_grad_(flags[n])

@@ -7,18 +7,18 @@ protected data (:func:`udp`), with the papers' defaults scaled to the model at h
 module's docstring lists its hyperparameters and their source.
 
 Example:
-    >>> from freezeguard.diffusion import toy
-    >>> from freezeguard.baselines import uce_edit
+    >>> from freezeguard.integrations.diffusers import toy
+    >>> from freezeguard.apps.baselines import uce_edit
     >>> edited = uce_edit(toy.build_model(), [toy.class_embedding("frame")],
     ...                   toy.class_embedding("square")).model
 """
 from __future__ import annotations
 
-from ._common import Cost, add_lora, measure_cost, weight_change
-from .ablation import AblationResult, concept_ablation, prediction_gap
-from .imma import IMMAResult, imma
-from .uce import UCEResult, uce_edit, uce_objective
-from .udp import UDPResult, finite_stream, udp
+from freezeguard.apps.baselines._common import Cost, add_lora, measure_cost, weight_change
+from freezeguard.apps.baselines.ablation import AblationResult, concept_ablation, prediction_gap
+from freezeguard.apps.baselines.imma import IMMAResult, imma
+from freezeguard.apps.baselines.uce import UCEResult, uce_edit, uce_objective
+from freezeguard.apps.baselines.udp import UDPResult, finite_stream, udp
 
 #: Names accepted by ``freezeguard evaluate --baselines`` (``all`` = every one).
 METHODS = ("imma", "ablation", "uce", "udp")

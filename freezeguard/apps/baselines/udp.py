@@ -25,8 +25,8 @@ analogue for a denoising loss. The gradient must reach the pixels: pixel-space m
 "latents" and perturb those (a VAE encoder under no_grad blocks the gradient; that raises).
 
 Example:
-    >>> from freezeguard.diffusion import toy
-    >>> from freezeguard.baselines import udp
+    >>> from freezeguard.integrations.diffusers import toy
+    >>> from freezeguard.apps.baselines import udp
     >>> model = toy.build_model()
     >>> data = toy.make_batch(["frame"], 8, seed=0)
     >>> res = udp(model, toy.make_loss_fn(), data, rounds=1, surrogate_steps=1, pgd_steps=1,
@@ -43,7 +43,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ._common import LossFn, check_loss_fn, check_module, check_positive, per_sample_losses
+from freezeguard.apps.baselines._common import LossFn, check_loss_fn, check_module, check_positive, per_sample_losses
+from freezeguard.core.training import train_steps
 
 WEIGHTINGS = ("eudp", "uniform")
 #: 8/255 of the [0, 1] range, expressed for images in [-1, 1].
@@ -134,7 +135,6 @@ def udp(model: nn.Module, loss_fn: LossFn, data: Mapping[str, Any], *, epsilon: 
     n = _num_samples(data)
     images = data[key].detach()
     device = next(model.parameters()).device
-    num_t = int(noise_scheduler.config.num_train_timesteps)
     probs = _timestep_probs(noise_scheduler, timestep_weighting)
     gen = torch.Generator().manual_seed(seed)
     surrogate = copy.deepcopy(model).to(device)
@@ -154,15 +154,12 @@ def udp(model: nn.Module, loss_fn: LossFn, data: Mapping[str, Any], *, epsilon: 
 
     for rnd in range(rounds):
         # 1. the surrogate learns the perturbed data (uniform timesteps: ordinary training)
-        surrogate.train()
-        for _ in range(surrogate_steps):
-            idx = torch.randperm(n, generator=gen)[:batch_size]
-            batch = sub(idx, (images[idx] + delta[idx]).to(device))
-            batch["generator"] = gen
-            loss = per_sample_losses(loss_fn, surrogate, batch, who).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        def perturbed() -> Iterator[dict[str, Any]]:
+            while True:
+                idx = torch.randperm(n, generator=gen)[:batch_size]
+                yield sub(idx, (images[idx] + delta[idx]).to(device))
+
+        train_steps(surrogate, opt, perturbed(), loss_fn, surrogate_steps, generator=gen)
         # 2. error-minimising steps on δ for every mini-batch, the surrogate fixed
         surrogate.requires_grad_(False)
         total = 0.0

@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch
-    >>> from freezeguard.baselines._common import weight_change
+    >>> from freezeguard.apps.baselines._common import weight_change
     >>> m = torch.nn.Linear(2, 2)
     >>> weight_change({k: v.clone() for k, v in m.state_dict().items()}, m)["tensors_changed"]
     0
@@ -89,7 +89,7 @@ def next_batch(stream: Iterator[Mapping[str, Any]], who: str) -> dict[str, Any]:
         batch = next(stream)
     except StopIteration:
         raise ValueError(f"{who}: the data stream ran out; pass an endless iterator "
-                         "(e.g. freezeguard.diffusion.toy.batches or itertools.cycle)") from None
+                         "(e.g. freezeguard.integrations.diffusers.toy.batches or itertools.cycle)") from None
     if not isinstance(batch, Mapping):
         raise TypeError(f"{who}: batches must be dicts, got {type(batch).__name__}")
     return dict(batch)
@@ -149,7 +149,7 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
 class LoRALinear(nn.Module):
     """``base_layer(x) + scale * up(down(x))``, the low-rank adapter of diffusers' LoRA scripts.
 
-    The attribute is called ``base_layer`` as in peft, so :func:`freezeguard.adapters.canonical_name`
+    The attribute is called ``base_layer`` as in peft, so :func:`freezeguard.core.names.canonical_name`
     maps ``....to_k.base_layer.weight`` back to the released ``....to_k.weight``.
     Initialisation follows diffusers' ``LoRALinearLayer``: down ~ N(0, 1/rank), up = 0, so the
     adapted model starts equal to the base model.
@@ -289,10 +289,10 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def weight_change(reference: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, Any]:
     """How far ``model``'s parameters moved from ``reference`` (θ_pre): relative L2, max |Δ|, counts.
 
-    Names are matched after :func:`freezeguard.adapters.canonical_name`, so a LoRA-wrapped model
+    Names are matched after :func:`freezeguard.core.names.canonical_name`, so a LoRA-wrapped model
     compares its base weights (adapter parameters are not in θ_pre and are skipped).
     """
-    from ..adapters import canonical_name
+    from freezeguard.core.names import canonical_name
 
     diff_sq = ref_sq = 0.0
     max_abs = 0.0

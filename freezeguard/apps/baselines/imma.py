@@ -29,8 +29,8 @@ Scaled to the model at hand: ``reference_lr`` is the attacker's lr on this model
 reference_lr, outer lr = 0.1 x reference_lr) and ``steps`` the attacker's steps.
 
 Example:
-    >>> from freezeguard.diffusion import toy
-    >>> from freezeguard.baselines import imma
+    >>> from freezeguard.integrations.diffusers import toy
+    >>> from freezeguard.apps.baselines import imma
     >>> model = toy.build_model()
     >>> stream = toy.mixed_batches(toy.TARGET_CLASSES, toy.INNOCENT_CLASSES, 4, seed=0)
     >>> res = imma(model, toy.make_loss_fn(), stream, steps=2, reference_lr=1e-3)
@@ -46,8 +46,18 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ._common import (LossFn, add_lora, as_iterator, attention_projection_names, check_loss_fn, check_module,
-                      check_positive, next_batch, per_sample_losses, target_flags)
+from freezeguard.apps.baselines._common import (
+    LossFn,
+    add_lora,
+    as_iterator,
+    attention_projection_names,
+    check_loss_fn,
+    check_module,
+    check_positive,
+    next_batch,
+    per_sample_losses,
+    target_flags,
+)
 
 ADAPTATIONS = ("lora", "full")
 DEFENDED = ("attention", "all")
@@ -136,7 +146,7 @@ def imma(model: nn.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, Any]]
     outer_opt = torch.optim.AdamW(def_params, lr=outer_lr, weight_decay=weight_decay)
 
     def new_attacker() -> tuple[nn.Module, dict[str, nn.Parameter], torch.optim.Optimizer]:
-        from ..adapters import canonical_name
+        from freezeguard.core.names import canonical_name
 
         attacked = copy.deepcopy(released)
         if adaptation == "lora":
@@ -194,7 +204,7 @@ def imma(model: nn.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, Any]]
                 reg = per_sample_losses(loss_fn, released, reg_batch, who).mean()
                 (innocent_weight * reg).backward()
                 log["innocent_loss"] = float(reg.detach())
-            for p, g in zip(def_params, grads):
+            for p, g in zip(def_params, grads, strict=True):
                 if g is None:
                     continue
                 # ascent on the adapted target loss = descent on its negative
@@ -204,7 +214,7 @@ def imma(model: nn.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, Any]]
             outer_opt.step()
             with torch.no_grad():
                 # The attacker's weights are θ + φ: move them with θ so that φ is unchanged.
-                for n, p, old in zip(names, def_params, before):
+                for n, p, old in zip(names, def_params, before, strict=True):
                     adv[n].add_(p.detach() - old)
             log["target_loss"] = float(loss.detach())
             if not torch.isfinite(loss):

@@ -23,8 +23,8 @@ the text encoder's output that carry the concept (UCE uses the tokens from the l
 
 Example:
     >>> import torch
-    >>> from freezeguard.diffusion import toy
-    >>> from freezeguard.baselines import uce_edit
+    >>> from freezeguard.integrations.diffusers import toy
+    >>> from freezeguard.apps.baselines import uce_edit
     >>> model = toy.build_model()
     >>> res = uce_edit(model, [toy.class_embedding("frame")], toy.class_embedding("square"),
     ...                preserve_conds=[toy.class_embedding("disc")])
@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ._common import check_condition, check_module, check_positive, cross_attention_kv
+from freezeguard.apps.baselines._common import check_condition, check_module, check_positive, cross_attention_kv
 
 TECHNIQUES = ("replace",)
 
@@ -103,7 +103,7 @@ def uce_edit(model: nn.Module, target_conds: Sequence[torch.Tensor] | torch.Tens
     if len(anchors) != len(targets):
         raise ValueError(f"uce_edit: {len(anchors)} anchor conditions for {len(targets)} targets "
                          "(give one per target, or one for all)")
-    for k, (t, a) in enumerate(zip(targets, anchors)):
+    for k, (t, a) in enumerate(zip(targets, anchors, strict=True)):
         if t.shape != a.shape:
             raise ValueError(f"uce_edit: target {k} has shape {tuple(t.shape)} but its anchor {tuple(a.shape)}; "
                              "token i of the target is mapped onto token i of the anchor")
