@@ -318,6 +318,11 @@ def test_contenders_face_the_same_attackers_in_one_table(model, loss_fn):
     attackers = attacker_suite(1e-3, 1, lora_rank=4)
     assert [a.name for a in attackers] == ["standard", "10x lr", "3x steps", "LoRA r4"]
     res = evaluate_masks(model, entries, domains, loss_fn, attackers[-1:], progress=False)
+    # forked workers give the very same figures (each fine-tune is seeded on its own)
+    par = evaluate_masks(model, entries, domains, loss_fn, attackers[-1:], progress=False, workers=2)
+    assert [(r.mask, r.domain, r.after) for r in par.runs] == [(r.mask, r.domain, r.after) for r in res.runs]
+    with pytest.raises(ValueError, match="workers"):
+        evaluate_masks(model, entries, domains, loss_fn, attackers[-1:], progress=False, workers=0)
     s = res.summary()
     row = s["table"]["LoRA r4"]
     assert set(row) == {"full", "random", "learned", "imma", "ablation", "uce", "udp", "udp (clean pool)",

@@ -66,6 +66,9 @@ class DemoConfig:
     # baselines facing the same attackers (freezeguard.apps.baselines): the two cheap ones by default
     baselines: tuple[str, ...] = ("uce", "ablation")
     baseline_steps: int | None = None  # cap on iterative baselines' steps (None: each paper's, scaled)
+    # fine-tunes of the evaluation run in this many forked processes (one torch thread each): the
+    # demo's budget is 2 cores; the figures do not depend on it
+    workers: int = 2
     seed: int = 0
 
     @classmethod
@@ -175,7 +178,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
                           heldout_n=cfg.heldout_n, sample_n=cfg.sample_n, sample_steps=cfg.sample_steps,
                           guidance=cfg.guidance)
     result = evaluate_masks(model, masks, domains, loss_fn, attackers(cfg), seed=cfg.seed + 31,
-                            progress=progress)
+                            progress=progress, workers=cfg.workers)
     result.masks["learned"]["cost"] = fag_cost.to_json()
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0

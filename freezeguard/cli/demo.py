@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="baselines compared with the learned mask on the same attackers: comma-separated "
                              "imma, ablation, uce, udp, 'all', or 'none' (default: the cheap pair uce,ablation; "
                              "'all' adds IMMA and UDP, a few more minutes)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes running the evaluation's fine-tunes in parallel (default: the demo's 2; "
+                             "the figures do not depend on it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, masks, noise)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 0 keeps torch's default. The tiny model's ops are too small to "
@@ -76,6 +79,10 @@ def _run(args: argparse.Namespace) -> int:
                 cfg = cfg.replace(baselines=tuple(resolve_methods(args.baselines)))
             except ValueError as exc:
                 raise SystemExit(f"freezeguard demo: --baselines: {exc}") from None
+    if args.workers is not None:
+        if args.workers < 1:
+            raise SystemExit(f"freezeguard demo: --workers must be >= 1, got {args.workers}")
+        cfg = cfg.replace(workers=args.workers)
     cfg = cfg.replace(seed=args.seed)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

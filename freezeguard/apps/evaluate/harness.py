@@ -235,9 +235,62 @@ def _describe(entry: FreezeMask | Protection | None) -> dict[str, Any]:
     return out
 
 
+# What forked workers inherit: set just before the pool starts (fork copies it, nothing is pickled
+# but the job indices and the results), cleared after.
+_WORKER_STATE: tuple | None = None
+
+
+def _run_job(job: tuple[int, str, int], state: tuple | None = None) -> tuple[dict[str, Any], list, Any]:
+    """One fine-tune: (attacker index, contender, domain index) -> (after metrics, loss curve, samples)."""
+    plan, domains, loss_fn, attackers, seed, curve_points = state if state is not None else _WORKER_STATE
+    ai, name, di = job
+    released_model, mask, streams = plan[name]
+    d = domains[di]
+    tuned = copy.deepcopy(released_model)
+    curve = finetune(tuned, mask, d, loss_fn, attackers[ai], seed=seed, curve_points=curve_points,
+                     train_batches=streams.get(d.name))
+    after = measure(tuned, loss_fn, d)
+    return after, curve, after.pop("_samples", None)
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_jobs(jobs: list[tuple[int, str, int]], state: tuple, workers: int, model: torch.nn.Module,
+              on_done: Callable[[tuple[int, str, int]], None] | None = None) -> list:
+    """Every job, in order: in this process, or in ``workers`` forked processes.
+
+    Each fine-tune is seeded on its own, so the figures do not depend on ``workers``. Forking is
+    used (not spawn) so that models, closures and streams need no pickling; it is skipped for
+    CUDA models (a CUDA context does not survive fork) and where fork is unavailable.
+    """
+    global _WORKER_STATE
+    import multiprocessing as mp
+
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    out = []
+    if workers <= 1 or len(jobs) <= 1 or on_cuda or "fork" not in mp.get_all_start_methods():
+        for job in jobs:
+            out.append(_run_job(job, state))
+            if on_done is not None:
+                on_done(job)
+        return out
+    _WORKER_STATE = state
+    try:
+        with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_one_thread) as pool:
+            for job, res in zip(jobs, pool.imap(_run_job, jobs), strict=True):
+                out.append(res)
+                if on_done is not None:
+                    on_done(job)
+    finally:
+        _WORKER_STATE = None
+    return out
+
+
 def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Sequence[Domain],
                    loss_fn: LossFn, attackers: Sequence[Attacker], *, seed: int = 0,
-                   curve_points: int = 5, progress: bool = True) -> EvalResult:
+                   curve_points: int = 5, progress: bool = True, workers: int = 1) -> EvalResult:
     """Fine-tune a copy of ``model`` for every attacker x contender x domain and measure each.
 
     ``masks`` maps a display name to a mask (``None`` = full fine-tuning, required under the
@@ -246,7 +299,8 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
     ``random#1``... are averaged as one group "random" in the summary. Every run is measured
     against the released ``model`` before any attack, so a contender whose released weights
     already score lower (an erased concept) only gets credit for what the attack does not regain;
-    its own pre-attack figures are kept as ``masks[name]["released"]``.
+    its own pre-attack figures are kept as ``masks[name]["released"]``. ``workers`` > 1 runs the
+    fine-tunes in that many forked processes (one torch thread each; same figures as 1).
 
     Example:
         >>> result = evaluate_masks(model, {"full": None, "random#0": rnd, "learned": learned},
@@ -260,6 +314,8 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
         raise ValueError("evaluate_masks needs at least one target domain")
     if not attackers:
         raise ValueError("evaluate_masks needs at least one attacker")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     names = [d.name for d in domains]
     if len(set(names)) != len(names):
         raise ValueError(f"domain names must be unique, got {names}")
@@ -299,27 +355,32 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
     metrics = set.intersection(*(set(b) for b in before.values()))
     result.primary_metric = "recognisability" if "recognisability" in metrics else "loss"
 
-    total = len(attackers) * len(masks) * len(domains)
-    bar = tqdm(total=total, desc="evaluate (fine-tunes)", disable=not progress)
-    for attacker in attackers:
+    def is_copy(name: str, d: Domain) -> bool:
+        released_model, mask, streams = plan[name]
+        return name != "full" and released_model is model and mask is None and d.name not in streams
+
+    jobs = [(ai, name, di) for ai in range(len(attackers)) for name in order
+            for di, d in enumerate(domains) if not is_copy(name, d)]
+    bar = tqdm(total=len(jobs), desc="evaluate (fine-tunes)", disable=not progress)
+
+    def done_one(job: tuple[int, str, int]) -> None:
+        bar.set_postfix_str(f"{attackers[job[0]].name}/{job[1]}/{domains[job[2]].name}")
+        bar.update(1)
+
+    state = (plan, list(domains), loss_fn, list(attackers), seed, curve_points)
+    outcomes = dict(zip(jobs, _run_jobs(jobs, state, workers, model, done_one), strict=True))
+    bar.close()
+    for ai, attacker in enumerate(attackers):
         done: dict[str, Run] = {}
         for mask_name in order:
-            released_model, mask, streams = plan[mask_name]
-            for d in domains:
-                bar.set_postfix_str(f"{attacker.name}/{mask_name}/{d.name}")
-                if mask_name != "full" and released_model is model and mask is None and d.name not in streams:
+            for di, d in enumerate(domains):
+                if is_copy(mask_name, d):
                     ref = done[d.name]  # the very same fine-tune as the reference's
                     run = Run(attacker.name, mask_name, d.name, d.role, ref.before, ref.after, ref.curve, ref.samples)
                 else:
-                    tuned = copy.deepcopy(released_model)
-                    curve = finetune(tuned, mask, d, loss_fn, attacker, seed=seed, curve_points=curve_points,
-                                     train_batches=streams.get(d.name))
-                    after = measure(tuned, loss_fn, d)
-                    samples = after.pop("_samples", None)
+                    after, curve, samples = outcomes[(ai, mask_name, di)]
                     run = Run(attacker.name, mask_name, d.name, d.role, before[d.name], after, curve, samples)
                 if mask_name == "full":
                     done[d.name] = run
                 result.runs.append(run)
-                bar.update(1)
-    bar.close()
     return result
