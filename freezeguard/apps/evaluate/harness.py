@@ -348,10 +348,9 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
             result.before_samples[d.name] = before[d.name].pop("_samples")
     for name in order:
         released_model = plan[name][0]
-        if released_model is not model:
-            rel = {d.name: measure(released_model, loss_fn, d) for d in domains}
-            result.masks[name]["released"] = {d: {k: v for k, v in m.items() if k != "_samples"}
-                                              for d, m in rel.items()}
+        # what each contender releases, before any attack (θ_pre itself for masks and data protection)
+        rel = before if released_model is model else {d.name: measure(released_model, loss_fn, d) for d in domains}
+        result.masks[name]["released"] = {d: {k: v for k, v in m.items() if k != "_samples"} for d, m in rel.items()}
     metrics = set.intersection(*(set(b) for b in before.values()))
     result.primary_metric = "recognisability" if "recognisability" in metrics else "loss"
 
