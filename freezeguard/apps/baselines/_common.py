@@ -153,6 +153,11 @@ class LoRALinear(nn.Module):
     maps ``....to_k.base_layer.weight`` back to the released ``....to_k.weight``.
     Initialisation follows diffusers' ``LoRALinearLayer``: down ~ N(0, 1/rank), up = 0, so the
     adapted model starts equal to the base model.
+
+    Example:
+        >>> layer = LoRALinear(torch.nn.Linear(4, 3), rank=2)
+        >>> layer(torch.ones(1, 4)).shape
+        torch.Size([1, 3])
     """
 
     def __init__(self, base_layer: nn.Linear, rank: int = 4, alpha: float | None = None,
@@ -206,6 +211,10 @@ class Cost:
     ``peak_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` during the call minus the
     allocation before it; on CPU, the peak resident set (sampled every few ms from
     /proc/self/statm) minus the resident set before it (``None`` where /proc is missing).
+
+    Example:
+        >>> Cost(seconds=1.5).to_json()["seconds"]
+        1.5
     """
 
     seconds: float = 0.0

@@ -61,7 +61,13 @@ DEFAULT_STEPS = 100
 
 @dataclass
 class AblationResult:
-    """The ablated model, the per-step training losses and the settings used."""
+    """The ablated model, the per-step training losses and the settings used.
+
+    Example:
+        >>> res = concept_ablation(unet, sched, c_target, c_anchor, anchors)   # doctest: +SKIP
+        >>> res.losses[-1] < res.losses[0]                                   # doctest: +SKIP
+        True
+    """
 
     model: nn.Module
     trained: list[str]

@@ -61,6 +61,11 @@ class BaselineInputs:
     batch dict (UDP), used to replace domain ``target_domain``'s training stream;
     ``reference_lr`` / ``reference_steps``: the standard attacker's, to which every method's
     defaults are scaled.
+
+    Example:
+        >>> inputs = toy_inputs(model, reference_lr=1e-3, reference_steps=100)   # doctest: +SKIP
+        >>> inputs.anchor_cond.shape                                           # doctest: +SKIP
+        torch.Size([4, 32])
     """
 
     model: nn.Module

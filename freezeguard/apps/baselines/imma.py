@@ -67,7 +67,13 @@ OUTER_OVER_INNER = 0.1
 
 @dataclass
 class IMMAResult:
-    """The immunized model, the names of the defended weights and a per-step log."""
+    """The immunized model, the names of the defended weights and a per-step log.
+
+    Example:
+        >>> res = imma(unet, loss_fn, stream, steps=10)                # doctest: +SKIP
+        >>> res.history[1]["phase"], "target_loss" in res.history[1]    # doctest: +SKIP
+        ('outer', True)
+    """
 
     model: nn.Module
     defended: list[str]

@@ -51,6 +51,11 @@ class UCEResult:
 
     ``residual[name]`` = ‖W c_i − v_i*‖ / ‖v_i*‖ over the erased tokens after the edit (0 would be a
     perfect map of the target onto the anchor; λ and the preserve terms keep it above 0).
+
+    Example:
+        >>> res = uce_edit(model, [c_target], c_anchor)            # doctest: +SKIP
+        >>> max(res.residual.values()) < 0.1                      # doctest: +SKIP
+        True
     """
 
     model: nn.Module

@@ -53,7 +53,13 @@ DEFAULT_EPSILON = 16 / 255
 
 @dataclass
 class UDPResult:
-    """The protected data (a copy of the input dict with perturbed images), δ, and a log."""
+    """The protected data (a copy of the input dict with perturbed images), δ, and a log.
+
+    Example:
+        >>> res = udp(unet, loss_fn, data, noise_scheduler=sched)    # doctest: +SKIP
+        >>> bool(res.delta.abs().max() <= res.epsilon)                # doctest: +SKIP
+        True
+    """
 
     data: dict[str, Any]
     delta: torch.Tensor
