@@ -16,13 +16,11 @@ from __future__ import annotations
 
 from freezeguard.apps.baselines._common import Cost, add_lora, measure_cost, weight_change
 from freezeguard.apps.baselines.ablation import AblationResult, concept_ablation, prediction_gap
+from freezeguard.apps.baselines.harness import METHODS, BaselineInputs, Protection, build_baselines, contenders
 from freezeguard.apps.baselines.imma import IMMAResult, imma
 from freezeguard.apps.baselines.uce import UCEResult, uce_edit, uce_objective
 from freezeguard.apps.baselines.udp import UDPResult, finite_stream, udp
 
-#: Names accepted by ``freezeguard evaluate --baselines`` (``all`` = every one).
-METHODS = ("imma", "ablation", "uce", "udp")
-
-__all__ = ["METHODS", "imma", "IMMAResult", "concept_ablation", "AblationResult", "prediction_gap", "uce_edit",
+__all__ = ["METHODS", "Protection", "BaselineInputs", "build_baselines", "contenders", "imma", "IMMAResult", "concept_ablation", "AblationResult", "prediction_gap", "uce_edit",
            "UCEResult", "uce_objective", "udp", "UDPResult", "finite_stream", "Cost", "measure_cost",
            "weight_change", "add_lora"]

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from freezeguard.core.names import canonical_name
+
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 #: diffusers' LoRA training scripts (train_text_to_image_lora.py, IMMA's defend/train scripts) put
@@ -301,8 +303,6 @@ def weight_change(reference: Mapping[str, torch.Tensor], model: nn.Module) -> di
     Names are matched after :func:`freezeguard.core.names.canonical_name`, so a LoRA-wrapped model
     compares its base weights (adapter parameters are not in θ_pre and are skipped).
     """
-    from freezeguard.core.names import canonical_name
-
     diff_sq = ref_sq = 0.0
     max_abs = 0.0
     changed = changed_params = total_params = 0

@@ -13,15 +13,22 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from freezeguard.apps.baselines._common import Cost, LossFn, measure_cost, snapshot, weight_change
+from freezeguard.apps.baselines.ablation import concept_ablation
+from freezeguard.apps.baselines.imma import imma
+from freezeguard.apps.baselines.uce import uce_edit
+from freezeguard.apps.baselines.udp import finite_stream, udp
+from freezeguard.core.mask import FreezeMask
+from freezeguard.integrations.diffusers import toy
 
-if TYPE_CHECKING:
-    from freezeguard.core.mask import FreezeMask
+#: Names accepted by ``freezeguard evaluate --baselines`` (``all`` = every one).
+METHODS = ("imma", "ablation", "uce", "udp")
+
 
 Stream = Callable[[int], Iterator[Mapping[str, Any]]]
 
@@ -42,7 +49,7 @@ class Protection:
 
     kind: str
     model: nn.Module | None = None
-    mask: "FreezeMask | None" = None
+    mask: FreezeMask | None = None
     train_batches: dict[str, Stream] = field(default_factory=dict)
     cost: Cost | None = None
     weight_change: dict[str, Any] | None = None
@@ -94,8 +101,6 @@ def resolve_methods(spec: str | Sequence[str]) -> list[str]:
         >>> resolve_methods("uce, ablation")
         ['uce', 'ablation']
     """
-    from freezeguard.apps.baselines import METHODS
-
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s and s.strip()]
     if names == ["all"]:
         return list(METHODS)
@@ -133,9 +138,6 @@ def build_baselines(methods: Sequence[str], inputs: BaselineInputs, *, seed: int
         >>> contenders = build_baselines(["uce"], inputs)           # doctest: +SKIP
         >>> contenders["uce"].weight_change["rel_l2"]              # doctest: +SKIP
     """
-    from freezeguard.apps.baselines import concept_ablation, imma, uce_edit, udp
-    from freezeguard.apps.baselines.udp import finite_stream
-
     overrides = dict(overrides or {})
     pre = snapshot(inputs.model)
     out: dict[str, Protection] = {}
@@ -207,9 +209,6 @@ def toy_inputs(model: nn.Module, *, reference_lr: float, reference_steps: int, b
     Example:
         >>> inputs = toy_inputs(model, reference_lr=1e-3, reference_steps=100)   # doctest: +SKIP
     """
-    from freezeguard.apps.baselines.udp import finite_stream
-    from freezeguard.integrations.diffusers import toy
-
     target = tuple(target or toy.TARGET_CLASSES)
     innocent = tuple(innocent or toy.INNOCENT_CLASSES)
     if anchor not in toy.ALL_CLASSES or anchor in target:
@@ -236,7 +235,7 @@ def toy_inputs(model: nn.Module, *, reference_lr: float, reference_steps: int, b
 
 
 def contenders(model: nn.Module, methods: Sequence[str], inputs: BaselineInputs | None, *,
-               mask: "FreezeMask | None" = None, random_seeds: int = 3, budget_by: str = "tensors", seed: int = 0,
+               mask: FreezeMask | None = None, random_seeds: int = 3, budget_by: str = "tensors", seed: int = 0,
                mask_name: str = "learned", overrides: Mapping[str, Mapping[str, Any]] | None = None,
                progress: bool = False) -> dict[str, Any]:
     """Everything one evaluation compares, by display name, for :func:`freezeguard.apps.evaluate.harness.evaluate_masks`.
@@ -251,8 +250,6 @@ def contenders(model: nn.Module, methods: Sequence[str], inputs: BaselineInputs 
         >>> list(entries)                                                     # doctest: +SKIP
         ['full', 'random#0', 'random#1', 'random#2', 'learned', 'uce']
     """
-    from freezeguard.core.mask import FreezeMask
-
     out: dict[str, Any] = {"full": None}
     if mask is not None:
         ratio = mask.ratio(budget_by)

@@ -58,6 +58,7 @@ from freezeguard.apps.baselines._common import (
     per_sample_losses,
     target_flags,
 )
+from freezeguard.core.names import canonical_name
 
 ADAPTATIONS = ("lora", "full")
 DEFENDED = ("attention", "all")
@@ -152,8 +153,6 @@ def imma(model: nn.Module, loss_fn: LossFn, batches: Iterator[Mapping[str, Any]]
     outer_opt = torch.optim.AdamW(def_params, lr=outer_lr, weight_decay=weight_decay)
 
     def new_attacker() -> tuple[nn.Module, dict[str, nn.Parameter], torch.optim.Optimizer]:
-        from freezeguard.core.names import canonical_name
-
         attacked = copy.deepcopy(released)
         if adaptation == "lora":
             trainable = add_lora(attacked, attention_projection_names(attacked), lora_rank, seed=seed)
