@@ -366,10 +366,10 @@ def test_cli_evaluate_baselines_all_toy(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert list(data["table"]) == ["standard"]
     assert set(data["table"]["standard"]) == {"full", "imma", "ablation", "uce", "udp", "udp (clean pool)"}
-    with pytest.raises(SystemExit, match="--baselines"):
-        main(["evaluate", "--baselines", "esd", "--cache-dir", str(tmp_path), "--quiet"])
-    with pytest.raises(SystemExit, match="--mask, --baselines"):
-        main(["evaluate", "--cache-dir", str(tmp_path), "--quiet"])
+    assert main(["evaluate", "--baselines", "esd", "--cache-dir", str(tmp_path), "--quiet"]) == 2
+    assert "--baselines: unknown baselines" in capsys.readouterr().err
+    assert main(["evaluate", "--cache-dir", str(tmp_path), "--quiet"]) == 2
+    assert "give --mask, --baselines" in capsys.readouterr().err
 
 
 def test_cli_evaluate_baselines_real_pipeline(tmp_path, capsys):
@@ -385,8 +385,8 @@ def test_cli_evaluate_baselines_real_pipeline(tmp_path, capsys):
     common = ["evaluate", "--pretrained", str(pipe), "--target-data", str(tmp_path / "t"), "--innocent-data",
               str(tmp_path / "i"), "--heldout", "2", "--batch-size", "2", "--steps", "1", "--no-strong", "--quiet",
               "--device", "cpu", "--baseline-steps", "1"]
-    with pytest.raises(SystemExit, match="--target-prompt"):
-        main(common + ["--baselines", "uce"])
+    assert main(common + ["--baselines", "uce"]) == 2
+    assert "--target-prompt" in capsys.readouterr().err
     rc = main(common + ["--baselines", "all", "--target-prompt", "a photo of sks", "--anchor-prompt", "a photo",
                         "--preserve-prompt", "a photo of stripes", "--json"])
     assert rc == 0
