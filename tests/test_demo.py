@@ -13,7 +13,8 @@ def test_quick_demo_end_to_end_and_deterministic(tmp_path, capsys):
     rc = main(["demo", "--quick", "--cache-dir", str(cache), "--out", str(out), "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
-    for word in ("full", "random", "learned", "mitigation", "innocent impact", "report written to"):
+    for word in ("full", "random", "learned", "uce", "ablation", "mitigation", "innocent impact", "publisher cost",
+                 "report written to"):
         assert word in text, word
     for f in ("report.md", "summary.json", "runs.json", "loss_curves.png", "samples.png", "learned_mask.safetensors"):
         assert (out / f).stat().st_size > 0, f
@@ -26,6 +27,10 @@ def test_quick_demo_end_to_end_and_deterministic(tmp_path, capsys):
     # The demo's budget counts parameters (a tensor-count budget is spent on biases; see the README).
     assert first["masks"]["learned"]["ratio_params"] == pytest.approx(0.5, abs=0.05)
     assert first["masks"]["ref: delta"]["ratio_params"] == pytest.approx(0.5, abs=0.05)
+    # the cheap baselines face the same attackers as the masks, with their cost and weight drift
+    assert {"uce", "ablation"} <= set(first["table"]["standard"]) and "imma" not in first["table"]["standard"]
+    assert first["masks"]["uce"]["weight_change"]["tensors_changed"] > 0
+    assert first["masks"]["learned"]["cost"]["seconds"] > 0
 
     assert "ref: delta" in text and "ref: saliency" in text  # the reference masks beside learned and random
     assert "the data moved" in text and "frozen tensors" in text
@@ -40,7 +45,8 @@ def test_quick_demo_end_to_end_and_deterministic(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_arguments(tmp_path):
-    for bad in (["--ratio", "1.5"], ["--strong-lr-mult", "0"], ["--threads", "-1"], ["--workers", "0"]):
+    for bad in (["--ratio", "1.5"], ["--strong-lr-mult", "0"], ["--threads", "-1"], ["--workers", "0"],
+                ["--baselines", "esd"]):
         with pytest.raises(SystemExit, match="freezeguard demo: --"):
             main(["demo", "--quick", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "r"), *bad])
     assert not (tmp_path / "r").exists()

@@ -5,7 +5,9 @@ Phases (each with a progress bar):
 2. the publisher's own "relearn" fine-tune on target + innocent data (theta_ft);
 3. the bilevel MaskLearner between theta_pre and theta_ft at the demo's freeze ratio;
 4. simulated user fine-tunes under no mask / random masks / the learned mask, on the target and
-   the innocent domain, for the standard and a stronger attacker; a report folder.
+   the innocent domain, for the standard and stronger attackers, the baselines (UCE and Concept
+   Ablation by default; IMMA and UDP with ``baselines=("all",)`` / ``freezeguard demo --baselines
+   all``) facing the same attackers; a report folder.
 
 Everything is seeded; the same config gives the same figures on the same machine/torch build.
 
@@ -25,7 +27,16 @@ from typing import Any
 
 import torch
 
-from freezeguard.apps.evaluate.harness import attacker_suite
+from freezeguard.apps.baselines import measure_cost
+from freezeguard.apps.baselines.harness import Protection, contenders, resolve_methods, step_overrides, toy_inputs
+from freezeguard.apps.evaluate.harness import attacker_suite, evaluate_masks
+from freezeguard.apps.evaluate.report import write_report
+from freezeguard.apps.evaluate.toy_domains import toy_domains
+from freezeguard.apps.learn import reference_masks as ref
+from freezeguard.apps.learn.config import LearnerConfig
+from freezeguard.apps.learn.learner import INITS, MaskLearner
+from freezeguard.core.mask import FreezeMask
+from freezeguard.integrations.diffusers import judge as judge_mod
 from freezeguard.integrations.diffusers import toy
 
 
@@ -73,6 +84,12 @@ class DemoConfig:
     sample_n: int = 32
     sample_steps: int = 15
     guidance: float = 1.0
+    # baselines facing the same attackers (freezeguard.apps.baselines): the two cheap ones by default
+    baselines: tuple[str, ...] = ("uce", "ablation")
+    baseline_steps: int | None = None  # cap on iterative baselines' steps (None: each paper's, scaled)
+    # fine-tunes of the evaluation run in this many forked processes (one torch thread each): the
+    # demo's budget is 2 cores; the figures do not depend on it
+    workers: int = 2
     seed: int = 0
 
     @classmethod
@@ -80,7 +97,7 @@ class DemoConfig:
         """A shortened configuration (tests, a first look): every phase, far fewer steps."""
         small = toy.ToyModelConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4)
         return cls(pretrain=toy.PretrainConfig(model=small, steps=30, batch_size=8), batch_size=8,
-                   publisher_steps=10, learner_steps=10, attacker_steps=4, strong_steps_mult=1.0,
+                   publisher_steps=10, learner_steps=10, attacker_steps=4, strong_steps_mult=1.0, baseline_steps=2,
                    random_seeds=1, judge_steps=30, heldout_n=8, sample_n=4, sample_steps=3, saliency_batches=4)
 
     def to_json(self) -> dict[str, Any]:
@@ -89,8 +106,6 @@ class DemoConfig:
     def learner_config(self):
         """The demo's LearnerConfig (``init`` other than uniform/constant: a reference ranking's name,
         whose scores ``learn_mask`` passes to the learner)."""
-        from freezeguard.apps.learn.config import LearnerConfig
-
         return LearnerConfig(freeze_ratio=self.freeze_ratio, budget_by=self.budget_by, temperature=self.temperature,
                              c_sparsity=self.c_sparsity, mask_lr=self.mask_lr, user_lr=self.user_lr,
                              user_interval=self.user_interval, user_optimizer=self.user_optimizer, seed=self.seed,
@@ -119,8 +134,6 @@ def reference_scores(model: torch.nn.Module, ft_state: dict, cfg: DemoConfig, lo
                      names: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """The reference rankings ``names`` (of "delta", "cross-attention", "saliency") between the
     released weights and theta_ft; saliency averages s over ``cfg.saliency_batches`` mixed batches."""
-    from freezeguard.apps.learn import reference_masks as ref
-
     pre_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = {}
     for name in names:
@@ -144,8 +157,6 @@ def learn_mask(model: torch.nn.Module, ft_state: dict, cfg: DemoConfig, loss_fn,
 
     ``cfg.init`` names the logits' start: "uniform", "constant" or a reference ranking (taken
     from ``scores`` when given, else computed)."""
-    from freezeguard.apps.learn.learner import INITS, MaskLearner
-
     pre_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     init = cfg.init
     if init not in INITS:
@@ -169,19 +180,14 @@ def attackers(cfg: DemoConfig):
 
 def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freezeguard-demo",
              cache_dir: str | Path | None | bool = None, *, progress: bool = True,
-             device: str | torch.device = "cpu", workers: int = 1) -> dict[str, Any]:
+             device: str | torch.device = "cpu", workers: int | None = None) -> dict[str, Any]:
     """Run every phase; write the report to ``out_dir`` (None: no files). Returns the summary.
 
-    ``workers``: processes for the evaluation's fine-tunes (same figures, less wall time; see
-    ``evaluate_masks``).
+    ``workers``: processes for the evaluation's fine-tunes (default ``cfg.workers``; same figures,
+    less wall time; see ``evaluate_masks``).
 
     The figures are seeded; on another device (``device="cuda"``) they differ slightly from CPU's.
     """
-    from freezeguard.apps.evaluate.harness import evaluate_masks
-    from freezeguard.apps.evaluate.toy_domains import toy_domains
-    from freezeguard.core.mask import FreezeMask
-    from freezeguard.integrations.diffusers import judge as judge_mod
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     loss_fn = toy.make_loss_fn(cfg.pretrain.model)
@@ -192,33 +198,51 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
     model = toy.pretrained_model(cfg.pretrain, cache_dir=cache_dir, progress=progress, device=device)
     timings["pretrain"] = time.perf_counter() - t0
 
-    _phase("2/4 publisher's relearn fine-tune (target + innocent)", progress)
-    t = time.perf_counter()
-    ft_state = publisher_finetune(model, cfg, loss_fn, progress=progress)
-    timings["publisher_finetune"] = time.perf_counter() - t
+    # The publisher's cost of FreezeAsGuard: its own fine-tune (theta_ft) plus the mask learner.
+    with measure_cost(device) as fag_cost:
+        _phase("2/4 publisher's relearn fine-tune (target + innocent)", progress)
+        t = time.perf_counter()
+        ft_state = publisher_finetune(model, cfg, loss_fn, progress=progress)
+        timings["publisher_finetune"] = time.perf_counter() - t
 
-    _phase(f"3/4 reference rankings, then learn a mask ({cfg.freeze_ratio:.0%} of {cfg.budget_by})", progress)
-    t = time.perf_counter()
-    wanted = tuple(dict.fromkeys(cfg.references + (() if cfg.init in ("uniform", "constant") else (cfg.init,))))
-    scores = reference_scores(model, ft_state, cfg, loss_fn, wanted)
-    timings["reference_masks"] = time.perf_counter() - t
-    t = time.perf_counter()
-    learned, logs = learn_mask(model, ft_state, cfg, loss_fn, progress=progress, scores=scores)
-    timings["learn_mask"] = time.perf_counter() - t
+        _phase(f"3/4 reference rankings, then learn a mask ({cfg.freeze_ratio:.0%} of {cfg.budget_by})", progress)
+        t = time.perf_counter()
+        wanted = tuple(dict.fromkeys(cfg.references + (() if cfg.init in ("uniform", "constant") else (cfg.init,))))
+        scores = reference_scores(model, ft_state, cfg, loss_fn, wanted)
+        timings["reference_masks"] = time.perf_counter() - t
+        t = time.perf_counter()
+        learned, logs = learn_mask(model, ft_state, cfg, loss_fn, progress=progress, scores=scores)
+        timings["learn_mask"] = time.perf_counter() - t
 
-    _phase("4/4 evaluate full / random / learned on target and innocent", progress)
+    methods = resolve_methods(cfg.baselines) if cfg.baselines else []
+    _phase("4/4 evaluate full / random / learned" + "".join(f" / {m}" for m in methods)
+           + " on target and innocent", progress)
     t = time.perf_counter()
-    masks: dict[str, FreezeMask | None] = {"full": None}
-    for k in range(cfg.random_seeds):
-        masks[f"random#{k}"] = FreezeMask.random(model, cfg.freeze_ratio, by=cfg.budget_by, seed=cfg.seed + k)
-    for name in cfg.references:
-        masks[f"ref: {name}"] = FreezeMask.from_scores(model, scores[name], cfg.freeze_ratio, by=cfg.budget_by)
-    masks["learned"] = learned
+    inputs = None
+    if methods:
+        inputs = toy_inputs(model, reference_lr=cfg.attacker_lr, reference_steps=cfg.attacker_steps,
+                            batch_size=cfg.batch_size, target=cfg.target, innocent=cfg.innocent,
+                            sample_steps=cfg.sample_steps, seed=cfg.seed, config=cfg.pretrain.model)
+    # the random masks are drawn as before: same ratio, seeds cfg.seed + k
+    contenders_ = contenders(model, methods, inputs, mask=learned, random_seeds=cfg.random_seeds,
+                             budget_by=cfg.budget_by, seed=cfg.seed, overrides=step_overrides(cfg.baseline_steps),
+                             progress=progress)
+    # the reference masks (the bar the learner must clear) sit between the random masks and the learned one
+    masks: dict[str, Any] = {}
+    for name, entry in contenders_.items():
+        if name == "learned":
+            for ref_name in cfg.references:
+                masks[f"ref: {ref_name}"] = FreezeMask.from_scores(model, scores[ref_name], cfg.freeze_ratio,
+                                                                    by=cfg.budget_by)
+        masks[name] = entry
+    timings["baselines"] = sum(p.cost.seconds for k, p in masks.items()
+                               if isinstance(p, Protection) and p.cost is not None and "+" not in k)
     domains = toy_domains(cfg.target, cfg.innocent, judge=judge, batch_size=cfg.batch_size,
                           heldout_n=cfg.heldout_n, sample_n=cfg.sample_n, sample_steps=cfg.sample_steps,
                           guidance=cfg.guidance)
-    result = evaluate_masks(model, masks, domains, loss_fn, attackers(cfg), seed=cfg.seed + 31, workers=workers,
-                            progress=progress)
+    result = evaluate_masks(model, masks, domains, loss_fn, attackers(cfg), seed=cfg.seed + 31,
+                            progress=progress, workers=cfg.workers if workers is None else workers)
+    result.masks["learned"]["cost"] = fag_cost.to_json()
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -231,7 +255,5 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
                           "budget_by": cfg.budget_by, "frozen_moved": final.get("frozen_moved"),
                           "frozen_moved_share": final.get("frozen_moved_share")}
     if out_dir is not None:
-        from freezeguard.apps.evaluate.report import write_report
-
         summary["report_dir"] = str(write_report(result, summary, out_dir, mask=learned))
     return summary

@@ -28,13 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strong-steps-mult", type=float, default=None,
                         help="the '<k>x steps' attacker's steps multiplier (default: the demo's, 1 = no such "
                              "attacker; 3 adds it, at 3x the time)")
+    parser.add_argument("--baselines", default=None, metavar="LIST",
+                        help="baselines compared with the learned mask on the same attackers: comma-separated "
+                             "imma, ablation, uce, udp, 'all', or 'none' (default: the cheap pair uce,ablation; "
+                             "'all' adds IMMA and UDP, a few more minutes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, masks, noise)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 0 keeps torch's default. The tiny model's ops are too small to "
                              "share across threads: on a busy 2-core machine one thread was 4-30x faster per step")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="processes for the evaluation's fine-tunes (default 2: both cores of a small machine; "
-                             "the figures do not depend on it)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes running the evaluation's fine-tunes in parallel (default: the demo's 2, both "
+                             "cores of a small machine; the figures do not depend on it)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads < 0:
         raise SystemExit(f"freezeguard demo: --threads must be >= 0, got {args.threads}")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise SystemExit(f"freezeguard demo: --workers must be >= 1, got {args.workers}")
     previous = torch.get_num_threads()
     if args.threads:
@@ -72,6 +76,18 @@ def _run(args: argparse.Namespace) -> int:
             if not value > 0:
                 raise SystemExit(f"freezeguard demo: --{name.replace('_', '-')} must be > 0, got {value}")
             cfg = cfg.replace(**{name: value})
+    if args.baselines is not None:
+        from freezeguard.apps.baselines.harness import resolve_methods
+
+        if args.baselines.strip() == "none":
+            cfg = cfg.replace(baselines=())
+        else:
+            try:
+                cfg = cfg.replace(baselines=tuple(resolve_methods(args.baselines)))
+            except ValueError as exc:
+                raise SystemExit(f"freezeguard demo: --baselines: {exc}") from None
+    if args.workers is not None:
+        cfg = cfg.replace(workers=args.workers)
     cfg = cfg.replace(seed=args.seed)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -83,8 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     cache = False if args.no_cache else args.cache_dir
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="matplotlib is not installed", category=RuntimeWarning)
-        summary = run_demo(cfg, out_dir=args.out, cache_dir=cache, progress=not args.no_progress and not args.json,
-                           workers=args.workers)
+        summary = run_demo(cfg, out_dir=args.out, cache_dir=cache, progress=not args.no_progress and not args.json)
     if args.json:
         print(json.dumps(jsonable(summary), indent=2))
         return 0

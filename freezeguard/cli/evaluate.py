@@ -38,7 +38,21 @@ class UsageError(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mask", required=True, help="mask file (.safetensors) to evaluate")
+    parser.add_argument("--mask", default=None, help="mask file (.safetensors) to evaluate (optional with --baselines)")
+    parser.add_argument("--baselines", default=None, metavar="LIST",
+                        help="comma-separated baselines to compare: imma, ablation, uce, udp, or 'all'; they face the "
+                             "same attackers, plus a rank-4 LoRA attacker where the model has attention")
+    parser.add_argument("--baseline-steps", type=int, default=None, metavar="N",
+                        help="cap every iterative baseline at N steps (ablation and IMMA steps; UDP: 1 round of N "
+                             "surrogate and N noise steps) -- a smoke test; default: each paper's, scaled")
+    parser.add_argument("--anchor", default="square",
+                        help="toy model: the class UCE / Concept Ablation map the target onto (a class it knows)")
+    parser.add_argument("--target-prompt", default=None, help="with --pretrained: the target concept's prompt (UCE, ablation)")
+    parser.add_argument("--anchor-prompt", default=None, help="with --pretrained: the anchor concept's prompt (UCE, ablation)")
+    parser.add_argument("--preserve-prompt", action="append", default=[],
+                        help="with --pretrained: a prompt UCE must preserve (repeat for several)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes running the fine-tunes in parallel (CPU; the figures do not depend on it)")
     parser.add_argument("--pretrained", default=None, help="local diffusers SD folder (default: the built-in toy model)")
     parser.add_argument("--target-data", default=None, help="imagefolder of the target domain (with --pretrained)")
     parser.add_argument("--innocent-data", action="append", default=[],
@@ -77,7 +91,9 @@ def _attackers(args):
 
     if args.no_strong:
         return attacker_suite(args.lr, args.steps, lr_mult=1.0, steps_mult=1.0)
-    return attacker_suite(args.lr, args.steps, lr_mult=args.strong_lr_mult, steps_mult=args.strong_steps_mult)
+    # with baselines every contender also faces a LoRA attacker (dropped in run() if the model has no attention)
+    return attacker_suite(args.lr, args.steps, lr_mult=args.strong_lr_mult, steps_mult=args.strong_steps_mult,
+                          lora_rank=4 if args.baselines else None)
 
 
 def _toy_setup(args):
@@ -105,7 +121,20 @@ def _real_setup(args, device):
           "does not take; reporting held-out denoising loss and prompt gain.", file=sys.stderr)
     domains = imagefolder_domains(comps, args.target_data, args.innocent_data, heldout=args.heldout or 4,
                                   batch_size=args.batch_size, resolution=args.resolution, seed=args.seed)
-    return comps.unet, comps.loss_fn(), domains
+    return comps, domains
+
+
+def _baseline_inputs(args, model, comps, domains, methods):
+    from freezeguard.apps.baselines.harness import pipeline_inputs, toy_inputs
+
+    if comps is None:
+        return toy_inputs(model, reference_lr=args.lr, reference_steps=args.steps, batch_size=args.batch_size,
+                          anchor=args.anchor, sample_steps=args.sample_steps, seed=args.seed)
+    prompts = {"uce", "ablation"} & set(methods)
+    return pipeline_inputs(comps, domains, reference_lr=args.lr, reference_steps=args.steps,
+                           batch_size=args.batch_size, target_prompt=args.target_prompt if prompts else None,
+                           anchor_prompt=args.anchor_prompt if prompts else None,
+                           preserve_prompts=args.preserve_prompt, seed=args.seed)
 
 
 def apply_demo_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -124,9 +153,23 @@ def check_args(args: argparse.Namespace):
 
     Raises UsageError (or FreezeMaskFileError) naming the bad input.
     """
+    from freezeguard.apps.baselines.harness import resolve_methods, step_overrides
     from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
 
     apply_demo_defaults(args)
+    if not args.mask and not args.baselines:
+        raise UsageError("give --mask, --baselines, or both")
+    try:
+        args.methods = resolve_methods(args.baselines) if args.baselines else []
+        args.overrides = step_overrides(args.baseline_steps)
+    except ValueError as exc:
+        raise UsageError(f"--baselines: {exc}") from None
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    prompts = {"uce", "ablation"} & set(args.methods)
+    if args.pretrained and prompts and not (args.target_prompt and args.anchor_prompt):
+        raise UsageError(f"{', '.join(sorted(prompts))} need --target-prompt and --anchor-prompt "
+                         "(the concept to erase and the one to map it onto)")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
@@ -144,9 +187,9 @@ def check_args(args: argparse.Namespace):
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder")
-    mask = FreezeMask.load(args.mask)  # the file itself: header first, checksum, version
+    mask = FreezeMask.load(args.mask) if args.mask else None  # the file itself: header first, checksum, version
     if args.budget_by is None:
-        by = mask.metadata.get("budget_by", "tensors")
+        by = mask.metadata.get("budget_by", "tensors") if mask is not None else "tensors"
         args.budget_by = by if by in ("tensors", "params") else "tensors"
     if args.pretrained:
         from freezeguard.core.weights import WeightsError, weights_layout
@@ -169,6 +212,8 @@ def check_args(args: argparse.Namespace):
         from freezeguard.integrations.diffusers import toy
 
         layout = {n: tuple(p.shape) for n, p in toy.build_model(DemoConfig().pretrain.model).named_parameters()}
+    if mask is None:
+        return mask, attackers
     mismatch = describe_layout_mismatch(mask.layout, layout, missing="missing from the model",
                                         extra="not in the mask", reshaped="reshaped")
     if mismatch:
@@ -195,29 +240,33 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from freezeguard.apps.evaluate.harness import evaluate_masks
+    from freezeguard.apps.baselines.harness import contenders
+    from freezeguard.apps.evaluate.harness import evaluate_masks, has_attention
     from freezeguard.apps.evaluate.report import format_table, headline, jsonable, table_rows, write_report
     from freezeguard.core.mask import FreezeMask
     from freezeguard.integrations.diffusers.pipeline import PipelineError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    comps = None
     try:
         if args.pretrained:
-            model, loss_fn, domains = _real_setup(args, device)
+            comps, domains = _real_setup(args, device)
+            model, loss_fn = comps.unet, comps.loss_fn()
         else:
             model, loss_fn, domains = _toy_setup(args)
             model.to(device)
-        mask = FreezeMask.load(args.mask, model=model)
-    except (PipelineError, FreezeMaskFileError) as exc:
+        mask = FreezeMask.load(args.mask, model=model) if args.mask else None
+        inputs = _baseline_inputs(args, model, comps, domains, args.methods) if args.methods else None
+    except (PipelineError, FreezeMaskFileError, ValueError) as exc:
         return _error(str(exc))
-    ratio = mask.ratio(args.budget_by)
-    masks = {"full": None}
-    for k in range(args.random_seeds):
-        masks[f"random#{k}"] = FreezeMask.random(model, ratio, by=args.budget_by, seed=args.seed + k)
-    masks["learned"] = mask
+    if not has_attention(model):  # LoRA adapts attention projections: no attention, no LoRA attacker
+        attackers = [a for a in attackers if a.lora_rank is None]
     torch.manual_seed(args.seed)
+    # full, random masks at the mask's ratio, the mask, the baselines (and IMMA + the mask)
+    masks = contenders(model, args.methods, inputs, mask=mask, random_seeds=args.random_seeds,
+                       budget_by=args.budget_by, seed=args.seed, overrides=args.overrides, progress=not args.quiet)
     result = evaluate_masks(model, masks, domains, loss_fn, attackers, seed=args.seed,
-                            progress=not args.quiet)
+                            progress=not args.quiet, workers=args.workers)
     summary = result.summary()
     if args.out:
         summary["report_dir"] = str(write_report(result, summary, args.out))

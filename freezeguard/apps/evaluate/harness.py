@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from freezeguard.apps.baselines._common import add_lora, attention_projection_names
+from freezeguard.apps.baselines.harness import Protection
 from freezeguard.apps.evaluate.metrics import METRIC_SIGN, mask_group, summarize  # noqa: F401  (re-exported)
 from freezeguard.core.guard import make_adamw
 from freezeguard.core.mask import FreezeMask
@@ -43,31 +45,49 @@ LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]
 
 @dataclass
 class Attacker:
-    """A simulated user fine-tune: AdamW (torch defaults but ``weight_decay``) at ``lr`` for ``steps``."""
+    """A simulated user fine-tune: AdamW (torch defaults but ``weight_decay``) at ``lr`` for ``steps``.
+
+    With ``lora_rank`` the attacker trains rank-``lora_rank`` LoRA adapters on the attention
+    projections instead of the weights -- only on projections the mask leaves trainable: an
+    adapter on a frozen tensor is a way around the mask, which guard/wrap refuse.
+    """
 
     name: str
     lr: float
     steps: int
     weight_decay: float = 1e-2
+    lora_rank: int | None = None
 
     def __post_init__(self):
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"attacker {self.name!r}: lr must be a positive number, got {self.lr}")
         if int(self.steps) < 1:
             raise ValueError(f"attacker {self.name!r}: steps must be >= 1, got {self.steps}")
+        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
+            raise ValueError(f"attacker {self.name!r}: lora_rank must be an int >= 1, got {self.lora_rank!r}")
 
 
-def attacker_suite(lr: float, steps: int, *, lr_mult: float = 10.0, steps_mult: float = 3.0) -> list[Attacker]:
+def has_attention(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has attention projections a LoRA attacker can adapt."""
+    return bool(attention_projection_names(model))
+
+
+def attacker_suite(lr: float, steps: int, *, lr_mult: float = 10.0, steps_mult: float = 3.0,
+                   lora_rank: int | None = None) -> list[Attacker]:
     """The attackers every mask and baseline faces: the standard user, then stronger ones.
 
     ``standard`` is the simulated user at ``lr`` for ``steps``; ``"<k>x lr"`` multiplies its
     learning rate and ``"<k>x steps"`` its step count (a multiplier of 1 drops that attacker).
-    The evaluation, the demo and the benchmarks all build their attackers here, so a figure
-    labelled "10x lr" means the same thing everywhere.
+    With ``lora_rank`` (pass it where the model has attention, see :func:`has_attention`) a LoRA
+    attacker follows at ``lr_mult`` x ``lr`` for ``steps``: LoRA trains at 10x a full fine-tune's
+    lr in diffusers' scripts (1e-4 against 1e-5). The evaluation, the demo and the benchmarks all
+    build their attackers here, so a figure labelled "10x lr" means the same thing everywhere.
 
     Example:
         >>> [a.name for a in attacker_suite(1e-3, 100)]
         ['standard', '10x lr', '3x steps']
+        >>> attacker_suite(1e-3, 100, lora_rank=4)[-1].name
+        'LoRA r4'
     """
     for what, mult in (("lr_mult", lr_mult), ("steps_mult", steps_mult)):
         if not (mult > 0 and math.isfinite(mult)):
@@ -77,6 +97,8 @@ def attacker_suite(lr: float, steps: int, *, lr_mult: float = 10.0, steps_mult: 
         out.append(Attacker(f"{lr_mult:g}x lr", lr * lr_mult, steps))
     if steps_mult != 1.0:
         out.append(Attacker(f"{steps_mult:g}x steps", lr, max(1, round(steps * steps_mult))))
+    if lora_rank is not None:
+        out.append(Attacker(f"LoRA r{lora_rank}", lr * lr_mult, steps, lora_rank=lora_rank))
     return out
 
 
@@ -131,14 +153,29 @@ def measure(model: torch.nn.Module, loss_fn: LossFn, domain: Domain) -> dict[str
     return out
 
 
+def attacker_optimizer(model: torch.nn.Module, mask: FreezeMask | None, attacker: Attacker) -> torch.optim.Optimizer:
+    """The attacker's AdamW: :func:`make_adamw` (mask enforced), or for a LoRA attacker an AdamW
+    over adapters it puts, in place, on ``model``'s attention projections that the mask leaves trainable."""
+    if attacker.lora_rank is None:
+        return make_adamw(model, mask, lr=attacker.lr, weight_decay=attacker.weight_decay)
+    names = [n for n in attention_projection_names(model) if mask is None or not mask.is_frozen(f"{n}.weight")]
+    if not names:
+        raise ValueError(f"attacker {attacker.name!r}: no trainable attention projection to put LoRA on")
+    model.requires_grad_(False)
+    params = add_lora(model, names, attacker.lora_rank, seed=0)
+    return torch.optim.AdamW(params, lr=attacker.lr, weight_decay=attacker.weight_decay)
+
+
 def finetune(model: torch.nn.Module, mask: FreezeMask | None, domain: Domain, loss_fn: LossFn,
-             attacker: Attacker, *, seed: int = 0, curve_points: int = 5) -> list[tuple[int, float]]:
+             attacker: Attacker, *, seed: int = 0, curve_points: int = 5,
+             train_batches: Callable[[int], Iterator[Mapping[str, Any]]] | None = None) -> list[tuple[int, float]]:
     """Fine-tune ``model`` in place on ``domain`` as ``attacker`` would; returns the held-out loss curve.
 
     The curve has ``curve_points`` + 1 points (step 0 included). The data stream and the
     training noise are seeded by ``seed`` alone, so every mask sees the same batches.
+    ``train_batches`` replaces the domain's training stream (protected data, e.g. UDP's).
     """
-    opt = make_adamw(model, mask, lr=attacker.lr, weight_decay=attacker.weight_decay)
+    opt = attacker_optimizer(model, mask, attacker)
     every = max(1, attacker.steps // max(1, curve_points))
     curve = [(0, heldout_loss(model, loss_fn, domain.heldout))]
 
@@ -146,7 +183,7 @@ def finetune(model: torch.nn.Module, mask: FreezeMask | None, domain: Domain, lo
         if step % every == 0 or step == attacker.steps:
             curve.append((step, heldout_loss(model, loss_fn, domain.heldout)))
 
-    train_steps(model, opt, domain.train_batches(seed), loss_fn, attacker.steps,
+    train_steps(model, opt, (train_batches or domain.train_batches)(seed), loss_fn, attacker.steps,
                 generator=torch.Generator().manual_seed(seed), on_step=record,
                 stop_on_nonfinite=False)  # a diverging attacker is a result to measure, not an error
     return curve
@@ -181,27 +218,89 @@ class EvalResult:
         return summarize(self)
 
 
-# The work of a forked evaluation worker: set by evaluate_masks just before its pool forks.
-_FORKED: tuple | None = None
+def _describe(entry: FreezeMask | Protection | None) -> dict[str, Any]:
+    """What the summary says about one contender: frozen ratios, kind, cost, weight drift."""
+    mask = entry.mask if isinstance(entry, Protection) else entry
+    out: dict[str, Any] = ({"ratio_tensors": 0.0, "ratio_params": 0.0} if mask is None else
+                           {"ratio_tensors": mask.ratio("tensors"), "ratio_params": mask.ratio("params")})
+    if isinstance(entry, Protection):
+        out["kind"] = entry.kind + ("+mask" if mask is not None else "")
+        if entry.cost is not None:
+            out["cost"] = entry.cost.to_json()
+        if entry.weight_change is not None:
+            out["weight_change"] = entry.weight_change
+        out["info"] = entry.info
+    else:
+        out["kind"] = "full" if mask is None else "mask"
+    return out
 
 
-def _forked_job(i: int):
-    model, masks, domains, loss_fn, jobs, seed, curve_points, threads = _FORKED
-    torch.set_num_threads(threads)
-    attacker, mask_name, d = jobs[i]
-    tuned = copy.deepcopy(model)
-    curve = finetune(tuned, masks[mask_name], domains[d], loss_fn, attacker, seed=seed, curve_points=curve_points)
-    return curve, measure(tuned, loss_fn, domains[d])
+# What forked workers inherit: set just before the pool starts (fork copies it, nothing is pickled
+# but the job indices and the results), cleared after.
+_WORKER_STATE: tuple | None = None
 
 
-def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, FreezeMask | None], domains: Sequence[Domain],
+def _run_job(job: tuple[int, str, int], state: tuple | None = None) -> tuple[dict[str, Any], list, Any]:
+    """One fine-tune: (attacker index, contender, domain index) -> (after metrics, loss curve, samples)."""
+    plan, domains, loss_fn, attackers, seed, curve_points = state if state is not None else _WORKER_STATE
+    ai, name, di = job
+    released_model, mask, streams = plan[name]
+    d = domains[di]
+    tuned = copy.deepcopy(released_model)
+    curve = finetune(tuned, mask, d, loss_fn, attackers[ai], seed=seed, curve_points=curve_points,
+                     train_batches=streams.get(d.name))
+    after = measure(tuned, loss_fn, d)
+    return after, curve, after.pop("_samples", None)
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_jobs(jobs: list[tuple[int, str, int]], state: tuple, workers: int, model: torch.nn.Module,
+              on_done: Callable[[tuple[int, str, int]], None] | None = None) -> list:
+    """Every job, in order: in this process, or in ``workers`` forked processes.
+
+    Each fine-tune is seeded on its own, so the figures do not depend on ``workers``. Forking is
+    used (not spawn) so that models, closures and streams need no pickling; it is skipped for
+    CUDA models (a CUDA context does not survive fork) and where fork is unavailable.
+    """
+    global _WORKER_STATE
+    import multiprocessing as mp
+
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    out = []
+    if workers <= 1 or len(jobs) <= 1 or on_cuda or "fork" not in mp.get_all_start_methods():
+        for job in jobs:
+            out.append(_run_job(job, state))
+            if on_done is not None:
+                on_done(job)
+        return out
+    _WORKER_STATE = state
+    try:
+        with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_one_thread) as pool:
+            for job, res in zip(jobs, pool.imap(_run_job, jobs), strict=True):
+                out.append(res)
+                if on_done is not None:
+                    on_done(job)
+    finally:
+        _WORKER_STATE = None
+    return out
+
+
+def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Sequence[Domain],
                    loss_fn: LossFn, attackers: Sequence[Attacker], *, seed: int = 0,
                    curve_points: int = 5, progress: bool = True, workers: int = 1) -> EvalResult:
-    """Fine-tune a copy of ``model`` for every attacker x mask x domain and measure each.
+    """Fine-tune a copy of ``model`` for every attacker x contender x domain and measure each.
 
     ``masks`` maps a display name to a mask (``None`` = full fine-tuning, required under the
-    name "full" as the reference). Random masks named ``random#0``, ``random#1``... are averaged
-    as one group "random" in the summary.
+    name "full" as the reference) or to a :class:`freezeguard.apps.baselines.harness.Protection` (another
+    released model, protected training data, a mask on top). Random masks named ``random#0``,
+    ``random#1``... are averaged as one group "random" in the summary. Every run is measured
+    against the released ``model`` before any attack, so a contender whose released weights
+    already score lower (an erased concept) only gets credit for what the attack does not regain;
+    its own pre-attack figures are kept as ``masks[name]["released"]``. ``workers`` > 1 runs the
+    fine-tunes in that many forked processes (one torch thread each; same figures as 1).
 
     ``workers`` > 1 runs the fine-tunes in that many forked processes (CPU, POSIX), each with
     the caller's torch thread count: every fine-tune is seeded on its own, so the figures are
@@ -221,17 +320,31 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, FreezeMask | None
         raise ValueError("evaluate_masks needs at least one target domain")
     if not attackers:
         raise ValueError("evaluate_masks needs at least one attacker")
-    for mask in masks.values():
-        if mask is not None:
-            mask.check_model(model)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     names = [d.name for d in domains]
     if len(set(names)) != len(names):
         raise ValueError(f"domain names must be unique, got {names}")
+    # contender -> (released model, mask, per-domain training streams)
+    plan: dict[str, tuple[torch.nn.Module, FreezeMask | None, Mapping[str, Any]]] = {}
+    for name, entry in masks.items():
+        if entry is None or isinstance(entry, FreezeMask):
+            plan[name] = (model, entry, {})
+        elif isinstance(entry, Protection):
+            unknown = set(entry.train_batches) - set(names)
+            if unknown:
+                raise ValueError(f"contender {name!r}: protected data for unknown domain(s) {sorted(unknown)}")
+            plan[name] = (entry.model if entry.model is not None else model, entry.mask, entry.train_batches)
+        else:
+            raise TypeError(f"contender {name!r}: expected a FreezeMask, None or a baselines Protection, "
+                            f"got {type(entry).__name__}")
+        if plan[name][1] is not None:
+            plan[name][1].check_model(plan[name][0])
+    # the reference first: runs that equal it (same weights, no mask, same data) are copied from it
+    order = ["full"] + [n for n in masks if n != "full"]
 
     result = EvalResult(attackers=list(attackers))
-    result.masks = {name: ({"ratio_tensors": 0.0, "ratio_params": 0.0} if m is None else
-                           {"ratio_tensors": m.ratio("tensors"), "ratio_params": m.ratio("params")})
-                    for name, m in masks.items()}
+    result.masks = {name: _describe(masks[name]) for name in order}
     before = {}
     for d in domains:
         if isinstance(d.heldout.get("pixel_values"), torch.Tensor):
@@ -239,38 +352,40 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, FreezeMask | None
         before[d.name] = measure(model, loss_fn, d)
         if "_samples" in before[d.name]:
             result.before_samples[d.name] = before[d.name].pop("_samples")
+    for name in order:
+        released_model = plan[name][0]
+        # what each contender releases, before any attack (θ_pre itself for masks and data protection)
+        rel = before if released_model is model else {d.name: measure(released_model, loss_fn, d) for d in domains}
+        result.masks[name]["released"] = {d: {k: v for k, v in m.items() if k != "_samples"} for d, m in rel.items()}
     metrics = set.intersection(*(set(b) for b in before.values()))
     result.primary_metric = "recognisability" if "recognisability" in metrics else "loss"
 
-    jobs = [(a, m, k) for a in attackers for m in masks for k in range(len(domains))]
+    def is_copy(name: str, d: Domain) -> bool:
+        released_model, mask, streams = plan[name]
+        return name != "full" and released_model is model and mask is None and d.name not in streams
+
+    jobs = [(ai, name, di) for ai in range(len(attackers)) for name in order
+            for di, d in enumerate(domains) if not is_copy(name, d)]
     bar = tqdm(total=len(jobs), desc="evaluate (fine-tunes)", disable=not progress)
 
-    def record(job, curve, after):
-        attacker, mask_name, k = job
-        d = domains[k]
-        samples = after.pop("_samples", None)
-        result.runs.append(Run(attacker.name, mask_name, d.name, d.role, before[d.name], after, curve, samples))
-        bar.set_postfix_str(f"{attacker.name}/{mask_name}/{d.name}")
+    def done_one(job: tuple[int, str, int]) -> None:
+        bar.set_postfix_str(f"{attackers[job[0]].name}/{job[1]}/{domains[job[2]].name}")
         bar.update(1)
 
-    workers = max(1, min(int(workers), len(jobs)))
-    if workers == 1 or next(model.parameters()).device.type != "cpu":
-        for job in jobs:
-            attacker, mask_name, k = job
-            tuned = copy.deepcopy(model)
-            curve = finetune(tuned, masks[mask_name], domains[k], loss_fn, attacker, seed=seed,
-                             curve_points=curve_points)
-            record(job, curve, measure(tuned, loss_fn, domains[k]))
-    else:
-        import multiprocessing
-
-        global _FORKED
-        _FORKED = (model, dict(masks), list(domains), loss_fn, jobs, seed, curve_points, torch.get_num_threads())
-        try:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for job, (curve, after) in zip(jobs, pool.imap(_forked_job, range(len(jobs))), strict=True):
-                    record(job, curve, after)
-        finally:
-            _FORKED = None
+    state = (plan, list(domains), loss_fn, list(attackers), seed, curve_points)
+    outcomes = dict(zip(jobs, _run_jobs(jobs, state, workers, model, done_one), strict=True))
     bar.close()
+    for ai, attacker in enumerate(attackers):
+        done: dict[str, Run] = {}
+        for mask_name in order:
+            for di, d in enumerate(domains):
+                if is_copy(mask_name, d):
+                    ref = done[d.name]  # the very same fine-tune as the reference's
+                    run = Run(attacker.name, mask_name, d.name, d.role, ref.before, ref.after, ref.curve, ref.samples)
+                else:
+                    after, curve, samples = outcomes[(ai, mask_name, di)]
+                    run = Run(attacker.name, mask_name, d.name, d.role, before[d.name], after, curve, samples)
+                if mask_name == "full":
+                    done[d.name] = run
+                result.runs.append(run)
     return result

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from freezeguard.core import files
+
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:+.1%}"
@@ -17,16 +19,52 @@ def _num(v: float | None, fmt: str = ".3f") -> str:
     return "n/a" if v is None or not math.isfinite(v) else format(v, fmt)
 
 
+def _has_baselines(summary: dict[str, Any]) -> bool:
+    return any(m.get("kind") not in (None, "mask", "full") for m in summary["masks"].values())
+
+
+def _mib(v: float | None) -> str:
+    return "n/a" if v is None else f"{v / 2 ** 20:.0f}"
+
+
+def _group_members(summary: dict[str, Any], group: str) -> list[str]:
+    return [m for m in summary["masks"] if m.split("#", 1)[0] == group]
+
+
+def contender_columns(summary: dict[str, Any], group: str) -> list[str]:
+    """Kind, publisher's cost, weight drift from θ_pre and the pre-attack target score of one group."""
+    members = _group_members(summary, group)
+    info = summary["masks"][members[0]] if members else {}
+    cost = info.get("cost")
+    cost_s = "" if not cost else f"{cost['seconds']:.1f} s / {_mib(cost.get('peak_bytes'))} MiB"
+    if not cost and info.get("kind") in ("mask", "full"):
+        cost_s = "~0" if group in ("random", "full") else "n/a"
+    wc = info.get("weight_change")
+    wc_s = "0" if wc is None and info.get("kind") in ("mask", "full", "data") else (
+        "" if wc is None else f"{wc['rel_l2']:.2%} ({wc['tensors_changed']} t)")
+    primary = summary["primary_metric"]
+    released = ""
+    if info.get("released"):
+        targets = [d for d, r in summary["domains"].items() if r == "target"]
+        vals = [info["released"][d].get(primary) for d in targets if d in info["released"]]
+        released = ", ".join(_num(v) for v in vals)
+    return [info.get("kind", ""), cost_s, wc_s, released]
+
+
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per attacker x mask group."""
+    """Header and rows: one row per attacker x mask group (x baseline, with cost and drift columns)."""
     primary = summary["primary_metric"]
     innocent = [d for d, r in summary["domains"].items() if r == "innocent"]
-    header = ["attacker", "mask", "frozen (tensors/params)", f"mitigation ({primary})"]
+    baselines = _has_baselines(summary)
+    header = ["attacker", "contender" if baselines else "mask", "frozen (tensors/params)", f"mitigation ({primary})"]
     header += [f"innocent impact: {d}" for d in innocent] + ["learned / random"]
+    if baselines:
+        header += ["kind", "publisher cost (time / peak)", "weights moved from θ_pre (rel. L2)",
+                   f"released model: target {primary} before attack"]
     rows = []
     for attacker, table in summary["table"].items():
         for group, row in table.items():
-            members = [m for m in summary["masks"] if m.split("#", 1)[0] == group]
+            members = _group_members(summary, group)
             rt = sum(summary["masks"][m]["ratio_tensors"] for m in members) / max(len(members), 1)
             rp = sum(summary["masks"][m]["ratio_params"] for m in members) / max(len(members), 1)
             mit = _pct(row["mitigation"])
@@ -34,7 +72,8 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 mit += f" ± {row['mitigation_std']:.1%} ({row['n_masks']} seeds)"
             rows.append([attacker, group, f"{rt:.0%} / {rp:.0%}", mit]
                         + [_pct(row["innocent_impact"].get(d)) for d in innocent]
-                        + [_num(row.get("vs_random"), ".2f") + "x" if row.get("vs_random") is not None else ""])
+                        + [_num(row.get("vs_random"), ".2f") + "x" if row.get("vs_random") is not None else ""]
+                        + (contender_columns(summary, group) if baselines else []))
     return header, rows
 
 
@@ -220,8 +259,6 @@ def write_report(result, summary: dict[str, Any], out_dir: str | Path, *, mask=N
     and report.md says so, and nothing computed is lost.
     """
     import warnings
-
-    from freezeguard.core import files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from freezeguard import ops
+from freezeguard.apps.learn.checks import check_losses, check_targets
 from freezeguard.core.mask import FreezeMask
 
 # diffusers names: attn1 is self-attention, attn2 cross-attention (the prompt's keys and values).
@@ -70,8 +71,6 @@ def saliency_scores(model: torch.nn.Module, pretrained_state: Mapping[str, torch
     ``model`` is not modified (a copy is loaded with the midpoint weights). Batches are used as
     ``MaskLearner.step`` uses them (``batch["is_target"]`` splits the releaser loss).
     """
-    from freezeguard.apps.learn.checks import check_losses, check_targets
-
     if n_batches < 1:
         raise ValueError(f"n_batches must be >= 1, got {n_batches}")
     work = copy.deepcopy(model)
