@@ -14,8 +14,8 @@ the trainable tensors), per tensor i of n_i elements:
 
 Full fine-tuning is the same with nothing frozen. The MaskLearner (``fg.MaskLearner``) keeps,
 for *every* tensor: the live weights theta, Delta = theta_pre - theta_ft (same dtype), a gradient,
-with ``user_optimizer="adamw"`` two moments; and per tensor one fp32 logit plus one fp32 budget
-weight.
+with ``user_optimizer="adamw"`` two moments; and per tensor four fp32 numbers: the logit, the
+budget weight, the initial logit (what "moved" is measured from) and the accumulated data signal.
 
 Sharding. Under FSDP2 full sharding (``torch.distributed.fsdp.fully_shard``) each tensor is cut
 along dim 0 into ``world_size`` chunks of ceil(d0 / W) rows (``torch.chunk``; the last ranks get
@@ -105,7 +105,8 @@ def learner_bytes(layout: Layout, *, world_size: int = 1, rank: int = 0, param_b
         raise ValueError(f"user_optimizer must be 'sgd' or 'adamw', got {user_optimizer!r}")
     elems = sum(_numels(layout, world_size, rank).values())
     out = {"weights": elems * param_bytes, "delta": elems * param_bytes, "grads": elems * param_bytes,
-           "logits": 2 * 4 * len(layout),  # fp32 logit + fp32 budget weight per tensor, replicated
+           # per tensor, replicated: fp32 logit, budget weight, initial logit, accumulated signal
+           "logits": 4 * 4 * len(layout),
            "user_moments": 2 * elems * param_bytes if user_optimizer == "adamw" else 0}
     if buffer_bytes:
         out["buffers"] = int(buffer_bytes)
