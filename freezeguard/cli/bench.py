@@ -50,6 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", default=None, help="write the time/memory plot here")
 
 
+def _print_result(result: dict, table: str, json_path: str | None) -> None:
+    """The table on stdout (or the JSON when ``--json -``), and the JSON file written atomically."""
+    from freezeguard.core import files
+
+    if json_path == "-":
+        print(json.dumps(result, indent=2))
+        return
+    print(table)
+    if json_path:
+        files.write_text(json_path, json.dumps(result, indent=2))
+
+
 def _run_layout(args: argparse.Namespace) -> int:
     from freezeguard.apps.bench import format_layout_table, run_layout_bench
 
@@ -63,14 +75,7 @@ def _run_layout(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"freezeguard bench: error: {exc}", file=sys.stderr)
         return 2
-    if args.json == "-":
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_layout_table(result))
-        if args.json:
-            from freezeguard.core import files
-
-            files.write_text(args.json, json.dumps(result, indent=2))
+    _print_result(result, format_layout_table(result), args.json)
     if args.png:
         print("freezeguard bench: --png is not drawn in layout mode (no timings)", file=sys.stderr)
     return 0
@@ -103,12 +108,7 @@ def run(args: argparse.Namespace) -> int:
                        checkpointing=args.checkpointing, backend=args.backend,
                        lean_frozen_convs=args.lean_frozen_convs,
                        isolate=False if args.in_process else None, progress=sys.stderr.isatty())
-    if args.json == "-":
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_table(result))
-        if args.json:
-            files.write_text(args.json, json.dumps(result, indent=2))
+    _print_result(result, format_table(result), args.json)
     if args.png:
         with files.atomic_path(args.png) as tmp:
             plot(result, str(tmp))
