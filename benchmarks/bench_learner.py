@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -62,6 +64,7 @@ class Bench:
     dtype: torch.dtype
     channels: tuple[int, ...]
     backend: str
+    sides: tuple[str, ...] = ("fused", "literal")  # which implementations to build
     learner: fg.MaskLearner = field(init=False)
     unet: torch.nn.Module = field(init=False)
     unet_diff: torch.nn.Module = field(init=False)
@@ -83,14 +86,20 @@ class Bench:
         pre = {k: v.detach().clone() for k, v in base.state_dict().items()}
         ft = {k: v + 1e-3 * torch.randn_like(v) for k, v in pre.items()}
         # Fused learner on `base`; the literal loop on its own two models (unet, unet_diff).
+        # The literal loop starts from the learner's live weights, Delta and logits, so both
+        # begin in the same state; built alone (memory), it keeps only its copies.
         self.learner = fg.MaskLearner(base, pre, ft, per_sample_loss, backend=self.backend, **HP)
-        self.unet = copy.deepcopy(base)
-        self.unet_diff = copy.deepcopy(base)
-        with torch.no_grad():
-            for (n, p), d in zip(self.unet_diff.named_parameters(), self.learner._delta, strict=True):
-                p.copy_(d)
-        self.x_for_mask = torch.nn.Parameter(self.learner.logits.clone())
         del pre, ft
+        if "literal" in self.sides:
+            self.unet = copy.deepcopy(base)
+            self.unet_diff = copy.deepcopy(base)
+            with torch.no_grad():
+                for (n, p), d in zip(self.unet_diff.named_parameters(), self.learner._delta, strict=True):
+                    p.copy_(d)
+            self.x_for_mask = torch.nn.Parameter(self.learner.logits.clone())
+        if "fused" not in self.sides:
+            del self.learner, base
+            base = self.unet
         side = 64 if full else 16
         b = 2
         gen = torch.Generator().manual_seed(1)
@@ -107,7 +116,7 @@ class Bench:
 
     # gradients in place, for the update-only timings
     def prepare_grads(self, kind: str) -> None:
-        for model in (self.learner.model, self.unet):
+        for model in (self.learner.model, self.unet):  # both sides: timing builds both
             model.zero_grad(set_to_none=True)
             losses = per_sample_loss(model, self.batch)
             (releaser_objective(losses, self.batch["is_target"]) if kind == "releaser" else losses.mean()).backward()
@@ -148,20 +157,12 @@ def _sync(device: torch.device) -> None:
 
 
 def time_pair(fused: Callable[[], None], literal: Callable[[], None], device: torch.device, rounds: int,
-              warmup: int = 1) -> tuple[float, float, int | None, int | None]:
-    """Median seconds of each, calls interleaved so that load from other processes hits both
-    alike; and the peak CUDA memory (bytes) of each."""
-    out = {}
-    for name, fn in (("fused", fused), ("literal", literal)):
+              warmup: int = 1) -> tuple[float, float]:
+    """Median seconds of each, calls interleaved so that load from other processes hits both alike."""
+    out: dict[str, list[float]] = {"fused": [], "literal": []}
+    for fn in (fused, literal):
         for _ in range(warmup):
             fn()
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            fn()
-            _sync(device)
-            out[name + "_mem"] = torch.cuda.max_memory_allocated(device)
-        out[name] = []
     for _ in range(rounds):
         for name, fn in (("fused", fused), ("literal", literal)):
             _sync(device)
@@ -169,8 +170,73 @@ def time_pair(fused: Callable[[], None], literal: Callable[[], None], device: to
             fn()
             _sync(device)
             out[name].append(time.perf_counter() - t0)
-    return (statistics.median(out["fused"]), statistics.median(out["literal"]), out.get("fused_mem"),
-            out.get("literal_mem"))
+    return statistics.median(out["fused"]), statistics.median(out["literal"])
+
+
+# --- peak memory, each implementation alone in a fresh process ------------------------------------
+# Timing keeps both implementations in one process (interleaved rounds), so there one side's
+# models and gradients sit in memory while the other is measured. Peak memory is therefore
+# measured apart: a child process builds only its own side (the learner: live model + Delta; the
+# authors' loop: fine-tuned model + difference model + x), runs one warm-up step of each kind,
+# resets the peak, and runs a releaser and a user step. CUDA: the allocator's peak; CPU: the
+# kernel's peak resident set (VmHWM, reset through /proc/self/clear_refs), so the interpreter
+# and libraries are in both figures alike.
+def _resident_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/status") as fh:
+        return int(re.search(r"VmRSS:\s+(\d+)", fh.read()).group(1)) * 1024
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (Linux >= 4.0)
+        fh.write("5")
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as fh:
+        return int(re.search(r"VmHWM:\s+(\d+)", fh.read()).group(1)) * 1024
+
+
+def memory_child(impl: str, device: torch.device, dtype: torch.dtype, channels: tuple[int, ...],
+                 backend: str) -> dict:
+    """Peak and resident bytes of one implementation's releaser + user step, built alone."""
+    before = _resident_bytes(device)
+    bench = Bench(device, dtype, channels, backend, sides=(impl,))
+    gc.collect()
+    resident = _resident_bytes(device)
+    step = bench.fused_step if impl == "fused" else bench.literal_step
+    for kind in ("releaser", "user"):  # warm-up: lazy allocations (autograd, thread pools) happen here
+        step(kind)()
+    _sync(device)
+    gc.collect()
+    _reset_peak(device)
+    for kind in ("releaser", "user"):
+        step(kind)()
+    _sync(device)
+    return {"impl": impl, "before_bytes": before, "resident_bytes": resident, "peak_bytes": _peak_bytes(device)}
+
+
+def measure_memory(device: torch.device, dtype: torch.dtype, channels: tuple[int, ...], backend: str) -> dict:
+    """``memory_child`` for both implementations, each in its own interpreter."""
+    import subprocess
+    import sys
+
+    out = {}
+    for impl in ("fused", "literal"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", impl, "--device", str(device),
+               "--dtype", "bf16" if dtype == torch.bfloat16 else "fp32"]
+        env = {**os.environ, "FG_BENCH_CHANNELS": ",".join(map(str, channels)), "FG_BENCH_BACKEND": backend}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory child {impl} failed:\n{proc.stderr[-3000:]}")
+        out[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
 
 
 def _channels(device: torch.device) -> tuple[int, ...]:
@@ -180,22 +246,30 @@ def _channels(device: torch.device) -> tuple[int, ...]:
     return (320, 640, 1280, 1280) if device.type == "cuda" else (96, 192, 384, 384)
 
 
-def run_all(device: torch.device, dtype: torch.dtype, rounds: int) -> dict:
-    bench = Bench(device, dtype, _channels(device), os.environ.get("FG_BENCH_BACKEND", "auto"))
+def run_all(device: torch.device, dtype: torch.dtype, rounds: int, memory: bool = True) -> dict:
+    channels, backend_name = _channels(device), os.environ.get("FG_BENCH_BACKEND", "auto")
+    bench = Bench(device, dtype, channels, backend_name)
     backend = fg.backends.resolve(bench.backend, device).__name__.rsplit(".", 1)[-1].removesuffix("_backend")
     rows = []
     for kind in ("releaser", "user"):
         bench.prepare_grads(kind)
-        fu, lu, _, _ = time_pair(bench.fused_update(kind), bench.literal_update(kind), device, rounds)
-        fs, ls, fs_mem, ls_mem = time_pair(bench.fused_step(kind), bench.literal_step(kind), device, rounds)
+        fu, lu = time_pair(bench.fused_update(kind), bench.literal_update(kind), device, rounds)
+        bench.unet.zero_grad(set_to_none=True)  # the steps make their own gradients
+        fs, ls = time_pair(bench.fused_step(kind), bench.literal_step(kind), device, rounds)
         rows.append({"kind": kind, "update_fused_ms": fu * 1e3, "update_literal_ms": lu * 1e3,
                      "update_speedup": lu / fu, "step_fused_ms": fs * 1e3, "step_literal_ms": ls * 1e3,
-                     "step_speedup": ls / fs, "step_peak_mem_fused_MiB": fs_mem and fs_mem / 2**20,
-                     "step_peak_mem_literal_MiB": ls_mem and ls_mem / 2**20})
+                     "step_speedup": ls / fs})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"device": name, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
-            "channels": list(bench.channels), "tensors": bench.n_tensors, "params": bench.n_params,
-            "rounds": rounds, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    result = {"device": name, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
+              "channels": list(bench.channels), "tensors": bench.n_tensors, "params": bench.n_params,
+              "rounds": rounds, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if memory:
+        del bench
+        gc.collect()
+        result["memory"] = measure_memory(device, dtype, channels, backend_name)
+        result["memory"]["measure"] = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                                       else "peak resident set, VmHWM")
+    return result
 
 
 def format_table(result: dict) -> str:
@@ -203,13 +277,23 @@ def format_table(result: dict) -> str:
             f"{result['channels']} ({result['tensors']} tensors, {result['params'] / 1e6:.1f}M params), "
             f"median of {result['rounds']}")
     lines = [head, "| step | update fused ms | update literal ms | update speedup | step fused ms | "
-                   "step literal ms | step speedup | peak MiB fused / literal |", "|" + "---|" * 8]
+                   "step literal ms | step speedup |", "|" + "---|" * 7]
     for r in result["rows"]:
-        mem = (f"{r['step_peak_mem_fused_MiB']:.0f} / {r['step_peak_mem_literal_MiB']:.0f}"
-               if r["step_peak_mem_fused_MiB"] else "-")
         lines.append(f"| {r['kind']} | {r['update_fused_ms']:.2f} | {r['update_literal_ms']:.2f} | "
                      f"{r['update_speedup']:.2f}x | {r['step_fused_ms']:.1f} | {r['step_literal_ms']:.1f} | "
-                     f"{r['step_speedup']:.2f}x | {mem} |")
+                     f"{r['step_speedup']:.2f}x |")
+    mem = result.get("memory")
+    if mem:
+        lines += ["", f"Memory, each implementation alone in a fresh process ({mem['measure']}; releaser + user step "
+                      "after one warm-up of each):",
+                  "| implementation | before build MiB | resident after build MiB | peak during steps MiB |",
+                  "|---|---|---|---|"]
+        for impl in ("fused", "literal"):
+            m = mem[impl]
+            lines.append(f"| {impl} | {m['before_bytes'] / 2**20:.0f} | {m['resident_bytes'] / 2**20:.0f} | "
+                         f"{m['peak_bytes'] / 2**20:.0f} |")
+        f, lit = mem["fused"]["peak_bytes"], mem["literal"]["peak_bytes"]
+        lines.append(f"fused / literal peak: {f / lit:.3f}")
     return "\n".join(lines)
 
 
@@ -290,6 +374,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json", default=None, help="also write the result as JSON here")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak memory measurement")
+    parser.add_argument("--memory-child", choices=("fused", "literal"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gpu-suite", metavar="OUT_DIR", default=None,
                         help="run the learner tests and the fp32 + bf16 CUDA benchmarks, logs and JSON into OUT_DIR")
     args = parser.parse_args()
@@ -298,7 +384,12 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(int(os.environ.get("FG_BENCH_THREADS", "1")))
-    result = run_all(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32, args.rounds)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.memory_child:  # one side alone, for measure_memory: its figures as one JSON line
+        print(json.dumps(memory_child(args.memory_child, device, dtype, _channels(device),
+                                      os.environ.get("FG_BENCH_BACKEND", "auto"))))
+        return
+    result = run_all(device, dtype, args.rounds, memory=not args.no_memory)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as fh:

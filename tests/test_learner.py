@@ -397,13 +397,20 @@ def test_nan_loss_stops_naming_the_step():
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))  # nothing was updated
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("kind_step", [0, 1])
-def test_nan_gradient_stops_naming_the_step_and_tensor(kind_step):
+def test_nan_gradient_stops_naming_the_step_and_tensor(kind_step, bad):
     learner, model = make(user_interval=2)
     data = batches(2)
     if kind_step == 1:
         learner.step(data[0])
-    hook = model[2].bias.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+    def poison(g):  # one bad element among finite ones
+        g = g.clone()
+        g.view(-1)[0] = bad
+        return g
+
+    hook = model[2].bias.register_hook(poison)
     with pytest.raises(FloatingPointError, match=rf"step {kind_step}: non-finite gradient .* in 2.bias"):
         learner.step(data[kind_step])
     hook.remove()

@@ -411,9 +411,13 @@ class MaskLearner:
         if not grads:
             return
         if self.check_finite:
-            norms = torch.stack(torch._foreach_norm(grads))
-            if not bool(torch.isfinite(norms).all()):
-                bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+            # One fused op and one [S] result: sum g^2 per tensor is non-finite exactly when the
+            # gradient holds an inf or a NaN (or its norm overflows fp32, as torch's norm would).
+            # torch._foreach_norm gives the same answer but returns S scalar tensors, ~1 ms of
+            # host time for 686 tensors.
+            sq = ops.segment_dot(grads, grads, backend=self.backend)
+            if not bool(torch.isfinite(sq).all()):
+                bad = (~torch.isfinite(sq)).nonzero().flatten().tolist()
                 checks.raise_non_finite(k, "gradient in the user step",
                                         [self.names[idx[j] if idx else j] for j in bad])
         m = soft_mask(self.logits, self.temperature)
