@@ -231,7 +231,11 @@ def measure_memory(device: torch.device, dtype: torch.dtype, channels: tuple[int
     for impl in ("fused", "literal"):
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", impl, "--device", str(device),
                "--dtype", "bf16" if dtype == torch.bfloat16 else "fp32"]
-        env = {**os.environ, "FG_BENCH_CHANNELS": ",".join(map(str, channels)), "FG_BENCH_BACKEND": backend}
+        env = {**os.environ, "FG_BENCH_CHANNELS": ",".join(map(str, channels)), "FG_BENCH_BACKEND": backend,
+               # glibc: every block >= 64 KiB is its own mapping, returned to the kernel when freed,
+               # so the resident set follows the live tensors (the default threshold adapts
+               # upwards and keeps freed setup buffers resident, to be reused by either side).
+               "MALLOC_MMAP_THRESHOLD_": "65536"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"memory child {impl} failed:\n{proc.stderr[-3000:]}")
