@@ -8,7 +8,7 @@ import torch
 
 import freezeguard as fg
 from freezeguard.apps.evaluate.harness import Attacker, Domain, EvalResult, Run, evaluate_masks
-from freezeguard.apps.evaluate.metrics import removed_share, summarize
+from freezeguard.apps.evaluate.metrics import random_rank, removed_share, summarize
 from freezeguard.apps.evaluate.toy_domains import heldout_batch, toy_domains
 from freezeguard.integrations.diffusers import toy
 
@@ -54,6 +54,16 @@ def test_summary_mitigation_impact_random_average_and_survival():
     assert std["learned"]["innocent_impact"]["i"] == pytest.approx(1 - 0.48 / 0.5)
     assert s["table"]["strong"]["learned"]["mitigation"] == pytest.approx(0.25)
     assert s["survival"]["strong"] == pytest.approx(0.25 / 0.75)
+    # std: learned .75 is above both random masks (.25, .5). strong: random masks remove .25 and .5
+    # of the full gain .8, learned .25: a tie counts against it, so it beats none.
+    assert std["learned"]["random_rank"] == {"beats": 2, "n": 2, "p": pytest.approx(1 / 3)}
+    assert s["table"]["strong"]["learned"]["random_rank"] == {"beats": 0, "n": 2, "p": 1.0}
+
+
+def test_random_rank_ties_count_against_the_learned_mask():
+    assert random_rank(0.5, [0.5, 0.1]) == {"beats": 1, "n": 2, "p": pytest.approx(2 / 3)}
+    assert random_rank(0.5, [None, 0.9]) == {"beats": 0, "n": 1, "p": 1.0}
+    assert random_rank(None, [0.1]) is None and random_rank(0.3, [None]) is None
 
 
 def _tiny_setup():

@@ -41,6 +41,24 @@ def _avg(values: list[float | None]) -> tuple[float | None, float | None]:
     return mean(vals), (pstdev(vals) if len(vals) > 1 else 0.0)
 
 
+def random_rank(learned: float | None, random: list[float | None]) -> dict[str, Any] | None:
+    """Where the learned mask's mitigation falls among the random masks' (an honest small-n test).
+
+    ``beats``: random masks it removes strictly more than; ``n``: random masks; ``p``: the chance
+    that a mask drawn like the random ones would do at least as well as the learned mask, if the
+    learned mask were one more such draw (its rank among the n + 1; ties count against it).
+
+    Example:
+        >>> random_rank(0.5, [0.1, 0.2, 0.6])
+        {'beats': 2, 'n': 3, 'p': 0.5}
+    """
+    values = [v for v in random if v is not None]
+    if learned is None or not values:
+        return None
+    beats = sum(v < learned for v in values)
+    return {"beats": beats, "n": len(values), "p": (len(values) - beats + 1) / (len(values) + 1)}
+
+
 def summarize(result) -> dict[str, Any]:
     """Nested dict: per attacker, per mask group, the removed share of every metric per domain,
     plus ``mitigation`` (target, primary metric) and ``innocent_impact`` (per innocent domain).
@@ -58,7 +76,7 @@ def summarize(result) -> dict[str, Any]:
             if r.attacker != attacker:
                 continue
             ref = full[(attacker, r.domain)]
-            g = groups.setdefault(mask_group(r.mask), {"members": set(), "per_domain": {}})
+            g = groups.setdefault(mask_group(r.mask), {"members": set(), "per_domain": {}, "per_mask": {}})
             g["members"].add(r.mask)
             dom = g["per_domain"].setdefault(r.domain, {m: [] for m in metrics} | {"after": {m: [] for m in metrics}})
             for m in metrics:
@@ -66,6 +84,8 @@ def summarize(result) -> dict[str, Any]:
                 gf = gain(m, ref.before[m], ref.after[m])
                 dom[m].append(removed_share(gm, gf, ref.before[m]))
                 dom["after"][m].append(r.after[m])
+                if m == primary and domains[r.domain] == "target":
+                    g["per_mask"].setdefault(r.mask, []).append(dom[m][-1])
         table = {}
         for name, g in groups.items():
             row: dict[str, Any] = {"n_masks": len(g["members"]), "removed": {}, "after": {}}
@@ -81,6 +101,7 @@ def summarize(result) -> dict[str, Any]:
         if "learned" in table and "random" in table:
             lm, rm = table["learned"]["mitigation"], table["random"]["mitigation"]
             table["learned"]["vs_random"] = (lm / rm) if (lm is not None and rm and rm > 0) else None
+            table["learned"]["random_rank"] = random_rank(lm, [_avg(v)[0] for v in groups["random"]["per_mask"].values()])
         out["table"][attacker] = table
     # How much of the learned mask's mitigation survives each stronger attacker.
     names = list(out["attackers"])

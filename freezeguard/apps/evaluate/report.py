@@ -113,6 +113,10 @@ def headline(summary: dict[str, Any]) -> list[str]:
             s += f" (random at the same ratio: {_pct(random['mitigation'])}"
             if learned.get("vs_random") is not None:
                 s += f", learned/random = {learned['vs_random']:.2f}x"
+            rank = learned.get("random_rank")
+            if rank:
+                s += (f"; above {rank['beats']} of {rank['n']} random masks, a rank a random mask reaches "
+                      f"with chance {rank['p']:.2f}")
             s += ")"
         lines.append(s + f"; innocent impact: {inn}.")
     for attacker, share in summary.get("survival", {}).items():
