@@ -1,7 +1,9 @@
 """fg.optim.AdamW under FSDP2 (``fully_shard``): DTensor parameters, 2 gloo processes on the CPU.
 
 The fused op runs on each rank's local shards; frozen tensors own no state on any rank and stay
-bit-identical; the sharded run equals the single-process run. A DTensor handed to a fused op
+bit-identical; the sharded run equals the single-process run; ``fg.verify`` passes the state dict
+gathered on every rank (``full_tensor()``) against the released weights and the mask, and catches
+a frozen tensor changed in it. A DTensor handed to a fused op
 directly is refused with an error naming it (never a crash inside a native kernel).
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ def _worker(rank: int, world: int, port: int, backend: str, kind: str, out: str)
     try:
         torch.set_num_threads(1)
         model = _model()
+        released = {n: v.detach().clone() for n, v in model.state_dict().items()}
         mask = fg.FreezeMask.from_names(model, FROZEN)
         mask.apply_(model)  # before fully_shard, as the README says
         for layer in model:
@@ -65,8 +68,14 @@ def _worker(rank: int, world: int, port: int, backend: str, kind: str, out: str)
         local_before = {n: named[n].to_local().clone() for n in FROZEN}
         opt = _optimizer(kind, model, mask)
         _train(model, opt, rank, world)
+        # The state dict gathered on every rank (a collective), then audited as a release would be.
+        gathered = {n: v.full_tensor().detach().clone() for n, v in model.state_dict().items()}
+        report = fg.verify(released, gathered, mask)
+        tampered = fg.verify(released, dict(gathered, **{FROZEN[0]: gathered[FROZEN[0]] + 1e-3}), mask)
         result = {
             "full": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+            "verify": (report.ok, report.checked, report.violations),
+            "verify_tampered": (tampered.ok, [n for n, _ in tampered.violations]),
             "frozen_local_equal": all(torch.equal(named[n].to_local(), local_before[n]) for n in FROZEN),
             "frozen_with_state": [n for n in FROZEN if named[n] in opt.state and opt.state[named[n]]],
             "steps": {n: float(opt.state[p]["step"]) for n, p in named.items() if p in opt.state},
@@ -101,6 +110,8 @@ def test_fsdp2_matches_one_process_and_keeps_frozen_tensors(backend, kind, tmp_p
     for rank in range(world):
         res = torch.load(f"{out}.{rank}")
         assert res["frozen_local_equal"] and res["frozen_with_state"] == []
+        assert res["verify"] == (True, len(FROZEN), [])
+        assert res["verify_tampered"] == (False, [FROZEN[0]])
         assert set(res["steps"]) == {n for n, _ in model.named_parameters()} - set(FROZEN)
         assert all(v == STEPS for v in res["steps"].values())
         for n, p in model.named_parameters():

@@ -4,6 +4,11 @@ Under DDP (or accelerate, which wraps the model in DDP) backward already average
 A plain model under an initialized process group gets them averaged here, in buckets, before
 the fused updates, so every rank applies the same update and stays identical.
 
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the parameters are DTensors and the
+learner works on their local shards: :func:`sharding` checks the layout once, :func:`local`
+gives a shard (a view: writes land in the parameter), :func:`shard_of` cuts a rank's shard out
+of a full tensor exactly as the parameter is cut, and :func:`gather` puts shards back together.
+
 Example:
     >>> import torch
     >>> world_size()
@@ -13,8 +18,13 @@ Example:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
+
+from freezeguard.core.optim.plan import is_dtensor
 
 _BUCKET_BYTES = 64 << 20  # bounds the temporary flat copy made for each all-reduce
 
@@ -75,4 +85,92 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(tensor, src)
 
 
-__all__ = ["world_size", "is_main_process", "is_ddp", "unwrap", "average_", "broadcast_"]
+@torch.no_grad()
+def sum_(tensor: torch.Tensor) -> None:
+    """All-reduce (sum) one tensor across ranks, in place."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+
+
+# FSDP2 ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sharding:
+    """How the learner reduces over DTensor parameters (FSDP2): each rank holds local shards.
+
+    ``keep``: None when every tensor is sharded over all ranks (each element lives on exactly
+    one rank, so per-rank partial sums add up to the full sum); else [N] floats, 1 where this
+    rank's shard counts and 0 where another rank holds the same (replicated) data, so that a sum
+    over ranks counts every element once.
+    """
+
+    keep: torch.Tensor | None
+
+
+def sharding(names: Sequence[str], params: Sequence[torch.Tensor]) -> Sharding | None:
+    """None for plain parameters; for DTensors (FSDP2) the :class:`Sharding`, checked up front.
+
+    Every parameter must be a DTensor on a device mesh spanning all ranks, each mesh dimension
+    placed as ``Shard(dim)`` or ``Replicate()``; anything else (plain and DTensor parameters
+    mixed, ``Partial``, a strided shard, a mesh over part of the ranks) is a ValueError naming
+    the tensor.
+    """
+    flags = [is_dtensor(p) for p in params]
+    if not any(flags):
+        return None
+    if not all(flags):
+        plain = [n for n, f in zip(names, flags, strict=True) if not f]
+        raise ValueError("the model mixes plain and DTensor (FSDP2) parameters; shard every parameter "
+                         f"(fully_shard the root module too) or none: plain: {', '.join(plain[:8])}")
+    from torch.distributed.tensor import Replicate, Shard
+
+    world = world_size()
+    keep: list[float] = []
+    for name, p in zip(names, params, strict=True):
+        mesh = p.device_mesh
+        if mesh.size() != world:
+            raise ValueError(f"{name}: its device mesh has {mesh.size()} ranks but the process group "
+                             f"has {world}; the learner reduces over all ranks")
+        kept = True
+        for dim, placement in enumerate(p.placements):
+            if type(placement) is Replicate:
+                kept = kept and mesh.get_local_rank(dim) == 0
+            elif type(placement) is not Shard:
+                raise ValueError(f"{name}: placement {placement!r} is not supported by the learner "
+                                 "(only Shard(dim) and Replicate(), as FSDP2 and HSDP place parameters)")
+        keep.append(1.0 if kept else 0.0)
+    device = local(params[0]).device
+    return Sharding(None if world == 1 or all(k == 1.0 for k in keep)
+                    else torch.tensor(keep, dtype=torch.float32, device=device))
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard as a plain tensor sharing its storage (in-place writes land in the
+    parameter); a plain tensor detached."""
+    with torch.no_grad():
+        return t.to_local().detach() if is_dtensor(t) else t.detach()
+
+
+def shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``full`` cut as the DTensor ``like`` is cut (no communication: every
+    rank holds ``full``); ``full`` itself when ``like`` is a plain tensor."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(local(like).device)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def gather(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The full tensor of ``shard``, this rank's piece of a tensor laid out as the DTensor ``like``
+    (a collective: every rank must call it); ``shard`` itself when ``like`` is a plain tensor."""
+    if not is_dtensor(like):
+        return shard
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(shard, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+
+
+__all__ = ["world_size", "is_main_process", "is_ddp", "unwrap", "average_", "broadcast_", "sum_", "Sharding",
+           "sharding", "local", "shard_of", "gather"]

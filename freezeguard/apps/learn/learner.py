@@ -28,8 +28,12 @@ Every update is a whole-model op: no Python loop over tensors in the hot path.
 Memory, per model parameter (b = bytes of the parameter dtype): the live weights (the model,
 b), Delta (b) and the gradient autograd leaves during a step (b) -- 3b, the same as the
 reference's finetuned model + difference model + gradients; the AdamW user adds its two moments
-(2b). Per tensor: one fp32 logit and one fp32 budget weight. theta_pre and theta_ft are read once
-at construction and not kept (drop your references to them to free that memory).
+(2b). Under FSDP2 all of these are local shards: per rank 3b (5b) times the model's parameters
+divided by the world size (rank 0 holds the largest shards; ``apps.memory`` counts them), plus
+FSDP2's transient unsharded parameters and gradients of the unit being computed. Per tensor, on
+every rank: four fp32 numbers (logit, budget weight, initial logit, accumulated signal).
+theta_pre and theta_ft are read once at construction and not kept (drop your references to them
+to free that memory; under FSDP2 every rank reads the full tensors once and keeps its shard).
 
 Empty groups: a releaser batch without target samples (or without innocent ones) drops that
 term from L, as the reference does (its means divide by count + 1e-5, so an empty group
@@ -38,6 +42,19 @@ contributes 0). L is then only "keep innocent quality" (or only "hurt the target
 Distributed: wrap the model in DDP (or ``accelerator.prepare``) and backward averages the
 gradients; a plain model under an initialized process group has them averaged here. Either
 way all ranks apply the same updates and stay identical (logits start from rank 0's).
+Under FSDP2 (``fully_shard`` on the blocks and the root before the learner is built; every
+parameter then a DTensor placed ``Shard(dim)`` or ``Replicate()`` on a mesh over all ranks,
+else a ValueError up front) the learner works on local shards: Delta and the AdamW moments are
+cut like the parameters, the fused ops update each rank's shard of the live weights in place,
+and backward's reduce-scatter has already averaged the gradients. The per-tensor s = <Delta, g>
+are partial sums on each rank, completed by one all-reduce of N floats per releaser batch (a
+non-finite gradient anywhere makes s non-finite everywhere, so every rank stops with the same
+error); user steps with ``check_finite`` all-reduce the N per-tensor sums of g^2 alike. Every step's
+loss statistics are all-reduced before backward, so a non-finite loss on one rank stops all
+ranks too. Logits, hard mask and history are identical on every rank, and the run equals one
+process's up to float rounding (tests/test_learner_fsdp2.py). ``save`` is then collective:
+every rank calls it, the shards are gathered and rank 0 writes the file one process would
+write (``load`` resumes it at any world size).
 
 Example:
     >>> import torch, freezeguard as fg
@@ -88,7 +105,8 @@ class MaskLearner:
 
     Args:
         model: the model whose parameters become the live weights (plain, DDP- or
-            accelerate-wrapped). Its current weights are overwritten.
+            accelerate-wrapped, or sharded by FSDP2's ``fully_shard``). Its current weights are
+            overwritten.
         pretrained_state, finetuned_state: name -> tensor maps (``state_dict()``s) of the released
             weights and of the publisher's own fine-tune on target + innocent data.
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-sample losses; ``batch`` is passed
@@ -121,7 +139,8 @@ class MaskLearner:
         backend: backend of the fused ops ("auto", "torch", "cpp", "triton", "cuda").
         check_finite: stop with an error naming the step (and tensors) on a non-finite loss or
             gradient, before anything is updated. Costs one extra read of the gradients on user
-            steps (releaser steps get it free from the segmented dot products).
+            steps (releaser steps get it free from the segmented dot products); under FSDP2 also
+            an all-reduce of N floats on user steps, so that every rank stops alike.
 
     See the module docstring for the math, the memory it takes and an example.
     """
@@ -150,13 +169,15 @@ class MaskLearner:
             self.c_sparsity = auto_c_sparsity(self.logits, self._weights, self.freeze_ratio, self.temperature)
         if self.budget == "projected":
             self.logits.copy_(self._project(self.logits))
+        theta = self._theta()
         with torch.no_grad():
-            for name, p, d in zip(self.names, self._params, self._delta, strict=True):
-                pre = pretrained_state[name].to(device=p.device, dtype=torch.float32)
-                ft = finetuned_state[name].to(device=p.device, dtype=torch.float32)
-                d.copy_(pre - ft)
-                p.copy_(ft)
-        ops.mask_shift_(self._theta(), self._delta, soft_mask(self.logits, self.temperature), backend=self.backend)
+            for name, p, th, d in zip(self.names, self._params, theta, self._delta, strict=True):
+                pre = pretrained_state[name].to(device=th.device, dtype=torch.float32)
+                ft = finetuned_state[name].to(device=th.device, dtype=torch.float32)
+                # Under FSDP2 each rank keeps its own shard of the full tensors (cut as p is).
+                d.copy_(distributed.shard_of(pre - ft, p))
+                th.copy_(distributed.shard_of(ft, p))
+        ops.mask_shift_(theta, self._delta, soft_mask(self.logits, self.temperature), backend=self.backend)
 
     # construction -----------------------------------------------------------------------------
     def _configure(self, model: torch.nn.Module, loss_fn: LossFn, *, backend: str, check_finite: bool,
@@ -186,14 +207,18 @@ class MaskLearner:
                                  f"these do not: {', '.join(frozen[:8])}")
             for p in self._params:
                 p.requires_grad_(True)  # the learner searches over every tensor, as the reference does
-        devices = {p.device for p in self._params}
+        # FSDP2: DTensor parameters; every per-element buffer below is then a local shard.
+        self._sharding = distributed.sharding(self.names, self._params)
+        locals_ = self._theta()
+        devices = {t.device for t in locals_}
         if len(devices) != 1:
             raise ValueError(f"the model's parameters span several devices {sorted(map(str, devices))}; "
                              "the fused ops need them on one")
-        device = self._params[0].device
+        device = locals_[0].device
         self.logits = torch.zeros(len(self.names), dtype=torch.float32, device=device)
+        # p.numel() and p.shape are the full tensor's, DTensor or not: the budget counts whole tensors.
         self._weights = budget_weights([p.numel() for p in self._params], self.budget_by, device)
-        self._delta = [torch.empty_like(p, memory_format=torch.contiguous_format).detach() for p in self._params]
+        self._delta = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in locals_]
         self._exp_avg: list[torch.Tensor] = []
         self._exp_avg_sq: list[torch.Tensor] = []
         if self.user_optimizer == "adamw":
@@ -211,10 +236,15 @@ class MaskLearner:
         self._data_to_budget: float | None = None
         self._signal = torch.zeros_like(self.logits)   # s accumulated over the releaser batches so far
         self._signal_count = 0
+        self._grads_checked = False
 
     def _theta(self) -> list[torch.Tensor]:
-        # Detached aliases of the parameters: the ops write the live weights in place.
-        return [p.detach() for p in self._params]
+        # Detached aliases of the parameters (their local shards under FSDP2): the ops write the
+        # live weights in place. Taken afresh each step: FSDP2 may re-pad a shard's storage on its
+        # first forward (lazy init), so a view kept from before could point at the old one.
+        if self._sharding is None:
+            return [p.detach() for p in self._params]
+        return [distributed.local(p) for p in self._params]
 
     def _initial_logits(self) -> torch.Tensor:
         """The seeded U[0, 1) initial logits (as the authors initialise them), on the CPU."""
@@ -308,7 +338,13 @@ class MaskLearner:
         sum_t, sum_i = (losses * t).sum(), (losses * (1.0 - t)).sum()
         mean_t, mean_i = sum_t / n_t.clamp(min=1.0), sum_i / n_i.clamp(min=1.0)
         objective = (mean_i - mean_t) / 2.0 if kind == "releaser" else losses.mean()
-        if self.check_finite and not bool(torch.isfinite(losses.detach()).all()):
+        bad_losses = (~torch.isfinite(losses.detach())).sum()
+        stats = torch.stack([sum_t.detach(), n_t, sum_i.detach(), n_i, objective.detach(), bad_losses]).float()
+        if distributed.world_size() > 1:  # report losses over the global batch; every rank sees bad ones
+            torch.distributed.all_reduce(stats)
+            stats[4] /= distributed.world_size()
+        s_t, c_t, s_i, c_i, obj, n_bad = stats.tolist()
+        if self.check_finite and n_bad:
             checks.raise_non_finite(k, f"loss in the {kind} step")
         objective.backward()
 
@@ -321,11 +357,6 @@ class MaskLearner:
         for p in self._params:
             p.grad = None
 
-        stats = torch.stack([sum_t.detach(), n_t, sum_i.detach(), n_i, objective.detach()]).float()
-        if distributed.world_size() > 1:  # report losses over the global batch
-            torch.distributed.all_reduce(stats)
-            stats[4] /= distributed.world_size()
-        s_t, c_t, s_i, c_i, obj = stats.tolist()
         m = soft_mask(self.logits, self.temperature)
         entry = {
             "step": k, "kind": kind, "loss": obj,
@@ -344,16 +375,26 @@ class MaskLearner:
         return entry
 
     def _gradients(self):
-        """(indices, theta, Delta, grads) of the tensors that received a gradient, all-reduced."""
+        """(indices, theta, Delta, grads) of the tensors that received a gradient, all-reduced
+        (under FSDP2: local shards of the gradients backward reduce-scattered and averaged)."""
         world = distributed.world_size()
-        if world > 1:
+        if world > 1 or self._sharding is not None:
             # Every rank must reduce the same list: a tensor unused here may be used elsewhere.
             for p in self._params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
         present = [i for i, p in enumerate(self._params) if p.grad is not None]
         grads = [self._params[i].grad for i in present]
-        if world > 1 and not distributed.is_ddp(self.model):
+        if self._sharding is not None:
+            if not self._grads_checked:  # once: FSDP2 gives every gradient its parameter's layout
+                bad = [self.names[i] for i, g in zip(present, grads, strict=True)
+                       if tuple(g.placements) != tuple(self._params[i].placements)]
+                if bad:
+                    raise ValueError("gradients placed unlike their DTensor parameters (the learner needs them "
+                                     f"reduced as FSDP2 does): {', '.join(bad[:8])}")
+                self._grads_checked = True
+            grads = [distributed.local(g) for g in grads]
+        elif world > 1 and not distributed.is_ddp(self.model):
             distributed.average_(grads)
         theta = self._theta()
         if len(present) == len(self._params):
@@ -368,6 +409,13 @@ class MaskLearner:
             return False  # as the authors' loop: no gradient, no step (not even the budget's)
         if grads:
             s_part = ops.segment_dot(delta, grads, backend=self.backend)
+            if self._sharding is not None:
+                # Each rank's s covers its shards: one all-reduce (sum) of N floats completes it.
+                # A non-finite gradient on any rank makes s non-finite on every rank, so the check
+                # below stops them all with the same error.
+                if self._sharding.keep is not None:   # replicated data counts once
+                    s_part = s_part * self._sharding.keep
+                distributed.sum_(s_part)
             if self.check_finite and not bool(torch.isfinite(s_part).all()):
                 bad = (~torch.isfinite(s_part)).nonzero().flatten().tolist()
                 names = [self.names[idx[j] if idx else j] for j in bad]
@@ -416,6 +464,8 @@ class MaskLearner:
             # torch._foreach_norm gives the same answer but returns S scalar tensors, ~1 ms of
             # host time for 686 tensors.
             sq = ops.segment_dot(grads, grads, backend=self.backend)
+            if self._sharding is not None:  # a non-finite shard anywhere stops every rank alike
+                distributed.sum_(sq)
             if not bool(torch.isfinite(sq).all()):
                 bad = (~torch.isfinite(sq)).nonzero().flatten().tolist()
                 checks.raise_non_finite(k, "gradient in the user step",
@@ -552,20 +602,36 @@ class MaskLearner:
         return dict(self.config.to_json(), c_sparsity_resolved=self.c_sparsity)
 
     # save / resume ----------------------------------------------------------------------------
+    def _moments(self) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(name, parameter, exp_avg, exp_avg_sq) of the AdamW user; none for SGD."""
+        if not self._exp_avg:
+            return []
+        return list(zip(self.names, self._params, self._exp_avg, self._exp_avg_sq, strict=True))
+
     def save(self, path: str) -> None:
         """Write the learner's full state (logits, live weights, Delta, user optimizer state,
         counters, hyperparameters) to a safetensors file; ``MaskLearner.load`` resumes it and
-        continues exactly as if never stopped. Only rank 0 writes under torch.distributed."""
+        continues exactly as if never stopped. Only rank 0 writes under torch.distributed.
+
+        Under FSDP2 every rank must call it: the shards are gathered one tensor at a time (to the
+        CPU) and rank 0 writes the file one process would write, loadable at any world size."""
+        sharded = self._sharding is not None
+        if not sharded and not distributed.is_main_process():
+            return
+
+        def full(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            return distributed.gather(t, p).cpu() if sharded else t
+
+        tensors = {"logits": self.logits, "initial_logits": self._initial, "signal": self._signal}
+        for name, p, th, d in zip(self.names, self._params, self._theta(), self._delta, strict=True):
+            tensors[f"theta/{name}"] = full(th, p)
+            tensors[f"delta/{name}"] = full(d, p)
+        # The user's moments exist only with user_optimizer="adamw" (empty lists for SGD).
+        for name, p, mu, nu in self._moments():
+            tensors[f"user_exp_avg/{name}"] = full(mu, p)
+            tensors[f"user_exp_avg_sq/{name}"] = full(nu, p)
         if not distributed.is_main_process():
             return
-        tensors = {"logits": self.logits, "initial_logits": self._initial, "signal": self._signal}
-        for name, p, d in zip(self.names, self._params, self._delta, strict=True):
-            tensors[f"theta/{name}"] = p.detach()
-            tensors[f"delta/{name}"] = d
-        # The user's moments exist only with user_optimizer="adamw" (empty lists for SGD).
-        for name, mu, nu in zip(self.names if self._exp_avg else [], self._exp_avg, self._exp_avg_sq, strict=True):
-            tensors[f"user_exp_avg/{name}"] = mu
-            tensors[f"user_exp_avg_sq/{name}"] = nu
         meta = {"format": state_io.FORMAT, "step_count": str(self.step_count), "user_steps": str(self.user_steps),
                 "hparams": json.dumps(self.config.to_json(), sort_keys=True), "names": json.dumps(self.names),
                 "c_sparsity_resolved": repr(self.c_sparsity), "signal_count": str(self._signal_count),
@@ -608,16 +674,16 @@ class MaskLearner:
         if expected - tensors.keys():
             raise ValueError(f"{path} lacks tensors: {sorted(expected - tensors.keys())[:8]}")
         with torch.no_grad():
-            for name, p, d in zip(self.names, self._params, self._delta, strict=True):
-                for key, dst in ((f"theta/{name}", p), (f"delta/{name}", d)):
-                    if tuple(tensors[key].shape) != tuple(dst.shape):
+            # The file holds full tensors; under FSDP2 each rank takes its shard of them.
+            for name, p, th, d in zip(self.names, self._params, self._theta(), self._delta, strict=True):
+                for key, dst in ((f"theta/{name}", th), (f"delta/{name}", d)):
+                    if tuple(tensors[key].shape) != tuple(p.shape):
                         raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, "
-                                         f"the model's is {tuple(dst.shape)}")
-                    dst.copy_(tensors[key])
-            for name, mu, nu in zip(self.names if self._exp_avg else [], self._exp_avg, self._exp_avg_sq,
-                                    strict=True):
-                mu.copy_(tensors[f"user_exp_avg/{name}"])
-                nu.copy_(tensors[f"user_exp_avg_sq/{name}"])
+                                         f"the model's is {tuple(p.shape)}")
+                    dst.copy_(distributed.shard_of(tensors[key], p))
+            for name, p, mu, nu in self._moments():
+                mu.copy_(distributed.shard_of(tensors[f"user_exp_avg/{name}"], p))
+                nu.copy_(distributed.shard_of(tensors[f"user_exp_avg_sq/{name}"], p))
             if tensors["logits"].shape != self.logits.shape:
                 raise ValueError(f"{path}: logits have shape {tuple(tensors['logits'].shape)}")
             self.logits.copy_(tensors["logits"])
