@@ -6,7 +6,8 @@
   allocates exactly Δ + logits (+ the user's moments with AdamW); a learner step holds one
   gradient per tensor (the formula's grads, a peak: the learner drops them after the update).
 - Two gloo processes under FSDP2 ``fully_shard``: each rank's local shards of weights, gradients
-  and AdamW state equal the formula at world size 2 for that rank.
+  and AdamW state equal the formula at world size 2 for that rank; so do the sharded MaskLearner's
+  live weights, Delta, gradients and user moments (and its replicated per-tensor numbers).
 """
 from __future__ import annotations
 
@@ -182,6 +183,29 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
                     "grads": sum(_local_bytes(p.grad) for p in odd.parameters() if p.grad is not None),
                     "optimizer_state": sum(_local_bytes(v) for s in opt.state.values() for v in s.values())},
             "want": guarded_bytes(lay, mask.frozen_names, world_size=WORLD, rank=rank),
+        }
+        # The MaskLearner on a sharded tiny Flux (AdamW user): its local Delta, moments, live
+        # weights and the gradients backward leaves it, against learner_bytes at world size 2.
+        fam = get_family("flux")
+        model = fam.build("tiny", seed=0)
+        lay = _layout(model)
+        pre = {k: v.detach().clone() for k, v in model.named_parameters()}
+        ft = {k: v + 0.01 for k, v in pre.items()}
+        for u in sorted({unit_of(n) for n in lay} - {""}):
+            fully_shard(model.get_submodule(u))
+        fully_shard(model)
+        loss_fn = make_loss_fn(fam.scheduler())
+        learner = fg.MaskLearner(model, pre, ft, loss_fn, freeze_ratio=0.3, user_optimizer="adamw")
+        loss_fn(model, _batch(fam, model)).mean().backward()
+        results["flux learner"] = {
+            "got": {"weights": sum(_local_bytes(p) for p in model.parameters()),
+                    "delta": sum(_local_bytes(d) for d in learner._delta),
+                    "grads": sum(_local_bytes(p.grad) for p in model.parameters()),
+                    "user_moments": sum(_local_bytes(m) for m in learner._exp_avg + learner._exp_avg_sq),
+                    "logits": sum(_local_bytes(t) for t in (learner.logits, learner._weights, learner._initial,
+                                                             learner._signal))},
+            "want": {k: v for k, v in learner_bytes(lay, world_size=WORLD, rank=rank, user_optimizer="adamw").items()
+                     if k != "total"},
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
