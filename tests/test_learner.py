@@ -346,10 +346,10 @@ def test_mismatched_states_are_named():
     pre, ft = states(model)
     bad = dict(ft)
     bad.pop("2.bias")
-    with pytest.raises(ValueError, match=r"finetuned state does not match the model \(missing 2.bias"):
+    with pytest.raises(ValueError, match=r"finetuned state does not match the model \(missing: 2.bias"):
         fg.MaskLearner(model, pre, bad, loss_fn)
     bad = dict(pre, **{"0.weight": torch.zeros(3, 6)})
-    with pytest.raises(ValueError, match=r"pretrained state .*shapes differ: 0.weight \(3, 6\)"):
+    with pytest.raises(ValueError, match=r"pretrained state .*shapes differ \(model -> state\): 0.weight \(\d+, \d+\) -> \(3, 6\)"):
         fg.MaskLearner(model, bad, ft, loss_fn)
     with pytest.raises(ValueError, match="not parameters of the model: extra"):
         fg.MaskLearner(model, dict(pre, extra=torch.zeros(1)), ft, loss_fn)

@@ -12,6 +12,8 @@ from typing import Mapping
 
 import torch
 
+from freezeguard.core.mask import describe_layout_mismatch
+
 
 def _listing(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
@@ -23,24 +25,16 @@ def check_states(params: Mapping[str, torch.Tensor], pretrained: Mapping[str, to
 
     Keys naming the model's buffers are allowed (a full ``state_dict()`` has them) and ignored.
     """
+    expected = {n: tuple(p.shape) for n, p in params.items()}
     for label, state in (("pretrained", pretrained), ("finetuned", finetuned)):
         if not isinstance(state, Mapping):
             raise TypeError(f"{label} state must be a name -> tensor mapping (a state_dict), "
                             f"got {type(state).__name__}")
-        missing = sorted(params.keys() - state.keys())
-        unknown = sorted(state.keys() - params.keys() - buffers)
-        reshaped = sorted(n for n in params.keys() & state.keys()
-                          if tuple(state[n].shape) != tuple(params[n].shape))
-        parts = []
-        if missing:
-            parts.append(f"missing {_listing(missing)}")
-        if unknown:
-            parts.append(f"not parameters of the model: {_listing(unknown)}")
-        if reshaped:
-            parts.append("shapes differ: " + _listing(
-                [f"{n} {tuple(state[n].shape)} vs model {tuple(params[n].shape)}" for n in reshaped]))
-        if parts:
-            raise ValueError(f"{label} state does not match the model ({'; '.join(parts)})")
+        found = {n: tuple(t.shape) for n, t in state.items() if n not in buffers}
+        problem = describe_layout_mismatch(expected, found, missing="missing", extra="not parameters of the model",
+                                           reshaped="shapes differ (model -> state)")
+        if problem:
+            raise ValueError(f"{label} state does not match the model ({problem})")
     bad = [n for n in params if not (torch.is_floating_point(pretrained[n]) and torch.is_floating_point(finetuned[n]))]
     if bad:
         raise TypeError(f"non-floating tensors in the states: {_listing(bad)}")
