@@ -115,7 +115,7 @@ class Evaluator:
 
 def run(variants: list[str], *, learner_seeds: int, random_seeds: int, cache: Path | None,
         base: DemoConfig | None = None, only: list[str] | None = None, model_cache: str | None = None,
-        references_last: bool = False,
+        references_last: bool = False, seed_offset: int = 0,
         progress: bool = False, log=print) -> dict:
     base = base or DemoConfig()
     loss_fn = toy.make_loss_fn(base.pretrain.model)
@@ -127,7 +127,9 @@ def run(variants: list[str], *, learner_seeds: int, random_seeds: int, cache: Pa
                           heldout_n=base.heldout_n, sample_n=base.sample_n, sample_steps=base.sample_steps,
                           guidance=base.guidance)
     chosen = [a for a in attackers(base) if not only or a.name in only]
-    ev = Evaluator(model, loss_fn, domains, chosen, base.seed + 31, cache)
+    # seed_offset > 0: an out-of-sample replication. Other random masks, learner seeds and attack
+    # randomness than the ones the settings were chosen on; the world, data and judge stay the same.
+    ev = Evaluator(model, loss_fn, domains, chosen, base.seed + 31 + seed_offset, cache)
     result = EvalResult(attackers=ev.attackers, primary_metric="recognisability")
     info: dict[str, dict] = {}
 
@@ -149,7 +151,8 @@ def run(variants: list[str], *, learner_seeds: int, random_seeds: int, cache: Pa
 
     add("full", None)
     for k in range(random_seeds):
-        add(f"random#{k}", FreezeMask.random(model, base.freeze_ratio, by=base.budget_by, seed=base.seed + k))
+        add(f"random#{k}", FreezeMask.random(model, base.freeze_ratio, by=base.budget_by,
+                                             seed=base.seed + seed_offset + k))
     t0 = time.perf_counter()
     scores = reference_scores(model, ft_state, base, loss_fn, REFERENCES)
     log(f"[sweep] reference rankings in {time.perf_counter() - t0:.1f}s")
@@ -158,7 +161,7 @@ def run(variants: list[str], *, learner_seeds: int, random_seeds: int, cache: Pa
             add(f"ref: {r}", FreezeMask.from_scores(model, scores[r], base.freeze_ratio, by=base.budget_by))
     for v in variants:
         for s in range(learner_seeds):
-            cfg = base.replace(**VARIANTS[v], seed=base.seed + s)
+            cfg = base.replace(**VARIANTS[v], seed=base.seed + seed_offset + s)
             t0 = time.perf_counter()
             mask, logs = learn_mask(model, ft_state, cfg, loss_fn, progress=False, scores=scores)
             last = logs[-1]
@@ -182,7 +185,7 @@ def run(variants: list[str], *, learner_seeds: int, random_seeds: int, cache: Pa
                                                 "innocent": list(row["innocent_impact"].values())}
     return {"config": base.to_json(), "variants": {v: VARIANTS[v] for v in variants}, "info": info,
             "table": summary["table"], "per_mask": per_seed, "learner_seeds": learner_seeds,
-            "random_seeds": random_seeds}
+            "random_seeds": random_seeds, "seed_offset": seed_offset}
 
 
 def _pct(x) -> str:
@@ -235,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=";".join(VARIANTS), help=f"';'-separated, of: {'; '.join(VARIANTS)}")
     p.add_argument("--learner-seeds", type=int, default=3)
     p.add_argument("--random-seeds", type=int, default=5)
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="add this to every random-mask, learner and attack seed: an out-of-sample replication "
+                        "of a sweep whose settings were chosen at offset 0")
     p.add_argument("--cache", default="learner_sweep_cache.json", help="fine-tune results cache (JSON)")
     p.add_argument("--model-cache", default=None,
                    help="the demo's pretrained model + judge cache (default: $FREEZEGUARD_CACHE or ~/.cache)")
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(variants, learner_seeds=args.learner_seeds, random_seeds=args.random_seeds,
               cache=Path(args.cache) if args.cache else None, base=base,
               only=[a.strip() for a in args.attackers.split(";") if a.strip()] or None, model_cache=args.model_cache,
-              references_last=args.references_last,
+              references_last=args.references_last, seed_offset=args.seed_offset,
               log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
