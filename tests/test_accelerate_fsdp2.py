@@ -15,10 +15,10 @@ test exercises.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+from support.gloo import free_port
 
 import freezeguard as fg
 
@@ -81,16 +81,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_accelerate_fsdp2_plugin_keeps_frozen_tensors_and_matches_one_process(tmp_path):
     world = 2
     out = str(tmp_path / "result")
-    torch.multiprocessing.spawn(_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+    torch.multiprocessing.spawn(_worker, args=(world, free_port(), out), nprocs=world, join=True)
 
     model = _model()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}

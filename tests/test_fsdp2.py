@@ -9,10 +9,10 @@ directly is refused with an error naming it (never a crash inside a native kerne
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+from support.gloo import free_port
 
 import freezeguard as fg
 
@@ -86,12 +86,6 @@ def _worker(rank: int, world: int, port: int, backend: str, kind: str, out: str)
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("backend,kind", [("cpp", "fg"), ("torch", "fg"), ("cpp", "wrap")])
 def test_fsdp2_matches_one_process_and_keeps_frozen_tensors(backend, kind, tmp_path):
     from freezeguard.backends import status
@@ -100,7 +94,7 @@ def test_fsdp2_matches_one_process_and_keeps_frozen_tensors(backend, kind, tmp_p
         pytest.skip(status(backend).reason)
     world = 2
     out = str(tmp_path / "result")
-    torch.multiprocessing.spawn(_worker, args=(world, _free_port(), backend, kind, out), nprocs=world, join=True)
+    torch.multiprocessing.spawn(_worker, args=(world, free_port(), backend, kind, out), nprocs=world, join=True)
     model = _model()
     mask = fg.FreezeMask.from_names(model, FROZEN)
     mask.apply_(model)
@@ -127,7 +121,7 @@ def test_a_dtensor_never_reaches_a_native_kernel(monkeypatch):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))

@@ -8,12 +8,12 @@ ranks must end bitwise identical, and equal to one process learning on the whole
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from support.gloo import free_port, global_batches, half, learner_states, regression_loss
 
 import freezeguard as fg
 import freezeguard.apps.learn.distributed  # noqa: F401
@@ -29,35 +29,11 @@ def _model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
 
 
-def _states():
-    model = _model()
-    pre = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    gen = torch.Generator().manual_seed(1)
-    ft = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in pre.items()}
-    return pre, ft
-
-
-def _loss_fn(model, batch):
-    return (model(batch["x"]).squeeze(1) - batch["y"]) ** 2
-
-
-def _batches() -> list[dict]:
-    """Global batches of 8; each rank's half holds 2 target and 2 innocent samples."""
-    gen = torch.Generator().manual_seed(2)
-    flags = torch.tensor([True, False, True, False] * 2)
-    return [{"x": torch.randn(8, 5, generator=gen), "y": torch.randn(8, generator=gen), "is_target": flags}
-            for _ in range(STEPS)]
-
-
-def _shard(batch: dict, rank: int) -> dict:
-    return {k: v[rank * 4:(rank + 1) * 4] for k, v in batch.items()}
-
-
 HP = dict(user_interval=3, user_lr=5e-2, mask_lr=10.0, freeze_ratio=0.3, backend="torch", seed=4)
 
 
 def _run(model, pre, ft, batches):
-    learner = fg.MaskLearner(model, pre, ft, _loss_fn, **HP)
+    learner = fg.MaskLearner(model, pre, ft, regression_loss, **HP)
     logs = [learner.step(b) for b in batches]
     inner = learner.module
     out = {"logits": learner.logits.clone()}
@@ -73,8 +49,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        pre, ft = _states()
-        shards = [_shard(b, rank) for b in _batches()]
+        pre, ft = learner_states(_model)
+        shards = [half(b, rank) for b in global_batches(STEPS)]
         for mode in MODES:
             model = _model()
             if mode == "ddp":
@@ -93,18 +69,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_end_identical_and_match_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
     torch.set_num_threads(1)
-    pre, ft = _states()
-    single, single_logs = _run(_model(), pre, ft, _batches())
+    pre, ft = learner_states(_model)
+    single, single_logs = _run(_model(), pre, ft, global_batches(STEPS))
     for mode in MODES:
         r0 = load_file(str(tmp_path / f"{mode}-rank0.safetensors"))
         r1 = load_file(str(tmp_path / f"{mode}-rank1.safetensors"))
@@ -114,4 +84,4 @@ def test_two_gloo_ranks_end_identical_and_match_one_process(tmp_path):
         for key, value in single.items():
             torch.testing.assert_close(r0[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{mode} {key}: {m}")
         torch.testing.assert_close(r0["target_losses"], torch.tensor([e["target_loss"] for e in single_logs]))
-    assert (single["logits"] != fg.MaskLearner(_model(), pre, ft, _loss_fn, **HP).logits).any()
+    assert (single["logits"] != fg.MaskLearner(_model(), pre, ft, regression_loss, **HP).logits).any()

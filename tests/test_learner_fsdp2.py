@@ -11,10 +11,10 @@ a non-finite gradient on one rank stops both with the same error.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+from support.gloo import free_port, global_batches, half, learner_states, regression_loss
 
 import freezeguard as fg
 
@@ -51,31 +51,6 @@ def _shard_model(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
     return model
 
 
-def _states():
-    model = _model()
-    pre = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    gen = torch.Generator().manual_seed(1)
-    ft = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in pre.items()}
-    return pre, ft
-
-
-def _loss_fn(model, batch):
-    return (model(batch["x"]).squeeze(1) - batch["y"]) ** 2
-
-
-def _batches() -> list[dict]:
-    """Global batches of 8; each rank's half holds 2 target and 2 innocent samples, so FSDP2's
-    average of the per-rank gradients is the gradient of the whole batch."""
-    gen = torch.Generator().manual_seed(2)
-    flags = torch.tensor([True, False, True, False] * 2)
-    return [{"x": torch.randn(8, 5, generator=gen), "y": torch.randn(8, generator=gen), "is_target": flags}
-            for _ in range(STEPS)]
-
-
-def _half(batch: dict, rank: int) -> dict:
-    return {k: v[rank * 4:(rank + 1) * 4] for k, v in batch.items()}
-
-
 def _result(learner: fg.MaskLearner, logs: list[dict], full) -> dict:
     mask = learner.hard_mask()
     return {"logits": learner.logits.clone(), "mask": (sorted(mask.frozen_names), mask.layout),
@@ -85,9 +60,9 @@ def _result(learner: fg.MaskLearner, logs: list[dict], full) -> dict:
 
 def _single(case: str) -> tuple[fg.MaskLearner, dict]:
     torch.set_num_threads(1)
-    pre, ft = _states()
-    learner = fg.MaskLearner(_model(), pre, ft, _loss_fn, **HP, **CASES[case])
-    logs = [learner.step(b) for b in _batches()]
+    pre, ft = learner_states(_model)
+    learner = fg.MaskLearner(_model(), pre, ft, regression_loss, **HP, **CASES[case])
+    logs = [learner.step(b) for b in global_batches(STEPS)]
     return learner, _result(learner, logs, lambda p: p)
 
 
@@ -98,12 +73,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        pre, ft = _states()
-        halves = [_half(b, rank) for b in _batches()]
+        pre, ft = learner_states(_model)
+        halves = [half(b, rank) for b in global_batches(STEPS)]
         results: dict = {}
         for case, extra in CASES.items():
             model = _shard_model(_model())
-            learner = fg.MaskLearner(model, pre, ft, _loss_fn, **HP, **extra)
+            learner = fg.MaskLearner(model, pre, ft, regression_loss, **HP, **extra)
             calls: list[tuple[int, int]] = []   # (step, numel) of every all_reduce
             real = dist.all_reduce
 
@@ -124,13 +99,13 @@ def _worker(rank: int, port: int, out: str) -> None:
             results[case] = res
             if case == "adamw-projected":  # save mid-run (collective), resume, continue: the same end
                 model = _shard_model(_model())
-                first = fg.MaskLearner(model, pre, ft, _loss_fn, **HP, **extra)
+                first = fg.MaskLearner(model, pre, ft, regression_loss, **HP, **extra)
                 for b in halves[:5]:
                     first.step(b)
                 first.save(f"{out}.state")   # every rank calls it; rank 0 writes
                 dist.barrier()
                 model = _shard_model(_model())
-                resumed = fg.MaskLearner.load(f"{out}.state", model, _loss_fn, backend=HP["backend"])
+                resumed = fg.MaskLearner.load(f"{out}.state", model, regression_loss, backend=HP["backend"])
                 logs = [resumed.step(b) for b in halves[5:]]
                 results["resumed"] = _result(resumed, logs, lambda p: p.full_tensor())
         # HSDP on a (2 replicas x 1 shard) mesh: placements (Replicate(), Shard(0)), every rank holds
@@ -138,7 +113,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
-        learner = fg.MaskLearner(_shard_model(_model(), mesh), pre, ft, _loss_fn, **HP)
+        learner = fg.MaskLearner(_shard_model(_model(), mesh), pre, ft, regression_loss, **HP)
         logs = [learner.step(b) for b in halves]
         results["hsdp"] = _result(learner, logs, lambda p: p.full_tensor())
         keep = learner._sharding.keep   # None: every tensor's partial s counts on this rank
@@ -154,7 +129,7 @@ def _non_finite(rank: int, pre, ft, halves) -> dict[str, str]:
     """A NaN in one local gradient shard (rank 1 only) or one rank's loss stops both ranks alike."""
     errors = {}
     for kind, step in (("releaser", 0), ("user", 1)):
-        learner = fg.MaskLearner(_shard_model(_model()), pre, ft, _loss_fn, **HP)
+        learner = fg.MaskLearner(_shard_model(_model()), pre, ft, regression_loss, **HP)
         gradients = learner._gradients
 
         def poisoned(_gradients=gradients, _learner=learner, _step=step):
@@ -170,8 +145,8 @@ def _non_finite(rank: int, pre, ft, halves) -> dict[str, str]:
             errors[kind] = "no error"
         except FloatingPointError as exc:
             errors[kind] = str(exc)
-    learner = fg.MaskLearner(_shard_model(_model()), pre, ft, _loss_fn, **HP)
-    nan_loss = (lambda m, b: _loss_fn(m, b) * float("nan")) if rank == 1 else _loss_fn
+    learner = fg.MaskLearner(_shard_model(_model()), pre, ft, regression_loss, **HP)
+    nan_loss = (lambda m, b: regression_loss(m, b) * float("nan")) if rank == 1 else regression_loss
     learner.loss_fn = nan_loss
     try:
         learner.step(halves[0])
@@ -181,12 +156,6 @@ def _non_finite(rank: int, pre, ft, halves) -> dict[str, str]:
     return errors
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     from freezeguard.backends import status
@@ -194,7 +163,7 @@ def sharded(tmp_path_factory):
     if not status(HP["backend"]).available:
         pytest.skip(status(HP["backend"]).reason)
     out = str(tmp_path_factory.mktemp("fsdp2") / "result")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     return [torch.load(f"{out}.{r}") for r in range(WORLD)], out
 
 
@@ -207,7 +176,7 @@ def test_fsdp2_learner_equals_one_process(case, sharded):
     assert torch.equal(r0["logits"], r1["logits"]), "logits differ across ranks"
     assert r0["mask"] == r1["mask"] == single["mask"]
     torch.testing.assert_close(r0["logits"], single["logits"], rtol=RTOL, atol=ATOL)
-    assert (single["logits"] != fg.MaskLearner(_model(), *_states(), _loss_fn, **HP, **CASES[case]).logits).any()
+    assert (single["logits"] != fg.MaskLearner(_model(), *learner_states(_model), regression_loss, **HP, **CASES[case]).logits).any()
     for rank in ranks:
         for name, w in single["weights"].items():
             torch.testing.assert_close(rank[case]["weights"][name], w, rtol=RTOL, atol=ATOL, msg=name)
@@ -258,9 +227,9 @@ def test_fsdp2_save_gathers_and_resumes(sharded):
         for name, w in single["weights"].items():
             torch.testing.assert_close(resumed["weights"][name], w, rtol=RTOL, atol=ATOL, msg=name)
     # The sharded save is the whole state, as one process saves it after the same 5 steps.
-    pre, ft = _states()
-    one = fg.MaskLearner(_model(), pre, ft, _loss_fn, **HP, **CASES["adamw-projected"])
-    for b in _batches()[:5]:
+    pre, ft = learner_states(_model)
+    one = fg.MaskLearner(_model(), pre, ft, regression_loss, **HP, **CASES["adamw-projected"])
+    for b in global_batches(STEPS)[:5]:
         one.step(b)
     path = out + ".single"
     one.save(path)
@@ -288,14 +257,14 @@ def test_fsdp2_unsupported_layouts_are_refused_up_front(monkeypatch):
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        pre, ft = _states()
+        pre, ft = learner_states(_model)
         mixed = _model()
         fsdp.fully_shard(mixed[0])   # only the first layer: the others stay plain
         with pytest.raises(ValueError, match="mixes plain and DTensor"):
-            fg.MaskLearner(mixed, pre, ft, _loss_fn, **HP)
+            fg.MaskLearner(mixed, pre, ft, regression_loss, **HP)
         mesh = init_device_mesh("cpu", (1,))
         for placement, ok in ((Partial(), False), (Replicate(), True)):
             model = _model()
@@ -304,11 +273,11 @@ def test_fsdp2_unsupported_layouts_are_refused_up_front(monkeypatch):
                     dt = DTensor.from_local(p.detach().clone(), mesh, [placement])
                     setattr(layer, name, torch.nn.Parameter(dt))
             if ok:   # replicated parameters: the local tensor is the whole one
-                learner = fg.MaskLearner(model, pre, ft, _loss_fn, **HP)
+                learner = fg.MaskLearner(model, pre, ft, regression_loss, **HP)
                 assert learner._sharding is not None and learner._sharding.keep is None
                 assert all(isinstance(d, torch.Tensor) and not isinstance(d, DTensor) for d in learner._delta)
                 continue
             with pytest.raises(ValueError, match="placement Partial"):
-                fg.MaskLearner(model, pre, ft, _loss_fn, **HP)
+                fg.MaskLearner(model, pre, ft, regression_loss, **HP)
     finally:
         dist.destroy_process_group()

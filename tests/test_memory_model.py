@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -22,6 +21,8 @@ import torch.multiprocessing as mp
 from torch.profiler import ProfilerActivity, profile
 
 pytest.importorskip("diffusers")
+
+from support.gloo import free_port
 
 import freezeguard as fg  # noqa: E402
 from freezeguard.apps.memory import guarded_bytes, largest_unit_bytes, learner_bytes, memory_rows, shard_numel  # noqa: E402
@@ -123,12 +124,6 @@ def test_flux_rows_of_results_md():
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _local_bytes(t) -> int:
     from torch.distributed.tensor import DTensor
 
@@ -216,7 +211,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_fsdp2_local_shards_match_the_formula(tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
-    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_fsdp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for name, r in res.items():

@@ -6,10 +6,10 @@ enforced by fg.wrap around torch's AdamW or by fg.guard's fused AdamW.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+from support.gloo import free_port
 from support.tiny_models import build_tiny_unet
 
 import freezeguard as fg
@@ -165,12 +165,6 @@ def test_diffusers_schedulers_see_the_same_lrs(name):
 
 # --- DDP -------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -204,7 +198,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_ddp_two_gloo_processes(tmp_path):
     from safetensors.torch import load_file
 
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     for name in r0:
         assert torch.equal(r0[name], r1[name]), f"ranks disagree on {name}"

@@ -1,0 +1,48 @@
+"""Shared pieces of the tests that spawn gloo process groups on 127.0.0.1 (DDP, FSDP2, learner).
+
+Example:
+    >>> 0 < free_port() < 65536
+    True
+    >>> [b["x"].shape[0] for b in global_batches(2)], half(global_batches(1)[0], 1)["x"].shape[0]
+    ([8, 8], 4)
+"""
+from __future__ import annotations
+
+import socket
+from typing import Callable
+
+import torch
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def learner_states(make_model: Callable[[], torch.nn.Module]) -> tuple[dict, dict]:
+    """(theta_pre, theta_ft) for a learner test: the model's weights and a seeded perturbation of them."""
+    pre = {k: v.detach().clone() for k, v in make_model().state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    ft = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in pre.items()}
+    return pre, ft
+
+
+def regression_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Per-sample squared error of a model mapping x [B, 5] to one output."""
+    return (model(batch["x"]).squeeze(1) - batch["y"]) ** 2
+
+
+def global_batches(steps: int) -> list[dict]:
+    """Global batches of 8 for 2 ranks; each rank's half holds 2 target and 2 innocent samples, so
+    the average of the per-rank gradients is the gradient of the whole batch."""
+    gen = torch.Generator().manual_seed(2)
+    flags = torch.tensor([True, False, True, False] * 2)
+    return [{"x": torch.randn(8, 5, generator=gen), "y": torch.randn(8, generator=gen), "is_target": flags}
+            for _ in range(steps)]
+
+
+def half(batch: dict, rank: int) -> dict:
+    """Rank ``rank``'s half of a global batch of 8 (2 ranks)."""
+    return {k: v[rank * 4:(rank + 1) * 4] for k, v in batch.items()}
