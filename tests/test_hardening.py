@@ -577,7 +577,9 @@ def test_9_readme_guard_snippets_run_as_written(tmp_path, monkeypatch):
     fg.FreezeMask.random(unet, 0.3, seed=0).save("mask.safetensors")
     args = argparse.Namespace(learning_rate=1e-4, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6,
                               adam_weight_decay=0.03)
-    ns = {"unet": unet, "args": args, "torch": torch, "LoraConfig": peft.LoraConfig}
+    accelerate = pytest.importorskip("accelerate")
+    ns = {"unet": unet, "args": args, "torch": torch, "LoraConfig": peft.LoraConfig,
+          "FullyShardedDataParallelPlugin": accelerate.utils.FullyShardedDataParallelPlugin}
     # CUDA-graph snippets need a GPU (tests/test_capturable.py covers them there); "..." marks an elision
     runnable = [c for c in blocks if "cuda" not in c]
     assert runnable
