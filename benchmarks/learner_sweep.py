@@ -115,7 +115,7 @@ class Evaluator:
 
 def run(variants: list[str], *, learner_seeds: int, random_seeds: int, cache: Path | None,
         base: DemoConfig | None = None, only: list[str] | None = None, model_cache: str | None = None,
-        references_last: bool = False, seed_offset: int = 0,
+        references_last: bool = False, seed_offset: int = 0, attack_seed: int | None = None,
         progress: bool = False, log=print) -> dict:
     base = base or DemoConfig()
     loss_fn = toy.make_loss_fn(base.pretrain.model)
@@ -129,7 +129,9 @@ def run(variants: list[str], *, learner_seeds: int, random_seeds: int, cache: Pa
     chosen = [a for a in attackers(base) if not only or a.name in only]
     # seed_offset > 0: an out-of-sample replication. Other random masks, learner seeds and attack
     # randomness than the ones the settings were chosen on; the world, data and judge stay the same.
-    ev = Evaluator(model, loss_fn, domains, chosen, base.seed + 31 + seed_offset, cache)
+    # attack_seed alone: the same masks under other attack randomness (data order, noise).
+    attack_seed = base.seed + 31 + seed_offset if attack_seed is None else attack_seed
+    ev = Evaluator(model, loss_fn, domains, chosen, attack_seed, cache)
     result = EvalResult(attackers=ev.attackers, primary_metric="recognisability")
     info: dict[str, dict] = {}
 
@@ -185,7 +187,7 @@ def run(variants: list[str], *, learner_seeds: int, random_seeds: int, cache: Pa
                                                 "innocent": list(row["innocent_impact"].values())}
     return {"config": base.to_json(), "variants": {v: VARIANTS[v] for v in variants}, "info": info,
             "table": summary["table"], "per_mask": per_seed, "learner_seeds": learner_seeds,
-            "random_seeds": random_seeds, "seed_offset": seed_offset}
+            "random_seeds": random_seeds, "seed_offset": seed_offset, "attack_seed": attack_seed}
 
 
 def _pct(x) -> str:
@@ -233,6 +235,53 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def combine(results: list[dict]) -> str:
+    """Replicates of one sweep under different attack seeds: every group's mean mitigation per
+    replicate, averaged over the replicates, and the paired difference to random within each.
+
+    One attack seed is one draw of the attack's randomness (data order, noise) shared by every mask
+    of that replicate, the full fine-tune included; the spread over seeds is what a single-seed table
+    hides. Replicates may hold the same masks (``--attack-seed`` only) or other ones as well
+    (``--seed-offset``); groups are matched by name.
+    """
+    seeds = [r.get("attack_seed") or 31 + r.get("seed_offset", 0) for r in results]  # older files: the default
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--combine needs results of distinct attack seeds, got {seeds}")
+    common = set.intersection(*(set(r["per_mask"]) for r in results)) - {"full"}
+    attackers_ = [a for a in results[0]["table"] if all(a in r["table"] for r in results)]
+    groups: dict[str, list[str]] = {}
+    for name in sorted(common):
+        groups.setdefault(name.split("#", 1)[0], []).append(name)
+    if "random" not in groups:
+        raise SystemExit("--combine: the results share no random masks")
+
+    def group_mean(r: dict, names: list[str], a: str, key: str = "mitigation") -> float | None:
+        vals = [(r["per_mask"][n][a][key] if key == "mitigation" else r["per_mask"][n][a]["innocent"][0])
+                for n in names]
+        vals = [v for v in vals if v is not None]
+        return mean(vals) if vals else None
+
+    lines = [f"Attack seeds {', '.join(map(str, seeds))} (one replicate each): each cell is the mean over the "
+             f"{len(seeds)} replicates of the group's mean mitigation ± its std across replicates. − random: the "
+             "per-replicate difference of the group means, mean ± std, and in how many replicates it is > 0.", "",
+             "| mask | n | " + " | ".join(f"{a}: mitigation | {a}: − random (seeds > 0)" for a in attackers_)
+             + " | innocent impact |", "|" + "---|" * (3 + 2 * len(attackers_))]
+    for g, names in groups.items():
+        cells = [g, str(len(names))]
+        for a in attackers_:
+            per_seed = [group_mean(r, names, a) for r in results]
+            cells.append(_ms(per_seed))
+            if g == "random":
+                cells.append("")
+                continue
+            diffs = [m - rm for m, rm in zip(per_seed, (group_mean(r, groups["random"], a) for r in results),
+                                             strict=True) if m is not None and rm is not None]
+            cells.append(f"{_ms(diffs)} ({sum(d > 0 for d in diffs)} of {len(diffs)})" if diffs else "n/a")
+        cells.append(_ms([group_mean(r, names, attackers_[0], "innocent") for r in results]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=";".join(VARIANTS), help=f"';'-separated, of: {'; '.join(VARIANTS)}")
@@ -241,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-offset", type=int, default=0,
                    help="add this to every random-mask, learner and attack seed: an out-of-sample replication "
                         "of a sweep whose settings were chosen at offset 0")
+    p.add_argument("--attack-seed", type=int, default=None,
+                   help="the attackers' seed (data order and noise; default 31 + the seed offset)")
+    p.add_argument("--combine", nargs="+", metavar="JSON", default=None,
+                   help="print the table averaged over several results files of the same masks under different "
+                        "--attack-seed values, with the paired learned-minus-random differences, and exit")
     p.add_argument("--cache", default="learner_sweep_cache.json", help="fine-tune results cache (JSON)")
     p.add_argument("--model-cache", default=None,
                    help="the demo's pretrained model + judge cache (default: $FREEZEGUARD_CACHE or ~/.cache)")
@@ -254,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attackers", default="", help="';'-separated subset of: standard; 10x lr; 3x steps "
                    "(a cheaper screening run; default all three)")
     args = p.parse_args(argv)
+    if args.combine:
+        print(combine([json.loads(Path(f).read_text()) for f in args.combine]))
+        return 0
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
@@ -268,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(variants, learner_seeds=args.learner_seeds, random_seeds=args.random_seeds,
               cache=Path(args.cache) if args.cache else None, base=base,
               only=[a.strip() for a in args.attackers.split(";") if a.strip()] or None, model_cache=args.model_cache,
-              references_last=args.references_last, seed_offset=args.seed_offset,
+              references_last=args.references_last, seed_offset=args.seed_offset, attack_seed=args.attack_seed,
               log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
