@@ -235,3 +235,27 @@ def test_learner_sweep_caches_fine_tunes_and_tabulates(tmp_path, capsys):
     first = res["per_mask"]
     assert sweep.main(argv) == 0
     assert json.loads((tmp_path / "r.json").read_text())["per_mask"] == first
+
+
+def test_learner_sweep_combines_replicates_with_paired_differences(tmp_path, capsys):
+    """`learner_sweep.py --combine a.json b.json`: per-replicate group means, then paired differences."""
+    sweep = _benchmark_module("learner_sweep")
+
+    def result(seed, rnd, learned):
+        per = {"full": {"standard": {"mitigation": 0.0, "innocent": [0.0]}}}
+        per.update({f"random#{k}": {"standard": {"mitigation": v, "innocent": [0.0]}} for k, v in enumerate(rnd)})
+        per.update({f"L#{k}": {"standard": {"mitigation": v, "innocent": [0.01]}} for k, v in enumerate(learned)})
+        return {"attack_seed": seed, "table": {"standard": {}}, "per_mask": per}
+
+    # replicate 1: random .1, .3 (mean .2), learned .5 -> +.3; replicate 2: random -.2, 0 (-.1), learned -.2 -> -.1
+    files = []
+    for seed, rnd, learned in ((31, [0.1, 0.3], [0.5]), (32, [-0.2, 0.0], [-0.2])):
+        files.append(str(tmp_path / f"{seed}.json"))
+        with open(files[-1], "w") as fh:
+            json.dump(result(seed, rnd, learned), fh)
+    assert sweep.main(["--combine", *files]) == 0
+    out = capsys.readouterr().out
+    assert "| L | 1 | +15.0% ± 35.0 | +10.0% ± 20.0 (1 of 2) | +1.0% ± 0.0 |" in out, out
+    assert "| random | 2 | +5.0% ± 15.0 |  |" in out
+    with pytest.raises(SystemExit, match="distinct attack seeds"):
+        sweep.main(["--combine", files[0], files[0]])
