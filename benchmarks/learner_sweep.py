@@ -60,6 +60,14 @@ VARIANTS: dict[str, dict] = {
                                                             init="cross-attention"),
     "projected, rms 0.02, 4 sb, saliency init": dict(AUTHORS, budget="projected", signal_norm="rms",
                                                      mask_lr=0.02, signal_batches=4, init="saliency"),
+    # the demo's default with a simulated user as strong as the 10x-lr attacker, or in between
+    "projected, rms 0.05, 4 sb, user_lr 1e-2": dict(AUTHORS, budget="projected", signal_norm="rms", mask_lr=0.05,
+                                                    signal_batches=4, user_lr=1e-2),
+    "projected, rms 0.05, 4 sb, user_lr 3e-3": dict(AUTHORS, budget="projected", signal_norm="rms", mask_lr=0.05,
+                                                    signal_batches=4, user_lr=3e-3),
+    # the demo's default with twice the learner steps (for the data to move more tensors)
+    "projected, rms 0.05, 4 sb, 400 steps": dict(AUTHORS, budget="projected", signal_norm="rms", mask_lr=0.05,
+                                                 signal_batches=4, learner_steps=400),
 }
 REFERENCES = ("delta", "cross-attention", "saliency")
 
