@@ -142,6 +142,12 @@ def headline(summary: dict[str, Any]) -> list[str]:
                      + f"{_num(final.get('soft_ratio'))}.")
     elif final.get("mask_moved") is not None:
         lines.append(f"learner: the data moved {final['mask_moved']} tensor(s) in or out of the initial mask.")
+    if any(t.get("learned") and t.get("random") for t in summary["table"].values()):
+        # Every fine-tune here shares one draw of the attack's data order and noise (the harness's
+        # seed); on the toy world another draw moved every mask's figure by tens of points.
+        lines.append("caution: these figures come from one draw of the attackers' randomness, shared by every "
+                     "mask; another draw can reorder masks closer than random's spread "
+                     "(benchmarks/RESULTS.md, issue 11 replicates).")
     return lines
 
 
