@@ -93,6 +93,24 @@ def test_evaluate_masks_runs_every_combination_deterministically():
     assert s["primary_metric"] == "loss"
 
 
+def test_several_attack_seeds_average_each_mask_over_its_own_seed_references():
+    """attack_seeds=2 is the mean of two single-seed evaluations (each scored against its own full run)."""
+    model, loss_fn, domains, masks = _tiny_setup()
+    attackers = [Attacker("std", 1e-3, 3)]
+    kw = dict(curve_points=2, progress=False)
+    both = evaluate_masks(model, masks, domains, loss_fn, attackers, seed=5, attack_seeds=2, **kw)
+    assert sorted({r.seed for r in both.runs}) == [5, 6] and len(both.runs) == 2 * 3 * 2
+    single = [evaluate_masks(model, masks, domains, loss_fn, attackers, seed=s, **kw).summary() for s in (5, 6)]
+    summary = both.summary()
+    assert summary["attack_seeds"] == [5, 6]
+    for group in ("random", "learned"):
+        per_seed = [s["table"]["std"][group]["mitigation"] for s in single]
+        assert per_seed[0] != per_seed[1]  # the draws differ, so the average is a real one
+        assert summary["table"]["std"][group]["mitigation"] == pytest.approx(sum(per_seed) / 2)
+    with pytest.raises(ValueError, match="attack_seeds"):
+        evaluate_masks(model, masks, domains, loss_fn, attackers, attack_seeds=0, **kw)
+
+
 def test_masked_finetune_leaves_frozen_tensors_untouched():
     model, loss_fn, domains, masks = _tiny_setup()
     import copy

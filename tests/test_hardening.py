@@ -293,6 +293,7 @@ def test_4_finetune_and_evaluate_refuse_pickled_unets(pipeline, tmp_path, capsys
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--steps", "-1"], "--steps must be >= 1"),
     (["--random-seeds", "-2"], "--random-seeds must be >= 0"),
+    (["--attack-seeds", "0"], "--attack-seeds must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--mask", "MISSING"], "does not exist"),
     (["--mask", "OTHER"], "made for a different model"),

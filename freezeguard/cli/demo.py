@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "imma, ablation, uce, udp, 'all', or 'none' (default: the cheap pair uce,ablation; "
                              "'all' adds IMMA and UDP, a few more minutes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, masks, noise)")
+    parser.add_argument("--attack-seeds", type=int, default=None,
+                        help="repeat the evaluation's fine-tunes under this many draws of the attack's randomness "
+                             "and average over them (default 1: one draw, which can move every figure by more than "
+                             "the gap between masks; each draw adds the evaluation's time)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 0 keeps torch's default. The tiny model's ops are too small to "
                              "share across threads: on a busy 2-core machine one thread was 4-30x faster per step")
@@ -50,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"freezeguard demo: --threads must be >= 0, got {args.threads}")
     if args.workers is not None and args.workers < 1:
         raise SystemExit(f"freezeguard demo: --workers must be >= 1, got {args.workers}")
+    if args.attack_seeds is not None and args.attack_seeds < 1:
+        raise SystemExit(f"freezeguard demo: --attack-seeds must be >= 1, got {args.attack_seeds}")
     previous = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,6 +94,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise SystemExit(f"freezeguard demo: --baselines: {exc}") from None
     if args.workers is not None:
         cfg = cfg.replace(workers=args.workers)
+    if args.attack_seeds is not None:
+        cfg = cfg.replace(attack_seeds=args.attack_seeds)
     cfg = cfg.replace(seed=args.seed)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

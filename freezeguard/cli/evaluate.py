@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-strong", action="store_true", help="evaluate against the standard attacker only")
     parser.add_argument("--random-seeds", type=int, default=None,
                         help="random masks at the same ratio (default: the demo's)")
+    parser.add_argument("--attack-seeds", type=int, default=1,
+                        help="repeat every fine-tune under this many draws of the attack's randomness (data order, "
+                             "noise) and average each contender over them; one draw can move every figure by more "
+                             "than the gap between masks (default 1; each adds the whole evaluation's time)")
     parser.add_argument("--budget-by", choices=("tensors", "params"), default=None,
                         help="the random masks match the mask's share of tensors or of parameters "
                              "(default: the basis the mask was made on, as the demo)")
@@ -174,6 +178,7 @@ def check_args(args: argparse.Namespace):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
                              ("--random-seeds", args.random_seeds, 0), ("--samples", args.samples, 1),
+                             ("--attack-seeds", args.attack_seeds, 1),
                              ("--sample-steps", args.sample_steps, 1),
                              ("--heldout", args.heldout if args.heldout is not None else 1, 1),
                              ("--resolution", args.resolution if args.resolution is not None else 1, 1)):
@@ -266,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     masks = contenders(model, args.methods, inputs, mask=mask, random_seeds=args.random_seeds,
                        budget_by=args.budget_by, seed=args.seed, overrides=args.overrides, progress=not args.quiet)
     result = evaluate_masks(model, masks, domains, loss_fn, attackers, seed=args.seed,
-                            progress=not args.quiet, workers=args.workers)
+                            attack_seeds=args.attack_seeds, progress=not args.quiet, workers=args.workers)
     summary = result.summary()
     if args.out:
         summary["report_dir"] = str(write_report(result, summary, args.out))

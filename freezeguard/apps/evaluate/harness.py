@@ -201,6 +201,7 @@ class Run:
     after: dict[str, float]
     curve: list[tuple[int, float]]
     samples: torch.Tensor | None = None
+    seed: int = 0   # the attack's seed (data order, noise); every mask's run at one seed shares it
 
 
 @dataclass
@@ -240,10 +241,11 @@ def _describe(entry: FreezeMask | Protection | None) -> dict[str, Any]:
 _WORKER_STATE: tuple | None = None
 
 
-def _run_job(job: tuple[int, str, int], state: tuple | None = None) -> tuple[dict[str, Any], list, Any]:
-    """One fine-tune: (attacker index, contender, domain index) -> (after metrics, loss curve, samples)."""
-    plan, domains, loss_fn, attackers, seed, curve_points = state if state is not None else _WORKER_STATE
-    ai, name, di = job
+def _run_job(job: tuple[int, int, str, int], state: tuple | None = None) -> tuple[dict[str, Any], list, Any]:
+    """One fine-tune: (attack seed, attacker index, contender, domain index) -> (after metrics, loss
+    curve, samples)."""
+    plan, domains, loss_fn, attackers, curve_points = state if state is not None else _WORKER_STATE
+    seed, ai, name, di = job
     released_model, mask, streams = plan[name]
     d = domains[di]
     tuned = copy.deepcopy(released_model)
@@ -257,8 +259,8 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _run_jobs(jobs: list[tuple[int, str, int]], state: tuple, workers: int, model: torch.nn.Module,
-              on_done: Callable[[tuple[int, str, int]], None] | None = None) -> list:
+def _run_jobs(jobs: list[tuple[int, int, str, int]], state: tuple, workers: int, model: torch.nn.Module,
+              on_done: Callable[[tuple[int, int, str, int]], None] | None = None) -> list:
     """Every job, in order: in this process, or in ``workers`` forked processes.
 
     Each fine-tune is seeded on its own, so the figures do not depend on ``workers``. Forking is
@@ -289,7 +291,7 @@ def _run_jobs(jobs: list[tuple[int, str, int]], state: tuple, workers: int, mode
 
 
 def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Sequence[Domain],
-                   loss_fn: LossFn, attackers: Sequence[Attacker], *, seed: int = 0,
+                   loss_fn: LossFn, attackers: Sequence[Attacker], *, seed: int = 0, attack_seeds: int = 1,
                    curve_points: int = 5, progress: bool = True, workers: int = 1) -> EvalResult:
     """Fine-tune a copy of ``model`` for every attacker x contender x domain and measure each.
 
@@ -301,6 +303,12 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
     already score lower (an erased concept) only gets credit for what the attack does not regain;
     its own pre-attack figures are kept as ``masks[name]["released"]``. ``workers`` > 1 runs the
     fine-tunes in that many forked processes (one torch thread each; same figures as 1).
+
+    ``attack_seeds`` > 1 repeats every fine-tune under that many draws of the attack's
+    randomness (seeds ``seed``, ``seed + 1``, ...: data order and noise, shared by every contender
+    at one seed, the full fine-tune included). The summary scores each run against the full
+    fine-tune of its own seed and averages each contender over the seeds: one draw can move every
+    figure by more than the gap between masks (benchmarks/RESULTS.md, issue 11 replicates).
 
     ``workers`` > 1 runs the fine-tunes in that many forked processes (CPU, POSIX), each with
     the caller's torch thread count: every fine-tune is seeded on its own, so the figures are
@@ -322,6 +330,9 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
         raise ValueError("evaluate_masks needs at least one attacker")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if isinstance(attack_seeds, bool) or not isinstance(attack_seeds, int) or attack_seeds < 1:
+        raise ValueError(f"attack_seeds must be an int >= 1, got {attack_seeds!r}")
+    seeds = [seed + k for k in range(attack_seeds)]
     names = [d.name for d in domains]
     if len(set(names)) != len(names):
         raise ValueError(f"domain names must be unique, got {names}")
@@ -364,28 +375,32 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
         released_model, mask, streams = plan[name]
         return name != "full" and released_model is model and mask is None and d.name not in streams
 
-    jobs = [(ai, name, di) for ai in range(len(attackers)) for name in order
+    jobs = [(s, ai, name, di) for s in seeds for ai in range(len(attackers)) for name in order
             for di, d in enumerate(domains) if not is_copy(name, d)]
     bar = tqdm(total=len(jobs), desc="evaluate (fine-tunes)", disable=not progress)
 
-    def done_one(job: tuple[int, str, int]) -> None:
-        bar.set_postfix_str(f"{attackers[job[0]].name}/{job[1]}/{domains[job[2]].name}")
+    def done_one(job: tuple[int, int, str, int]) -> None:
+        bar.set_postfix_str(f"{attackers[job[1]].name}/{job[2]}/{domains[job[3]].name}"
+                            + (f"/seed {job[0]}" if len(seeds) > 1 else ""))
         bar.update(1)
 
-    state = (plan, list(domains), loss_fn, list(attackers), seed, curve_points)
+    state = (plan, list(domains), loss_fn, list(attackers), curve_points)
     outcomes = dict(zip(jobs, _run_jobs(jobs, state, workers, model, done_one), strict=True))
     bar.close()
-    for ai, attacker in enumerate(attackers):
-        done: dict[str, Run] = {}
-        for mask_name in order:
-            for di, d in enumerate(domains):
-                if is_copy(mask_name, d):
-                    ref = done[d.name]  # the very same fine-tune as the reference's
-                    run = Run(attacker.name, mask_name, d.name, d.role, ref.before, ref.after, ref.curve, ref.samples)
-                else:
-                    after, curve, samples = outcomes[(ai, mask_name, di)]
-                    run = Run(attacker.name, mask_name, d.name, d.role, before[d.name], after, curve, samples)
-                if mask_name == "full":
-                    done[d.name] = run
-                result.runs.append(run)
+    for s in seeds:
+        for ai, attacker in enumerate(attackers):
+            done: dict[str, Run] = {}
+            for mask_name in order:
+                for di, d in enumerate(domains):
+                    if is_copy(mask_name, d):
+                        ref = done[d.name]  # the very same fine-tune as the reference's
+                        run = Run(attacker.name, mask_name, d.name, d.role, ref.before, ref.after, ref.curve,
+                                  ref.samples, seed=s)
+                    else:
+                        after, curve, samples = outcomes[(s, ai, mask_name, di)]
+                        run = Run(attacker.name, mask_name, d.name, d.role, before[d.name], after, curve, samples,
+                                  seed=s)
+                    if mask_name == "full":
+                        done[d.name] = run
+                    result.runs.append(run)
     return result

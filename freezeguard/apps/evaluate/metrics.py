@@ -41,6 +41,11 @@ def _avg(values: list[float | None]) -> tuple[float | None, float | None]:
     return mean(vals), (pstdev(vals) if len(vals) > 1 else 0.0)
 
 
+def _seed_means(per_mask: dict[str, list[float | None]]) -> list[float | None]:
+    """Each mask's mean over its attack seeds (one value per mask)."""
+    return [_avg(values)[0] for values in per_mask.values()]
+
+
 def random_rank(learned: float | None, random: list[float | None]) -> dict[str, Any] | None:
     """Where the learned mask's mitigation falls among the random masks' (an honest small-n test).
 
@@ -62,36 +67,43 @@ def random_rank(learned: float | None, random: list[float | None]) -> dict[str, 
 def summarize(result) -> dict[str, Any]:
     """Nested dict: per attacker, per mask group, the removed share of every metric per domain,
     plus ``mitigation`` (target, primary metric) and ``innocent_impact`` (per innocent domain).
-    Random seeds (``random#k``) are averaged into group "random" with a std across seeds."""
+    Random seeds (``random#k``) are averaged into group "random" with a std across seeds.
+
+    With several attack seeds (``Run.seed``) every run is scored against the full fine-tune of its
+    own seed and each mask is averaged over the seeds first; a group's std is then across its
+    masks (their seed means), as with one seed."""
     metrics = sorted(set.intersection(*(set(r.before) for r in result.runs))) if result.runs else []
     primary = result.primary_metric
-    full = {(r.attacker, r.domain): r for r in result.runs if r.mask == "full"}
+    full = {(r.attacker, r.domain, r.seed): r for r in result.runs if r.mask == "full"}
     domains = {r.domain: r.role for r in result.runs}
     out: dict[str, Any] = {"primary_metric": primary, "metrics": metrics, "masks": result.masks,
                            "attackers": {a.name: {"lr": a.lr, "steps": a.steps} for a in result.attackers},
-                           "domains": domains, "table": {}}
+                           "domains": domains, "attack_seeds": sorted({r.seed for r in result.runs}), "table": {}}
     for attacker in out["attackers"]:
         groups: dict[str, dict[str, Any]] = {}
         for r in result.runs:
             if r.attacker != attacker:
                 continue
-            ref = full[(attacker, r.domain)]
+            ref = full[(attacker, r.domain, r.seed)]
             g = groups.setdefault(mask_group(r.mask), {"members": set(), "per_domain": {}, "per_mask": {}})
             g["members"].add(r.mask)
-            dom = g["per_domain"].setdefault(r.domain, {m: [] for m in metrics} | {"after": {m: [] for m in metrics}})
+            # metric -> mask -> one value per attack seed
+            dom = g["per_domain"].setdefault(r.domain, {m: {} for m in metrics} | {"after": {m: {} for m in metrics}})
             for m in metrics:
                 gm = gain(m, r.before[m], r.after[m])
                 gf = gain(m, ref.before[m], ref.after[m])
-                dom[m].append(removed_share(gm, gf, ref.before[m]))
-                dom["after"][m].append(r.after[m])
+                share = removed_share(gm, gf, ref.before[m])
+                dom[m].setdefault(r.mask, []).append(share)
+                dom["after"][m].setdefault(r.mask, []).append(r.after[m])
                 if m == primary and domains[r.domain] == "target":
-                    g["per_mask"].setdefault(r.mask, []).append(dom[m][-1])
+                    g["per_mask"].setdefault(r.mask, []).append(share)
         table = {}
         for name, g in groups.items():
             row: dict[str, Any] = {"n_masks": len(g["members"]), "removed": {}, "after": {}}
             for dname, dom in g["per_domain"].items():
-                row["removed"][dname] = {m: dict(zip(("mean", "std"), _avg(dom[m]), strict=True)) for m in metrics}
-                row["after"][dname] = {m: _avg(dom["after"][m])[0] for m in metrics}
+                row["removed"][dname] = {m: dict(zip(("mean", "std"), _avg(_seed_means(dom[m])), strict=True))
+                                         for m in metrics}
+                row["after"][dname] = {m: _avg(_seed_means(dom["after"][m]))[0] for m in metrics}
             targets = [d for d, role in domains.items() if role == "target"]
             row["mitigation"] = _avg([row["removed"][d][primary]["mean"] for d in targets])[0]
             row["mitigation_std"] = _avg([row["removed"][d][primary]["std"] for d in targets])[0]
@@ -101,7 +113,7 @@ def summarize(result) -> dict[str, Any]:
         if "learned" in table and "random" in table:
             lm, rm = table["learned"]["mitigation"], table["random"]["mitigation"]
             table["learned"]["vs_random"] = (lm / rm) if (lm is not None and rm and rm > 0) else None
-            table["learned"]["random_rank"] = random_rank(lm, [_avg(v)[0] for v in groups["random"]["per_mask"].values()])
+            table["learned"]["random_rank"] = random_rank(lm, _seed_means(groups["random"]["per_mask"]))
         out["table"][attacker] = table
     # How much of the learned mask's mitigation survives each stronger attacker.
     names = list(out["attackers"])

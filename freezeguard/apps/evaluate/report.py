@@ -142,12 +142,16 @@ def headline(summary: dict[str, Any]) -> list[str]:
                      + f"{_num(final.get('soft_ratio'))}.")
     elif final.get("mask_moved") is not None:
         lines.append(f"learner: the data moved {final['mask_moved']} tensor(s) in or out of the initial mask.")
-    if any(t.get("learned") and t.get("random") for t in summary["table"].values()):
-        # Every fine-tune here shares one draw of the attack's data order and noise (the harness's
-        # seed); on the toy world another draw moved every mask's figure by tens of points.
+    seeds = summary.get("attack_seeds") or [0]
+    if len(seeds) > 1:
+        lines.append(f"each figure is the mean over {len(seeds)} draws of the attackers' randomness "
+                     f"(attack seeds {', '.join(map(str, seeds))}).")
+    elif any(t.get("learned") and t.get("random") for t in summary["table"].values()):
+        # Every fine-tune shares one draw of the attack's data order and noise; on the toy world
+        # another draw moved every mask's figure by tens of points.
         lines.append("caution: these figures come from one draw of the attackers' randomness, shared by every "
-                     "mask; another draw can reorder masks closer than random's spread "
-                     "(benchmarks/RESULTS.md, issue 11 replicates).")
+                     "mask; another draw can reorder masks closer than random's spread (more draws: "
+                     "--attack-seeds; benchmarks/RESULTS.md, issue 11 replicates).")
     return lines
 
 
@@ -181,27 +185,35 @@ def jsonable(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def runs_json(result) -> list[dict[str, Any]]:
-    return [{"attacker": r.attacker, "mask": r.mask, "domain": r.domain, "role": r.role,
+    return [{"attacker": r.attacker, "mask": r.mask, "domain": r.domain, "role": r.role, "seed": r.seed,
              "before": r.before, "after": r.after, "curve": r.curve} for r in result.runs]
 
 
+def _first_seed_runs(result) -> list:
+    """The runs of the first attack seed: the plots show one draw (the tables average them all)."""
+    first = result.runs[0].seed if result.runs else 0
+    return [r for r in result.runs if r.seed == first]
+
+
 def plot_curves(result, path: Path) -> Path:
-    """Held-out loss over fine-tuning steps: one panel per attacker x domain, one line per mask."""
+    """Held-out loss over fine-tuning steps: one panel per attacker x domain, one line per mask
+    (the first attack seed's runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attackers = list(dict.fromkeys(r.attacker for r in result.runs))
-    domains = list(dict.fromkeys(r.domain for r in result.runs))
+    runs = _first_seed_runs(result)
+    attackers = list(dict.fromkeys(r.attacker for r in runs))
+    domains = list(dict.fromkeys(r.domain for r in runs))
     fig, axes = plt.subplots(len(attackers), len(domains), figsize=(4.2 * len(domains), 3.2 * len(attackers)),
                              squeeze=False)
-    roles = {r.domain: r.role for r in result.runs}
+    roles = {r.domain: r.role for r in runs}
     colours = {"full": "tab:red", "random": "tab:grey", "learned": "tab:blue"}
     for i, a in enumerate(attackers):
         for j, d in enumerate(domains):
             ax = axes[i][j]
-            for r in result.runs:
+            for r in runs:
                 if r.attacker == a and r.domain == d:
                     group = r.mask.split("#", 1)[0]
                     xs, ys = zip(*r.curve, strict=True)
@@ -226,14 +238,15 @@ def plot_samples(result, path: Path, n: int = 8) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = result.runs[0].attacker
+    runs = _first_seed_runs(result)
+    first = runs[0].attacker
     domains = list(result.before_samples)
-    masks = list(dict.fromkeys(r.mask for r in result.runs if r.attacker == first))
+    masks = list(dict.fromkeys(r.mask for r in runs if r.attacker == first))
     real = getattr(result, "real_images", {}) or {}
     rows = [("real", d, real[d][:len(result.before_samples[d])]) for d in domains
             if d in real and tuple(real[d].shape[1:]) == tuple(result.before_samples[d].shape[1:])]
     rows += [("before", d, result.before_samples[d]) for d in domains]
-    rows += [(m, r.domain, r.samples) for m in masks for r in result.runs
+    rows += [(m, r.domain, r.samples) for m in masks for r in runs
              if r.attacker == first and r.mask == m and r.samples is not None]
     fig, axes = plt.subplots(len(rows), 1, figsize=(n * 0.6 + 1.6, 0.75 * len(rows) + 0.3), squeeze=False)
     for ax, (label, domain, images) in zip(axes[:, 0], rows, strict=True):
