@@ -31,7 +31,6 @@ import copy
 import gc
 import json
 import os
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import torch
 from support import authors_loop
 
 import freezeguard as fg
+from freezeguard.apps import process_memory
 
 HP = dict(freeze_ratio=0.2, temperature=0.2, c_sparsity=5e3, mask_lr=10.0, user_lr=1e-5, user_interval=5)
 
@@ -182,25 +182,18 @@ def time_pair(fused: Callable[[], None], literal: Callable[[], None], device: to
 # kernel's peak resident set (VmHWM, reset through /proc/self/clear_refs), so the interpreter
 # and libraries are in both figures alike.
 def _resident_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/status") as fh:
-        return int(re.search(r"VmRSS:\s+(\d+)", fh.read()).group(1)) * 1024
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else process_memory.rss_bytes()
 
 
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (Linux >= 4.0)
-        fh.write("5")
+    else:
+        process_memory.reset_peak_rss()
 
 
 def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as fh:
-        return int(re.search(r"VmHWM:\s+(\d+)", fh.read()).group(1)) * 1024
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else process_memory.peak_rss_bytes()
 
 
 def memory_child(impl: str, device: torch.device, dtype: torch.dtype, channels: tuple[int, ...],

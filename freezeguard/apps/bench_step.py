@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from freezeguard.apps.process_memory import rss_bytes
+
 DEFAULTS: dict[str, Any] = dict(model="tiny", device="cpu", batch=1, latent=None, steps=5, warmup=2,
                                 mode="full", ratio=0.0, by="tensors", mask_path=None, bf16=False,
                                 checkpointing=False, seed=0, backend="auto", lr=1e-5,
@@ -49,11 +51,6 @@ DEFAULTS: dict[str, Any] = dict(model="tiny", device="cpu", batch=1, latent=None
 
 def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def _maxrss_bytes() -> int:
@@ -140,7 +137,7 @@ def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    rss0 = _rss_bytes() if track_rss else 0
+    rss0 = rss_bytes() if track_rss else 0
 
     if mask is None:
         opt, impl = _full_optimizer(unet.parameters(), device, c["lr"])

@@ -10,7 +10,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from freezeguard.apps.process_memory import rss_bytes
 from freezeguard.core.names import canonical_name
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
@@ -231,9 +231,8 @@ class Cost:
 
 def _rss_bytes() -> int | None:
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+        return rss_bytes()
+    except (OSError, ValueError, IndexError):  # no /proc: the cost is reported without a peak
         return None
 
 
