@@ -18,7 +18,7 @@ import os
 
 import pytest
 import torch
-from support.gloo import free_port
+from support.gloo import free_port, linear_stack, regression_pair
 
 import freezeguard as fg
 
@@ -37,16 +37,6 @@ FROZEN = ["1.weight", "2.bias"]
 STEPS = 3
 
 
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
-
-
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(step)
-    return torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
-
-
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -57,7 +47,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="size_based_wrap", min_num_params=10)
-        model = _model()
+        model = linear_stack()
         mask = fg.FreezeMask.from_names(model, FROZEN)
         mask.apply_(model)  # before prepare, as for DDP
         opt = fg.guard(model, mask, lr=1e-2, weight_decay=1e-2)  # an fg.optim.AdamW
@@ -65,7 +55,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         params = dict(model.named_parameters())
         sharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in params.values())
         for s in range(STEPS):  # every rank trains on the same batch: the averaged gradient is its own
-            x, y = _batch(s)
+            x, y = regression_pair(s, 4)
             opt.zero_grad(set_to_none=True)
             accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
             opt.step()
@@ -86,14 +76,14 @@ def test_accelerate_fsdp2_plugin_keeps_frozen_tensors_and_matches_one_process(tm
     out = str(tmp_path / "result")
     torch.multiprocessing.spawn(_worker, args=(world, free_port(), out), nprocs=world, join=True)
 
-    model = _model()
+    model = linear_stack()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = [p for n, p in model.named_parameters() if n not in FROZEN]
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=1e-2)
     for n, p in model.named_parameters():
         p.requires_grad_(n not in FROZEN)
     for s in range(STEPS):
-        x, y = _batch(s)
+        x, y = regression_pair(s, 4)
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()

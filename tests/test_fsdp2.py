@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from support.gloo import free_port
+from support.gloo import free_port, linear_stack, regression_pair
 
 import freezeguard as fg
 
@@ -24,19 +24,9 @@ FROZEN = ["1.weight", "2.bias"]
 STEPS = 4
 
 
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
-
-
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(step)
-    return torch.randn(8, 8, generator=gen), torch.randn(8, 8, generator=gen)
-
-
 def _train(model, opt, rank=0, world=1):
     for s in range(STEPS):
-        x, y = _batch(s)
+        x, y = regression_pair(s, 8)
         n = x.shape[0] // world
         x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]  # equal halves: FSDP averages
         opt.zero_grad(set_to_none=True)
@@ -57,7 +47,7 @@ def _worker(rank: int, world: int, port: int, backend: str, kind: str, out: str)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = _model()
+        model = linear_stack()
         released = {n: v.detach().clone() for n, v in model.state_dict().items()}
         mask = fg.FreezeMask.from_names(model, FROZEN)
         mask.apply_(model)  # before fully_shard, as the README says
@@ -95,7 +85,7 @@ def test_fsdp2_matches_one_process_and_keeps_frozen_tensors(backend, kind, tmp_p
     world = 2
     out = str(tmp_path / "result")
     torch.multiprocessing.spawn(_worker, args=(world, free_port(), backend, kind, out), nprocs=world, join=True)
-    model = _model()
+    model = linear_stack()
     mask = fg.FreezeMask.from_names(model, FROZEN)
     mask.apply_(model)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -131,10 +131,20 @@ def _local_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+def _shard_units(model: torch.nn.Module, layout) -> None:
+    """``fully_shard`` each unit of the usual recipe (``apps.memory.unit_of``: the numbered
+    blocks), then the root, as the memory model assumes."""
     from torch.distributed.fsdp import fully_shard
 
     from freezeguard.apps.memory import unit_of
+
+    for u in sorted({unit_of(n) for n in layout} - {""}):
+        fully_shard(model.get_submodule(u))
+    fully_shard(model)
+
+
+def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -147,10 +157,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
             lay = _layout(model)
             mask = fg.FreezeMask.random(model, ratio=0.4, by="params", seed=2)
             mask.apply_(model)  # before fully_shard
-            units = sorted({unit_of(n) for n in lay} - {""})
-            for u in units:
-                fully_shard(model.get_submodule(u))
-            fully_shard(model)
+            _shard_units(model, lay)
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
             batch = _batch(fam, model, bsz=2)
             make_loss_fn(fam.scheduler())(model, batch).mean().backward()
@@ -186,9 +193,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         lay = _layout(model)
         pre = {k: v.detach().clone() for k, v in model.named_parameters()}
         ft = {k: v + 0.01 for k, v in pre.items()}
-        for u in sorted({unit_of(n) for n in lay} - {""}):
-            fully_shard(model.get_submodule(u))
-        fully_shard(model)
+        _shard_units(model, lay)
         loss_fn = make_loss_fn(fam.scheduler())
         learner = fg.MaskLearner(model, pre, ft, loss_fn, freeze_ratio=0.3, user_optimizer="adamw")
         loss_fn(model, _batch(fam, model)).mean().backward()

@@ -21,6 +21,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def linear_stack() -> torch.nn.Module:
+    """Four seeded Linear(8, 8) layers: the optimizer tests' model (each layer one FSDP2 unit)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+
+
+def regression_pair(step: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s inputs and targets [rows, 8] for ``linear_stack``, the same in every process."""
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(rows, 8, generator=gen), torch.randn(rows, 8, generator=gen)
+
+
 def learner_states(make_model: Callable[[], torch.nn.Module]) -> tuple[dict, dict]:
     """(theta_pre, theta_ft) for a learner test: the model's weights and a seeded perturbation of them."""
     pre = {k: v.detach().clone() for k, v in make_model().state_dict().items()}
