@@ -31,7 +31,7 @@ import torch
 
 from freezeguard.apps.demo import DemoConfig, learn_mask, publisher_finetune, reference_scores
 from freezeguard.apps.evaluate.harness import Attacker, EvalResult, Run, attacker_suite, finetune, measure
-from freezeguard.apps.evaluate.metrics import removed_share, summarize
+from freezeguard.apps.evaluate.metrics import mask_group, removed_share, summarize
 from freezeguard.apps.evaluate.toy_domains import toy_domains
 from freezeguard.core.mask import FreezeMask
 from freezeguard.integrations.diffusers import judge as judge_mod
@@ -209,13 +209,20 @@ def _ms(vals) -> str:
     return f"{100 * mean(vals):+.1f}% ± {100 * pstdev(vals):.1f}" if len(vals) > 1 else _pct(vals[0])
 
 
+def _groups(names) -> dict[str, list[str]]:
+    """Mask names by group (``random#k`` -> "random", a learner variant's seeds -> the variant),
+    in the order given, without the full fine-tune."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if name != "full":
+            groups.setdefault(mask_group(name), []).append(name)
+    return groups
+
+
 def markdown(res: dict) -> str:
     attackers_ = list(res["table"])
     per = res["per_mask"]
-    groups: dict[str, list[str]] = {}
-    for name in per:
-        if name != "full":
-            groups.setdefault(name.split("#", 1)[0], []).append(name)
+    groups = _groups(per)
     rnd = {a: mean(per[n][a]["mitigation"] for n in groups["random"]) for a in attackers_}
     head = ("| mask | n | " + " | ".join(f"{a}: mitigation | vs random" for a in attackers_)
             + " | innocent impact | frozen moved |")
@@ -255,37 +262,38 @@ def combine(results: list[dict]) -> str:
     seeds = [r.get("attack_seed") or 31 + r.get("seed_offset", 0) for r in results]  # older files: the default
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--combine needs results of distinct attack seeds, got {seeds}")
-    common = set.intersection(*(set(r["per_mask"]) for r in results)) - {"full"}
+    common = set.intersection(*(set(r["per_mask"]) for r in results))
     attackers_ = [a for a in results[0]["table"] if all(a in r["table"] for r in results)]
-    groups: dict[str, list[str]] = {}
-    for name in sorted(common):
-        groups.setdefault(name.split("#", 1)[0], []).append(name)
+    groups = _groups(sorted(common))
     if "random" not in groups:
         raise SystemExit("--combine: the results share no random masks")
 
-    def group_mean(r: dict, names: list[str], a: str, key: str = "mitigation") -> float | None:
-        vals = [(r["per_mask"][n][a][key] if key == "mitigation" else r["per_mask"][n][a]["innocent"][0])
-                for n in names]
-        vals = [v for v in vals if v is not None]
-        return mean(vals) if vals else None
+    def per_replicate(names: list[str], value) -> list[float | None]:
+        """The group's mean of ``value(entry)`` in each replicate (None where no mask has one)."""
+        out = []
+        for r in results:
+            vals = [v for v in (value(r["per_mask"][n]) for n in names) if v is not None]
+            out.append(mean(vals) if vals else None)
+        return out
 
     lines = [f"Attack seeds {', '.join(map(str, seeds))} (one replicate each): each cell is the mean over the "
              f"{len(seeds)} replicates of the group's mean mitigation ± its std across replicates. − random: the "
              "per-replicate difference of the group means, mean ± std, and in how many replicates it is > 0.", "",
              "| mask | n | " + " | ".join(f"{a}: mitigation | {a}: − random (seeds > 0)" for a in attackers_)
              + " | innocent impact |", "|" + "---|" * (3 + 2 * len(attackers_))]
+    mitigation = {a: (lambda entry, a=a: entry[a]["mitigation"]) for a in attackers_}
+    random_means = {a: per_replicate(groups["random"], mitigation[a]) for a in attackers_}
     for g, names in groups.items():
         cells = [g, str(len(names))]
         for a in attackers_:
-            per_seed = [group_mean(r, names, a) for r in results]
+            per_seed = per_replicate(names, mitigation[a])
             cells.append(_ms(per_seed))
             if g == "random":
                 cells.append("")
                 continue
-            diffs = [m - rm for m, rm in zip(per_seed, (group_mean(r, groups["random"], a) for r in results),
-                                             strict=True) if m is not None and rm is not None]
+            diffs = [m - rm for m, rm in zip(per_seed, random_means[a], strict=True) if m is not None and rm is not None]
             cells.append(f"{_ms(diffs)} ({sum(d > 0 for d in diffs)} of {len(diffs)})" if diffs else "n/a")
-        cells.append(_ms([group_mean(r, names, attackers_[0], "innocent") for r in results]))
+        cells.append(_ms(per_replicate(names, lambda entry: entry[attackers_[0]]["innocent"][0])))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
