@@ -132,10 +132,15 @@ def test_1_bench_checks_matplotlib_and_outputs_before_measuring(tmp_path, capsys
 # ---------------------------------------------------------------------------------------------
 # 2. A loaded optimizer state (or a param group) can move the freeze
 
-def test_2_state_dict_with_swapped_names_cannot_move_the_freeze():
+def _two_layers_first_weight_frozen():
+    """(model, mask, optimizer): two Linear(3, 3), "0.weight" frozen, names bound by fg.optim.AdamW."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
     mask = fg.FreezeMask.from_names(model, ["0.weight"])
-    opt = fg.optim.AdamW(model.named_parameters(), lr=0.1, mask=mask)
+    return model, mask, fg.optim.AdamW(model.named_parameters(), lr=0.1, mask=mask)
+
+
+def test_2_state_dict_with_swapped_names_cannot_move_the_freeze():
+    model, mask, opt = _two_layers_first_weight_frozen()
     grads(model)
     opt.step()
     sd = opt.state_dict()
@@ -153,9 +158,7 @@ def test_2_state_dict_with_swapped_names_cannot_move_the_freeze():
 
 
 def test_2_names_are_bound_to_parameter_objects():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
-    mask = fg.FreezeMask.from_names(model, ["0.weight"])
-    opt = fg.optim.AdamW(model.named_parameters(), lr=0.1, mask=mask)
+    model, mask, opt = _two_layers_first_weight_frozen()
     names = opt.param_groups[0]["param_names"]
     i, j = names.index("0.weight"), names.index("1.weight")
     names[i], names[j] = names[j], names[i]  # rewriting the group's names does not unfreeze
@@ -166,9 +169,7 @@ def test_2_names_are_bound_to_parameter_objects():
 
 
 def test_2_param_group_aliasing_a_frozen_tensor_is_refused():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
-    mask = fg.FreezeMask.from_names(model, ["0.weight"])
-    opt = fg.optim.AdamW(model.named_parameters(), lr=0.1, mask=mask)
+    model, mask, opt = _two_layers_first_weight_frozen()
     alias = torch.nn.Parameter(model[0].weight.data[1:])  # shares the frozen tensor's storage
     with pytest.raises(ValueError, match="shares memory with a frozen tensor"):
         opt.add_param_group({"params": [("extra", alias)]})
@@ -178,9 +179,7 @@ def test_2_param_group_aliasing_a_frozen_tensor_is_refused():
 
 
 def test_2_state_aliasing_a_frozen_tensor_is_refused():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
-    mask = fg.FreezeMask.from_names(model, ["0.weight"])
-    opt = fg.optim.AdamW(model.named_parameters(), lr=0.1, mask=mask)
+    model, mask, opt = _two_layers_first_weight_frozen()
     grads(model)
     opt.step()
     sd = opt.state_dict()
