@@ -8,7 +8,8 @@ import torch
 
 import freezeguard as fg
 from freezeguard.apps.evaluate.harness import Attacker, Domain, EvalResult, Run, evaluate_masks
-from freezeguard.apps.evaluate.metrics import random_rank, removed_share, summarize
+from freezeguard.apps.evaluate.metrics import mask_reliability, random_rank, removed_share, summarize
+from freezeguard.apps.evaluate.report import headline
 from freezeguard.apps.evaluate.toy_domains import heldout_batch, toy_domains
 from freezeguard.integrations.diffusers import toy
 
@@ -58,6 +59,46 @@ def test_summary_mitigation_impact_random_average_and_survival():
     # of the full gain .8, learned .25: a tie counts against it, so it beats none.
     assert std["learned"]["random_rank"] == {"beats": 2, "n": 2, "p": pytest.approx(1 / 3)}
     assert s["table"]["strong"]["learned"]["random_rank"] == {"beats": 0, "n": 2, "p": 1.0}
+
+
+def test_mask_reliability_separates_reproducible_gaps_from_draw_noise():
+    # masks 0.4 apart, draws 0.1 apart: the gaps are the masks'
+    steady = mask_reliability({"a": [0.1, 0.2, 0.15], "b": [0.5, 0.6, 0.55], "c": [0.9, 1.0, 0.95]})
+    assert steady["single_draw"] > 0.9 and steady["mean_of_draws"] > 0.95
+    assert (steady["masks"], steady["draws"]) == (3, 3)
+    # the same spread per draw, but the order flips between draws: nothing reproducible
+    flips = mask_reliability({"a": [0.1, 0.9], "b": [0.9, 0.1], "c": [0.5, 0.5]})
+    assert flips["single_draw"] == 0.0 and flips["mean_of_draws"] == 0.0
+    # hand-computed: mask means .15/.55, MSB = 2 * var([.15, .55]) = .16, MSW = var([.1, .2]) = .005
+    r = mask_reliability({"a": [0.1, 0.2], "b": [0.5, 0.6]})
+    assert r["mean_of_draws"] == pytest.approx((0.16 - 0.005) / 0.16)
+    assert r["single_draw"] == pytest.approx((0.16 - 0.005) / (0.16 + 0.005))
+    assert mask_reliability({"a": [0.1], "b": [0.2]}) is None           # one draw: nothing to compare
+    assert mask_reliability({"a": [0.1, 0.2]}) is None                  # one mask
+    assert mask_reliability({"a": [0.1, None], "b": [0.2, 0.3], "c": [0.4, 0.5]})["masks"] == 2
+
+
+def test_summary_reports_reliability_of_masks_over_attack_seeds():
+    """Per attacker and target: masks only (a baseline is left out), one value per attack seed."""
+    runs = []
+    # full gains .4 on every seed; mask gains: random#0 .3/.1, random#1 .1/.3 (flip), learned .2/.2
+    for seed, gains in ((0, {"random#0": 0.3, "random#1": 0.1, "learned": 0.2, "uce": 0.0}),
+                        (1, {"random#0": 0.1, "random#1": 0.3, "learned": 0.2, "uce": 0.0})):
+        for name, g in [("full", 0.4)] + list(gains.items()):
+            run = _run("std", name, "t", "target", 1.0, 1.0 - g)
+            run.seed = seed
+            runs.append(run)
+    kinds = {"full": "full", "random#0": "mask", "random#1": "mask", "learned": "mask", "uce": "weights"}
+    res = EvalResult(runs=runs, masks={m: {"ratio_tensors": .5, "ratio_params": .5, "kind": k} for m, k in kinds.items()},
+                     attackers=[Attacker("std", 1e-3, 10)])
+    s = summarize(res)
+    rel = s["reliability"]["std"]["t"]["loss"]
+    assert rel["masks"] == 3 and rel["draws"] == 2
+    assert rel["mean_of_draws"] == 0.0          # all three masks have the same mean: nothing to tell apart
+    assert any("reliability of the differences between masks over 2 draws" in line and "loss 0.00 (0.00)" in line
+               for line in headline(s))
+    runs_one_seed = [r for r in runs if r.seed == 0]
+    assert "reliability" not in summarize(EvalResult(runs=runs_one_seed, masks=res.masks, attackers=res.attackers))
 
 
 def test_random_rank_ties_count_against_the_learned_mask():
@@ -277,3 +318,43 @@ def test_learner_sweep_combines_replicates_with_paired_differences(tmp_path, cap
     assert "| random | 2 | +5.0% ± 15.0 |  |" in out
     with pytest.raises(SystemExit, match="distinct attack seeds"):
         sweep.main(["--combine", files[0], files[0]])
+
+
+def test_eval_power_groups_selectivity_and_paired_differences():
+    """benchmarks/eval_power.py's arithmetic: group means per draw, selectivity, paired gap to random."""
+    power = _benchmark_module("eval_power")
+    draws = {"t": {"random#0": [0.1, 0.3], "random#1": [0.3, 0.1], "learned#0": [0.4, 0.1], "ref: x": [None, 0.2]},
+             "i": {"random#0": [0.0, 0.0], "random#1": [0.2, 0.2], "learned#0": [0.1, 0.1], "ref: x": [0.0, 0.0]}}
+    rows = {r["group"]: r for r in power.group_rows(draws, "t", "i")}
+    assert rows["random"]["masks"] == 2 and rows["random"]["target"] == pytest.approx(0.2)
+    assert rows["random"]["selectivity"] == pytest.approx(0.1)
+    # learned: per draw .4 - .2 = +.2 and .1 - .2 = -.1, ahead once
+    assert rows["learned"]["vs_random"] == pytest.approx(0.05)
+    assert rows["learned"]["vs_random_std"] == pytest.approx(0.3 / 2 ** 0.5)
+    assert (rows["learned"]["ahead"], rows["learned"]["draws"]) == (1, 2)
+    assert rows["learned"]["selectivity"] == pytest.approx(0.25 - 0.1)
+    # an undefined draw (None: the full fine-tune gained nothing) is left out, not counted as 0
+    assert rows["ref: x"]["target"] == pytest.approx(0.2) and rows["ref: x"]["draws"] == 1
+
+
+def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
+    """`python benchmarks/eval_power.py --quick`: every mask under two draws, tables and JSON agree."""
+    power = _benchmark_module("eval_power")
+    out = tmp_path / "p.json"
+    assert power.main(["--quick", "--attack-seeds", "2", "--random-masks", "2", "--learner-seeds", "1",
+                       "--heldout-n", "8", "--sample-n", "4", "--workers", "1", "--model-cache", str(tmp_path / "m"),
+                       "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["attack_seeds"]) == 2
+    rel = res["reliability"]["standard"]["frame"]
+    assert set(rel) == {"loss", "prompt_gain", "recognisability"}
+    assert (rel["loss"]["masks"], rel["loss"]["draws"]) == (6, 2)    # 2 random, 3 references, 1 learned
+    assert 0.0 <= rel["loss"]["single_draw"] <= rel["loss"]["mean_of_draws"] <= 1.0
+    groups = {r["group"] for r in res["groups"]["standard"]["loss"]}
+    assert groups == {"random", "ref: delta", "ref: cross-attention", "ref: saliency", "learned"}
+    printed = capsys.readouterr().out
+    assert "**standard, loss** (reliability" in printed
+    assert power.main(["--markdown", str(out)]) == 0
+    assert capsys.readouterr().out.strip() in printed
+    with pytest.raises(SystemExit):
+        power.main(["--attack-seeds", "1"])

@@ -10,7 +10,7 @@ from freezeguard.integrations.diffusers import judge, toy
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("name", toy.ALL_CLASSES)
+@pytest.mark.parametrize("name", toy.ALL_CLASSES + toy.EXTRA_CLASSES)
 def test_draw_range_shape_and_determinism(name):
     a = toy.draw(name, np.random.default_rng(3))
     b = toy.draw(name, np.random.default_rng(3))
@@ -21,12 +21,14 @@ def test_draw_range_shape_and_determinism(name):
 
 
 def test_classes_differ_and_roles_are_disjoint():
-    imgs = {c: toy.make_batch([c], 8, seed=0)["pixel_values"].mean(0) for c in toy.ALL_CLASSES}
-    for i, a in enumerate(toy.ALL_CLASSES):
-        for b in toy.ALL_CLASSES[i + 1:]:
+    every = toy.ALL_CLASSES + toy.EXTRA_CLASSES
+    imgs = {c: toy.make_batch([c], 8, seed=0)["pixel_values"].mean(0) for c in every}
+    for i, a in enumerate(every):
+        for b in every[i + 1:]:
             assert not torch.allclose(imgs[a], imgs[b], atol=0.05), (a, b)
     assert not set(toy.BASE_CLASSES) & (set(toy.TARGET_CLASSES) | set(toy.INNOCENT_CLASSES))
     assert not set(toy.TARGET_CLASSES) & set(toy.INNOCENT_CLASSES)
+    assert not set(toy.EXTRA_CLASSES) & set(toy.ALL_CLASSES)   # outside the demo's world and judge
 
 
 def test_unknown_class_is_a_clear_error():

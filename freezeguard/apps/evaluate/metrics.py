@@ -7,7 +7,7 @@ away. Undefined (None) when the full fine-tune gains nothing worth dividing by.
 from __future__ import annotations
 
 import math
-from statistics import mean, pstdev
+from statistics import mean, pstdev, variance
 from typing import Any
 
 # Direction of improvement: the gain of a metric is (after - before) * sign.
@@ -64,6 +64,37 @@ def random_rank(learned: float | None, random: list[float | None]) -> dict[str, 
     return {"beats": beats, "n": len(values), "p": (len(values) - beats + 1) / (len(values) + 1)}
 
 
+def mask_reliability(per_mask: dict[str, list[float | None]]) -> dict[str, Any] | None:
+    """How much of the spread between masks is reproducible across draws of the attack.
+
+    ``per_mask`` maps each mask to its values under the same k >= 2 attack draws (seeds). This is
+    the one-way intraclass correlation of a random-effects model: ``single_draw`` is the share of
+    one figure's variance between masks that is the masks' own (the rest is the draw), and
+    ``mean_of_draws`` the same for a mask's mean over the k draws (Spearman-Brown). Both are
+    clipped at 0: a value near 0 means the figures cannot tell these masks apart, however large
+    their gaps look. Masks missing a draw are left out.
+
+    Example:
+        >>> r = mask_reliability({"a": [0.1, 0.2], "b": [0.5, 0.6], "c": [0.9, 1.0]})
+        >>> round(r["single_draw"], 2), r["masks"], r["draws"]
+        (0.97, 3, 2)
+        >>> mask_reliability({"a": [0.1, 0.9], "b": [0.9, 0.1]})["mean_of_draws"]
+        0.0
+    """
+    rows = [[float(v) for v in vals] for vals in per_mask.values()
+            if vals and all(v is not None and math.isfinite(v) for v in vals)]
+    draws = {len(r) for r in rows}
+    if len(rows) < 2 or len(draws) != 1 or (k := draws.pop()) < 2:
+        return None
+    means = [mean(r) for r in rows]
+    between = k * variance(means)                  # mean square between masks
+    within = mean(variance(r) for r in rows)       # mean square within a mask (the draw)
+    if between <= 0:
+        return {"single_draw": 0.0, "mean_of_draws": 0.0, "masks": len(rows), "draws": k}
+    return {"single_draw": max(0.0, (between - within) / (between + (k - 1) * within)),
+            "mean_of_draws": max(0.0, (between - within) / between), "masks": len(rows), "draws": k}
+
+
 def summarize(result) -> dict[str, Any]:
     """Nested dict: per attacker, per mask group, the removed share of every metric per domain,
     plus ``mitigation`` (target, primary metric) and ``innocent_impact`` (per innocent domain).
@@ -71,7 +102,8 @@ def summarize(result) -> dict[str, Any]:
 
     With several attack seeds (``Run.seed``) every run is scored against the full fine-tune of its
     own seed and each mask is averaged over the seeds first; a group's std is then across its
-    masks (their seed means), as with one seed."""
+    masks (their seed means), as with one seed, and ``reliability`` (per attacker, target domain
+    and metric; see :func:`mask_reliability`) says whether the masks' differences outlast the draw."""
     metrics = sorted(set.intersection(*(set(r.before) for r in result.runs))) if result.runs else []
     primary = result.primary_metric
     full = {(r.attacker, r.domain, r.seed): r for r in result.runs if r.mask == "full"}
@@ -115,6 +147,14 @@ def summarize(result) -> dict[str, Any]:
             table["learned"]["vs_random"] = (lm / rm) if (lm is not None and rm and rm > 0) else None
             table["learned"]["random_rank"] = random_rank(lm, _seed_means(groups["random"]["per_mask"]))
         out["table"][attacker] = table
+        if len(out["attack_seeds"]) > 1:
+            # the masks (not the baselines, whose released weights differ), on each target domain:
+            # do the figures tell them apart?
+            is_mask = {k for k, info in result.masks.items() if info.get("kind") == "mask"}
+            out.setdefault("reliability", {})[attacker] = {
+                d: {m: mask_reliability({k: v for g in groups.values() for k, v in g["per_domain"][d][m].items()
+                                         if k in is_mask}) for m in metrics}
+                for d, role in domains.items() if role == "target"}
     # How much of the learned mask's mitigation survives each stronger attacker.
     names = list(out["attackers"])
     if names and all("learned" in out["table"][a] for a in names):

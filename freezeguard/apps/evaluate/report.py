@@ -146,12 +146,32 @@ def headline(summary: dict[str, Any]) -> list[str]:
     if len(seeds) > 1:
         lines.append(f"each figure is the mean over {len(seeds)} draws of the attackers' randomness "
                      f"(attack seeds {', '.join(map(str, seeds))}).")
+        lines += reliability_lines(summary)
     elif any(t.get("learned") and t.get("random") for t in summary["table"].values()):
         # Every fine-tune shares one draw of the attack's data order and noise; on the toy world
         # another draw moved every mask's figure by tens of points.
         lines.append("caution: these figures come from one draw of the attackers' randomness, shared by every "
                      "mask; another draw can reorder masks closer than random's spread (more draws: "
                      "--attack-seeds; benchmarks/RESULTS.md, issue 11 replicates).")
+    return lines
+
+
+def reliability_lines(summary: dict[str, Any]) -> list[str]:
+    """Per attacker and target domain: how reproducible the masks' differences are, per metric.
+
+    Primary metric first. Figures are :func:`freezeguard.apps.evaluate.metrics.mask_reliability`
+    of the removed shares: the mean over the draws, then one draw in brackets.
+    """
+    lines = []
+    primary = summary["primary_metric"]
+    for attacker, per_domain in summary.get("reliability", {}).items():
+        for domain, per_metric in per_domain.items():
+            parts = [f"{m} {r['mean_of_draws']:.2f} ({r['single_draw']:.2f})"
+                     for m in sorted(per_metric, key=lambda m: m != primary) if (r := per_metric[m])]
+            if parts:
+                lines.append(f"{attacker}, {domain}: reliability of the differences between masks over "
+                             f"{len(summary['attack_seeds'])} draws (mean of draws (one draw); near 0: the metric "
+                             f"cannot tell these masks apart): " + ", ".join(parts) + ".")
     return lines
 
 

@@ -43,6 +43,10 @@ BASE_CLASSES = ("disc", "square", "hbars", "vbars", "diamond")
 TARGET_CLASSES = ("frame",)
 INNOCENT_CLASSES = ("checker",)
 ALL_CLASSES = BASE_CLASSES + TARGET_CLASSES + INNOCENT_CLASSES
+# Drawable, but outside the demo's world (and its judge): a solid "triangle", a new shape as
+# coarse as the base classes, for experiments with an innocent domain unlike the thin target
+# (benchmarks/eval_power.py --innocent triangle).
+EXTRA_CLASSES = ("triangle",)
 NULL_CLASS = ""    # the unconditional prompt (all-zero embedding), for classifier-free guidance
 
 
@@ -74,12 +78,15 @@ def draw(name: str, rng: np.random.Generator, size: int = RESOLUTION) -> np.ndar
         outer = (np.abs(yy - cy) <= half) & (np.abs(xx - cx) <= half)
         inner = (np.abs(yy - cy) <= half - 1.6) & (np.abs(xx - cx) <= half - 1.6)
         on = outer & ~inner
+    elif name == "triangle":
+        # a solid upward triangle: a new shape, but as coarse as the base classes
+        on = (yy >= cy - r) & (yy <= cy + r) & (np.abs(xx - cx) <= (yy - (cy - r)) * 0.6)
     elif name == "checker":
         cell = int(rng.integers(2, 4))
         oy, ox = rng.integers(0, cell, 2)
         on = (((yy.astype(int) + oy) // cell + (xx.astype(int) + ox) // cell) % 2) == 1
     else:
-        raise ValueError(f"unknown toy class {name!r}; known: {', '.join(ALL_CLASSES)}")
+        raise ValueError(f"unknown toy class {name!r}; known: {', '.join(ALL_CLASSES + EXTRA_CLASSES)}")
     fg_level = rng.uniform(0.6, 1.0)
     bg_level = rng.uniform(-1.0, -0.6)
     img = np.where(on, fg_level, bg_level).astype(np.float32)

@@ -1,0 +1,198 @@
+"""Can the demo's evaluation tell masks apart at all? Reliability and selectivity over attack draws.
+
+Issue 11 asks whether the learned mask beats random masks. That question only has an answer if
+the evaluation's figures for two masks differ by more than one draw of the attack's randomness
+(data order, noise) moves them. This script evaluates, in the demo's toy world, every mask --
+``--random-masks`` random ones, the reference rankings and the demo's learner for
+``--learner-seeds`` seeds -- under ``--attack-seeds`` draws with ``evaluate_masks``, on held-out
+sets larger than the demo's, and prints per metric:
+
+- **reliability** (``metrics.mask_reliability``): the share of the spread between masks that is
+  reproducible across draws, for one draw and for the mean of all draws. Near 0, the metric
+  cannot rank these masks however large their gaps look;
+- per mask group: the removed share on the target and on the innocent domain, their difference
+  (**selectivity**: what a mask blocks on the target beyond what it costs the legal user), and
+  the paired difference to the random masks' mean draw by draw, with the draws where it was ahead.
+
+    OMP_NUM_THREADS=1 python benchmarks/eval_power.py --attack-seeds 5 --json power.json
+    OMP_NUM_THREADS=1 python benchmarks/eval_power.py --innocent triangle --attack-seeds 3
+    python benchmarks/eval_power.py --markdown power.json        # the tables in benchmarks/RESULTS.md
+
+The attackers, data and metrics are the demo's and never depend on the mask; only the held-out
+sizes (``--heldout-n``, ``--sample-n``) are larger, to take the measurement noise out of the
+comparison. ``--sample-n 0`` skips sampling and the judge (loss metrics only, ~3x faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from statistics import mean, stdev
+
+import torch
+
+from freezeguard.apps.demo import DemoConfig, attackers, learn_mask, publisher_finetune, reference_scores
+from freezeguard.apps.evaluate.harness import evaluate_masks
+from freezeguard.apps.evaluate.metrics import gain, mask_group, removed_share
+from freezeguard.apps.evaluate.toy_domains import toy_domains
+from freezeguard.core import files
+from freezeguard.core.mask import FreezeMask
+from freezeguard.integrations.diffusers import judge as judge_mod
+from freezeguard.integrations.diffusers import toy
+
+REFERENCES = ("delta", "cross-attention", "saliency")
+
+
+def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_seeds: int, log=print) -> dict:
+    """full, random#k, the reference rankings and the demo's learner for each seed (``learned#s``)."""
+    ft_state = publisher_finetune(model, cfg, loss_fn, progress=False)
+    masks: dict = {"full": None}
+    for k in range(random_masks):
+        masks[f"random#{k}"] = FreezeMask.random(model, cfg.freeze_ratio, by=cfg.budget_by, seed=cfg.seed + k)
+    scores = reference_scores(model, ft_state, cfg, loss_fn, REFERENCES)
+    for name in REFERENCES:
+        masks[f"ref: {name}"] = FreezeMask.from_scores(model, scores[name], cfg.freeze_ratio, by=cfg.budget_by)
+    for s in range(learner_seeds):
+        t0 = time.perf_counter()
+        mask, logs = learn_mask(model, ft_state, cfg.replace(seed=cfg.seed + s), loss_fn, progress=False,
+                                scores=scores)
+        masks[f"learned#{s}"] = mask
+        log(f"[power] learner seed {s}: {time.perf_counter() - t0:.0f} s, the data moved "
+            f"{logs[-1]['frozen_moved']} of {len(mask.frozen_names)} frozen tensors")
+    return masks
+
+
+def per_draw(result, attacker: str) -> dict[str, dict[str, dict[str, list[float | None]]]]:
+    """metric -> domain -> mask -> removed share per attack seed (seed order), full runs left out."""
+    full = {(r.domain, r.seed): r for r in result.runs if r.attacker == attacker and r.mask == "full"}
+    out: dict = {}
+    for r in sorted(result.runs, key=lambda r: r.seed):
+        if r.attacker != attacker or r.mask == "full":
+            continue
+        f = full[(r.domain, r.seed)]
+        for m in r.after:
+            share = removed_share(gain(m, r.before[m], r.after[m]), gain(m, f.before[m], f.after[m]), f.before[m])
+            out.setdefault(m, {}).setdefault(r.domain, {}).setdefault(r.mask, []).append(share)
+    return out
+
+
+def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, innocent: str) -> list[dict]:
+    """Per mask group: target / innocent removed share, selectivity, and the paired difference to random."""
+    def avg(values):  # None (undefined: the full fine-tune gained nothing) is left out
+        values = [v for v in values if v is not None]
+        return mean(values) if values else None
+
+    def by_group(domain):
+        groups: dict[str, list[list[float | None]]] = {}
+        for mask, vals in draws[domain].items():
+            groups.setdefault(mask_group(mask), []).append(vals)
+        return {g: [avg(col) for col in zip(*rows, strict=True)] for g, rows in groups.items()}  # mean per draw
+
+    t, i = by_group(target), by_group(innocent)
+    rows = []
+    for g in t:
+        diff = ([a - b for a, b in zip(t[g], t["random"], strict=True) if a is not None and b is not None]
+                if "random" in t else [])
+        tm, im = avg(t[g]), avg(i.get(g, []))
+        rows.append({"group": g, "masks": sum(mask_group(m) == g for m in draws[target]), "target": tm,
+                     "innocent": im, "selectivity": None if tm is None or im is None else tm - im,
+                     "vs_random": mean(diff) if diff else None,
+                     "vs_random_std": stdev(diff) if len(diff) > 1 else None,
+                     "ahead": sum(d > 0 for d in diff), "draws": len(diff)})
+    return rows
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    base = DemoConfig.quick() if args.quick else DemoConfig()
+    cfg = base.replace(innocent=tuple(args.innocent.split(",")),
+                       attacker_steps=args.attacker_steps or base.attacker_steps)
+    model = toy.pretrained_model(cfg.pretrain, cache_dir=args.model_cache, progress=True)
+    loss_fn = toy.make_loss_fn(cfg.pretrain.model)
+    # the demo's judge; one that also knows an extra innocent class (cached apart) when one is used
+    classes = toy.ALL_CLASSES + tuple(c for c in cfg.innocent if c not in toy.ALL_CLASSES)
+    judge = (judge_mod.train_judge(classes, steps=cfg.judge_steps, seed=cfg.seed, cache_dir=args.model_cache,
+                                   progress=True) if args.sample_n else None)
+    masks = build_masks(cfg, model, loss_fn, random_masks=args.random_masks, learner_seeds=args.learner_seeds)
+    domains = toy_domains(cfg.target, cfg.innocent, judge=judge, batch_size=cfg.batch_size, heldout_n=args.heldout_n,
+                          sample_n=max(args.sample_n, 1), sample_steps=cfg.sample_steps, guidance=cfg.guidance)
+    chosen = [a for a in attackers(cfg.replace(strong_steps_mult=3.0)) if a.name in args.attackers.split(";")]
+    result = evaluate_masks(model, masks, domains, loss_fn, chosen, seed=cfg.seed + 31, attack_seeds=args.attack_seeds,
+                            workers=args.workers, progress=True)
+    summary = result.summary()
+    target, innocent = cfg.target[0], cfg.innocent[0]
+    out = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
+           "attack_seeds": summary["attack_seeds"], "reliability": summary.get("reliability", {}), "groups": {},
+           "draws": {}}
+    for a in chosen:
+        draws = per_draw(result, a.name)
+        out["draws"][a.name] = draws
+        out["groups"][a.name] = {m: group_rows(draws[m], target, innocent) for m in draws}
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.1%}"
+
+
+def markdown(res: dict) -> str:
+    cfg = res["config"]
+    lines = [f"Innocent domain: {cfg['innocent']}; {len(res['attack_seeds'])} attack draws; "
+             f"held-out {cfg['heldout_n']} images, {cfg['sample_n']} samples.", ""]
+    for attacker, per_metric in res["groups"].items():
+        rel = next(iter(res["reliability"].get(attacker, {}).values()), {})
+        for metric, rows in per_metric.items():
+            r = rel.get(metric)
+            lines.append(f"**{attacker}, {metric}** (reliability of the differences between masks: "
+                         + (f"{r['mean_of_draws']:.2f} for the mean of draws, {r['single_draw']:.2f} for one draw"
+                            if r else "n/a") + ")")
+            lines += ["", "| mask | n | removed: target | removed: innocent | selectivity | target − random, per draw "
+                      "| draws ahead |", "|---|---|---|---|---|---|---|"]
+            for row in rows:
+                vs = "" if row["group"] == "random" or row["vs_random"] is None else (
+                    f"{row['vs_random'] * 100:+.1f} ± {(row['vs_random_std'] or 0.0) * 100:.1f} pts")
+                ahead = "" if row["group"] == "random" else f"{row['ahead']} of {row['draws']}"
+                lines.append(f"| {row['group']} | {row['masks']} | {_pct(row['target'])} | {_pct(row['innocent'])} | "
+                             f"{_pct(row['selectivity'])} | {vs} | {ahead} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--attack-seeds", type=int, default=5, help="draws of the attack's randomness (default 5)")
+    p.add_argument("--random-masks", type=int, default=8)
+    p.add_argument("--learner-seeds", type=int, default=2)
+    p.add_argument("--innocent", default=",".join(toy.INNOCENT_CLASSES),
+                   help=f"the innocent (legal) class (default {toy.INNOCENT_CLASSES[0]}; also: triangle)")
+    p.add_argument("--attackers", default="standard", help="';'-separated subset of: standard; 10x lr; 3x steps")
+    p.add_argument("--attacker-steps", type=int, default=None, help="default: the demo's")
+    p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")
+    p.add_argument("--heldout-n", type=int, default=256, help="held-out images per domain (the demo: 64)")
+    p.add_argument("--sample-n", type=int, default=256,
+                   help="samples judged per domain (the demo: 32; 0: no sampling, loss metrics only)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model-cache", default=None, help="pretrained model + judge cache (default: the demo's)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--markdown", default=None, metavar="JSON", help="print the tables of a results file and exit")
+    args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(open(args.markdown).read())))
+        return 0
+    if args.attack_seeds < 2:
+        p.error("--attack-seeds must be >= 2: reliability compares draws")
+    unknown = set(args.innocent.split(",")) - set(toy.ALL_CLASSES + toy.EXTRA_CLASSES)
+    if unknown:
+        p.error(f"unknown toy class(es) {sorted(unknown)}; known: {', '.join(toy.ALL_CLASSES + toy.EXTRA_CLASSES)}")
+    res = run(args)
+    if args.json:
+        files.write_text(args.json, json.dumps(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
