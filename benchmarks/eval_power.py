@@ -58,8 +58,8 @@ def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_s
         mask, logs = learn_mask(model, ft_state, cfg.replace(seed=cfg.seed + s), loss_fn, progress=False,
                                 scores=scores)
         masks[f"learned#{s}"] = mask
-        log(f"[power] learner seed {s}: {time.perf_counter() - t0:.0f} s, the data moved "
-            f"{logs[-1]['frozen_moved']} of {len(mask.frozen_names)} frozen tensors")
+        log(f"[power] learner seed {s}: {time.perf_counter() - t0:.0f} s; the data moved {logs[-1]['frozen_moved']} "
+            f"tensors out of the initial mask; the learned mask freezes {len(mask.frozen_names)}")
     return masks
 
 
@@ -103,11 +103,31 @@ def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, inn
     return rows
 
 
+def target_innocent_correlation(draws: dict[str, dict[str, list[float | None]]], target: str,
+                                innocent: str) -> float | None:
+    """Pearson correlation, across masks, of their mean removed share on the target and on the innocent
+    domain. Near 1: whatever a mask blocks on the target it blocks as much for the legal user."""
+    pairs = []
+    for mask, vals in draws.get(target, {}).items():
+        t = [v for v in vals if v is not None]
+        i = [v for v in draws.get(innocent, {}).get(mask, []) if v is not None]
+        if t and i:
+            pairs.append((mean(t), mean(i)))
+    if len(pairs) < 3:
+        return None
+    ts, is_ = zip(*pairs, strict=True)
+    mt, mi = mean(ts), mean(is_)
+    cov = sum((a - mt) * (b - mi) for a, b in pairs)
+    norm = (sum((a - mt) ** 2 for a in ts) * sum((b - mi) ** 2 for b in is_)) ** 0.5
+    return cov / norm if norm > 0 else None
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     base = DemoConfig.quick() if args.quick else DemoConfig()
     cfg = base.replace(innocent=tuple(args.innocent.split(",")),
-                       attacker_steps=args.attacker_steps or base.attacker_steps)
+                       attacker_steps=args.attacker_steps or base.attacker_steps,
+                       freeze_ratio=base.freeze_ratio if args.freeze_ratio is None else args.freeze_ratio)
     model = toy.pretrained_model(cfg.pretrain, cache_dir=args.model_cache, progress=True)
     loss_fn = toy.make_loss_fn(cfg.pretrain.model)
     # the demo's judge; one that also knows an extra innocent class (cached apart) when one is used
@@ -122,7 +142,7 @@ def run(args) -> dict:
                             workers=args.workers, progress=True)
     summary = result.summary()
     target, innocent = cfg.target[0], cfg.innocent[0]
-    out = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
+    out = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")} | {"target": target},
            "attack_seeds": summary["attack_seeds"], "reliability": summary.get("reliability", {}), "groups": {},
            "draws": {}}
     for a in chosen:
@@ -138,15 +158,20 @@ def _pct(v: float | None) -> str:
 
 def markdown(res: dict) -> str:
     cfg = res["config"]
-    lines = [f"Innocent domain: {cfg['innocent']}; {len(res['attack_seeds'])} attack draws; "
+    lines = [f"Innocent domain: {cfg['innocent']}; freeze ratio {cfg.get('freeze_ratio') or DemoConfig().freeze_ratio}; "
+             f"{len(res['attack_seeds'])} attack draws; "
              f"held-out {cfg['heldout_n']} images, {cfg['sample_n']} samples.", ""]
     for attacker, per_metric in res["groups"].items():
         rel = next(iter(res["reliability"].get(attacker, {}).values()), {})
         for metric, rows in per_metric.items():
             r = rel.get(metric)
+            corr = target_innocent_correlation(res["draws"][attacker][metric], cfg.get("target", toy.TARGET_CLASSES[0]),
+                                               cfg["innocent"].split(",")[0])
             lines.append(f"**{attacker}, {metric}** (reliability of the differences between masks: "
                          + (f"{r['mean_of_draws']:.2f} for the mean of draws, {r['single_draw']:.2f} for one draw"
-                            if r else "n/a") + ")")
+                            if r else "n/a")
+                         + ("" if corr is None else f"; correlation of target and innocent removed share across "
+                            f"masks: {corr:.2f}") + ")")
             lines += ["", "| mask | n | removed: target | removed: innocent | selectivity | target − random, per draw "
                       "| draws ahead |", "|---|---|---|---|---|---|---|"]
             for row in rows:
@@ -169,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"the innocent (legal) class (default {toy.INNOCENT_CLASSES[0]}; also: triangle)")
     p.add_argument("--attackers", default="standard", help="';'-separated subset of: standard; 10x lr; 3x steps")
     p.add_argument("--attacker-steps", type=int, default=None, help="default: the demo's")
+    p.add_argument("--freeze-ratio", type=float, default=None, help="share of parameters frozen (default: the demo's 0.5)")
     p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")
     p.add_argument("--heldout-n", type=int, default=256, help="held-out images per domain (the demo: 64)")
     p.add_argument("--sample-n", type=int, default=256,

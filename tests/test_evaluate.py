@@ -97,8 +97,9 @@ def test_summary_reports_reliability_of_masks_over_attack_seeds():
     assert rel["mean_of_draws"] == 0.0          # all three masks have the same mean: nothing to tell apart
     assert any("reliability of the differences between masks over 2 draws" in line and "loss 0.00 (0.00)" in line
                for line in headline(s))
-    runs_one_seed = [r for r in runs if r.seed == 0]
-    assert "reliability" not in summarize(EvalResult(runs=runs_one_seed, masks=res.masks, attackers=res.attackers))
+    one_draw = summarize(EvalResult(runs=[r for r in runs if r.seed == 0], masks=res.masks, attackers=res.attackers))
+    assert "reliability" not in one_draw
+    assert any(line.startswith("caution: these figures come from one draw") for line in headline(one_draw))
 
 
 def test_random_rank_ties_count_against_the_learned_mask():
@@ -335,6 +336,13 @@ def test_eval_power_groups_selectivity_and_paired_differences():
     assert rows["learned"]["selectivity"] == pytest.approx(0.25 - 0.1)
     # an undefined draw (None: the full fine-tune gained nothing) is left out, not counted as 0
     assert rows["ref: x"]["target"] == pytest.approx(0.2) and rows["ref: x"]["draws"] == 1
+    # masks' means: target .2, .2, .25, .2 against innocent 0, .2, .1, 0
+    import statistics
+    assert power.target_innocent_correlation(draws, "t", "i") == pytest.approx(
+        statistics.correlation([0.2, 0.2, 0.25, 0.2], [0.0, 0.2, 0.1, 0.0]))
+    same = {"t": {"a": [0.1], "b": [0.2], "c": [0.4]}, "i": {"a": [0.2], "b": [0.4], "c": [0.8]}}
+    assert power.target_innocent_correlation(same, "t", "i") == pytest.approx(1.0)
+    assert power.target_innocent_correlation({"t": {"a": [0.1]}, "i": {"a": [0.1]}}, "t", "i") is None
 
 
 def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):

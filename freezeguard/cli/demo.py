@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack-seeds", type=int, default=None,
                         help="repeat the evaluation's fine-tunes under this many draws of the attack's randomness "
                              "and average over them (default 1: one draw, which can move every figure by more than "
-                             "the gap between masks; each draw adds the evaluation's time)")
+                             "the gap between masks; with 2 or more the report says, per metric, how much of "
+                             "the gaps between masks is reproducible; each draw adds the evaluation's time)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 0 keeps torch's default. The tiny model's ops are too small to "
                              "share across threads: on a busy 2-core machine one thread was 4-30x faster per step")

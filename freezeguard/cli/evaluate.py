@@ -78,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack-seeds", type=int, default=1,
                         help="repeat every fine-tune under this many draws of the attack's randomness (data order, "
                              "noise) and average each contender over them; one draw can move every figure by more "
-                             "than the gap between masks (default 1; each adds the whole evaluation's time)")
+                             "than the gap between masks; with 2 or more the report says, per metric, how "
+                             "much of the gaps between masks is reproducible (default 1; each adds the whole "
+                             "evaluation's time)")
     parser.add_argument("--budget-by", choices=("tensors", "params"), default=None,
                         help="the random masks match the mask's share of tensors or of parameters "
                              "(default: the basis the mask was made on, as the demo)")

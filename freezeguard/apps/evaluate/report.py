@@ -151,8 +151,9 @@ def headline(summary: dict[str, Any]) -> list[str]:
         # Every fine-tune shares one draw of the attack's data order and noise; on the toy world
         # another draw moved every mask's figure by tens of points.
         lines.append("caution: these figures come from one draw of the attackers' randomness, shared by every "
-                     "mask; another draw can reorder masks closer than random's spread (more draws: "
-                     "--attack-seeds; benchmarks/RESULTS.md, issue 11 replicates).")
+                     "mask; another draw can reorder masks closer than random's spread. With --attack-seeds 2 "
+                     "or more the report says, per metric, how much of the gaps between masks is reproducible "
+                     "(benchmarks/RESULTS.md, issue 11: evaluation power).")
     return lines
 
 
