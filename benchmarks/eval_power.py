@@ -28,7 +28,7 @@ import argparse
 import json
 import sys
 import time
-from statistics import mean, stdev
+from statistics import StatisticsError, correlation, mean, stdev
 
 import torch
 
@@ -115,11 +115,10 @@ def target_innocent_correlation(draws: dict[str, dict[str, list[float | None]]],
             pairs.append((mean(t), mean(i)))
     if len(pairs) < 3:
         return None
-    ts, is_ = zip(*pairs, strict=True)
-    mt, mi = mean(ts), mean(is_)
-    cov = sum((a - mt) * (b - mi) for a, b in pairs)
-    norm = (sum((a - mt) ** 2 for a in ts) * sum((b - mi) ** 2 for b in is_)) ** 0.5
-    return cov / norm if norm > 0 else None
+    try:
+        return correlation(*zip(*pairs, strict=True))
+    except StatisticsError:  # one side constant across masks
+        return None
 
 
 def run(args) -> dict:
@@ -210,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.attack_seeds < 2:
         p.error("--attack-seeds must be >= 2: reliability compares draws")
+    known_attackers = [a.name for a in attackers(DemoConfig().replace(strong_steps_mult=3.0))]
+    if not args.attackers.split(";") or set(args.attackers.split(";")) - set(known_attackers):
+        p.error(f"--attackers: ';'-separated names of: {'; '.join(known_attackers)}; got {args.attackers!r}")
     unknown = set(args.innocent.split(",")) - set(toy.ALL_CLASSES + toy.EXTRA_CLASSES)
     if unknown:
         p.error(f"unknown toy class(es) {sorted(unknown)}; known: {', '.join(toy.ALL_CLASSES + toy.EXTRA_CLASSES)}")

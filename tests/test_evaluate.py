@@ -366,3 +366,7 @@ def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
     assert capsys.readouterr().out.strip() in printed
     with pytest.raises(SystemExit):
         power.main(["--attack-seeds", "1"])
+    with pytest.raises(SystemExit):    # checked before any model is built
+        power.main(["--attackers", "standard;20x lr"])
+    with pytest.raises(SystemExit):
+        power.main(["--innocent", "dog"])
