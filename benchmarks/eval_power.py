@@ -34,7 +34,7 @@ import torch
 
 from freezeguard.apps.demo import DemoConfig, attackers, learn_mask, publisher_finetune, reference_scores
 from freezeguard.apps.evaluate.harness import evaluate_masks
-from freezeguard.apps.evaluate.metrics import gain, mask_group, removed_share
+from freezeguard.apps.evaluate.metrics import mask_group
 from freezeguard.apps.evaluate.toy_domains import toy_domains
 from freezeguard.core import files
 from freezeguard.core.mask import FreezeMask
@@ -61,20 +61,6 @@ def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_s
         log(f"[power] learner seed {s}: {time.perf_counter() - t0:.0f} s; the data moved {logs[-1]['frozen_moved']} "
             f"tensors out of the initial mask; the learned mask freezes {len(mask.frozen_names)}")
     return masks
-
-
-def per_draw(result, attacker: str) -> dict[str, dict[str, dict[str, list[float | None]]]]:
-    """metric -> domain -> mask -> removed share per attack seed (seed order), full runs left out."""
-    full = {(r.domain, r.seed): r for r in result.runs if r.attacker == attacker and r.mask == "full"}
-    out: dict = {}
-    for r in sorted(result.runs, key=lambda r: r.seed):
-        if r.attacker != attacker or r.mask == "full":
-            continue
-        f = full[(r.domain, r.seed)]
-        for m in r.after:
-            share = removed_share(gain(m, r.before[m], r.after[m]), gain(m, f.before[m], f.after[m]), f.before[m])
-            out.setdefault(m, {}).setdefault(r.domain, {}).setdefault(r.mask, []).append(share)
-    return out
 
 
 def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, innocent: str) -> list[dict]:
@@ -145,7 +131,7 @@ def run(args) -> dict:
            "attack_seeds": summary["attack_seeds"], "reliability": summary.get("reliability", {}), "groups": {},
            "draws": {}}
     for a in chosen:
-        draws = per_draw(result, a.name)
+        draws = summary["removed_by_draw"][a.name]     # metric -> domain -> mask -> share per draw
         out["draws"][a.name] = draws
         out["groups"][a.name] = {m: group_rows(draws[m], target, innocent) for m in draws}
     return out

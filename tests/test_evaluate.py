@@ -95,6 +95,9 @@ def test_summary_reports_reliability_of_masks_over_attack_seeds():
     rel = s["reliability"]["std"]["t"]["loss"]
     assert rel["masks"] == 3 and rel["draws"] == 2
     assert rel["mean_of_draws"] == 0.0          # all three masks have the same mean: nothing to tell apart
+    by_draw = s["removed_by_draw"]["std"]["loss"]["t"]
+    assert by_draw["random#0"] == pytest.approx([1 - 0.3 / 0.4, 1 - 0.1 / 0.4])   # seed order
+    assert by_draw["uce"] == pytest.approx([1.0, 1.0]) and "full" not in by_draw
     assert any("reliability of the differences between masks over 2 draws" in line and "loss 0.00 (0.00)" in line
                for line in headline(s))
     one_draw = summarize(EvalResult(runs=[r for r in runs if r.seed == 0], masks=res.masks, attackers=res.attackers))

@@ -103,7 +103,9 @@ def summarize(result) -> dict[str, Any]:
     With several attack seeds (``Run.seed``) every run is scored against the full fine-tune of its
     own seed and each mask is averaged over the seeds first; a group's std is then across its
     masks (their seed means), as with one seed, and ``reliability`` (per attacker, target domain
-    and metric; see :func:`mask_reliability`) says whether the masks' differences outlast the draw."""
+    and metric; see :func:`mask_reliability`) says whether the masks' differences outlast the draw.
+    ``removed_by_draw`` (per attacker, metric, domain and contender but "full") keeps the removed
+    share of every draw, in seed order, for paired comparisons."""
     metrics = sorted(set.intersection(*(set(r.before) for r in result.runs))) if result.runs else []
     primary = result.primary_metric
     full = {(r.attacker, r.domain, r.seed): r for r in result.runs if r.mask == "full"}
@@ -113,7 +115,9 @@ def summarize(result) -> dict[str, Any]:
                            "domains": domains, "attack_seeds": sorted({r.seed for r in result.runs}), "table": {}}
     for attacker in out["attackers"]:
         groups: dict[str, dict[str, Any]] = {}
-        for r in result.runs:
+        # metric -> domain -> contender but the reference -> removed share per attack seed, in seed order
+        by_draw: dict[str, dict[str, dict[str, list[float | None]]]] = {}
+        for r in sorted(result.runs, key=lambda run: run.seed):   # stable: evaluate_masks' order is seed-major
             if r.attacker != attacker:
                 continue
             ref = full[(attacker, r.domain, r.seed)]
@@ -125,6 +129,8 @@ def summarize(result) -> dict[str, Any]:
                 gm = gain(m, r.before[m], r.after[m])
                 gf = gain(m, ref.before[m], ref.after[m])
                 share = removed_share(gm, gf, ref.before[m])
+                if r.mask != "full":
+                    by_draw.setdefault(m, {}).setdefault(r.domain, {}).setdefault(r.mask, []).append(share)
                 dom[m].setdefault(r.mask, []).append(share)
                 dom["after"][m].setdefault(r.mask, []).append(r.after[m])
                 if m == primary and domains[r.domain] == "target":
@@ -147,13 +153,13 @@ def summarize(result) -> dict[str, Any]:
             table["learned"]["vs_random"] = (lm / rm) if (lm is not None and rm and rm > 0) else None
             table["learned"]["random_rank"] = random_rank(lm, _seed_means(groups["random"]["per_mask"]))
         out["table"][attacker] = table
+        out.setdefault("removed_by_draw", {})[attacker] = by_draw
         if len(out["attack_seeds"]) > 1:
             # the masks (not the baselines, whose released weights differ), on each target domain:
             # do the figures tell them apart?
             is_mask = {k for k, info in result.masks.items() if info.get("kind") == "mask"}
             out.setdefault("reliability", {})[attacker] = {
-                d: {m: mask_reliability({k: v for g in groups.values() for k, v in g["per_domain"][d][m].items()
-                                         if k in is_mask}) for m in metrics}
+                d: {m: mask_reliability({k: v for k, v in by_draw[m][d].items() if k in is_mask}) for m in metrics}
                 for d, role in domains.items() if role == "target"}
     # How much of the learned mask's mitigation survives each stronger attacker.
     names = list(out["attackers"])
