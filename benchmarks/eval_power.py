@@ -44,6 +44,11 @@ from freezeguard.integrations.diffusers import toy
 REFERENCES = ("delta", "cross-attention", "saliency")
 
 
+def attacker_choices(cfg: DemoConfig) -> list:
+    """The demo's attackers with the 3x-steps one added (the demo leaves it out for time)."""
+    return attackers(cfg.replace(strong_steps_mult=3.0))
+
+
 def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_seeds: int, log=print) -> dict:
     """full, random#k, the reference rankings and the demo's learner for each seed (``learned#s``)."""
     ft_state = publisher_finetune(model, cfg, loss_fn, progress=False)
@@ -122,7 +127,7 @@ def run(args) -> dict:
     masks = build_masks(cfg, model, loss_fn, random_masks=args.random_masks, learner_seeds=args.learner_seeds)
     domains = toy_domains(cfg.target, cfg.innocent, judge=judge, batch_size=cfg.batch_size, heldout_n=args.heldout_n,
                           sample_n=max(args.sample_n, 1), sample_steps=cfg.sample_steps, guidance=cfg.guidance)
-    chosen = [a for a in attackers(cfg.replace(strong_steps_mult=3.0)) if a.name in args.attackers.split(";")]
+    chosen = [a for a in attacker_choices(cfg) if a.name in args.attackers.split(";")]
     result = evaluate_masks(model, masks, domains, loss_fn, chosen, seed=cfg.seed + 31, attack_seeds=args.attack_seeds,
                             workers=args.workers, progress=True)
     summary = result.summary()
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.attack_seeds < 2:
         p.error("--attack-seeds must be >= 2: reliability compares draws")
-    known_attackers = [a.name for a in attackers(DemoConfig().replace(strong_steps_mult=3.0))]
+    known_attackers = [a.name for a in attacker_choices(DemoConfig())]
     if not args.attackers.split(";") or set(args.attackers.split(";")) - set(known_attackers):
         p.error(f"--attackers: ';'-separated names of: {'; '.join(known_attackers)}; got {args.attackers!r}")
     unknown = set(args.innocent.split(",")) - set(toy.ALL_CLASSES + toy.EXTRA_CLASSES)
