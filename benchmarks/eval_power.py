@@ -12,10 +12,15 @@ sets larger than the demo's, and prints per metric:
   cannot rank these masks however large their gaps look;
 - per mask group: the removed share on the target and on the innocent domain, their difference
   (**selectivity**: what a mask blocks on the target beyond what it costs the legal user), and
-  the paired difference to the random masks' mean draw by draw, with the draws where it was ahead.
+  the paired difference to the random masks' mean draw by draw, with the draws where it was ahead;
+- with ``--random-ratios``, random masks at other freeze ratios too, and per group the target share
+  it blocks beyond what random masks block **at equal harm** to the innocent domain (random's
+  target share interpolated at the group's innocent share, draw by draw). A mask that freezes more
+  blocks more of both domains; this asks whether it buys its target share more cheaply than random.
 
     OMP_NUM_THREADS=1 python benchmarks/eval_power.py --attack-seeds 5 --json power.json
     OMP_NUM_THREADS=1 python benchmarks/eval_power.py --innocent triangle --attack-seeds 3
+    OMP_NUM_THREADS=1 python benchmarks/eval_power.py --freeze-ratio 0.9 --random-ratios 0.5,0.7,0.8 --sample-n 0
     python benchmarks/eval_power.py --markdown power.json        # the tables in benchmarks/RESULTS.md
 
 The attackers, data and metrics are the demo's and never depend on the mask; only the held-out
@@ -25,6 +30,7 @@ comparison. ``--sample-n 0`` skips sampling and the judge (loss metrics only, ~3
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -44,20 +50,51 @@ from freezeguard.integrations.diffusers import toy
 REFERENCES = ("delta", "cross-attention", "saliency")
 
 
+def _high_res(name: str, levels: int) -> bool:
+    return name.startswith(("conv_in.", "conv_out.", "conv_norm_out.", "down_blocks.0.", f"up_blocks.{levels - 1}."))
+
+
+# Parts of a diffusers UNet, each frozen whole by ``--parts`` (diffusers names: attn1 is
+# self-attention, attn2 cross-attention; down_blocks.0 and the last up block work at full resolution).
+PARTS = {
+    "high-res path": _high_res,
+    "low-res path": lambda n, levels: not _high_res(n, levels) and not n.startswith("time_embedding."),
+    "cross-attention": lambda n, levels: ".attn2." in n,
+    "self-attention": lambda n, levels: ".attn1." in n,
+    "resnets": lambda n, levels: ".resnets." in n,
+    "norms and biases": lambda n, levels: "norm" in n or n.endswith(".bias"),
+}
+
+
+def part_masks(model) -> dict:
+    """``part: <name>`` -> the mask freezing exactly that part of the UNet (at its own share of parameters)."""
+    names = [n for n, _ in model.named_parameters()]
+    levels = len(model.config.block_out_channels)
+    return {f"part: {part}": FreezeMask.from_names(model, [n for n in names if rule(n, levels)])
+            for part, rule in PARTS.items()}
+
+
 def attacker_choices(cfg: DemoConfig) -> list:
     """The demo's attackers with the 3x-steps one added (the demo leaves it out for time)."""
     return attackers(cfg.replace(strong_steps_mult=3.0))
 
 
-def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_seeds: int, log=print) -> dict:
-    """full, random#k, the reference rankings and the demo's learner for each seed (``learned#s``)."""
+def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_seeds: int,
+                random_ratios: tuple[float, ...] = (), parts: bool = False, log=print) -> dict:
+    """full, random#k, the reference rankings and the demo's learner for each seed (``learned#s``);
+    ``random@R#k`` for every other freeze ratio R in ``random_ratios``; with ``parts``, ``part_masks``."""
     ft_state = publisher_finetune(model, cfg, loss_fn, progress=False)
     masks: dict = {"full": None}
     for k in range(random_masks):
         masks[f"random#{k}"] = FreezeMask.random(model, cfg.freeze_ratio, by=cfg.budget_by, seed=cfg.seed + k)
+    for ratio in random_ratios:
+        for k in range(random_masks):
+            masks[f"random@{ratio:g}#{k}"] = FreezeMask.random(model, ratio, by=cfg.budget_by, seed=cfg.seed + k)
     scores = reference_scores(model, ft_state, cfg, loss_fn, REFERENCES)
     for name in REFERENCES:
         masks[f"ref: {name}"] = FreezeMask.from_scores(model, scores[name], cfg.freeze_ratio, by=cfg.budget_by)
+    if parts:
+        masks.update(part_masks(model))
     for s in range(learner_seeds):
         t0 = time.perf_counter()
         mask, logs = learn_mask(model, ft_state, cfg.replace(seed=cfg.seed + s), loss_fn, progress=False,
@@ -74,13 +111,7 @@ def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, inn
         values = [v for v in values if v is not None]
         return mean(values) if values else None
 
-    def by_group(domain):
-        groups: dict[str, list[list[float | None]]] = {}
-        for mask, vals in draws[domain].items():
-            groups.setdefault(mask_group(mask), []).append(vals)
-        return {g: [avg(col) for col in zip(*rows, strict=True)] for g, rows in groups.items()}  # mean per draw
-
-    t, i = by_group(target), by_group(innocent)
+    t, i = _group_draws(draws[target]), _group_draws(draws[innocent])
     rows = []
     for g in t:
         diff = ([a - b for a, b in zip(t[g], t["random"], strict=True) if a is not None and b is not None]
@@ -91,6 +122,59 @@ def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, inn
                      "vs_random": mean(diff) if diff else None,
                      "vs_random_std": stdev(diff) if len(diff) > 1 else None,
                      "ahead": sum(d > 0 for d in diff), "draws": len(diff)})
+    return rows
+
+
+def _group_draws(draws: dict[str, list[float | None]]) -> dict[str, list[float | None]]:
+    """mask -> share per draw  =>  group -> the mean of its masks per draw (None where all are undefined)."""
+    groups: dict[str, list[list[float | None]]] = {}
+    for mask, vals in draws.items():
+        groups.setdefault(mask_group(mask), []).append(vals)
+    out = {}
+    for g, rows in groups.items():
+        cols = [[v for v in col if v is not None] for col in zip(*rows, strict=True)]
+        out[g] = [mean(c) if c else None for c in cols]
+    return out
+
+
+def interpolate_frontier(points: list[tuple[float, float]], innocent: float) -> float | None:
+    """The target share random masks block at innocent share ``innocent``, linear between their
+    (innocent, target) ``points`` and anchored at (0, 0), freezing nothing. At or below 0, 0 (no random
+    mask harms the innocent domain less than freezing nothing); past the most harmful point, None (no
+    extrapolation).
+
+    >>> interpolate_frontier([(0.1, 0.05), (0.3, 0.15)], 0.2)
+    0.1
+    """
+    pts = sorted([(0.0, 0.0)] + [p for p in points if p[0] > 0.0])
+    if innocent <= 0.0:
+        return 0.0
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if x0 <= innocent <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (innocent - x0) / (x1 - x0)
+    return None
+
+
+def equal_harm_rows(draws: dict[str, dict[str, list[float | None]]], target: str, innocent: str) -> list[dict]:
+    """Per non-random group: the target share it blocks minus what random masks (every ``random``
+    and ``random@R`` group, one point each) block at the same innocent share, draw by draw."""
+    t, i = _group_draws(draws[target]), _group_draws(draws[innocent])
+    randoms = [g for g in t if g.split("@")[0] == "random"]
+    rows = []
+    for g in t:
+        if g in randoms:
+            continue
+        diffs, beyond = [], 0
+        for d, (tg, ig) in enumerate(zip(t[g], i[g], strict=True)):
+            points = [(i[r][d], t[r][d]) for r in randoms if i[r][d] is not None and t[r][d] is not None]
+            at = None if tg is None or ig is None else interpolate_frontier(points, ig)
+            if at is None:
+                beyond += tg is not None and ig is not None
+                continue
+            diffs.append(tg - at)
+        rows.append({"group": g, "vs_random": mean(diffs) if diffs else None,
+                     "vs_random_std": stdev(diffs) if len(diffs) > 1 else None,
+                     "ahead": sum(x > 0 for x in diffs), "draws": len(diffs), "beyond_random": beyond})
     return rows
 
 
@@ -124,9 +208,11 @@ def run(args) -> dict:
     classes = toy.ALL_CLASSES + tuple(c for c in cfg.innocent if c not in toy.ALL_CLASSES)
     judge = (judge_mod.train_judge(classes, steps=cfg.judge_steps, seed=cfg.seed, cache_dir=args.model_cache,
                                    progress=True) if args.sample_n else None)
-    masks = build_masks(cfg, model, loss_fn, random_masks=args.random_masks, learner_seeds=args.learner_seeds)
+    masks = build_masks(cfg, model, loss_fn, random_masks=args.random_masks, learner_seeds=args.learner_seeds,
+                        random_ratios=args.random_ratios, parts=args.parts)
     domains = toy_domains(cfg.target, cfg.innocent, judge=judge, batch_size=cfg.batch_size, heldout_n=args.heldout_n,
-                          sample_n=max(args.sample_n, 1), sample_steps=cfg.sample_steps, guidance=cfg.guidance)
+                          sample_n=max(args.sample_n, 1), sample_steps=cfg.sample_steps, guidance=cfg.guidance,
+                          prior_share=args.prior_share)
     chosen = [a for a in attacker_choices(cfg) if a.name in args.attackers.split(";")]
     result = evaluate_masks(model, masks, domains, loss_fn, chosen, seed=cfg.seed + 31, attack_seeds=args.attack_seeds,
                             workers=args.workers, progress=True)
@@ -134,11 +220,17 @@ def run(args) -> dict:
     target, innocent = cfg.target[0], cfg.innocent[0]
     out = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")} | {"target": target},
            "attack_seeds": summary["attack_seeds"], "reliability": summary.get("reliability", {}), "groups": {},
-           "draws": {}}
+           "draws": {}, "equal_harm": {}, "frozen_share": {}}
+    for name, mask in masks.items():     # per group, the mean share of parameters its masks freeze
+        if mask is not None:
+            out["frozen_share"].setdefault(mask_group(name), []).append(mask.ratio("params"))
+    out["frozen_share"] = {g: mean(v) for g, v in out["frozen_share"].items()}
     for a in chosen:
         draws = summary["removed_by_draw"][a.name]     # metric -> domain -> mask -> share per draw
         out["draws"][a.name] = draws
         out["groups"][a.name] = {m: group_rows(draws[m], target, innocent) for m in draws}
+        if args.random_ratios:
+            out["equal_harm"][a.name] = {m: equal_harm_rows(draws[m], target, innocent) for m in draws}
     return out
 
 
@@ -150,7 +242,10 @@ def markdown(res: dict) -> str:
     cfg = res["config"]
     lines = [f"Innocent domain: {cfg['innocent']}; freeze ratio {cfg.get('freeze_ratio') or DemoConfig().freeze_ratio}; "
              f"{len(res['attack_seeds'])} attack draws; "
-             f"held-out {cfg['heldout_n']} images, {cfg['sample_n']} samples.", ""]
+             f"held-out {cfg['heldout_n']} images, {cfg['sample_n']} samples"
+             + (f"; {cfg['prior_share']:.0%} of every fine-tune's batch from the base classes" if cfg.get("prior_share")
+                else "") + ".", ""]
+    share = res.get("frozen_share", {})
     for attacker, per_metric in res["groups"].items():
         rel = next(iter(res["reliability"].get(attacker, {}).values()), {})
         for metric, rows in per_metric.items():
@@ -168,9 +263,21 @@ def markdown(res: dict) -> str:
                 vs = "" if row["group"] == "random" or row["vs_random"] is None else (
                     f"{row['vs_random'] * 100:+.1f} ± {(row['vs_random_std'] or 0.0) * 100:.1f} pts")
                 ahead = "" if row["group"] == "random" else f"{row['ahead']} of {row['draws']}"
-                lines.append(f"| {row['group']} | {row['masks']} | {_pct(row['target'])} | {_pct(row['innocent'])} | "
+                label = row["group"] + (f" ({share[row['group']]:.0%} of params)" if row["group"] in share else "")
+                lines.append(f"| {label} | {row['masks']} | {_pct(row['target'])} | {_pct(row['innocent'])} | "
                              f"{_pct(row['selectivity'])} | {vs} | {ahead} |")
             lines.append("")
+            harm = res.get("equal_harm", {}).get(attacker, {}).get(metric)
+            if harm:
+                lines += [f"*{attacker}, {metric}: target share blocked beyond random masks at equal harm to the "
+                          "innocent domain* (random's points: every random group)", "",
+                          "| mask | target − random at equal harm, per draw | draws ahead | draws past random's "
+                          "most harmful point |", "|---|---|---|---|"]
+                for row in harm:
+                    vs = "n/a" if row["vs_random"] is None else (
+                        f"{row['vs_random'] * 100:+.1f} ± {(row['vs_random_std'] or 0.0) * 100:.1f} pts")
+                    lines.append(f"| {row['group']} | {vs} | {row['ahead']} of {row['draws']} | {row['beyond_random']} |")
+                lines.append("")
     return "\n".join(lines)
 
 
@@ -185,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attackers", default="standard", help="';'-separated subset of: standard; 10x lr; 3x steps")
     p.add_argument("--attacker-steps", type=int, default=None, help="default: the demo's")
     p.add_argument("--freeze-ratio", type=float, default=None, help="share of parameters frozen (default: the demo's 0.5)")
+    p.add_argument("--random-ratios", default="", metavar="R1,R2",
+                   help="random masks also at these freeze ratios, for the comparison at equal innocent harm")
+    p.add_argument("--parts", action="store_true",
+                   help="also freeze each part of the UNet whole (high-/low-res path, attention, resnets, ...)")
+    p.add_argument("--prior-share", type=float, default=0.0,
+                   help="share of every fine-tune's batch drawn from the base classes (prior preservation; "
+                        "default 0: the demo's single-class fine-tunes)")
     p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")
     p.add_argument("--heldout-n", type=int, default=256, help="held-out images per domain (the demo: 64)")
     p.add_argument("--sample-n", type=int, default=256,
@@ -195,6 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, metavar="JSON", help="print the tables of a results file and exit")
     args = p.parse_args(argv)
+    try:
+        args.random_ratios = tuple(float(r) for r in args.random_ratios.split(",") if r.strip())
+    except ValueError:
+        p.error(f"--random-ratios: comma-separated numbers, got {args.random_ratios!r}")
+    if any(not 0.0 < r < 1.0 for r in args.random_ratios):
+        p.error(f"--random-ratios: each ratio must lie in (0, 1), got {args.random_ratios}")
+    if not 0.0 <= args.prior_share < 1.0:
+        p.error(f"--prior-share must lie in [0, 1), got {args.prior_share}")
     if args.markdown:
         print(markdown(json.loads(open(args.markdown).read())))
         return 0

@@ -348,11 +348,64 @@ def test_eval_power_groups_selectivity_and_paired_differences():
     assert power.target_innocent_correlation({"t": {"a": [0.1]}, "i": {"a": [0.1]}}, "t", "i") is None
 
 
+def test_eval_power_compares_at_equal_harm_against_random_masks_at_every_ratio():
+    """`--random-ratios`: random's target share interpolated at a group's innocent share, draw by draw."""
+    power = _benchmark_module("eval_power")
+    assert power.interpolate_frontier([(0.1, 0.05), (0.3, 0.15)], 0.2) == pytest.approx(0.1)
+    assert power.interpolate_frontier([(0.1, 0.05)], 0.05) == pytest.approx(0.025)   # toward (0, 0): nothing frozen
+    assert power.interpolate_frontier([(0.1, 0.05)], -0.02) == 0.0
+    assert power.interpolate_frontier([(0.1, 0.05)], 0.2) is None                   # no extrapolation
+    # random (ratio .9): innocent .4, target .2 in both draws; random@0.5: innocent .1, target .1
+    draws = {"t": {"random#0": [0.2, 0.2], "random@0.5#0": [0.05, 0.15], "random@0.5#1": [0.15, 0.05],
+                   "learned#0": [0.2, 0.1], "ref: x": [0.5, 0.5]},
+             "i": {"random#0": [0.4, 0.4], "random@0.5#0": [0.1, 0.1], "random@0.5#1": [0.1, 0.1],
+                   "learned#0": [0.1, 0.25], "ref: x": [0.6, 0.6]}}
+    rows = {r["group"]: r for r in power.equal_harm_rows(draws, "t", "i")}
+    assert set(rows) == {"learned", "ref: x"}
+    # draw 1: at innocent .1 random blocks .1 -> +.1; draw 2: at .25, halfway from (.1, .1) to (.4, .2): .15 -> -.05
+    assert rows["learned"]["vs_random"] == pytest.approx(0.025)
+    assert (rows["learned"]["ahead"], rows["learned"]["draws"]) == (1, 2)
+    assert rows["ref: x"]["vs_random"] is None and rows["ref: x"]["beyond_random"] == 2
+
+
+def test_toy_domains_prior_share_mixes_base_classes_into_every_fine_tune_batch():
+    """prior_share: the domain's own images first, then base-class ones under their own prompts."""
+    doms = toy_domains(heldout_n=2, batch_size=8, prior_share=0.25)
+    batch = next(doms[1].train_batches(3))               # the innocent domain: 6 checkers, 2 base images
+    own = toy.class_embedding(toy.INNOCENT_CLASSES[0])
+    is_own = [bool(torch.equal(e, own)) for e in batch["encoder_hidden_states"]]
+    assert is_own == [True] * 6 + [False] * 2 and batch["pixel_values"].shape[0] == 8
+    assert all(any(torch.equal(e, toy.class_embedding(c)) for c in toy.BASE_CLASSES)
+               for e in batch["encoder_hidden_states"][6:])
+    plain = next(toy_domains(heldout_n=2, batch_size=8)[1].train_batches(3))
+    assert torch.equal(plain["encoder_hidden_states"], own.expand(8, -1, -1))
+    assert torch.equal(doms[1].heldout["pixel_values"], toy_domains(heldout_n=2, batch_size=8)[1].heldout["pixel_values"])
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="prior_share"):
+            toy_domains(heldout_n=2, batch_size=8, prior_share=bad)
+    with pytest.raises(ValueError, match="no room"):
+        toy_domains(heldout_n=2, batch_size=2, prior_share=0.1)
+
+
+def test_eval_power_part_masks_freeze_exactly_each_part():
+    """`--parts`: each mask freezes every tensor of its part of the UNet and nothing else."""
+    power = _benchmark_module("eval_power")
+    model = toy.build_model(toy.ToyModelConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4))
+    parts = power.part_masks(model)
+    names = [n for n, _ in model.named_parameters()]
+    assert set(parts["part: cross-attention"].frozen_names) == {n for n in names if ".attn2." in n}
+    high, low = set(parts["part: high-res path"].frozen_names), set(parts["part: low-res path"].frozen_names)
+    assert not high & low and high | low == {n for n in names if not n.startswith("time_embedding.")}
+    assert "conv_in.weight" in high and "up_blocks.1.resnets.0.conv1.weight" in high
+    assert "mid_block.attentions.0.proj_in.weight" in low
+    assert all(0.0 < m.ratio("params") < 1.0 for m in parts.values())
+
+
 def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
     """`python benchmarks/eval_power.py --quick`: every mask under two draws, tables and JSON agree."""
     power = _benchmark_module("eval_power")
     out = tmp_path / "p.json"
-    assert power.main(["--quick", "--attack-seeds", "2", "--random-masks", "2", "--learner-seeds", "1",
+    assert power.main(["--quick", "--attack-seeds", "2", "--random-masks", "2", "--learner-seeds", "1", "--prior-share", "0.5",
                        "--heldout-n", "8", "--sample-n", "4", "--workers", "1", "--model-cache", str(tmp_path / "m"),
                        "--json", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -365,6 +418,7 @@ def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
     assert groups == {"random", "ref: delta", "ref: cross-attention", "ref: saliency", "learned"}
     printed = capsys.readouterr().out
     assert "**standard, loss** (reliability" in printed
+    assert "50% of every fine-tune's batch from the base classes" in printed
     assert power.main(["--markdown", str(out)]) == 0
     assert capsys.readouterr().out.strip() in printed
     with pytest.raises(SystemExit):
@@ -373,3 +427,7 @@ def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
         power.main(["--attackers", "standard;20x lr"])
     with pytest.raises(SystemExit):
         power.main(["--innocent", "dog"])
+    with pytest.raises(SystemExit):
+        power.main(["--random-ratios", "0.5,1.2"])
+    with pytest.raises(SystemExit):
+        power.main(["--prior-share", "1"])

@@ -28,12 +28,28 @@ def heldout_batch(name: str, n: int, seed: int, *, null_prompt: bool = False) ->
 
 def toy_domains(target: Sequence[str] = toy.TARGET_CLASSES, innocent: Sequence[str] = toy.INNOCENT_CLASSES, *,
                 judge=None, batch_size: int = 16, heldout_n: int = 64, sample_n: int = 32,
-                sample_steps: int = 20, guidance: float = 1.0, seed: int = 1000) -> list[Domain]:
+                sample_steps: int = 20, guidance: float = 1.0, seed: int = 1000,
+                prior_share: float = 0.0) -> list[Domain]:
     """One Domain per toy class: target classes first, then innocent ones.
 
     Held-out data and sampling noise use seeds disjoint from training streams (``seed`` + k).
     With a ``judge`` (freezeguard.integrations.diffusers.judge), samples are judged for recognisability.
+    ``prior_share`` > 0 fills that share of every fine-tuning batch with the base classes under their
+    own prompts (prior preservation, as DreamBooth-style fine-tunes keep what the model already
+    draws): the new class must then be tied to its prompt instead of drawn whatever the prompt says.
+    Held-out data stays the domain's own class.
+
+    Example:
+        >>> doms = toy_domains(heldout_n=2, batch_size=4, prior_share=0.5)
+        >>> int(next(doms[0].train_batches(0))["is_target"].sum())   # 2 frames, 2 base-class images
+        2
     """
+    if not 0.0 <= prior_share < 1.0:
+        raise ValueError(f"prior_share must lie in [0, 1), got {prior_share}")
+    n_prior = round(batch_size * prior_share)
+    if prior_share and not 0 < n_prior < batch_size:
+        raise ValueError(f"prior_share={prior_share} of a batch of {batch_size} leaves no room for both the "
+                         "domain's own images and base-class ones")
     domains = []
     for k, (name, role) in enumerate([(c, "target") for c in target] + [(c, "innocent") for c in innocent]):
         sample = judgef = None
@@ -43,15 +59,18 @@ def toy_domains(target: Sequence[str] = toy.TARGET_CLASSES, innocent: Sequence[s
             judgef = partial(judge_mod.recognisability, judge, name=name)
         domains.append(Domain(
             name=name, role=role,
-            train_batches=partial(_stream, name=name, batch_size=batch_size, target=tuple(target)),
+            train_batches=partial(_stream, name=name, batch_size=batch_size, target=tuple(target), n_prior=n_prior),
             heldout=heldout_batch(name, heldout_n, seed + 10 * k),
             heldout_uncond=heldout_batch(name, heldout_n, seed + 10 * k, null_prompt=True),
             sample=sample, judge=judgef))
     return domains
 
 
-def _stream(seed: int, *, name: str, batch_size: int, target: tuple[str, ...]):
-    return toy.batches((name,), batch_size, seed, target_classes=target)
+def _stream(seed: int, *, name: str, batch_size: int, target: tuple[str, ...], n_prior: int = 0):
+    own = toy.batches((name,), batch_size - n_prior, seed, target_classes=target)
+    if not n_prior:
+        return own
+    return toy.joined(own, toy.batches(toy.BASE_CLASSES, n_prior, seed + 7919, target_classes=target))
 
 
 def _sample(model, *, name: str, n: int, seed: int, steps: int, guidance: float) -> torch.Tensor:

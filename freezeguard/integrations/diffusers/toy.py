@@ -161,9 +161,15 @@ def mixed_batches(target: Sequence[str], innocent: Sequence[str], batch_size: in
         raise ValueError("mixed batches need batch_size >= 2 (half target, half innocent)")
     t = batches(target, batch_size // 2, seed, target_classes=target)
     i = batches(innocent, batch_size - batch_size // 2, seed + 1, target_classes=target)
+    return joined(t, i)
+
+
+def joined(*streams: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches, each one batch of every stream concatenated. ``labels`` index each stream's
+    own class list, so they are left out (no loss needs them)."""
     while True:
-        a, b = next(t), next(i)
-        yield {k: torch.cat([a[k], b[k]]) for k in ("pixel_values", "encoder_hidden_states", "is_target")}
+        parts = [next(s) for s in streams]
+        yield {k: torch.cat([p[k] for p in parts]) for k in ("pixel_values", "encoder_hidden_states", "is_target")}
 
 
 # ---------------------------------------------------------------------------------------------
