@@ -268,7 +268,7 @@ def markdown(res: dict) -> str:
                              f"{_pct(row['selectivity'])} | {vs} | {ahead} |")
             lines.append("")
             harm = res.get("equal_harm", {}).get(attacker, {}).get(metric)
-            if harm:
+            if harm and any(row["draws"] or row["beyond_random"] for row in harm):  # not for target-only metrics
                 lines += [f"*{attacker}, {metric}: target share blocked beyond random masks at equal harm to the "
                           "innocent domain* (random's points: every random group)", "",
                           "| mask | target − random at equal harm, per draw | draws ahead | draws past random's "
