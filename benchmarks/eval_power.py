@@ -18,6 +18,11 @@ sets larger than the demo's, and prints per metric:
   target share interpolated at the group's innocent share, draw by draw). A mask that freezes more
   blocks more of both domains; this asks whether it buys its target share more cheaply than random.
 
+Two probes of the world itself: ``--parts`` adds each part of the UNet frozen whole (does adapting
+to either domain need particular tensors at all?), and ``--prior-share`` fills that share of every
+fine-tune's batch with the base classes under their own prompts (prior preservation, for attacker
+and legal user alike), so the new class must be tied to its prompt.
+
     OMP_NUM_THREADS=1 python benchmarks/eval_power.py --attack-seeds 5 --json power.json
     OMP_NUM_THREADS=1 python benchmarks/eval_power.py --innocent triangle --attack-seeds 3
     OMP_NUM_THREADS=1 python benchmarks/eval_power.py --freeze-ratio 0.9 --random-ratios 0.5,0.7,0.8 --sample-n 0
@@ -157,24 +162,35 @@ def interpolate_frontier(points: list[tuple[float, float]], innocent: float) -> 
 
 def equal_harm_rows(draws: dict[str, dict[str, list[float | None]]], target: str, innocent: str) -> list[dict]:
     """Per non-random group: the target share it blocks minus what random masks (every ``random``
-    and ``random@R`` group, one point each) block at the same innocent share, draw by draw."""
+    and ``random@R`` group, one point each) block at the same innocent share, draw by draw.
+    ``per_mask``: the same mean for each of the group's masks alone (e.g. one per learner seed)."""
     t, i = _group_draws(draws[target]), _group_draws(draws[innocent])
     randoms = [g for g in t if g.split("@")[0] == "random"]
+
+    def paired(t_vals, i_vals):   # -> differences to random per draw, draws past random's most harmful point
+        diffs, beyond = [], 0
+        for d, (tg, ig) in enumerate(zip(t_vals, i_vals, strict=True)):
+            if tg is None or ig is None:
+                continue
+            points = [(i[r][d], t[r][d]) for r in randoms if i[r][d] is not None and t[r][d] is not None]
+            at = interpolate_frontier(points, ig)
+            if at is None:
+                beyond += 1
+            else:
+                diffs.append(tg - at)
+        return diffs, beyond
+
     rows = []
     for g in t:
         if g in randoms:
             continue
-        diffs, beyond = [], 0
-        for d, (tg, ig) in enumerate(zip(t[g], i[g], strict=True)):
-            points = [(i[r][d], t[r][d]) for r in randoms if i[r][d] is not None and t[r][d] is not None]
-            at = None if tg is None or ig is None else interpolate_frontier(points, ig)
-            if at is None:
-                beyond += tg is not None and ig is not None
-                continue
-            diffs.append(tg - at)
+        diffs, beyond = paired(t[g], i[g])
+        members = [m for m in draws[target] if mask_group(m) == g]
+        per_mask = [paired(draws[target][m], draws[innocent][m])[0] for m in members] if len(members) > 1 else []
         rows.append({"group": g, "vs_random": mean(diffs) if diffs else None,
                      "vs_random_std": stdev(diffs) if len(diffs) > 1 else None,
-                     "ahead": sum(x > 0 for x in diffs), "draws": len(diffs), "beyond_random": beyond})
+                     "ahead": sum(x > 0 for x in diffs), "draws": len(diffs), "beyond_random": beyond,
+                     "per_mask": [mean(x) if x else None for x in per_mask]})
     return rows
 
 
@@ -276,6 +292,9 @@ def markdown(res: dict) -> str:
                 for row in harm:
                     vs = "n/a" if row["vs_random"] is None else (
                         f"{row['vs_random'] * 100:+.1f} ± {(row['vs_random_std'] or 0.0) * 100:.1f} pts")
+                    if row.get("per_mask"):
+                        vs += " (each mask: " + ", ".join("n/a" if v is None else f"{v * 100:+.1f}"
+                                                          for v in row["per_mask"]) + ")"
                     lines.append(f"| {row['group']} | {vs} | {row['ahead']} of {row['draws']} | {row['beyond_random']} |")
                 lines.append("")
     return "\n".join(lines)
@@ -315,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--random-ratios: comma-separated numbers, got {args.random_ratios!r}")
     if any(not 0.0 < r < 1.0 for r in args.random_ratios):
         p.error(f"--random-ratios: each ratio must lie in (0, 1), got {args.random_ratios}")
+    main_ratio = DemoConfig().freeze_ratio if args.freeze_ratio is None else args.freeze_ratio
+    if main_ratio in args.random_ratios:
+        p.error(f"--random-ratios: {main_ratio} is the freeze ratio itself, whose random masks are always there")
     if not 0.0 <= args.prior_share < 1.0:
         p.error(f"--prior-share must lie in [0, 1), got {args.prior_share}")
     if args.markdown:

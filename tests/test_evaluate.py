@@ -366,6 +366,10 @@ def test_eval_power_compares_at_equal_harm_against_random_masks_at_every_ratio()
     assert rows["learned"]["vs_random"] == pytest.approx(0.025)
     assert (rows["learned"]["ahead"], rows["learned"]["draws"]) == (1, 2)
     assert rows["ref: x"]["vs_random"] is None and rows["ref: x"]["beyond_random"] == 2
+    assert rows["learned"]["per_mask"] == []          # one mask: the group's figure is the mask's
+    draws["t"]["learned#1"], draws["i"]["learned#1"] = [0.0, 0.0], [0.1, 0.1]     # -.1 in both draws
+    rows = {r["group"]: r for r in power.equal_harm_rows(draws, "t", "i")}
+    assert rows["learned"]["per_mask"] == pytest.approx([0.025, -0.1])
 
 
 def test_toy_domains_prior_share_mixes_base_classes_into_every_fine_tune_batch():
@@ -427,7 +431,8 @@ def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
         power.main(["--attackers", "standard;20x lr"])
     with pytest.raises(SystemExit):
         power.main(["--innocent", "dog"])
-    with pytest.raises(SystemExit):
-        power.main(["--random-ratios", "0.5,1.2"])
+    for bad in ("0.5,1.2", "0.7,x", "0.5"):      # 0.5: the freeze ratio itself
+        with pytest.raises(SystemExit):
+            power.main(["--random-ratios", bad])
     with pytest.raises(SystemExit):
         power.main(["--prior-share", "1"])
