@@ -35,6 +35,7 @@ comparison. ``--sample-n 0`` skips sampling and the judge (loss metrics only, ~3
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -218,6 +219,9 @@ def run(args) -> dict:
     cfg = base.replace(innocent=tuple(args.innocent.split(",")),
                        attacker_steps=args.attacker_steps or base.attacker_steps,
                        freeze_ratio=base.freeze_ratio if args.freeze_ratio is None else args.freeze_ratio)
+    if args.channels:   # a UNet of another width (pretrained and cached apart), e.g. a capacity-bound one
+        width = dataclasses.replace(cfg.pretrain.model, block_out_channels=args.channels)
+        cfg = cfg.replace(pretrain=dataclasses.replace(cfg.pretrain, model=width))
     model = toy.pretrained_model(cfg.pretrain, cache_dir=args.model_cache, progress=True)
     loss_fn = toy.make_loss_fn(cfg.pretrain.model)
     # the demo's judge; one that also knows an extra innocent class (cached apart) when one is used
@@ -260,7 +264,8 @@ def markdown(res: dict) -> str:
              f"{len(res['attack_seeds'])} attack draws; "
              f"held-out {cfg['heldout_n']} images, {cfg['sample_n']} samples"
              + (f"; {cfg['prior_share']:.0%} of every fine-tune's batch from the base classes" if cfg.get("prior_share")
-                else "") + ".", ""]
+                else "")
+             + (f"; UNet widths {','.join(map(str, cfg['channels']))}" if cfg.get("channels") else "") + ".", ""]
     share = res.get("frozen_share", {})
     for attacker, per_metric in res["groups"].items():
         rel = next(iter(res["reliability"].get(attacker, {}).values()), {})
@@ -318,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-share", type=float, default=0.0,
                    help="share of every fine-tune's batch drawn from the base classes (prior preservation; "
                         "default 0: the demo's single-class fine-tunes)")
+    p.add_argument("--channels", default="", metavar="C1,C2",
+                   help="the toy UNet's block widths (default: the demo's 16,32); each a multiple of 8")
     p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")
     p.add_argument("--heldout-n", type=int, default=256, help="held-out images per domain (the demo: 64)")
     p.add_argument("--sample-n", type=int, default=256,
@@ -334,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--random-ratios: comma-separated numbers, got {args.random_ratios!r}")
     if any(not 0.0 < r < 1.0 for r in args.random_ratios):
         p.error(f"--random-ratios: each ratio must lie in (0, 1), got {args.random_ratios}")
+    try:
+        args.channels = tuple(int(c) for c in args.channels.split(",") if c.strip())
+    except ValueError:
+        p.error(f"--channels: comma-separated integers, got {args.channels!r}")
+    if args.channels and (len(args.channels) < 2 or any(c <= 0 or c % 8 for c in args.channels)):
+        p.error(f"--channels: two or more widths, each a positive multiple of 8 (the norm groups), got {args.channels}")
     main_ratio = DemoConfig().freeze_ratio if args.freeze_ratio is None else args.freeze_ratio
     if main_ratio in args.random_ratios:
         p.error(f"--random-ratios: {main_ratio} is the freeze ratio itself, whose random masks are always there")

@@ -410,6 +410,7 @@ def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
     power = _benchmark_module("eval_power")
     out = tmp_path / "p.json"
     assert power.main(["--quick", "--attack-seeds", "2", "--random-masks", "2", "--learner-seeds", "1", "--prior-share", "0.5",
+                       "--channels", "8,16",   # the quick config's own widths: the option's path, same model
                        "--heldout-n", "8", "--sample-n", "4", "--workers", "1", "--model-cache", str(tmp_path / "m"),
                        "--json", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -422,7 +423,7 @@ def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
     assert groups == {"random", "ref: delta", "ref: cross-attention", "ref: saliency", "learned"}
     printed = capsys.readouterr().out
     assert "**standard, loss** (reliability" in printed
-    assert "50% of every fine-tune's batch from the base classes" in printed
+    assert "50% of every fine-tune's batch from the base classes; UNet widths 8,16." in printed
     assert power.main(["--markdown", str(out)]) == 0
     assert capsys.readouterr().out.strip() in printed
     with pytest.raises(SystemExit):
@@ -436,3 +437,6 @@ def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
             power.main(["--random-ratios", bad])
     with pytest.raises(SystemExit):
         power.main(["--prior-share", "1"])
+    for bad in ("16", "8,12", "8,x"):
+        with pytest.raises(SystemExit):
+            power.main(["--channels", bad])
