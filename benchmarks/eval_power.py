@@ -218,7 +218,8 @@ def run(args) -> dict:
     base = DemoConfig.quick() if args.quick else DemoConfig()
     cfg = base.replace(innocent=tuple(args.innocent.split(",")),
                        attacker_steps=args.attacker_steps or base.attacker_steps,
-                       freeze_ratio=base.freeze_ratio if args.freeze_ratio is None else args.freeze_ratio)
+                       freeze_ratio=base.freeze_ratio if args.freeze_ratio is None else args.freeze_ratio,
+                       init=args.init or base.init)
     if args.channels:   # a UNet of another width (pretrained and cached apart), e.g. a capacity-bound one
         width = dataclasses.replace(cfg.pretrain.model, block_out_channels=args.channels)
         cfg = cfg.replace(pretrain=dataclasses.replace(cfg.pretrain, model=width))
@@ -323,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-share", type=float, default=0.0,
                    help="share of every fine-tune's batch drawn from the base classes (prior preservation; "
                         "default 0: the demo's single-class fine-tunes)")
+    p.add_argument("--init", default=None, choices=("uniform", "constant") + REFERENCES,
+                   help="the learner's start (default: the demo's uniform U[0, 1) logits; a reference name "
+                        "starts from that ranking)")
     p.add_argument("--channels", default="", metavar="C1,C2",
                    help="the toy UNet's block widths (default: the demo's 16,32); each a multiple of 8")
     p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")

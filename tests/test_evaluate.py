@@ -411,6 +411,7 @@ def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert power.main(["--quick", "--attack-seeds", "2", "--random-masks", "2", "--learner-seeds", "1", "--prior-share", "0.5",
                        "--channels", "8,16",   # the quick config's own widths: the option's path, same model
+                       "--init", "delta",
                        "--heldout-n", "8", "--sample-n", "4", "--workers", "1", "--model-cache", str(tmp_path / "m"),
                        "--json", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -440,3 +441,5 @@ def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
     for bad in ("16", "8,12", "8,x"):
         with pytest.raises(SystemExit):
             power.main(["--channels", bad])
+    with pytest.raises(SystemExit):
+        power.main(["--init", "best"])
