@@ -241,11 +241,12 @@ def run(args) -> dict:
     target, innocent = cfg.target[0], cfg.innocent[0]
     out = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")} | {"target": target},
            "attack_seeds": summary["attack_seeds"], "reliability": summary.get("reliability", {}), "groups": {},
-           "draws": {}, "equal_harm": {}, "frozen_share": {}}
-    for name, mask in masks.items():     # per group, the mean share of parameters its masks freeze
+           "draws": {}, "equal_harm": {}}
+    shares: dict[str, list[float]] = {}     # per group, the mean share of parameters its masks freeze
+    for name, mask in masks.items():
         if mask is not None:
-            out["frozen_share"].setdefault(mask_group(name), []).append(mask.ratio("params"))
-    out["frozen_share"] = {g: mean(v) for g, v in out["frozen_share"].items()}
+            shares.setdefault(mask_group(name), []).append(mask.ratio("params"))
+    out["frozen_share"] = {g: mean(v) for g, v in shares.items()}
     for a in chosen:
         draws = summary["removed_by_draw"][a.name]     # metric -> domain -> mask -> share per draw
         out["draws"][a.name] = draws
@@ -306,6 +307,16 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _number_list(kind: type):
+    """An argparse ``type``: "a,b,c" -> a tuple of ``kind`` ("" -> ())."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"comma-separated {kind.__name__} values, got {text!r}") from None
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -317,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attackers", default="standard", help="';'-separated subset of: standard; 10x lr; 3x steps")
     p.add_argument("--attacker-steps", type=int, default=None, help="default: the demo's")
     p.add_argument("--freeze-ratio", type=float, default=None, help="share of parameters frozen (default: the demo's 0.5)")
-    p.add_argument("--random-ratios", default="", metavar="R1,R2",
+    p.add_argument("--random-ratios", type=_number_list(float), default="", metavar="R1,R2",
                    help="random masks also at these freeze ratios, for the comparison at equal innocent harm")
     p.add_argument("--parts", action="store_true",
                    help="also freeze each part of the UNet whole (high-/low-res path, attention, resnets, ...)")
@@ -327,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", default=None, choices=("uniform", "constant") + REFERENCES,
                    help="the learner's start (default: the demo's uniform U[0, 1) logits; a reference name "
                         "starts from that ranking)")
-    p.add_argument("--channels", default="", metavar="C1,C2",
+    p.add_argument("--channels", type=_number_list(int), default="", metavar="C1,C2",
                    help="the toy UNet's block widths (default: the demo's 16,32); each a multiple of 8")
     p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")
     p.add_argument("--heldout-n", type=int, default=256, help="held-out images per domain (the demo: 64)")
@@ -339,16 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, metavar="JSON", help="print the tables of a results file and exit")
     args = p.parse_args(argv)
-    try:
-        args.random_ratios = tuple(float(r) for r in args.random_ratios.split(",") if r.strip())
-    except ValueError:
-        p.error(f"--random-ratios: comma-separated numbers, got {args.random_ratios!r}")
     if any(not 0.0 < r < 1.0 for r in args.random_ratios):
         p.error(f"--random-ratios: each ratio must lie in (0, 1), got {args.random_ratios}")
-    try:
-        args.channels = tuple(int(c) for c in args.channels.split(",") if c.strip())
-    except ValueError:
-        p.error(f"--channels: comma-separated integers, got {args.channels!r}")
     if args.channels and (len(args.channels) < 2 or any(c <= 0 or c % 8 for c in args.channels)):
         p.error(f"--channels: two or more widths, each a positive multiple of 8 (the norm groups), got {args.channels}")
     main_ratio = DemoConfig().freeze_ratio if args.freeze_ratio is None else args.freeze_ratio
