@@ -86,9 +86,11 @@ def attacker_choices(cfg: DemoConfig) -> list:
 
 
 def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_seeds: int,
-                random_ratios: tuple[float, ...] = (), parts: bool = False, log=print) -> dict:
+                random_ratios: tuple[float, ...] = (), parts: bool = False, variants: tuple[str, ...] = (),
+                log=print) -> dict:
     """full, random#k, the reference rankings and the demo's learner for each seed (``learned#s``);
-    ``random@R#k`` for every other freeze ratio R in ``random_ratios``; with ``parts``, ``part_masks``."""
+    ``random@R#k`` for every other freeze ratio R in ``random_ratios``; with ``parts``, ``part_masks``;
+    for each learner variant V in ``variants`` (see ``variant_config``), ``learned V#s`` instead."""
     ft_state = publisher_finetune(model, cfg, loss_fn, progress=False)
     masks: dict = {"full": None}
     for k in range(random_masks):
@@ -101,14 +103,27 @@ def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_s
         masks[f"ref: {name}"] = FreezeMask.from_scores(model, scores[name], cfg.freeze_ratio, by=cfg.budget_by)
     if parts:
         masks.update(part_masks(model))
-    for s in range(learner_seeds):
-        t0 = time.perf_counter()
-        mask, logs = learn_mask(model, ft_state, cfg.replace(seed=cfg.seed + s), loss_fn, progress=False,
-                                scores=scores)
-        masks[f"learned#{s}"] = mask
-        log(f"[power] learner seed {s}: {time.perf_counter() - t0:.0f} s; the data moved {logs[-1]['frozen_moved']} "
-            f"tensors out of the initial mask; the learned mask freezes {len(mask.frozen_names)}")
+    learners = {f"learned {v}": variant_config(cfg, v) for v in variants} or {"learned": cfg}
+    for label, lcfg in learners.items():
+        for s in range(learner_seeds):
+            t0 = time.perf_counter()
+            mask, logs = learn_mask(model, ft_state, lcfg.replace(seed=cfg.seed + s), loss_fn, progress=False,
+                                    scores=scores)
+            masks[f"{label}#{s}"] = mask
+            log(f"[power] {label} seed {s}: {time.perf_counter() - t0:.0f} s; the data moved "
+                f"{logs[-1]['frozen_moved']} tensors out of the initial mask; the learned mask freezes "
+                f"{len(mask.frozen_names)}")
     return masks
+
+
+def variant_config(cfg: DemoConfig, variant: str) -> DemoConfig:
+    """The learner variant "INIT" or "INIT+density": the learner's start (uniform, constant or a
+    reference name) and, with "+density", ``signal_density``; every other setting is ``cfg``'s."""
+    init, _, extra = variant.partition("+")
+    if init not in ("uniform", "constant") + REFERENCES or extra not in ("", "density"):
+        raise ValueError(f"learner variant {variant!r}: INIT or INIT+density, INIT one of "
+                         f"{', '.join(('uniform', 'constant') + REFERENCES)}")
+    return cfg.replace(init=init, signal_density=extra == "density")
 
 
 def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, innocent: str) -> list[dict]:
@@ -219,7 +234,8 @@ def run(args) -> dict:
     cfg = base.replace(innocent=tuple(args.innocent.split(",")),
                        attacker_steps=args.attacker_steps or base.attacker_steps,
                        freeze_ratio=base.freeze_ratio if args.freeze_ratio is None else args.freeze_ratio,
-                       init=args.init or base.init)
+                       init=args.init or base.init,
+                       signal_density=args.signal_density or base.signal_density)
     if args.channels:   # a UNet of another width (pretrained and cached apart), e.g. a capacity-bound one
         width = dataclasses.replace(cfg.pretrain.model, block_out_channels=args.channels)
         cfg = cfg.replace(pretrain=dataclasses.replace(cfg.pretrain, model=width))
@@ -230,7 +246,7 @@ def run(args) -> dict:
     judge = (judge_mod.train_judge(classes, steps=cfg.judge_steps, seed=cfg.seed, cache_dir=args.model_cache,
                                    progress=True) if args.sample_n else None)
     masks = build_masks(cfg, model, loss_fn, random_masks=args.random_masks, learner_seeds=args.learner_seeds,
-                        random_ratios=args.random_ratios, parts=args.parts)
+                        random_ratios=args.random_ratios, parts=args.parts, variants=args.variants)
     domains = toy_domains(cfg.target, cfg.innocent, judge=judge, batch_size=cfg.batch_size, heldout_n=args.heldout_n,
                           sample_n=max(args.sample_n, 1), sample_steps=cfg.sample_steps, guidance=cfg.guidance,
                           prior_share=args.prior_share)
@@ -338,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", default=None, choices=("uniform", "constant") + REFERENCES,
                    help="the learner's start (default: the demo's uniform U[0, 1) logits; a reference name "
                         "starts from that ranking)")
+    p.add_argument("--signal-density", action="store_true",
+                   help="the learner ranks tensors by its signal per unit of budget (LearnerConfig.signal_density)")
+    p.add_argument("--variants", type=_number_list(str), default="", metavar="V1,V2",
+                   help="learner variants to compare in one run, each INIT or INIT+density (e.g. "
+                        "uniform,constant+density), instead of the one set by --init/--signal-density")
     p.add_argument("--channels", type=_number_list(int), default="", metavar="C1,C2",
                    help="the toy UNet's block widths (default: the demo's 16,32); each a multiple of 8")
     p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")
@@ -357,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     main_ratio = DemoConfig().freeze_ratio if args.freeze_ratio is None else args.freeze_ratio
     if main_ratio in args.random_ratios:
         p.error(f"--random-ratios: {main_ratio} is the freeze ratio itself, whose random masks are always there")
+    for v in args.variants:
+        try:
+            variant_config(DemoConfig(), v)
+        except ValueError as exc:
+            p.error(f"--variants: {exc}")
     if not 0.0 <= args.prior_share < 1.0:
         p.error(f"--prior-share must lie in [0, 1), got {args.prior_share}")
     if args.markdown:

@@ -405,6 +405,28 @@ def test_eval_power_part_masks_freeze_exactly_each_part():
     assert all(0.0 < m.ratio("params") < 1.0 for m in parts.values())
 
 
+def test_eval_power_learner_variants_are_learned_side_by_side(tmp_path):
+    """`--variants constant,delta+density`: one group of learned masks per variant, each built with
+    its own start and signal, everything else the run's."""
+    power = _benchmark_module("eval_power")
+    cfg = power.DemoConfig.quick()
+    assert power.variant_config(cfg, "delta+density") == cfg.replace(init="delta", signal_density=True)
+    assert power.variant_config(cfg, "constant") == cfg.replace(init="constant", signal_density=False)
+    for bad in ("best", "delta+rms", "+density"):
+        with pytest.raises(ValueError, match="learner variant"):
+            power.variant_config(cfg, bad)
+    with pytest.raises(SystemExit):     # checked before any model is built
+        power.main(["--variants", "uniform,best"])
+    model = toy.pretrained_model(cfg.pretrain, cache_dir=tmp_path, progress=False)
+    loss_fn = toy.make_loss_fn(cfg.pretrain.model)
+    masks = power.build_masks(cfg, model, loss_fn, random_masks=1, learner_seeds=1,
+                              variants=("constant", "delta+density"), log=lambda *_: None)
+    assert sorted(masks) == ["full", "learned constant#0", "learned delta+density#0", "random#0",
+                             "ref: cross-attention", "ref: delta", "ref: saliency"]
+    for name in ("learned constant#0", "learned delta+density#0"):
+        assert masks[name].ratio("params") == pytest.approx(cfg.freeze_ratio, abs=0.1)
+
+
 def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
     """`python benchmarks/eval_power.py --quick`: every mask under two draws, tables and JSON agree."""
     power = _benchmark_module("eval_power")

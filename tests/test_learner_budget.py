@@ -161,10 +161,12 @@ def test_threshold_rule_freezes_every_soft_mask_above_one_half(backend):
 # --- signal accumulation ----------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("norm", [None, "rms"])
-def test_signal_is_averaged_over_signal_batches_before_one_step(backend, norm):
+@pytest.mark.parametrize("density", [False, True])
+def test_signal_is_averaged_over_signal_batches_before_one_step(backend, norm, density):
     backend = _cpu_backend(backend)
     kw = dict(signal_batches=3, user_interval=3, mask_lr=0.3 if norm else 40.0, c_sparsity=2.0,
-              signal_norm=norm, backend=backend)
+              signal_norm=norm, backend=backend, budget_by="params" if density else "tensors",
+              signal_density=density)
     learner, model = make(**kw)
     data = batches(6)
     # The expected step, by hand: s_k = <Delta, g_k> at the same (unchanged) weights.
@@ -178,6 +180,9 @@ def test_signal_is_averaged_over_signal_batches_before_one_step(backend, norm):
         ((ell[~t].mean() - ell[t].mean()) / 2).backward()
         s += torch.stack([(d * p.grad).sum() for d, p in zip(delta, ref_model.parameters(), strict=True)])
     s /= 3
+    if density:  # per unit of budget: each tensor's size over the mean size
+        sizes = torch.tensor([float(p.numel()) for p in ref_model.parameters()])
+        s = s / (sizes / sizes.mean())
     if norm == "rms":
         s = s / s.square().mean().sqrt()
     expected = updated_logits(learner.logits.clone(), s, weights=learner._weights, ratio=learner.freeze_ratio,
@@ -189,6 +194,35 @@ def test_signal_is_averaged_over_signal_batches_before_one_step(backend, norm):
     assert [e["updated"] for e in logs] == [False, False, True, None, None, False]
     assert not torch.equal(learner.logits, x0)
     torch.testing.assert_close(learner.logits, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_signal_density_by_tensors_is_the_plain_signal():
+    # Every tensor is one unit of a budget by tensors: dividing by the budget share changes nothing.
+    plain, _ = make(budget="projected", mask_lr=0.5, signal_norm="rms", user_interval=2)
+    dense, _ = make(budget="projected", mask_lr=0.5, signal_norm="rms", user_interval=2, signal_density=True)
+    for b in batches(6):
+        plain.step(b)
+        dense.step(b)
+    assert not torch.equal(plain.logits, plain._initial)
+    assert torch.equal(plain.logits, dense.logits)
+
+
+def test_signal_density_ranks_tensors_by_gain_per_parameter():
+    # Two tensors with the same total signal, one 16x larger: per unit of budget the small one
+    # gains 16x more, so with signal_density its logit must move further.
+    learner, model = make(budget="projected", budget_by="params", mask_lr=0.5, signal_density=True,
+                          user_interval=2, signal_batches=2, init="constant")   # equal logits: equal dm/dx
+    sizes = torch.tensor([float(p.numel()) for p in model.parameters()])
+    s = torch.zeros(len(sizes))
+    big, small = int(sizes.argmax()), int(sizes.argmin())
+    s[big] = s[small] = -1.0          # data pushes both towards frozen by the same total amount
+    learner._signal.copy_(s)
+    learner._signal_count = learner.signal_batches - 1   # the next releaser batch ends the accumulation
+    x0 = learner.logits.clone()
+    learner._releaser_update(0, None, learner._theta(), learner._delta, [])
+    moved = learner.logits - x0
+    assert sizes[big] > 8 * sizes[small]
+    assert float(moved[small]) > float(moved[big]) > float(moved[[i for i in range(len(s)) if i not in (big, small)]].max())
 
 
 def test_one_signal_batch_is_the_authors_schedule():
@@ -307,7 +341,8 @@ def test_learner_config_is_validated_shared_and_compared_on_resume(tmp_path):
     c = fg.MaskLearner(mlp(), pre, ft, loss_fn, cfg, backend="torch", mask_lr=0.1)  # keyword overrides
     assert c.config == cfg.replace(mask_lr=0.1)
     for bad in (dict(freeze_ratio=1.5), dict(budget="soft"), dict(signal_batches=0), dict(signal_norm="l2"),
-                dict(c_sparsity=-1.0), dict(user_interval=1.5), dict(init="zeros")):
+                dict(c_sparsity=-1.0), dict(user_interval=1.5), dict(init="zeros"),
+                dict(signal_density="yes")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             LearnerConfig(**bad)
     with pytest.raises(TypeError, match="unexpected"):

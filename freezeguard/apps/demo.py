@@ -67,6 +67,7 @@ class DemoConfig:
     budget: str = "projected"
     signal_batches: int = 4
     signal_norm: str | None = "rms"
+    signal_density: bool = False
     init: str = "uniform"              # "uniform" | "constant" | a reference mask's name ("delta", ...)
     # reference masks shown beside learned and random (apps.learn.reference_masks)
     references: tuple[str, ...] = ("delta", "cross-attention", "saliency")
@@ -114,6 +115,7 @@ class DemoConfig:
                              c_sparsity=self.c_sparsity, mask_lr=self.mask_lr, user_lr=self.user_lr,
                              user_interval=self.user_interval, user_optimizer=self.user_optimizer, seed=self.seed,
                              budget=self.budget, signal_batches=self.signal_batches, signal_norm=self.signal_norm,
+                             signal_density=self.signal_density,
                              init=self.init if self.init in ("uniform", "constant") else "scores")
 
     def replace(self, **changes: Any) -> "DemoConfig":

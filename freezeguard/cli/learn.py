@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="releaser batches averaged into one logit step (1: the authors')")
     parser.add_argument("--signal-norm", choices=("none", "rms"), default="none",
                         help="rms: divide the data signal by its RMS over tensors (then --mask-lr ~ 0.01-0.1)")
+    parser.add_argument("--signal-density", action="store_true",
+                        help="rank tensors by the data signal per unit of budget (per parameter with "
+                             "--budget-by params; no change by tensors)")
     parser.add_argument("--init", choices=("uniform", "constant", "delta", "cross-attention"), default="uniform",
                         help="initial logits: uniform U[0,1) (the authors'), constant, or a reference ranking "
                              "(largest mean |pretrained - finetuned| first; cross-attention projections first)")
@@ -115,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
                         user_interval=args.user_interval, mask_lr=args.mask_lr, temperature=args.temperature,
                         c_sparsity=args.c_sparsity, hard_mask=args.hard_mask, seed=args.seed,
                         budget=args.budget, signal_batches=args.signal_batches,
-                        signal_norm=None if args.signal_norm == "none" else args.signal_norm, init=args.init,
+                        signal_norm=None if args.signal_norm == "none" else args.signal_norm,
+                        signal_density=args.signal_density, init=args.init,
                         resolution=args.resolution, caption_column=args.caption_column, state=args.state,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, plot=args.plot, log=args.log,
                         backend=args.backend, device=args.device, progress=not args.quiet, on_warning=_warn,

@@ -68,6 +68,7 @@ class LearnerConfig:
     budget: str = "penalty"
     signal_batches: int = 1
     signal_norm: str | None = None
+    signal_density: bool = False
     init: str = "uniform"
 
     def __post_init__(self) -> None:
@@ -93,6 +94,8 @@ class LearnerConfig:
         _choice("user_optimizer", self.user_optimizer, USER_OPTIMIZERS)
         _choice("budget", self.budget, BUDGETS)
         _choice("signal_norm", self.signal_norm, SIGNAL_NORMS)
+        if not isinstance(self.signal_density, bool):
+            raise ValueError(f"signal_density must be True or False, got {self.signal_density!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS[:2]} or a name -> score mapping, got {self.init!r}")
         b1, b2 = (float(b) for b in self.user_betas)

@@ -128,6 +128,12 @@ class MaskLearner:
         signal_norm: None (the authors') or "rms": divide s by its root mean square over tensors
             before the step, so ``mask_lr`` is a step in logit units whatever the scale of Delta
             and of the loss (a departure from the authors; then mask_lr ~ 1e-2..1e-1 suits).
+        signal_density: divide each tensor's s by its share of the budget (S w_i: 1 by tensors,
+            n_i / mean n by parameters) before the step, so the logits order tensors by the
+            releaser's gain *per unit of budget*, as a greedy knapsack does. Without it, by
+            parameters, a large tensor's total s outweighs any small one's and the projection pays
+            for unfreezing one large tensor with every small one. No change by tensors (the
+            authors' budget); a departure from the authors by parameters.
         init: the initial logits: "uniform" (the authors' seeded U[0, 1): everything starts
             frozen, m > 0.5, in a random order), "constant" (every logit T logit(rho): m = rho, no
             order; ties go to names), or a name -> score mapping (a reference ranking, e.g.
@@ -235,6 +241,9 @@ class MaskLearner:
         self._frozen_moved_share = 0.0
         self._data_to_budget: float | None = None
         self._signal = torch.zeros_like(self.logits)   # s accumulated over the releaser batches so far
+        # S w_i: each tensor's share of the budget relative to the mean (1 by tensors), what
+        # signal_density divides s by.
+        self._budget_share = self._weights * len(self.names)
         self._signal_count = 0
         self._grads_checked = False
 
@@ -434,6 +443,8 @@ class MaskLearner:
             return False
         s = self._signal if self.signal_batches == 1 else self._signal / self.signal_batches
         self._signal, self._signal_count = torch.zeros_like(self.logits), 0
+        if self.signal_density:
+            s = s / self._budget_share
         if self.signal_norm == "rms":
             rms = s.square().mean().sqrt()
             s = torch.where(rms > 0, s / rms.clamp(min=torch.finfo(s.dtype).tiny), s)
