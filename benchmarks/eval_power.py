@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import sys
 import time
@@ -45,6 +44,7 @@ from statistics import StatisticsError, correlation, mean, stdev
 import torch
 
 from freezeguard.apps.demo import DemoConfig, attackers, learn_mask, publisher_finetune, reference_scores
+from freezeguard.apps.evaluate.equal_harm import equal_harm_rows, group_draws
 from freezeguard.apps.evaluate.harness import evaluate_masks
 from freezeguard.apps.evaluate.metrics import mask_group
 from freezeguard.apps.evaluate.toy_domains import toy_domains
@@ -132,7 +132,7 @@ def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, inn
         values = [v for v in values if v is not None]
         return mean(values) if values else None
 
-    t, i = _group_draws(draws[target]), _group_draws(draws[innocent])
+    t, i = group_draws(draws[target]), group_draws(draws[innocent])
     rows = []
     for g in t:
         diff = ([a - b for a, b in zip(t[g], t["random"], strict=True) if a is not None and b is not None]
@@ -143,70 +143,6 @@ def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, inn
                      "vs_random": mean(diff) if diff else None,
                      "vs_random_std": stdev(diff) if len(diff) > 1 else None,
                      "ahead": sum(d > 0 for d in diff), "draws": len(diff)})
-    return rows
-
-
-def _group_draws(draws: dict[str, list[float | None]]) -> dict[str, list[float | None]]:
-    """mask -> share per draw  =>  group -> the mean of its masks per draw (None where all are undefined)."""
-    groups: dict[str, list[list[float | None]]] = {}
-    for mask, vals in draws.items():
-        groups.setdefault(mask_group(mask), []).append(vals)
-    out = {}
-    for g, rows in groups.items():
-        cols = [[v for v in col if v is not None] for col in zip(*rows, strict=True)]
-        out[g] = [mean(c) if c else None for c in cols]
-    return out
-
-
-def interpolate_frontier(points: list[tuple[float, float]], innocent: float) -> float | None:
-    """The target share random masks block at innocent share ``innocent``, linear between their
-    (innocent, target) ``points`` and anchored at (0, 0), freezing nothing. At or below 0, 0 (no random
-    mask harms the innocent domain less than freezing nothing); past the most harmful point, None (no
-    extrapolation).
-
-    >>> interpolate_frontier([(0.1, 0.05), (0.3, 0.15)], 0.2)
-    0.1
-    """
-    pts = sorted([(0.0, 0.0)] + [p for p in points if p[0] > 0.0])
-    if innocent <= 0.0:
-        return 0.0
-    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
-        if x0 <= innocent <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (innocent - x0) / (x1 - x0)
-    return None
-
-
-def equal_harm_rows(draws: dict[str, dict[str, list[float | None]]], target: str, innocent: str) -> list[dict]:
-    """Per non-random group: the target share it blocks minus what random masks (every ``random``
-    and ``random@R`` group, one point each) block at the same innocent share, draw by draw.
-    ``per_mask``: the same mean for each of the group's masks alone (e.g. one per learner seed)."""
-    t, i = _group_draws(draws[target]), _group_draws(draws[innocent])
-    randoms = [g for g in t if g.split("@")[0] == "random"]
-
-    def paired(t_vals, i_vals):   # -> differences to random per draw, draws past random's most harmful point
-        diffs, beyond = [], 0
-        for d, (tg, ig) in enumerate(zip(t_vals, i_vals, strict=True)):
-            if tg is None or ig is None:
-                continue
-            points = [(i[r][d], t[r][d]) for r in randoms if i[r][d] is not None and t[r][d] is not None]
-            at = interpolate_frontier(points, ig)
-            if at is None:
-                beyond += 1
-            else:
-                diffs.append(tg - at)
-        return diffs, beyond
-
-    rows = []
-    for g in t:
-        if g in randoms:
-            continue
-        diffs, beyond = paired(t[g], i[g])
-        members = [m for m in draws[target] if mask_group(m) == g]
-        per_mask = [paired(draws[target][m], draws[innocent][m])[0] for m in members] if len(members) > 1 else []
-        rows.append({"group": g, "vs_random": mean(diffs) if diffs else None,
-                     "vs_random_std": stdev(diffs) if len(diffs) > 1 else None,
-                     "ahead": sum(x > 0 for x in diffs), "draws": len(diffs), "beyond_random": beyond,
-                     "per_mask": [mean(x) if x else None for x in per_mask]})
     return rows
 
 
@@ -234,8 +170,7 @@ def run(args) -> dict:
     cfg = base.replace(innocent=tuple(args.innocent.split(",")),
                        attacker_steps=args.attacker_steps or base.attacker_steps,
                        freeze_ratio=base.freeze_ratio if args.freeze_ratio is None else args.freeze_ratio,
-                       init=args.init or base.init,
-                       signal_density=args.signal_density or base.signal_density)
+                       init=args.init or base.init)
     if args.channels:   # a UNet of another width (pretrained and cached apart), e.g. a capacity-bound one
         width = dataclasses.replace(cfg.pretrain.model, block_out_channels=args.channels)
         cfg = cfg.replace(pretrain=dataclasses.replace(cfg.pretrain, model=width))
@@ -343,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"the innocent (legal) class (default {toy.INNOCENT_CLASSES[0]}; also: triangle)")
     p.add_argument("--attackers", default="standard", help="';'-separated subset of: standard; 10x lr; 3x steps")
     p.add_argument("--attacker-steps", type=int, default=None, help="default: the demo's")
-    p.add_argument("--freeze-ratio", type=float, default=None, help="share of parameters frozen (default: the demo's 0.5)")
+    p.add_argument("--freeze-ratio", type=float, default=None, help="share of parameters frozen (default: the demo's, 0.9)")
     p.add_argument("--random-ratios", type=_number_list(float), default="", metavar="R1,R2",
                    help="random masks also at these freeze ratios, for the comparison at equal innocent harm")
     p.add_argument("--parts", action="store_true",
@@ -352,13 +287,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of every fine-tune's batch drawn from the base classes (prior preservation; "
                         "default 0: the demo's single-class fine-tunes)")
     p.add_argument("--init", default=None, choices=("uniform", "constant") + REFERENCES,
-                   help="the learner's start (default: the demo's uniform U[0, 1) logits; a reference name "
+                   help="the learner's start (default: the demo's constant logits; uniform: the authors' U[0, 1); a reference name "
                         "starts from that ranking)")
-    p.add_argument("--signal-density", action="store_true",
-                   help="the learner ranks tensors by its signal per unit of budget (LearnerConfig.signal_density)")
     p.add_argument("--variants", type=_number_list(str), default="", metavar="V1,V2",
                    help="learner variants to compare in one run, each INIT or INIT+density (e.g. "
-                        "uniform,constant+density), instead of the one set by --init/--signal-density")
+                        "uniform,constant+density), instead of the demo's learner (start: --init)")
     p.add_argument("--channels", type=_number_list(int), default="", metavar="C1,C2",
                    help="the toy UNet's block widths (default: the demo's 16,32); each a multiple of 8")
     p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")

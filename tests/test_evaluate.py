@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import freezeguard as fg
+from freezeguard.apps.evaluate import equal_harm
 from freezeguard.apps.evaluate.harness import Attacker, Domain, EvalResult, Run, evaluate_masks
 from freezeguard.apps.evaluate.metrics import mask_reliability, random_rank, removed_share, summarize
 from freezeguard.apps.evaluate.report import headline
@@ -205,6 +206,17 @@ def test_report_files(tmp_path):
     assert "mitigation" in (out / "report.md").read_text()
 
 
+def test_primary_metric_is_chosen_and_checked_before_any_fine_tune():
+    model, loss_fn, _, masks = _tiny_setup()
+    domains = toy_domains(heldout_n=4, sample_n=2, sample_steps=2, batch_size=4)   # no judge: no recognisability
+    with pytest.raises(ValueError, match="primary_metric 'recognisability' is not measured"):
+        evaluate_masks(model, masks, domains, loss_fn, [Attacker("std", 1e-3, 10**6)], curve_points=1,
+                       progress=False, primary_metric="recognisability")   # 10**6 steps: would not return
+    res = evaluate_masks(model, masks, domains, loss_fn, [Attacker("std", 1e-3, 2)], curve_points=1, progress=False,
+                         primary_metric="prompt_gain")
+    assert res.primary_metric == "prompt_gain" and res.summary()["primary_metric"] == "prompt_gain"
+
+
 def test_cli_evaluate_toy(tmp_path, capsys):
     """The CLI plumbing on the toy model; the cache is pre-filled with untrained weights (speed)."""
     from safetensors.torch import save_file
@@ -348,19 +360,19 @@ def test_eval_power_groups_selectivity_and_paired_differences():
     assert power.target_innocent_correlation({"t": {"a": [0.1]}, "i": {"a": [0.1]}}, "t", "i") is None
 
 
-def test_eval_power_compares_at_equal_harm_against_random_masks_at_every_ratio():
-    """`--random-ratios`: random's target share interpolated at a group's innocent share, draw by draw."""
-    power = _benchmark_module("eval_power")
-    assert power.interpolate_frontier([(0.1, 0.05), (0.3, 0.15)], 0.2) == pytest.approx(0.1)
-    assert power.interpolate_frontier([(0.1, 0.05)], 0.05) == pytest.approx(0.025)   # toward (0, 0): nothing frozen
-    assert power.interpolate_frontier([(0.1, 0.05)], -0.02) == 0.0
-    assert power.interpolate_frontier([(0.1, 0.05)], 0.2) is None                   # no extrapolation
+def test_equal_harm_against_random_masks_at_every_ratio():
+    """apps.evaluate.equal_harm (eval_power --random-ratios, the demo's harm_ratios): random's target
+    share interpolated at a group's innocent share, draw by draw."""
+    assert equal_harm.interpolate_frontier([(0.1, 0.05), (0.3, 0.15)], 0.2) == pytest.approx(0.1)
+    assert equal_harm.interpolate_frontier([(0.1, 0.05)], 0.05) == pytest.approx(0.025)   # toward (0, 0): nothing frozen
+    assert equal_harm.interpolate_frontier([(0.1, 0.05)], -0.02) == 0.0
+    assert equal_harm.interpolate_frontier([(0.1, 0.05)], 0.2) is None                   # no extrapolation
     # random (ratio .9): innocent .4, target .2 in both draws; random@0.5: innocent .1, target .1
     draws = {"t": {"random#0": [0.2, 0.2], "random@0.5#0": [0.05, 0.15], "random@0.5#1": [0.15, 0.05],
                    "learned#0": [0.2, 0.1], "ref: x": [0.5, 0.5]},
              "i": {"random#0": [0.4, 0.4], "random@0.5#0": [0.1, 0.1], "random@0.5#1": [0.1, 0.1],
                    "learned#0": [0.1, 0.25], "ref: x": [0.6, 0.6]}}
-    rows = {r["group"]: r for r in power.equal_harm_rows(draws, "t", "i")}
+    rows = {r["group"]: r for r in equal_harm.equal_harm_rows(draws, "t", "i")}
     assert set(rows) == {"learned", "ref: x"}
     # draw 1: at innocent .1 random blocks .1 -> +.1; draw 2: at .25, halfway from (.1, .1) to (.4, .2): .15 -> -.05
     assert rows["learned"]["vs_random"] == pytest.approx(0.025)
@@ -368,8 +380,15 @@ def test_eval_power_compares_at_equal_harm_against_random_masks_at_every_ratio()
     assert rows["ref: x"]["vs_random"] is None and rows["ref: x"]["beyond_random"] == 2
     assert rows["learned"]["per_mask"] == []          # one mask: the group's figure is the mask's
     draws["t"]["learned#1"], draws["i"]["learned#1"] = [0.0, 0.0], [0.1, 0.1]     # -.1 in both draws
-    rows = {r["group"]: r for r in power.equal_harm_rows(draws, "t", "i")}
+    rows = {r["group"]: r for r in equal_harm.equal_harm_rows(draws, "t", "i")}
     assert rows["learned"]["per_mask"] == pytest.approx([0.025, -0.1])
+    assert rows["learned"]["no_curve"] == 0
+    # An attacker that freezing helps: random masks block less than nothing even where they harm the
+    # legal user most, so there is no price curve (the demo's 10x-lr attacker at ratio 0.9).
+    helped = {"t": {"random#0": [-0.3], "random@0.7#0": [-0.4], "learned": [-0.2]},
+              "i": {"random#0": [0.12], "random@0.7#0": [-0.03], "learned": [-0.02]}}
+    (row,) = equal_harm.equal_harm_rows(helped, "t", "i")
+    assert (row["vs_random"], row["draws"], row["no_curve"]) == (None, 0, 1)
 
 
 def test_toy_domains_prior_share_mixes_base_classes_into_every_fine_tune_batch():
@@ -389,6 +408,22 @@ def test_toy_domains_prior_share_mixes_base_classes_into_every_fine_tune_batch()
             toy_domains(heldout_n=2, batch_size=8, prior_share=bad)
     with pytest.raises(ValueError, match="no room"):
         toy_domains(heldout_n=2, batch_size=2, prior_share=0.1)
+
+
+def test_equal_harm_lines_put_the_learned_mask_first_and_say_when_undefined():
+    from freezeguard.apps.evaluate.report import equal_harm_lines
+
+    rows = [{"group": "ref: x", "vs_random": None, "vs_random_std": None, "ahead": 0, "draws": 0},
+            {"group": "learned", "vs_random": 0.047, "vs_random_std": 0.006, "ahead": 3, "draws": 3}]
+    (line,) = equal_harm_lines({"equal_harm": {"std": {"target": "t", "innocent": "i", "metric": "loss",
+                                                        "rows": rows}}})
+    assert line.startswith("std, at equal harm to i (loss;")
+    assert line.index("learned +4.7 ± 0.6 pts (ahead in 3 of 3 draws)") < line.index("ref: x n/a (more harm")
+    assert equal_harm_lines({}) == []
+    helped = [dict(r, vs_random=None, draws=0, no_curve=1) for r in rows]
+    (line,) = equal_harm_lines({"equal_harm": {"10x": {"target": "t", "innocent": "i", "metric": "loss",
+                                                        "rows": helped}}})
+    assert line.startswith("10x: no comparison at equal harm: random masks block nothing")
 
 
 def test_eval_power_part_masks_freeze_exactly_each_part():
@@ -455,7 +490,8 @@ def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
         power.main(["--attackers", "standard;20x lr"])
     with pytest.raises(SystemExit):
         power.main(["--innocent", "dog"])
-    for bad in ("0.5,1.2", "0.7,x", "0.5"):      # 0.5: the freeze ratio itself
+    own = f"{power.DemoConfig().freeze_ratio:g}"
+    for bad in ("0.5,1.2", "0.7,x", own):      # own: the freeze ratio itself
         with pytest.raises(SystemExit):
             power.main(["--random-ratios", bad])
     with pytest.raises(SystemExit):

@@ -29,6 +29,7 @@ import torch
 
 from freezeguard.apps.baselines import measure_cost
 from freezeguard.apps.baselines.harness import Protection, contenders, resolve_methods, step_overrides, toy_inputs
+from freezeguard.apps.evaluate.equal_harm import equal_harm_rows
 from freezeguard.apps.evaluate.harness import attacker_suite, evaluate_masks
 from freezeguard.apps.evaluate.report import write_report
 from freezeguard.apps.evaluate.toy_domains import toy_domains
@@ -55,7 +56,12 @@ class DemoConfig:
     # tensors the releaser spends the budget on biases and norms (the innocent term keeps the large
     # tensors both domains need trainable), so the budget counts parameters; the projected budget,
     # 4 signal batches per logit step and an RMS-normalised signal let the data reorder the logits.
-    freeze_ratio: float = 0.5
+    # 90% of the parameters: at 0.5 no mask, chosen any way (random, reference rankings, whole
+    # parts of the UNet, the learner), blocks or spares measurably more than another on the
+    # held-out loss (at most ~8% of either domain's gain, target and innocent in step); at 0.9
+    # freezing matters (random masks block ~19% of the target's gain) and masks differ
+    # (benchmarks/RESULTS.md, issue 11, "Evaluation power"). Chosen on random and reference masks.
+    freeze_ratio: float = 0.9
     budget_by: str = "params"
     learner_steps: int = 200
     temperature: float = 0.2
@@ -67,8 +73,12 @@ class DemoConfig:
     budget: str = "projected"
     signal_batches: int = 4
     signal_norm: str | None = "rms"
-    signal_density: bool = False
-    init: str = "uniform"              # "uniform" | "constant" | a reference mask's name ("delta", ...)
+    # Rank tensors by the signal per parameter (the budget's unit), from a constant start, so the
+    # data alone sets the order: benchmarks/eval_power.py --variants at ratio 0.9 (RESULTS.md,
+    # issue 11, "Learner variants") -- uniform start +2.2, constant start -0.0, constant start with
+    # the density +4.7 points of the target's gain beyond random at equal harm.
+    signal_density: bool = True
+    init: str = "constant"             # "uniform" | "constant" | a reference mask's name ("delta", ...)
     # reference masks shown beside learned and random (apps.learn.reference_masks)
     references: tuple[str, ...] = ("delta", "cross-attention", "saliency")
     saliency_batches: int = 64
@@ -80,10 +90,21 @@ class DemoConfig:
     # masks the demo would pass 10 minutes on 2 cores. benchmarks/learner_sweep.py measures all three.
     strong_steps_mult: float = 1.0
     random_seeds: int = 3
+    # Random masks also at these freeze ratios (random_seeds each): they trace what blocking the
+    # target costs the legal user, so every mask is also compared with random *at equal harm*
+    # (apps.evaluate.equal_harm), not only at one ratio, where a mask that spares the legal user
+    # also blocks less. () leaves them out.
+    # One ratio keeps the demo under 10 minutes on 2 cores; eval_power.py --random-ratios adds more.
+    harm_ratios: tuple[float, ...] = (0.7,)
     # draws of the attack's randomness (data order, noise) every fine-tune is repeated under; each
     # contender is averaged over them. One draw keeps the demo under 10 minutes on 2 cores, but
     # can move every figure by more than the gap between masks (benchmarks/RESULTS.md, issue 11).
     attack_seeds: int = 1
+    # The metric of the headline (mitigation, learned/random). Held-out loss: over 5 draws of the
+    # attack its gaps between masks repeat (reliability 0.88; one draw 0.59), recognisability's do
+    # not (0.00; benchmarks/RESULTS.md, issue 11, "Evaluation power"). Chosen on that measurement,
+    # before any mask was compared on it. Every metric is still in the report.
+    primary_metric: str = "loss"
     judge_steps: int = 300
     heldout_n: int = 64
     sample_n: int = 32
@@ -184,6 +205,24 @@ def attackers(cfg: DemoConfig):
                           steps_mult=cfg.strong_steps_mult)
 
 
+def equal_harm_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """Per attacker: ``equal_harm_rows`` on the primary metric for the (first) target and innocent
+    domains, and the freeze ratios of the random masks that trace the price of blocking."""
+    roles = summary["domains"]
+    target = next(d for d, r in roles.items() if r == "target")
+    innocent = next((d for d, r in roles.items() if r == "innocent"), None)
+    if innocent is None:
+        return {}
+    primary = summary["primary_metric"]
+    out = {}
+    for attacker, by_metric in summary.get("removed_by_draw", {}).items():
+        draws = by_metric.get(primary, {})
+        if target in draws and innocent in draws:
+            out[attacker] = {"target": target, "innocent": innocent, "metric": primary,
+                             "rows": equal_harm_rows(draws, target, innocent)}
+    return out
+
+
 def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freezeguard-demo",
              cache_dir: str | Path | None | bool = None, *, progress: bool = True,
              device: str | torch.device = "cpu", workers: int | None = None) -> dict[str, Any]:
@@ -241,19 +280,26 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
                 masks[f"ref: {ref_name}"] = FreezeMask.from_scores(model, scores[ref_name], cfg.freeze_ratio,
                                                                     by=cfg.budget_by)
         masks[name] = entry
+    for ratio in cfg.harm_ratios:
+        if ratio != cfg.freeze_ratio:
+            for k in range(cfg.random_seeds):
+                masks[f"random@{ratio:g}#{k}"] = FreezeMask.random(model, ratio, by=cfg.budget_by, seed=cfg.seed + k)
     timings["baselines"] = sum(p.cost.seconds for k, p in masks.items()
                                if isinstance(p, Protection) and p.cost is not None and "+" not in k)
     domains = toy_domains(cfg.target, cfg.innocent, judge=judge, batch_size=cfg.batch_size,
                           heldout_n=cfg.heldout_n, sample_n=cfg.sample_n, sample_steps=cfg.sample_steps,
                           guidance=cfg.guidance)
     result = evaluate_masks(model, masks, domains, loss_fn, attackers(cfg), seed=cfg.seed + 31,
-                            attack_seeds=cfg.attack_seeds, progress=progress, workers=cfg.workers if workers is None else workers)
+                            attack_seeds=cfg.attack_seeds, progress=progress, primary_metric=cfg.primary_metric,
+                            workers=cfg.workers if workers is None else workers)
     result.masks["learned"]["cost"] = fag_cost.to_json()
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     summary = result.summary()
     summary["config"] = cfg.to_json()
+    if cfg.harm_ratios:
+        summary["equal_harm"] = equal_harm_summary(summary)
     summary["timings_s"] = timings
     final = {k: v for k, v in logs[-1].items() if isinstance(v, (int, float, str))} if logs else {}
     frozen = len(learned.frozen_names)

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $FREEZEGUARD_CACHE or ~/.cache/freezeguard)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.add_argument("--quick", action="store_true", help="shortened run (every phase, far fewer steps)")
-    parser.add_argument("--ratio", type=float, default=None, help="freeze ratio (default: the demo's, 0.5)")
+    parser.add_argument("--ratio", type=float, default=None, help="freeze ratio (default: the demo's, 0.9 of the parameters)")
     parser.add_argument("--budget-by", choices=("tensors", "params"), default=None,
                         help="what the ratio counts, for every mask (default: the demo's, params)")
     parser.add_argument("--strong-lr-mult", type=float, default=None,

@@ -292,7 +292,8 @@ def _run_jobs(jobs: list[tuple[int, int, str, int]], state: tuple, workers: int,
 
 def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Sequence[Domain],
                    loss_fn: LossFn, attackers: Sequence[Attacker], *, seed: int = 0, attack_seeds: int = 1,
-                   curve_points: int = 5, progress: bool = True, workers: int = 1) -> EvalResult:
+                   curve_points: int = 5, progress: bool = True, workers: int = 1,
+                   primary_metric: str | None = None) -> EvalResult:
     """Fine-tune a copy of ``model`` for every attacker x contender x domain and measure each.
 
     ``masks`` maps a display name to a mask (``None`` = full fine-tuning, required under the
@@ -315,6 +316,10 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
     those of ``workers=1``, in less wall time on a multi-core machine (the tiny demo model's ops
     are too small to share one fine-tune across cores). Use it with one torch thread: a process
     that forks after OpenMP started its thread pool can hang.
+
+    ``primary_metric``: the metric of the summary's mitigation and learned/random (default:
+    recognisability when every domain measures it, else loss). Checked against the metrics every
+    domain measures before any fine-tune runs.
 
     Example:
         >>> result = evaluate_masks(model, {"full": None, "random#0": rnd, "learned": learned},
@@ -369,7 +374,10 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
         rel = before if released_model is model else {d.name: measure(released_model, loss_fn, d) for d in domains}
         result.masks[name]["released"] = {d: {k: v for k, v in m.items() if k != "_samples"} for d, m in rel.items()}
     metrics = set.intersection(*(set(b) for b in before.values()))
-    result.primary_metric = "recognisability" if "recognisability" in metrics else "loss"
+    if primary_metric is not None and primary_metric not in metrics:
+        raise ValueError(f"primary_metric {primary_metric!r} is not measured on every domain; measured: "
+                         f"{', '.join(sorted(metrics))}")
+    result.primary_metric = primary_metric or ("recognisability" if "recognisability" in metrics else "loss")
 
     def is_copy(name: str, d: Domain) -> bool:
         released_model, mask, streams = plan[name]

@@ -126,6 +126,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
         if refs:
             lines.append(f"{attacker}: reference masks at the same ratio: "
                          + ", ".join(f"{g[5:]} {_pct(v)}" for g, v in refs.items()) + ".")
+    lines += equal_harm_lines(summary)
     learner = summary.get("learner", {})
     final = learner.get("final", {})
     moved = final.get("frozen_moved")
@@ -154,6 +155,33 @@ def headline(summary: dict[str, Any]) -> list[str]:
                      "mask; another draw can reorder masks closer than random's spread. With --attack-seeds 2 "
                      "or more the report says, per metric, how much of the gaps between masks is reproducible "
                      "(benchmarks/RESULTS.md, issue 11: evaluation power).")
+    return lines
+
+
+def equal_harm_lines(summary: dict[str, Any]) -> list[str]:
+    """Per attacker: each mask's target share beyond random masks at the same harm to the legal user
+    (``summary["equal_harm"]``, from ``apps.evaluate.equal_harm``), learned first."""
+    lines = []
+    for attacker, eh in summary.get("equal_harm", {}).items():
+        rows = sorted(eh["rows"], key=lambda r: r["group"] != "learned")
+        if rows and all(r["vs_random"] is None and r.get("no_curve") for r in rows):
+            lines.append(f"{attacker}: no comparison at equal harm: random masks block nothing of the target's "
+                         f"{eh['metric']} gain under this attacker, even where they cost {eh['innocent']} most.")
+            continue
+        parts = []
+        for r in rows:
+            if r["vs_random"] is None:
+                why = ("random masks block nothing of the target under this attacker" if r.get("no_curve")
+                       else "more harm than any random mask")
+                parts.append(f"{r['group']} n/a ({why})")
+            else:
+                spread = f" ± {r['vs_random_std'] * 100:.1f}" if r.get("vs_random_std") is not None else ""
+                parts.append(f"{r['group']} {r['vs_random'] * 100:+.1f}{spread} pts"
+                             + (f" (ahead in {r['ahead']} of {r['draws']} draws)" if r["draws"] > 1 else ""))
+        if parts:
+            lines.append(f"{attacker}, at equal harm to {eh['innocent']} ({eh['metric']}; random masks at every "
+                         f"ratio trace the price of blocking): share of the target's gain blocked beyond random: "
+                         + "; ".join(parts) + ".")
     return lines
 
 
