@@ -207,7 +207,7 @@ def attackers(cfg: DemoConfig):
 
 def equal_harm_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """Per attacker: ``equal_harm_rows`` on the primary metric for the (first) target and innocent
-    domains, and the freeze ratios of the random masks that trace the price of blocking."""
+    domains, with their names and the metric ({} without an innocent domain)."""
     roles = summary["domains"]
     target = next(d for d, r in roles.items() if r == "target")
     innocent = next((d for d, r in roles.items() if r == "innocent"), None)

@@ -241,9 +241,10 @@ class MaskLearner:
         self._frozen_moved_share = 0.0
         self._data_to_budget: float | None = None
         self._signal = torch.zeros_like(self.logits)   # s accumulated over the releaser batches so far
-        # S w_i: each tensor's share of the budget relative to the mean (1 by tensors), what
-        # signal_density divides s by.
-        self._budget_share = self._weights * len(self.names)
+        # S w_i: each tensor's share of the budget relative to the mean, what signal_density divides
+        # s by. Exactly 1 by tensors (1/S * S need not round to 1 in fp32): the signal stays bit-for-bit.
+        self._budget_share = (torch.ones_like(self._weights) if self.budget_by == "tensors"
+                              else self._weights * len(self.names))
         self._signal_count = 0
         self._grads_checked = False
 
