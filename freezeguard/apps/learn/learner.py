@@ -241,10 +241,6 @@ class MaskLearner:
         self._frozen_moved_share = 0.0
         self._data_to_budget: float | None = None
         self._signal = torch.zeros_like(self.logits)   # s accumulated over the releaser batches so far
-        # S w_i: each tensor's share of the budget relative to the mean, what signal_density divides
-        # s by. Exactly 1 by tensors (1/S * S need not round to 1 in fp32): the signal stays bit-for-bit.
-        self._budget_share = (torch.ones_like(self._weights) if self.budget_by == "tensors"
-                              else self._weights * len(self.names))
         self._signal_count = 0
         self._grads_checked = False
 
@@ -444,8 +440,10 @@ class MaskLearner:
             return False
         s = self._signal if self.signal_batches == 1 else self._signal / self.signal_batches
         self._signal, self._signal_count = torch.zeros_like(self.logits), 0
-        if self.signal_density:
-            s = s / self._budget_share
+        if self.signal_density and self.budget_by != "tensors":
+            # Divide by S w_i, each tensor's share of the budget relative to the mean size. By tensors
+            # that is 1 (skipped: 1/S * S need not round to 1 in fp32, and the signal stays bit-for-bit).
+            s = s / (self._weights * len(self.names))
         if self.signal_norm == "rms":
             rms = s.square().mean().sqrt()
             s = torch.where(rms > 0, s / rms.clamp(min=torch.finfo(s.dtype).tiny), s)
