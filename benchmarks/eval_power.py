@@ -43,7 +43,14 @@ from statistics import StatisticsError, correlation, mean, stdev
 
 import torch
 
-from freezeguard.apps.demo import DemoConfig, attackers, learn_mask, publisher_finetune, reference_scores
+from freezeguard.apps.demo import (
+    DemoConfig,
+    attackers,
+    learn_mask,
+    publisher_finetune,
+    random_masks_at,
+    reference_scores,
+)
 from freezeguard.apps.evaluate.equal_harm import equal_harm_rows, group_draws
 from freezeguard.apps.evaluate.harness import evaluate_masks
 from freezeguard.apps.evaluate.metrics import mask_group
@@ -54,6 +61,7 @@ from freezeguard.integrations.diffusers import judge as judge_mod
 from freezeguard.integrations.diffusers import toy
 
 REFERENCES = ("delta", "cross-attention", "saliency")
+STARTS = ("uniform", "constant") + REFERENCES     # the learner's starts (--init, --variants)
 
 
 def _high_res(name: str, levels: int) -> bool:
@@ -95,9 +103,7 @@ def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_s
     masks: dict = {"full": None}
     for k in range(random_masks):
         masks[f"random#{k}"] = FreezeMask.random(model, cfg.freeze_ratio, by=cfg.budget_by, seed=cfg.seed + k)
-    for ratio in random_ratios:
-        for k in range(random_masks):
-            masks[f"random@{ratio:g}#{k}"] = FreezeMask.random(model, ratio, by=cfg.budget_by, seed=cfg.seed + k)
+    masks.update(random_masks_at(model, random_ratios, random_masks, by=cfg.budget_by, seed=cfg.seed))
     scores = reference_scores(model, ft_state, cfg, loss_fn, REFERENCES)
     for name in REFERENCES:
         masks[f"ref: {name}"] = FreezeMask.from_scores(model, scores[name], cfg.freeze_ratio, by=cfg.budget_by)
@@ -120,9 +126,8 @@ def variant_config(cfg: DemoConfig, variant: str) -> DemoConfig:
     """The learner variant "INIT" or "INIT+density": the learner's start (uniform, constant or a
     reference name) and, with "+density", ``signal_density``; every other setting is ``cfg``'s."""
     init, _, extra = variant.partition("+")
-    if init not in ("uniform", "constant") + REFERENCES or extra not in ("", "density"):
-        raise ValueError(f"learner variant {variant!r}: INIT or INIT+density, INIT one of "
-                         f"{', '.join(('uniform', 'constant') + REFERENCES)}")
+    if init not in STARTS or extra not in ("", "density"):
+        raise ValueError(f"learner variant {variant!r}: INIT or INIT+density, INIT one of {', '.join(STARTS)}")
     return cfg.replace(init=init, signal_density=extra == "density")
 
 
@@ -286,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-share", type=float, default=0.0,
                    help="share of every fine-tune's batch drawn from the base classes (prior preservation; "
                         "default 0: the demo's single-class fine-tunes)")
-    p.add_argument("--init", default=None, choices=("uniform", "constant") + REFERENCES,
+    p.add_argument("--init", default=None, choices=STARTS,
                    help="the learner's start (default: the demo's constant logits; uniform: the authors' U[0, 1); a reference name "
                         "starts from that ranking)")
     p.add_argument("--variants", type=_number_list(str), default="", metavar="V1,V2",

@@ -205,6 +205,13 @@ def attackers(cfg: DemoConfig):
                           steps_mult=cfg.strong_steps_mult)
 
 
+def random_masks_at(model: torch.nn.Module, ratios, count: int, *, by: str, seed: int) -> dict[str, FreezeMask]:
+    """``random@R#k`` -> ``count`` random masks at each freeze ratio R (seeds ``seed + k``, as the
+    random masks at the demo's own ratio): the points that trace the price of blocking."""
+    return {f"random@{ratio:g}#{k}": FreezeMask.random(model, ratio, by=by, seed=seed + k)
+            for ratio in ratios for k in range(count)}
+
+
 def equal_harm_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """Per attacker: ``equal_harm_rows`` on the primary metric for the (first) target and innocent
     domains, with their names and the metric ({} without an innocent domain)."""
@@ -280,10 +287,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
                 masks[f"ref: {ref_name}"] = FreezeMask.from_scores(model, scores[ref_name], cfg.freeze_ratio,
                                                                     by=cfg.budget_by)
         masks[name] = entry
-    for ratio in cfg.harm_ratios:
-        if ratio != cfg.freeze_ratio:
-            for k in range(cfg.random_seeds):
-                masks[f"random@{ratio:g}#{k}"] = FreezeMask.random(model, ratio, by=cfg.budget_by, seed=cfg.seed + k)
+    masks.update(random_masks_at(model, [r for r in cfg.harm_ratios if r != cfg.freeze_ratio], cfg.random_seeds,
+                                 by=cfg.budget_by, seed=cfg.seed))
     timings["baselines"] = sum(p.cost.seconds for k, p in masks.items()
                                if isinstance(p, Protection) and p.cost is not None and "+" not in k)
     domains = toy_domains(cfg.target, cfg.innocent, judge=judge, batch_size=cfg.batch_size,
