@@ -123,12 +123,29 @@ def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_s
 
 
 def variant_config(cfg: DemoConfig, variant: str) -> DemoConfig:
-    """The learner variant "INIT" or "INIT+density": the learner's start (uniform, constant or a
-    reference name) and, with "+density", ``signal_density``; every other setting is ``cfg``'s."""
-    init, _, extra = variant.partition("+")
-    if init not in STARTS or extra not in ("", "density"):
-        raise ValueError(f"learner variant {variant!r}: INIT or INIT+density, INIT one of {', '.join(STARTS)}")
-    return cfg.replace(init=init, signal_density=extra == "density")
+    """The learner variant "INIT[+density][+wX]": the learner's start (uniform, constant or a
+    reference name), with "+density" ``signal_density``, with "+wX" ``innocent_weight`` X; every
+    other setting is ``cfg``'s (density off and weight 1 unless named)."""
+    init, *extras = variant.split("+")
+    changes: dict = {"init": init, "signal_density": False, "innocent_weight": 1.0}
+    for extra in extras:
+        if extra == "density":
+            changes["signal_density"] = True
+        elif extra.startswith("w") and _is_number(extra[1:]):
+            changes["innocent_weight"] = float(extra[1:])
+        else:
+            init = None
+    if init not in STARTS:
+        raise ValueError(f"learner variant {variant!r}: INIT[+density][+wX], INIT one of {', '.join(STARTS)}, "
+                         "X the innocent weight")
+    return cfg.replace(**changes)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
 
 
 def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, innocent: str) -> list[dict]:
@@ -295,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the learner's start (default: the demo's constant logits; uniform: the authors' U[0, 1); a reference name "
                         "starts from that ranking)")
     p.add_argument("--variants", type=_number_list(str), default="", metavar="V1,V2",
-                   help="learner variants to compare in one run, each INIT or INIT+density (e.g. "
-                        "uniform,constant+density), instead of the demo's learner (start: --init)")
+                   help="learner variants to compare in one run, each INIT[+density][+wX] (X: the innocent "
+                        "weight; e.g. uniform,constant+density+w0.5), instead of the demo's learner "
+                        "(start: --init)")
     p.add_argument("--channels", type=_number_list(int), default="", metavar="C1,C2",
                    help="the toy UNet's block widths (default: the demo's 16,32); each a multiple of 8")
     p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")

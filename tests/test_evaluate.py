@@ -441,13 +441,15 @@ def test_eval_power_part_masks_freeze_exactly_each_part():
 
 
 def test_eval_power_learner_variants_are_learned_side_by_side(tmp_path):
-    """`--variants constant,delta+density`: one group of learned masks per variant, each built with
+    """`--variants constant,delta+density+w0.5`: one group of learned masks per variant, each built with
     its own start and signal, everything else the run's."""
     power = _benchmark_module("eval_power")
     cfg = power.DemoConfig.quick()
     assert power.variant_config(cfg, "delta+density") == cfg.replace(init="delta", signal_density=True)
     assert power.variant_config(cfg, "constant") == cfg.replace(init="constant", signal_density=False)
-    for bad in ("best", "delta+rms", "+density"):
+    assert power.variant_config(cfg, "constant+w0.5+density") == cfg.replace(
+        init="constant", signal_density=True, innocent_weight=0.5)
+    for bad in ("best", "delta+rms", "+density", "constant+w", "constant+w-1"):
         with pytest.raises(ValueError, match="learner variant"):
             power.variant_config(cfg, bad)
     with pytest.raises(SystemExit):     # checked before any model is built

@@ -441,9 +441,20 @@ def test_7_resume_refuses_changed_hyperparameters(pipeline, tmp_path, capsys, mo
 
     hp, steps = saved_hparams(state)
     assert hp["mask_lr"] == 50.0 and steps == 3
-    rc = main(_learn_argv(pipeline, out, "--steps", "4", "--resume", str(state), "--state", str(state),
-                          "--user-optimizer", "adamw", "--override-hparams"))
-    assert rc == 2 and "cannot change on resume" in capsys.readouterr().err
+    for flag, value in (("--user-optimizer", "adamw"), ("--innocent-weight", "0.5")):
+        rc = main(_learn_argv(pipeline, out, "--steps", "4", "--resume", str(state), "--state", str(state),
+                              flag, value, "--override-hparams"))
+        assert rc == 2 and "cannot change on resume" in capsys.readouterr().err, flag
+
+
+def test_7_every_learner_setting_is_either_fixed_or_overridable_on_resume():
+    import dataclasses
+
+    from freezeguard.apps.learn.config import LearnerConfig
+    from freezeguard.apps.learn.run import FIXED, OVERRIDABLE
+
+    assert not set(FIXED) & set(OVERRIDABLE)
+    assert set(FIXED) | set(OVERRIDABLE) == {f.name for f in dataclasses.fields(LearnerConfig)}
 
 
 def test_7_log_does_not_repeat_steps_after_the_checkpoint(pipeline, tmp_path):

@@ -225,6 +225,24 @@ def test_signal_density_ranks_tensors_by_gain_per_parameter():
     assert float(moved[small]) > float(moved[big]) > float(moved[[i for i in range(len(s)) if i not in (big, small)]].max())
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_innocent_weight_scales_the_innocent_half_of_the_signal(backend):
+    # The releaser's objective (w mean_innocent - mean_target) / 2 is linear in w, and so is s
+    # (the logit step without a budget: c = 0). w = 1 is the authors' objective, bit for bit.
+    _cpu_backend(backend)
+    batch = batches(1)[0]
+    moved = {}
+    for w in (0.0, 1.0, 3.0, None):
+        kw = {} if w is None else {"innocent_weight": w}
+        learner, _ = make(backend=backend, c_sparsity=0.0, mask_lr=5.0, **kw)
+        x0 = learner.logits.clone()
+        learner.step(batch)
+        moved[w] = learner.logits - x0
+    assert torch.equal(moved[1.0], moved[None])
+    assert not torch.allclose(moved[0.0], moved[1.0])
+    torch.testing.assert_close(moved[3.0] - moved[1.0], 2.0 * (moved[1.0] - moved[0.0]), rtol=1e-3, atol=1e-7)
+
+
 def test_one_signal_batch_is_the_authors_schedule():
     learner, _ = make(user_interval=3)
     assert [learner.step(b)["kind"] for b in batches(7)] == ["releaser", "user", "user"] * 2 + ["releaser"]
@@ -342,7 +360,7 @@ def test_learner_config_is_validated_shared_and_compared_on_resume(tmp_path):
     assert c.config == cfg.replace(mask_lr=0.1)
     for bad in (dict(freeze_ratio=1.5), dict(budget="soft"), dict(signal_batches=0), dict(signal_norm="l2"),
                 dict(c_sparsity=-1.0), dict(user_interval=1.5), dict(init="zeros"),
-                dict(signal_density="yes")):
+                dict(signal_density="yes"), dict(innocent_weight=-0.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             LearnerConfig(**bad)
     with pytest.raises(TypeError, match="unexpected"):

@@ -78,6 +78,7 @@ class DemoConfig:
     # issue 11, "Learner variants") -- uniform start +2.2, constant start -0.0, constant start with
     # the density +4.7 points of the target's gain beyond random at equal harm.
     signal_density: bool = True
+    innocent_weight: float = 1.0       # the releaser's objective weighs both domains' losses equally
     init: str = "constant"             # "uniform" | "constant" | a reference mask's name ("delta", ...)
     # reference masks shown beside learned and random (apps.learn.reference_masks)
     references: tuple[str, ...] = ("delta", "cross-attention", "saliency")
@@ -136,7 +137,7 @@ class DemoConfig:
                              c_sparsity=self.c_sparsity, mask_lr=self.mask_lr, user_lr=self.user_lr,
                              user_interval=self.user_interval, user_optimizer=self.user_optimizer, seed=self.seed,
                              budget=self.budget, signal_batches=self.signal_batches, signal_norm=self.signal_norm,
-                             signal_density=self.signal_density,
+                             signal_density=self.signal_density, innocent_weight=self.innocent_weight,
                              init=self.init if self.init in ("uniform", "constant") else "scores")
 
     def replace(self, **changes: Any) -> "DemoConfig":

@@ -73,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--signal-density", action="store_true",
                         help="rank tensors by the data signal per unit of budget (per parameter with "
                              "--budget-by params; no change by tensors)")
+    parser.add_argument("--innocent-weight", type=float, default=1.0,
+                        help="weight of the innocent (legal) loss against the target's in the releaser's "
+                             "objective (1: the authors'; below 1 freezes more of what the target needs, "
+                             "at more cost to the legal domain)")
     parser.add_argument("--init", choices=("uniform", "constant", "delta", "cross-attention"), default="uniform",
                         help="initial logits: uniform U[0,1) (the authors'), constant, or a reference ranking "
                              "(largest mean |pretrained - finetuned| first; cross-attention projections first)")
@@ -119,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                         c_sparsity=args.c_sparsity, hard_mask=args.hard_mask, seed=args.seed,
                         budget=args.budget, signal_batches=args.signal_batches,
                         signal_norm=None if args.signal_norm == "none" else args.signal_norm,
-                        signal_density=args.signal_density, init=args.init,
+                        signal_density=args.signal_density, innocent_weight=args.innocent_weight, init=args.init,
                         resolution=args.resolution, caption_column=args.caption_column, state=args.state,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, plot=args.plot, log=args.log,
                         backend=args.backend, device=args.device, progress=not args.quiet, on_warning=_warn,

@@ -70,6 +70,7 @@ class LearnerConfig:
     signal_norm: str | None = None
     signal_density: bool = False
     init: str = "uniform"
+    innocent_weight: float = 1.0
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place once)
@@ -86,7 +87,7 @@ class LearnerConfig:
                 raise ValueError(f"c_sparsity must be a number >= 0 or 'auto', got {self.c_sparsity!r}")
         else:
             put("c_sparsity", _number("c_sparsity", self.c_sparsity))
-        for name in ("mask_lr", "user_lr", "user_eps", "user_weight_decay"):
+        for name in ("mask_lr", "user_lr", "user_eps", "user_weight_decay", "innocent_weight"):
             put(name, _number(name, getattr(self, name)))
         put("user_interval", _integer("user_interval", self.user_interval))
         put("signal_batches", _integer("signal_batches", self.signal_batches))

@@ -6,7 +6,8 @@ theta_pre,i - theta_ft,i, and the model's own parameters hold the live weights
 theta_i = theta_ft,i + m_i Delta_i. Batches alternate on a fixed schedule:
 
 - releaser step (batch k with k % user_interval == 0): g = grad of
-  L = (mean loss on innocent samples - mean loss on target samples) / 2; s = <Delta, g> per tensor
+  L = (w mean loss on innocent samples - mean loss on target samples) / 2 (w = innocent_weight,
+  the authors' 1); s = <Delta, g> per tensor
   (``ops.segment_dot``); the logits take one gradient step on L plus the budget penalty
   c (rho - mean m)^2 (one vectorized expression over [S], ``apps.learn.logits``); the live weights
   follow the mask change (``ops.mask_shift_``).
@@ -134,6 +135,10 @@ class MaskLearner:
             parameters, a large tensor's total s outweighs any small one's and the projection pays
             for unfreezing one large tensor with every small one. No change by tensors (the
             authors' budget); a departure from the authors by parameters.
+        innocent_weight: w in the releaser's objective (w mean innocent loss - mean target loss) / 2:
+            how much keeping the legal domain's quality counts against hurting the target's
+            (1: the authors' equal weights). Below 1 the learner freezes more of what the target
+            needs at more cost to the legal domain; 0 ignores the legal domain.
         init: the initial logits: "uniform" (the authors' seeded U[0, 1): everything starts
             frozen, m > 0.5, in a random order), "constant" (every logit T logit(rho): m = rho, no
             order; ties go to names), or a name -> score mapping (a reference ranking, e.g.
@@ -343,7 +348,7 @@ class MaskLearner:
         n_t, n_i = t.sum(), (1.0 - t).sum()
         sum_t, sum_i = (losses * t).sum(), (losses * (1.0 - t)).sum()
         mean_t, mean_i = sum_t / n_t.clamp(min=1.0), sum_i / n_i.clamp(min=1.0)
-        objective = (mean_i - mean_t) / 2.0 if kind == "releaser" else losses.mean()
+        objective = (self.innocent_weight * mean_i - mean_t) / 2.0 if kind == "releaser" else losses.mean()
         bad_losses = (~torch.isfinite(losses.detach())).sum()
         stats = torch.stack([sum_t.detach(), n_t, sum_i.detach(), n_i, objective.detach(), bad_losses]).float()
         if distributed.world_size() > 1:  # report losses over the global batch; every rank sees bad ones

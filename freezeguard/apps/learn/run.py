@@ -111,7 +111,7 @@ def check_learn_inputs(pretrained: str | Path, finetuned: str | Path, target_dat
 # the ones that define the search itself and never change mid-run (every other LearnerConfig field).
 OVERRIDABLE = ("temperature", "c_sparsity", "mask_lr", "user_lr", "user_interval")
 FIXED = ("freeze_ratio", "budget_by", "user_optimizer", "seed", "budget", "signal_batches", "signal_norm",
-         "signal_density", "init", "user_betas", "user_eps", "user_weight_decay")
+         "signal_density", "init", "innocent_weight", "user_betas", "user_eps", "user_weight_decay")
 
 
 def _flag(key: str) -> str:
@@ -192,7 +192,8 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
           budget_by: str = "tensors", user_optimizer: str = "sgd", user_lr: float = 1e-5, user_interval: int = 5,
           mask_lr: float = 10.0, temperature: float = 0.2, c_sparsity: float | str = "auto", hard_mask: str = "topk",
           budget: str = "penalty", signal_batches: int = 1, signal_norm: str | None = None,
-          signal_density: bool = False, init: str = "uniform", seed: int = 0, resolution: int | None = None,
+          signal_density: bool = False, init: str = "uniform", innocent_weight: float = 1.0, seed: int = 0,
+          resolution: int | None = None,
           caption_column: str = "text",
           state: str | Path | None = None, checkpoint_every: int = 0, resume: str | Path | None = None,
           plot: str | Path | None = None, log: str | Path | None = None, backend: str = "auto",
@@ -219,7 +220,8 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
                                mask_lr=mask_lr, user_lr=user_lr, user_interval=user_interval, budget_by=budget_by,
                                user_optimizer=user_optimizer, seed=seed, budget=budget,
                                signal_batches=signal_batches, signal_norm=signal_norm,
-                               signal_density=signal_density, init=init if init in ("uniform", "constant") else "scores")
+                               signal_density=signal_density, innocent_weight=innocent_weight,
+                               init=init if init in ("uniform", "constant") else "scores")
     except ValueError as exc:
         raise LearnInputError(str(exc)) from None
     log_path, plot_path = check_outputs(out, state=state, log=log, plot=plot, resume=resume)
