@@ -267,15 +267,17 @@ def markdown(res: dict) -> str:
             if harm and any(row["draws"] or row["beyond_random"] for row in harm):  # not for target-only metrics
                 lines += [f"*{attacker}, {metric}: target share blocked beyond random masks at equal harm to the "
                           "innocent domain* (random's points: every random group)", "",
-                          "| mask | target − random at equal harm, per draw | draws ahead | draws past random's "
-                          "most harmful point |", "|---|---|---|---|"]
+                          "| mask | target − random at equal harm, per draw | x random at equal harm | draws ahead "
+                          "| draws past random's most harmful point |", "|---|---|---|---|---|"]
                 for row in harm:
                     vs = "n/a" if row["vs_random"] is None else (
                         f"{row['vs_random'] * 100:+.1f} ± {(row['vs_random_std'] or 0.0) * 100:.1f} pts")
                     if row.get("per_mask"):
                         vs += " (each mask: " + ", ".join("n/a" if v is None else f"{v * 100:+.1f}"
                                                           for v in row["per_mask"]) + ")"
-                    lines.append(f"| {row['group']} | {vs} | {row['ahead']} of {row['draws']} | {row['beyond_random']} |")
+                    times = "n/a" if row.get("times_random") is None else f"{row['times_random']:.2f}x"
+                    lines.append(f"| {row['group']} | {vs} | {times} | {row['ahead']} of {row['draws']} | "
+                                 f"{row['beyond_random']} |")
                 lines.append("")
     return "\n".join(lines)
 

@@ -376,8 +376,11 @@ def test_equal_harm_against_random_masks_at_every_ratio():
     assert set(rows) == {"learned", "ref: x"}
     # draw 1: at innocent .1 random blocks .1 -> +.1; draw 2: at .25, halfway from (.1, .1) to (.4, .2): .15 -> -.05
     assert rows["learned"]["vs_random"] == pytest.approx(0.025)
+    # as a multiple: the mean target share (.2 + .1) / 2 over random's at the same harm (.1 + .15) / 2
+    assert rows["learned"]["times_random"] == pytest.approx(0.15 / 0.125)
     assert (rows["learned"]["ahead"], rows["learned"]["draws"]) == (1, 2)
     assert rows["ref: x"]["vs_random"] is None and rows["ref: x"]["beyond_random"] == 2
+    assert rows["ref: x"]["times_random"] is None
     assert rows["learned"]["per_mask"] == []          # one mask: the group's figure is the mask's
     draws["t"]["learned#1"], draws["i"]["learned#1"] = [0.0, 0.0], [0.1, 0.1]     # -.1 in both draws
     rows = {r["group"]: r for r in equal_harm.equal_harm_rows(draws, "t", "i")}
@@ -388,7 +391,7 @@ def test_equal_harm_against_random_masks_at_every_ratio():
     helped = {"t": {"random#0": [-0.3], "random@0.7#0": [-0.4], "learned": [-0.2]},
               "i": {"random#0": [0.12], "random@0.7#0": [-0.03], "learned": [-0.02]}}
     (row,) = equal_harm.equal_harm_rows(helped, "t", "i")
-    assert (row["vs_random"], row["draws"], row["no_curve"]) == (None, 0, 1)
+    assert (row["vs_random"], row["draws"], row["no_curve"], row["times_random"]) == (None, 0, 1, None)
 
 
 def test_toy_domains_prior_share_mixes_base_classes_into_every_fine_tune_batch():
@@ -414,11 +417,12 @@ def test_equal_harm_lines_put_the_learned_mask_first_and_say_when_undefined():
     from freezeguard.apps.evaluate.report import equal_harm_lines
 
     rows = [{"group": "ref: x", "vs_random": None, "vs_random_std": None, "ahead": 0, "draws": 0},
-            {"group": "learned", "vs_random": 0.047, "vs_random_std": 0.006, "ahead": 3, "draws": 3}]
+            {"group": "learned", "vs_random": 0.047, "vs_random_std": 0.006, "times_random": 2.2, "ahead": 3,
+             "draws": 3}]
     (line,) = equal_harm_lines({"equal_harm": {"std": {"target": "t", "innocent": "i", "metric": "loss",
                                                         "rows": rows}}})
     assert line.startswith("std, at equal harm to i (loss;")
-    assert line.index("learned +4.7 ± 0.6 pts (ahead in 3 of 3 draws)") < line.index("ref: x n/a (more harm")
+    assert line.index("learned +4.7 ± 0.6 pts, 2.20x random (ahead in 3 of 3 draws)") < line.index("ref: x n/a (more harm")
     assert equal_harm_lines({}) == []
     helped = [dict(r, vs_random=None, draws=0, no_curve=1) for r in rows]
     (line,) = equal_harm_lines({"equal_harm": {"10x": {"target": "t", "innocent": "i", "metric": "loss",

@@ -5,7 +5,11 @@ how much they freeze with how well they choose. Random masks at several ratios t
 costs: each gives one point (innocent share removed, target share removed) per draw of the attack.
 A mask's **gain at equal harm** is the target share it blocks minus random's target share
 interpolated at the mask's own innocent share (linear, anchored at (0, 0): freezing nothing), draw
-by draw. Positive: it buys its target share more cheaply than random masks do.
+by draw. Positive: it buys its target share more cheaply than random masks do. Its **multiple of
+random at equal harm** is the same comparison as a ratio (the mask's mean target share over
+random's at the same harm, over the same draws): the "learned/random" of the paper, with the harm
+held equal instead of the freeze ratio. Points favour masks that harm more (a mask with twice
+random's selectivity gains twice the points at twice the harm); the multiple does not.
 
 Shares are the removed shares of ``metrics`` (1 - gain(mask) / gain(full)), per draw; masks named
 ``random#k`` and ``random@R#k`` are the random groups (``mask_group``).
@@ -14,8 +18,8 @@ Example:
     >>> draws = {"frame": {"random#0": [0.2], "random@0.7#0": [0.05], "learned": [0.09]},
     ...          "checker": {"random#0": [0.3], "random@0.7#0": [0.06], "learned": [0.05]}}
     >>> row = equal_harm_rows(draws, "frame", "checker")[0]
-    >>> row["group"], round(row["vs_random"], 4)
-    ('learned', 0.0483)
+    >>> row["group"], round(row["vs_random"], 4), round(row["times_random"], 2)
+    ('learned', 0.0483, 2.16)
 """
 from __future__ import annotations
 
@@ -68,7 +72,8 @@ def equal_harm_rows(draws: dict[str, Draws], target: str, innocent: str) -> list
     group, one point each) block at the same innocent share, draw by draw.
 
     ``draws``: domain -> mask -> share per draw. Each row: group, vs_random (mean over draws),
-    vs_random_std, ahead (draws above random), draws, beyond_random (draws past random's most
+    times_random (the group's mean target share over random's at the same harm, the same draws; None
+    without draws or where random blocks nothing there), vs_random_std, ahead (draws above random), draws, beyond_random (draws past random's most
     harmful point, left out), no_curve (draws left out because there random masks block nothing of
     the target even at their most harmful point: the attacker gains more with them), per_mask (the mean for each of the group's masks alone, e.g. one per
     learner seed; empty for a single mask).
@@ -76,8 +81,8 @@ def equal_harm_rows(draws: dict[str, Draws], target: str, innocent: str) -> list
     t, i = group_draws(draws[target]), group_draws(draws[innocent])
     randoms = [g for g in t if is_random_group(g)]
 
-    def paired(t_vals, i_vals):   # -> differences to random per draw, draws past random's most harmful point
-        diffs, beyond, no_curve = [], 0, 0
+    def paired(t_vals, i_vals):   # -> (mask, random) per draw, draws past random's most harmful point, no curve
+        pairs, beyond, no_curve = [], 0, 0
         for d, (tg, ig) in enumerate(zip(t_vals, i_vals, strict=True)):
             if tg is None or ig is None:
                 continue
@@ -91,17 +96,21 @@ def equal_harm_rows(draws: dict[str, Draws], target: str, innocent: str) -> list
             if at is None:
                 beyond += 1
             else:
-                diffs.append(tg - at)
-        return diffs, beyond, no_curve
+                pairs.append((tg, at))
+        return pairs, beyond, no_curve
 
     rows = []
     for g in t:
         if g in randoms:
             continue
-        diffs, beyond, no_curve = paired(t[g], i[g])
+        pairs, beyond, no_curve = paired(t[g], i[g])
+        diffs = [tg - at for tg, at in pairs]
+        at_mean = mean(at for _, at in pairs) if pairs else 0.0
         members = [m for m in draws[target] if mask_group(m) == g]
-        per_mask = [paired(draws[target][m], draws[innocent][m])[0] for m in members] if len(members) > 1 else []
+        per_mask = [[tg - at for tg, at in paired(draws[target][m], draws[innocent][m])[0]] for m in members] \
+            if len(members) > 1 else []
         rows.append({"group": g, "vs_random": mean(diffs) if diffs else None,
+                     "times_random": mean(tg for tg, _ in pairs) / at_mean if at_mean > 0.0 else None,
                      "vs_random_std": stdev(diffs) if len(diffs) > 1 else None,
                      "ahead": sum(x > 0 for x in diffs), "draws": len(diffs), "beyond_random": beyond,
                      "no_curve": no_curve, "per_mask": [mean(x) if x else None for x in per_mask]})

@@ -176,11 +176,13 @@ def equal_harm_lines(summary: dict[str, Any]) -> list[str]:
                 parts.append(f"{r['group']} n/a ({why})")
             else:
                 spread = f" ± {r['vs_random_std'] * 100:.1f}" if r.get("vs_random_std") is not None else ""
-                parts.append(f"{r['group']} {r['vs_random'] * 100:+.1f}{spread} pts"
+                times = f", {r['times_random']:.2f}x random" if r.get("times_random") is not None else ""
+                parts.append(f"{r['group']} {r['vs_random'] * 100:+.1f}{spread} pts{times}"
                              + (f" (ahead in {r['ahead']} of {r['draws']} draws)" if r["draws"] > 1 else ""))
         if parts:
             lines.append(f"{attacker}, at equal harm to {eh['innocent']} ({eh['metric']}; random masks at every "
-                         f"ratio trace the price of blocking): share of the target's gain blocked beyond random: "
+                         f"ratio trace the price of blocking): share of the target's gain blocked beyond random, "
+                         f"and as a multiple of random's: "
                          + "; ".join(parts) + ".")
     return lines
 
