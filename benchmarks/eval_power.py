@@ -122,28 +122,35 @@ def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_s
     return masks
 
 
+# "+NAMEvalue" parts of a learner variant: the DemoConfig field each sets, and its type.
+VARIANT_KNOBS = {"w": ("innocent_weight", float), "steps": ("learner_steps", int), "lr": ("mask_lr", float)}
+
+
 def variant_config(cfg: DemoConfig, variant: str) -> DemoConfig:
-    """The learner variant "INIT[+density][+wX]": the learner's start (uniform, constant or a
-    reference name), with "+density" ``signal_density``, with "+wX" ``innocent_weight`` X; every
-    other setting is ``cfg``'s (density off and weight 1 unless named)."""
+    """The learner variant "INIT[+density][+wX][+stepsN][+lrX]": the learner's start (uniform,
+    constant or a reference name); "+density" sets ``signal_density``, "+wX" ``innocent_weight``,
+    "+stepsN" ``learner_steps``, "+lrX" ``mask_lr``. Density is off and the weight 1 unless named;
+    every other setting is ``cfg``'s."""
     init, *extras = variant.split("+")
     changes: dict = {"init": init, "signal_density": False, "innocent_weight": 1.0}
     for extra in extras:
+        knob = next((k for k in sorted(VARIANT_KNOBS, key=len, reverse=True) if extra.startswith(k)), None)
         if extra == "density":
             changes["signal_density"] = True
-        elif extra.startswith("w") and _is_number(extra[1:]):
-            changes["innocent_weight"] = float(extra[1:])
+        elif knob and _positive(extra[len(knob):], VARIANT_KNOBS[knob][1]):
+            field, kind = VARIANT_KNOBS[knob]
+            changes[field] = kind(extra[len(knob):])
         else:
             init = None
     if init not in STARTS:
-        raise ValueError(f"learner variant {variant!r}: INIT[+density][+wX], INIT one of {', '.join(STARTS)}, "
-                         "X the innocent weight")
+        raise ValueError(f"learner variant {variant!r}: INIT[+density][+wX][+stepsN][+lrX], INIT one of "
+                         f"{', '.join(STARTS)}, X >= 0 the innocent weight / mask lr, N the learner's steps")
     return cfg.replace(**changes)
 
 
-def _is_number(text: str) -> bool:
+def _positive(text: str, kind: type) -> bool:
     try:
-        return float(text) >= 0
+        return kind(text) >= 0
     except ValueError:
         return False
 
@@ -314,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the learner's start (default: the demo's constant logits; uniform: the authors' U[0, 1); a reference name "
                         "starts from that ranking)")
     p.add_argument("--variants", type=_number_list(str), default="", metavar="V1,V2",
-                   help="learner variants to compare in one run, each INIT[+density][+wX] (X: the innocent "
-                        "weight; e.g. uniform,constant+density+w0.5), instead of the demo's learner "
-                        "(start: --init)")
+                   help="learner variants to compare in one run, each INIT[+density][+wX][+stepsN][+lrX] (the "
+                        "innocent weight, learner steps, mask lr; e.g. uniform,constant+density+w0.5), instead "
+                        "of the demo's learner (start: --init)")
     p.add_argument("--channels", type=_number_list(int), default="", metavar="C1,C2",
                    help="the toy UNet's block widths (default: the demo's 16,32); each a multiple of 8")
     p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")

@@ -453,7 +453,9 @@ def test_eval_power_learner_variants_are_learned_side_by_side(tmp_path):
     assert power.variant_config(cfg, "constant") == cfg.replace(init="constant", signal_density=False)
     assert power.variant_config(cfg, "constant+w0.5+density") == cfg.replace(
         init="constant", signal_density=True, innocent_weight=0.5)
-    for bad in ("best", "delta+rms", "+density", "constant+w", "constant+w-1"):
+    assert power.variant_config(cfg, "uniform+steps600+lr0.1") == cfg.replace(
+        init="uniform", signal_density=False, innocent_weight=1.0, learner_steps=600, mask_lr=0.1)
+    for bad in ("best", "delta+rms", "+density", "constant+w", "constant+w-1", "constant+steps1.5", "constant+x1"):
         with pytest.raises(ValueError, match="learner variant"):
             power.variant_config(cfg, bad)
     with pytest.raises(SystemExit):     # checked before any model is built
