@@ -360,7 +360,7 @@ def test_learner_config_is_validated_shared_and_compared_on_resume(tmp_path):
     assert c.config == cfg.replace(mask_lr=0.1)
     for bad in (dict(freeze_ratio=1.5), dict(budget="soft"), dict(signal_batches=0), dict(signal_norm="l2"),
                 dict(c_sparsity=-1.0), dict(user_interval=1.5), dict(init="zeros"),
-                dict(signal_density="yes"), dict(innocent_weight=-0.5)):
+                dict(signal_density="yes"), dict(innocent_weight=-0.5), dict(innocent_weight=float("inf"))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             LearnerConfig(**bad)
     with pytest.raises(TypeError, match="unexpected"):

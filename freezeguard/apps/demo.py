@@ -78,7 +78,10 @@ class DemoConfig:
     # issue 11, "Learner variants") -- uniform start +2.2, constant start -0.0, constant start with
     # the density +4.7 points of the target's gain beyond random at equal harm.
     signal_density: bool = True
-    innocent_weight: float = 1.0       # the releaser's objective weighs both domains' losses equally
+    # The releaser weighs both domains' losses equally (the authors'): 0.5 learns the same mask and
+    # 0.25 one 0.2 points further beyond random at 0.8 points more harm (eval_power --variants,
+    # RESULTS.md, issue 11, "Against the stronger attackers, other weights ...").
+    innocent_weight: float = 1.0
     init: str = "constant"             # "uniform" | "constant" | a reference mask's name ("delta", ...)
     # reference masks shown beside learned and random (apps.learn.reference_masks)
     references: tuple[str, ...] = ("delta", "cross-attention", "saliency")

@@ -75,8 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--budget-by params; no change by tensors)")
     parser.add_argument("--innocent-weight", type=float, default=1.0,
                         help="weight of the innocent (legal) loss against the target's in the releaser's "
-                             "objective (1: the authors'; below 1 freezes more of what the target needs, "
-                             "at more cost to the legal domain)")
+                             "objective (1: the authors'; 0: the legal domain does not count)")
     parser.add_argument("--init", choices=("uniform", "constant", "delta", "cross-attention"), default="uniform",
                         help="initial logits: uniform U[0,1) (the authors'), constant, or a reference ranking "
                              "(largest mean |pretrained - finetuned| first; cross-attention projections first)")

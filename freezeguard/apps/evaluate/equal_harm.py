@@ -72,11 +72,12 @@ def equal_harm_rows(draws: dict[str, Draws], target: str, innocent: str) -> list
     group, one point each) block at the same innocent share, draw by draw.
 
     ``draws``: domain -> mask -> share per draw. Each row: group, vs_random (mean over draws),
-    times_random (the group's mean target share over random's at the same harm, the same draws; None
-    without draws or where random blocks nothing there), vs_random_std, ahead (draws above random), draws, beyond_random (draws past random's most
-    harmful point, left out), no_curve (draws left out because there random masks block nothing of
-    the target even at their most harmful point: the attacker gains more with them), per_mask (the mean for each of the group's masks alone, e.g. one per
-    learner seed; empty for a single mask).
+    times_random (the group's mean target share over random's at the same harm, the same draws;
+    None without draws or where random blocks nothing there), vs_random_std, ahead (draws above
+    random), draws, beyond_random (draws past random's most harmful point, left out), no_curve
+    (draws left out because there random masks block nothing of the target even at their most
+    harmful point: the attacker gains more with them), per_mask (the mean for each of the group's
+    masks alone, e.g. one per learner seed; empty for a single mask).
     """
     t, i = group_draws(draws[target]), group_draws(draws[innocent])
     randoms = [g for g in t if is_random_group(g)]

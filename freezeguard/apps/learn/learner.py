@@ -137,8 +137,8 @@ class MaskLearner:
             authors' budget); a departure from the authors by parameters.
         innocent_weight: w in the releaser's objective (w mean innocent loss - mean target loss) / 2:
             how much keeping the legal domain's quality counts against hurting the target's
-            (1: the authors' equal weights). Below 1 the learner freezes more of what the target
-            needs at more cost to the legal domain; 0 ignores the legal domain.
+            (1: the authors' equal weights; 0 ignores the legal domain). On the demo's world 0.5
+            gives the same mask and 0.25 a slightly more harmful one (benchmarks/RESULTS.md).
         init: the initial logits: "uniform" (the authors' seeded U[0, 1): everything starts
             frozen, m > 0.5, in a random order), "constant" (every logit T logit(rho): m = rho, no
             order; ties go to names), or a name -> score mapping (a reference ranking, e.g.
