@@ -156,12 +156,15 @@ def _positive(text: str, kind: type) -> bool:
 
 
 def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, innocent: str) -> list[dict]:
-    """Per mask group: target / innocent removed share, selectivity, and the paired difference to random."""
+    """Per mask group: target / innocent removed share, selectivity, the paired difference to random and
+    the multiple of random's target share (``times_random``: the paper's learned/random, at the same
+    freeze ratio only for groups that freeze as much as "random")."""
     def avg(values):  # None (undefined: the full fine-tune gained nothing) is left out
         values = [v for v in values if v is not None]
         return mean(values) if values else None
 
     t, i = group_draws(draws[target]), group_draws(draws[innocent])
+    random_target = avg(t.get("random", []))
     rows = []
     for g in t:
         diff = ([a - b for a, b in zip(t[g], t["random"], strict=True) if a is not None and b is not None]
@@ -170,6 +173,7 @@ def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, inn
         rows.append({"group": g, "masks": sum(mask_group(m) == g for m in draws[target]), "target": tm,
                      "innocent": im, "selectivity": None if tm is None or im is None else tm - im,
                      "vs_random": mean(diff) if diff else None,
+                     "times_random": None if tm is None or not random_target or g == "random" else tm / random_target,
                      "vs_random_std": stdev(diff) if len(diff) > 1 else None,
                      "ahead": sum(d > 0 for d in diff), "draws": len(diff)})
     return rows
@@ -251,24 +255,27 @@ def markdown(res: dict) -> str:
     share = res.get("frozen_share", {})
     for attacker, per_metric in res["groups"].items():
         rel = next(iter(res["reliability"].get(attacker, {}).values()), {})
-        for metric, rows in per_metric.items():
+        for metric in per_metric:
             r = rel.get(metric)
-            corr = target_innocent_correlation(res["draws"][attacker][metric], cfg.get("target", toy.TARGET_CLASSES[0]),
-                                               cfg["innocent"].split(",")[0])
+            target, innocent = cfg.get("target", toy.TARGET_CLASSES[0]), cfg["innocent"].split(",")[0]
+            # recomputed from the draws, so a file written before a column existed prints it too
+            rows = group_rows(res["draws"][attacker][metric], target, innocent)
+            corr = target_innocent_correlation(res["draws"][attacker][metric], target, innocent)
             lines.append(f"**{attacker}, {metric}** (reliability of the differences between masks: "
                          + (f"{r['mean_of_draws']:.2f} for the mean of draws, {r['single_draw']:.2f} for one draw"
                             if r else "n/a")
                          + ("" if corr is None else f"; correlation of target and innocent removed share across "
                             f"masks: {corr:.2f}") + ")")
             lines += ["", "| mask | n | removed: target | removed: innocent | selectivity | target − random, per draw "
-                      "| draws ahead |", "|---|---|---|---|---|---|---|"]
+                      "| x random | draws ahead |", "|---|---|---|---|---|---|---|---|"]
             for row in rows:
                 vs = "" if row["group"] == "random" or row["vs_random"] is None else (
                     f"{row['vs_random'] * 100:+.1f} ± {(row['vs_random_std'] or 0.0) * 100:.1f} pts")
                 ahead = "" if row["group"] == "random" else f"{row['ahead']} of {row['draws']}"
                 label = row["group"] + (f" ({share[row['group']]:.0%} of params)" if row["group"] in share else "")
+                times = "" if row.get("times_random") is None else f"{row['times_random']:.2f}x"
                 lines.append(f"| {label} | {row['masks']} | {_pct(row['target'])} | {_pct(row['innocent'])} | "
-                             f"{_pct(row['selectivity'])} | {vs} | {ahead} |")
+                             f"{_pct(row['selectivity'])} | {vs} | {times} | {ahead} |")
             lines.append("")
             harm = res.get("equal_harm", {}).get(attacker, {}).get(metric)
             if harm and any(row["draws"] or row["beyond_random"] for row in harm):  # not for target-only metrics

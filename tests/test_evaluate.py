@@ -349,6 +349,8 @@ def test_eval_power_groups_selectivity_and_paired_differences():
     assert rows["learned"]["vs_random_std"] == pytest.approx(0.3 / 2 ** 0.5)
     assert (rows["learned"]["ahead"], rows["learned"]["draws"]) == (1, 2)
     assert rows["learned"]["selectivity"] == pytest.approx(0.25 - 0.1)
+    # the paper's learned/random: the group's mean target share over random's (.25 / .2)
+    assert rows["learned"]["times_random"] == pytest.approx(1.25) and rows["random"]["times_random"] is None
     # an undefined draw (None: the full fine-tune gained nothing) is left out, not counted as 0
     assert rows["ref: x"]["target"] == pytest.approx(0.2) and rows["ref: x"]["draws"] == 1
     # masks' means: target .2, .2, .25, .2 against innocent 0, .2, .1, 0
