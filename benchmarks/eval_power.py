@@ -158,7 +158,7 @@ def _positive(text: str, kind: type) -> bool:
 def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, innocent: str) -> list[dict]:
     """Per mask group: target / innocent removed share, selectivity, the paired difference to random and
     the multiple of random's target share (``times_random``: the paper's learned/random, at the same
-    freeze ratio only for groups that freeze as much as "random")."""
+    freeze ratio only for groups that freeze as much as "random"; None where random blocks nothing)."""
     def avg(values):  # None (undefined: the full fine-tune gained nothing) is left out
         values = [v for v in values if v is not None]
         return mean(values) if values else None
@@ -173,7 +173,9 @@ def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, inn
         rows.append({"group": g, "masks": sum(mask_group(m) == g for m in draws[target]), "target": tm,
                      "innocent": im, "selectivity": None if tm is None or im is None else tm - im,
                      "vs_random": mean(diff) if diff else None,
-                     "times_random": None if tm is None or not random_target or g == "random" else tm / random_target,
+                     # a multiple of a share random masks do not block (<= 0: they help the attacker) means nothing
+                     "times_random": (None if tm is None or random_target is None or random_target <= 0
+                                      or g == "random" else tm / random_target),
                      "vs_random_std": stdev(diff) if len(diff) > 1 else None,
                      "ahead": sum(d > 0 for d in diff), "draws": len(diff)})
     return rows

@@ -351,6 +351,9 @@ def test_eval_power_groups_selectivity_and_paired_differences():
     assert rows["learned"]["selectivity"] == pytest.approx(0.25 - 0.1)
     # the paper's learned/random: the group's mean target share over random's (.25 / .2)
     assert rows["learned"]["times_random"] == pytest.approx(1.25) and rows["random"]["times_random"] is None
+    helped = {"t": {"random#0": [-0.2], "learned#0": [-0.1]}, "i": {"random#0": [0.0], "learned#0": [0.0]}}
+    helped_rows = {r["group"]: r for r in power.group_rows(helped, "t", "i")}
+    assert helped_rows["learned"]["times_random"] is None   # random masks help the attacker: no multiple
     # an undefined draw (None: the full fine-tune gained nothing) is left out, not counted as 0
     assert rows["ref: x"]["target"] == pytest.approx(0.2) and rows["ref: x"]["draws"] == 1
     # masks' means: target .2, .2, .25, .2 against innocent 0, .2, .1, 0
