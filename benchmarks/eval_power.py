@@ -12,7 +12,9 @@ sets larger than the demo's, and prints per metric:
   cannot rank these masks however large their gaps look;
 - per mask group: the removed share on the target and on the innocent domain, their difference
   (**selectivity**: what a mask blocks on the target beyond what it costs the legal user), and
-  the paired difference to the random masks' mean draw by draw, with the draws where it was ahead;
+  the paired difference to the random masks' mean draw by draw, with the draws where it was ahead,
+  and the multiple of random's target share (**x random**: the paper's learned/random, at the same
+  freeze ratio);
 - with ``--random-ratios``, random masks at other freeze ratios too, and per group the target share
   it blocks beyond what random masks block **at equal harm** to the innocent domain (random's
   target share interpolated at the group's innocent share, draw by draw). A mask that freezes more
