@@ -55,7 +55,7 @@ from freezeguard.apps.demo import (
 )
 from freezeguard.apps.evaluate.equal_harm import equal_harm_rows, group_draws
 from freezeguard.apps.evaluate.harness import evaluate_masks
-from freezeguard.apps.evaluate.metrics import mask_group
+from freezeguard.apps.evaluate.metrics import mask_group, times_random
 from freezeguard.apps.evaluate.toy_domains import toy_domains
 from freezeguard.core import files
 from freezeguard.core.mask import FreezeMask
@@ -175,9 +175,7 @@ def group_rows(draws: dict[str, dict[str, list[float | None]]], target: str, inn
         rows.append({"group": g, "masks": sum(mask_group(m) == g for m in draws[target]), "target": tm,
                      "innocent": im, "selectivity": None if tm is None or im is None else tm - im,
                      "vs_random": mean(diff) if diff else None,
-                     # a multiple of a share random masks do not block (<= 0: they help the attacker) means nothing
-                     "times_random": (None if tm is None or random_target is None or random_target <= 0
-                                      or g == "random" else tm / random_target),
+                     "times_random": None if g == "random" else times_random(tm, random_target),
                      "vs_random_std": stdev(diff) if len(diff) > 1 else None,
                      "ahead": sum(d > 0 for d in diff), "draws": len(diff)})
     return rows
@@ -257,14 +255,14 @@ def markdown(res: dict) -> str:
                 else "")
              + (f"; UNet widths {','.join(map(str, cfg['channels']))}" if cfg.get("channels") else "") + ".", ""]
     share = res.get("frozen_share", {})
-    for attacker, per_metric in res["groups"].items():
+    target, innocent = cfg.get("target", toy.TARGET_CLASSES[0]), cfg["innocent"].split(",")[0]
+    for attacker, per_metric in res["draws"].items():
         rel = next(iter(res["reliability"].get(attacker, {}).values()), {})
-        for metric in per_metric:
+        for metric, draws in per_metric.items():
             r = rel.get(metric)
-            target, innocent = cfg.get("target", toy.TARGET_CLASSES[0]), cfg["innocent"].split(",")[0]
             # recomputed from the draws, so a file written before a column existed prints it too
-            rows = group_rows(res["draws"][attacker][metric], target, innocent)
-            corr = target_innocent_correlation(res["draws"][attacker][metric], target, innocent)
+            rows = group_rows(draws, target, innocent)
+            corr = target_innocent_correlation(draws, target, innocent)
             lines.append(f"**{attacker}, {metric}** (reliability of the differences between masks: "
                          + (f"{r['mean_of_draws']:.2f} for the mean of draws, {r['single_draw']:.2f} for one draw"
                             if r else "n/a")

@@ -27,7 +27,7 @@ import itertools
 from statistics import mean, stdev
 from typing import Any
 
-from freezeguard.apps.evaluate.metrics import mask_group
+from freezeguard.apps.evaluate.metrics import mask_group, times_random
 
 Draws = dict[str, list[float | None]]      # mask -> removed share per draw (None: undefined)
 
@@ -106,12 +106,12 @@ def equal_harm_rows(draws: dict[str, Draws], target: str, innocent: str) -> list
             continue
         pairs, beyond, no_curve = paired(t[g], i[g])
         diffs = [tg - at for tg, at in pairs]
-        at_mean = mean(at for _, at in pairs) if pairs else 0.0
         members = [m for m in draws[target] if mask_group(m) == g]
         per_mask = [[tg - at for tg, at in paired(draws[target][m], draws[innocent][m])[0]] for m in members] \
             if len(members) > 1 else []
         rows.append({"group": g, "vs_random": mean(diffs) if diffs else None,
-                     "times_random": mean(tg for tg, _ in pairs) / at_mean if at_mean > 0.0 else None,
+                     "times_random": times_random(mean(tg for tg, _ in pairs), mean(at for _, at in pairs))
+                     if pairs else None,
                      "vs_random_std": stdev(diffs) if len(diffs) > 1 else None,
                      "ahead": sum(x > 0 for x in diffs), "draws": len(diffs), "beyond_random": beyond,
                      "no_curve": no_curve, "per_mask": [mean(x) if x else None for x in per_mask]})

@@ -34,6 +34,21 @@ def removed_share(gain_mask: float, gain_full: float, scale: float) -> float | N
     return 1.0 - gain_mask / gain_full
 
 
+def times_random(share: float | None, random_share: float | None) -> float | None:
+    """A mask's removed share as a multiple of random masks' (the paper's learned/random).
+
+    None where either is undefined or random masks block nothing (<= 0: they help the attacker):
+    a multiple of that means nothing.
+
+    Example:
+        >>> times_random(0.25, 0.2), times_random(-0.1, -0.2)
+        (1.25, None)
+    """
+    if share is None or random_share is None or random_share <= 0:
+        return None
+    return share / random_share
+
+
 def _avg(values: list[float | None]) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
@@ -150,7 +165,7 @@ def summarize(result) -> dict[str, Any]:
             table[name] = row
         if "learned" in table and "random" in table:
             lm, rm = table["learned"]["mitigation"], table["random"]["mitigation"]
-            table["learned"]["vs_random"] = (lm / rm) if (lm is not None and rm and rm > 0) else None
+            table["learned"]["vs_random"] = times_random(lm, rm)
             table["learned"]["random_rank"] = random_rank(lm, _seed_means(groups["random"]["per_mask"]))
         out["table"][attacker] = table
         out.setdefault("removed_by_draw", {})[attacker] = by_draw
