@@ -71,9 +71,11 @@ CSRC_PACKAGES = {"freezeguard._csrc": CSRC, "freezeguard._csrc.cpu": f"{CSRC}/cp
 
 setup(
     packages=find_packages(include=["freezeguard", "freezeguard.*"]) + ["freezeguard.kernels", *CSRC_PACKAGES],
-    # The raw Triton kernels live in the top-level kernels/ folder but install as
-    # freezeguard.kernels (a top-level module named `kernels` would shadow another package).
-    package_dir={"freezeguard.kernels": "kernels", **CSRC_PACKAGES},
+    # The raw Triton kernels live in kernels/triton/ but install as freezeguard.kernels. kernels/
+    # itself has no __init__.py: run from the repository root (the current folder on sys.path), a
+    # regular package there would shadow the package-index `kernels` that transformers imports,
+    # while a bare folder is only a namespace portion that any installed `kernels` wins over.
+    package_dir={"freezeguard.kernels": "kernels/triton", **CSRC_PACKAGES},
     package_data={"freezeguard.backends": ["*.json"], "freezeguard._csrc": ["*.py", "*.h"],
                   "freezeguard._csrc.cpu": ["*.cpp", "*.h"], "freezeguard._csrc.cuda": ["*.cu", "*.cpp", "*.h"]},
     ext_modules=ext_modules,

@@ -2,7 +2,7 @@
 TRITON_INTERPRET=1 without a GPU) or on a GPU.
 
 Sizes stay small: the interpreter runs each program in numpy. Block-boundary cases use the
-configured BLOCK (kernels/launch.py) so the full-chunk (vectorized) and tail (masked) paths
+configured BLOCK (kernels/triton/launch.py) so the full-chunk (vectorized) and tail (masked) paths
 both run.
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ dtypes = frozenset((torch.float32, torch.bfloat16, torch.float16))
 def _interpreting() -> bool:
     """Whether the kernels run (or, once imported, will run) under the Triton interpreter."""
     # triton.jit decides when a kernel is decorated, i.e. when freezeguard.kernels is first
-    # imported; kernels/launch.py records triton's own setting at that moment. Before that, the
+    # imported; kernels/triton/launch.py records triton's own setting at that moment. Before that, the
     # environment variable triton will read is the answer.
     import sys
 

@@ -2,7 +2,7 @@
 
 ``CONFIGS`` holds (BLOCK, num_warps) per op. They are starting points inside the usual range for
 memory-bound elementwise kernels on Hopper (BLOCK 1024-4096, 4-8 warps), not measured optima:
-``kernels/tune_gpu.py`` sweeps them on a GPU. ``FREEZEGUARD_TRITON_CONFIG`` overrides them for
+``benchmarks/tune_triton.py`` sweeps them on a GPU. ``FREEZEGUARD_TRITON_CONFIG`` overrides them for
 experiments, e.g. ``masked_adamw_=4096x8,segment_dot=2048x4``.
 """
 from __future__ import annotations

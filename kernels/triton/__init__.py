@@ -1,4 +1,4 @@
-"""Raw Triton kernels, installed as ``freezeguard.kernels``. Users never import these directly.
+"""Raw Triton kernels (``kernels/triton/``), installed as ``freezeguard.kernels``. Users never import these directly.
 
 The ops layer reaches them through ``freezeguard.backends.triton_backend``. Modules:
 

@@ -3,7 +3,7 @@
 One launch covers every tensor of a dtype group: program ``pid`` handles chunk ``pid`` of the
 group's chunk table, i.e. elements ``[local * BLOCK, (local + 1) * BLOCK)`` of tensor ``tid``.
 The tensors themselves are reached through a table of int64 data pointers built on the host
-(``kernels/tables.py``), laid out role-major: ``ptrs[role * S + tid]``.
+(``kernels/triton/tables.py``), laid out role-major: ``ptrs[role * S + tid]``.
 """
 from __future__ import annotations
 
