@@ -33,8 +33,8 @@ def _hooks(opt) -> tuple[int, ...]:
 
 def test_wrap_refuses_a_parameter_sharing_memory_with_a_frozen_one():
     model = _model()
+    model.alias = torch.nn.Parameter(model[0].weight.detach()[0])  # a row of the weight (a tied tensor)
     mask = fg.FreezeMask.from_names(model, ["0.weight"])
-    model.alias = torch.nn.Parameter(model[0].weight.detach()[0])  # a row of the frozen weight
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     with pytest.raises(ValueError, match="shares memory with a frozen tensor"):
         fg.wrap(opt, mask, model)
@@ -44,14 +44,25 @@ def test_wrap_refuses_a_parameter_sharing_memory_with_a_frozen_one():
 def test_wrap_refuses_an_alias_appended_to_the_groups_later():
     model = _model()
     w = model[0].weight.detach().clone()
+    model.alias = torch.nn.Parameter(torch.zeros(9))  # a tensor of the released model, trainable
     mask = fg.FreezeMask.from_names(model, ["0.weight"])
-    opt = fg.wrap(torch.optim.SGD(model.parameters(), lr=1.0), mask, model)
-    model.alias = torch.nn.Parameter(model[0].weight.detach().view(-1))
+    opt = fg.wrap(torch.optim.SGD([p for n, p in model.named_parameters() if n != "alias"], lr=1.0), mask, model)
+    model.alias = torch.nn.Parameter(model[0].weight.detach().view(-1))  # later re-pointed at the frozen memory
     opt.param_groups[0]["params"].append(model.alias)
     model.alias.grad = torch.ones_like(model.alias)
     with pytest.raises(ValueError, match="shares memory with a frozen tensor"):
         opt.step()
     assert torch.equal(model[0].weight, w)
+
+
+def test_unknown_parameters_inside_the_model_are_not_guessed_trainable():
+    model = _model()
+    mask = fg.FreezeMask.from_names(model, ["0.weight"])
+    model.extra = torch.nn.Linear(3, 3)  # e.g. an adapter attached by a closure freezeguard cannot place
+    with pytest.raises(ValueError, match=r"neither tensors of the released model .*extra\.weight"):
+        fg.wrap(torch.optim.SGD(model.parameters(), lr=1.0), mask, model)
+    with pytest.raises(ValueError, match="others="):
+        fg.guard(model, mask, lr=1.0)
 
 
 def test_lbfgs_reading_its_own_parameter_list_is_refused_or_enforced():

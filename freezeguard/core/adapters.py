@@ -49,7 +49,8 @@ from freezeguard.core.names import FrozenAdapterError, canonical_name
 if TYPE_CHECKING:
     from freezeguard.core.mask import FreezeMask
 
-__all__ = ["Placement", "find_adapters", "frozen_adapters", "check_no_frozen_adapters", "adapter_parameter_ids"]
+__all__ = ["Placement", "find_adapters", "frozen_adapters", "check_no_frozen_adapters", "adapter_parameter_ids",
+           "unknown_parameters"]
 
 # Attributes by which an adapter module names the module it patches (kohya, LyCORIS, ai-toolkit, OneTrainer).
 _BASE_ATTRS = ("org_module", "orig_module", "_orig_module", "org_module_ref", "orig_module_ref")
@@ -158,6 +159,25 @@ def find_adapters(model: torch.nn.Module, adapters: torch.nn.Module | Iterable[t
 def adapter_parameter_ids(placements: Iterable[Placement]) -> set[int]:
     """ids of the parameters the adapters own (not their base modules')."""
     return {id(p) for pl in placements for p in _own_parameters(pl.adapter, pl.base)}
+
+
+def unknown_parameters(model: torch.nn.Module, mask: "FreezeMask", placements: Iterable[Placement]) -> list[str]:
+    """Live names of the model's parameters that are neither released tensors (the mask's layout) nor
+    owned by a recognised adapter: something attached in a way freezeguard cannot place (an adapter
+    patching ``forward`` with a closure, a new head). They are not guessed trainable.
+
+    Example:
+        >>> import torch, freezeguard as fg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> mask = fg.FreezeMask.from_names(model, ["0.bias"])
+        >>> model.add_module("extra", torch.nn.Linear(2, 1, bias=False))
+        >>> unknown_parameters(model, mask, find_adapters(model))
+        ['extra.weight']
+    """
+    layout = mask.layout
+    owned = adapter_parameter_ids(placements)
+    return [name for name, p in model.named_parameters()
+            if id(p) not in owned and name not in layout and canonical_name(name) not in layout]
 
 
 def _violations(model, mask, adapters, others, placements) -> list[tuple[str, str]]:

@@ -38,6 +38,7 @@ from freezeguard.core.adapters import (
     adapter_parameter_ids,
     check_no_frozen_adapters,
     find_adapters,
+    unknown_parameters,
 )
 from freezeguard.core.lean_convs import lean_frozen_convs_
 from freezeguard.core.mask import FreezeMask
@@ -130,6 +131,14 @@ def _checked_placements(model: torch.nn.Module, mask: FreezeMask, adapters: Any,
     """The model's adapters, after refusing any on a frozen module or on a module of no known model."""
     placements = find_adapters(model, adapters, others)
     check_no_frozen_adapters(model, mask, placements=placements)
+    unknown = unknown_parameters(model, mask, placements)
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} parameter(s) of the model are neither tensors of the released model (the mask's "
+            f"layout) nor parameters of an adapter freezeguard can place on a module: "
+            f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}. Adapters are recognised by peft's "
+            f"base_layer, a patched forward bound to the adapter module, or org_module/orig_module attributes "
+            f"(pass the network as adapters=); a separate model goes in others=[...], not inside this one")
     other_modules = {id(m) for o in others for m in o.modules()}
     lost = sorted({pl.label for pl in placements if pl.target is None and id(pl.base) not in other_modules})
     if lost:
