@@ -302,3 +302,26 @@ def test_kohya_exclude_patterns_fullmatch_only_the_frozen_modules(tmp_path):
     patterns = [re.compile(p) for p in ast.literal_eval(value)]
     hit = {n for n, _ in unet.named_modules() if any(p.fullmatch(n) for p in patterns)}
     assert hit == set(FROZEN_MODULES)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_lycoris_parametrize_mode_is_placed_on_its_module(lycoris_classes):
+    """LyCORIS ``parametrize`` (torch.nn.utils.parametrize): the weight moves to
+    ``<module>.parametrizations.weight.original`` and the adapter lives inside the module."""
+    from lycoris.modules.locon import LoConModule
+
+    unet = _unet()
+    mask = _mask(unet)
+    released = _released(unet)
+    frozen_conv = unet.get_submodule("down_blocks.0.resnets.0.conv1")
+    adapter = LoConModule.parametrize(frozen_conv, "weight", 1.0, 2, 1.0)
+    with pytest.raises(FrozenAdapterError, match=r"on down_blocks\.0\.resnets\.0\.conv1: "):
+        fg.wrap(torch.optim.AdamW(adapter.parameters(), lr=1e-2), mask, unet)
+
+    unet = _unet()
+    free_conv = unet.get_submodule("down_blocks.0.resnets.0.conv2")
+    adapter = LoConModule.parametrize(free_conv, "weight", 1.0, 2, 1.0)
+    torch.nn.init.normal_(adapter.lora_up.weight)
+    opt = fg.wrap(torch.optim.AdamW(adapter.parameters(), lr=1e-2), mask, unet)
+    _train(unet, opt)
+    _frozen_unchanged(unet, mask, released)

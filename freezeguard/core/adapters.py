@@ -87,7 +87,9 @@ def _bound_module(fn) -> torch.nn.Module | None:
 
 
 def _own_parameters(adapter: torch.nn.Module, base: torch.nn.Module) -> list[torch.nn.Parameter]:
-    base_ids = {id(p) for p in base.parameters()}
+    if any(m is adapter for m in base.modules()):  # the adapter lives inside its base (a parametrization)
+        return list(adapter.parameters())
+    base_ids = {id(p) for p in base.parameters()}  # the base may live inside the adapter (peft, kohya)
     return [p for p in adapter.parameters() if id(p) not in base_ids]
 
 

@@ -140,7 +140,10 @@ def _checked_placements(model: torch.nn.Module, mask: FreezeMask, adapters: Any,
             f"base_layer, a patched forward bound to the adapter module, or org_module/orig_module attributes "
             f"(pass the network as adapters=); a separate model goes in others=[...], not inside this one")
     other_modules = {id(m) for o in others for m in o.modules()}
-    lost = sorted({pl.label for pl in placements if pl.target is None and id(pl.base) not in other_modules})
+    # an adapter placed on the model or on another model by one of its links (LyCORIS' parametrize mode
+    # also keeps a proxy module in org_module) is placed
+    placed = {id(pl.adapter) for pl in placements if pl.target is not None or id(pl.base) in other_modules}
+    lost = sorted({pl.label for pl in placements if id(pl.adapter) not in placed})
     if lost:
         raise ValueError(f"{len(lost)} adapter(s) patch modules that are neither in the model nor in others=: "
                          f"{', '.join(lost[:8])}{' ...' if len(lost) > 8 else ''}; pass the model they patch "

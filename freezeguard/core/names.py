@@ -14,6 +14,8 @@ Example:
     >>> from freezeguard.core.names import canonical_name
     >>> canonical_name("base_model.model.down_blocks.0.proj_in.base_layer.weight")
     'down_blocks.0.proj_in.weight'
+    >>> canonical_name("conv_in.parametrizations.weight.original")
+    'conv_in.weight'
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ _PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 _SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer", "original_module")
 # peft's ModulesToSaveWrapper keeps a trainable copy at <module>.modules_to_save.<adapter>.<param>.
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
+# torch.nn.utils.parametrize moves <module>.<attr> to <module>.parametrizations.<attr>.original.
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
 
 
 class FrozenAdapterError(ValueError):
@@ -46,6 +50,7 @@ def canonical_name(name: str) -> str:
             if name.startswith(prefix):
                 name, changed = name[len(prefix):], True
     name = _MODULES_TO_SAVE.sub("", name)
+    name = _PARAMETRIZED.sub(r"\1\2", name)
     parts = [p for p in name.split(".") if p not in _SEGMENTS]
     return ".".join(parts)
 
