@@ -6,7 +6,8 @@ import torch
 from support.tiny_models import build_tiny_unet
 
 import freezeguard as fg
-from freezeguard.core.names import FrozenAdapterError, canonical_name, frozen_adapters, trainable_target_modules
+from freezeguard.core.adapters import frozen_adapters
+from freezeguard.core.names import FrozenAdapterError, canonical_name, trainable_target_modules
 
 peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")

@@ -28,14 +28,23 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any
+import weakref
+from typing import Any, Iterable, Iterator
 
 import torch
 
+from freezeguard.core.adapters import (
+    Placement,
+    adapter_parameter_ids,
+    check_no_frozen_adapters,
+    find_adapters,
+    unknown_parameters,
+)
 from freezeguard.core.lean_convs import lean_frozen_convs_
 from freezeguard.core.mask import FreezeMask
-from freezeguard.core.names import check_no_frozen_adapters, frozen_parameter_ids
+from freezeguard.core.names import frozen_parameter_ids
 from freezeguard.core.optim import AdamW
+from freezeguard.core.optim.aliasing import check_no_alias
 
 __all__ = ["guard", "wrap", "unwrap", "live_mask"]
 
@@ -71,14 +80,17 @@ def live_mask(model: torch.nn.Module, mask: FreezeMask) -> FreezeMask:
     return out
 
 
-def guard(model: torch.nn.Module, mask: FreezeMask, *, lean_frozen_convs: bool = False,
-          **adamw_kwargs: Any) -> torch.optim.Optimizer:
+def guard(model: torch.nn.Module, mask: FreezeMask, *, adapters: Any = None, others: Iterable[torch.nn.Module] = (),
+          lean_frozen_convs: bool = False, **adamw_kwargs: Any) -> torch.optim.Optimizer:
     """Freeze the masked tensors of ``model`` and return :class:`freezeguard.core.optim.AdamW` over it.
 
-    Refuses (FrozenAdapterError) when an adapter sits on a frozen module. ``adamw_kwargs`` go to
-    ``fg.optim.AdamW`` (lr, betas, eps, weight_decay, backend). ``lean_frozen_convs=True`` also
-    stops fully frozen ``Conv2d`` layers from keeping their input for backward
-    (:func:`freezeguard.lean_frozen_convs_`): less activation memory, same gradients.
+    Refuses (FrozenAdapterError) when an adapter sits on a frozen module: peft layers, and adapter
+    networks that patch the model's modules (kohya, LyCORIS, ai-toolkit, OneTrainer), found on the
+    model or in ``adapters`` (a network not registered under the model; its adapter parameters
+    are optimized too). ``others`` are models the mask does not cover (text encoders): their
+    parameters are optimized freely. ``adamw_kwargs`` go to ``fg.optim.AdamW`` (lr, betas, eps,
+    weight_decay, backend). ``lean_frozen_convs=True`` also stops fully frozen ``Conv2d`` layers
+    from keeping their input for backward (:func:`freezeguard.lean_frozen_convs_`).
 
     Example:
         >>> import torch, freezeguard as fg
@@ -87,13 +99,56 @@ def guard(model: torch.nn.Module, mask: FreezeMask, *, lean_frozen_convs: bool =
         >>> model.bias.requires_grad
         False
     """
-    check_no_frozen_adapters(model, mask)
+    others = tuple(others)
+    placements = _checked_placements(model, mask, adapters, others)
     resolved = live_mask(model, mask)
     resolved.apply_(model)
-    optimizer = AdamW(model.named_parameters(), mask=resolved, **adamw_kwargs)
+    named = list(model.named_parameters())
+    seen = {id(p) for _, p in named}
+    extra = [(f"{pl.label}.{n}", p) for pl in placements for n, p in pl.adapter.named_parameters()
+             if id(p) in adapter_parameter_ids([pl])]
+    extra += [(f"others.{i}.{n}", p) for i, o in enumerate(others) for n, p in o.named_parameters()]
+    for name, p in extra:
+        if id(p) not in seen:
+            seen.add(id(p))
+            named.append((name, p))
+    optimizer = AdamW(named, mask=resolved, **adamw_kwargs)
+    model_ref = weakref.ref(model)
+
+    def recheck() -> None:  # parameters added later (a LoRA injected after guard) face the same rule
+        live = model_ref()
+        if live is not None:
+            _checked_placements(live, mask, adapters, others)
+
+    optimizer._adapter_check = recheck
     if lean_frozen_convs:
         lean_frozen_convs_(model)
     return optimizer
+
+
+def _checked_placements(model: torch.nn.Module, mask: FreezeMask, adapters: Any,
+                        others: tuple[torch.nn.Module, ...]) -> list[Placement]:
+    """The model's adapters, after refusing any on a frozen module or on a module of no known model."""
+    placements = find_adapters(model, adapters, others)
+    check_no_frozen_adapters(model, mask, placements=placements)
+    unknown = unknown_parameters(model, mask, placements)
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} parameter(s) of the model are neither tensors of the released model (the mask's "
+            f"layout) nor parameters of an adapter freezeguard can place on a module: "
+            f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}. Adapters are recognised by peft's "
+            f"base_layer, a patched forward bound to the adapter module, or org_module/orig_module attributes "
+            f"(pass the network as adapters=); a separate model goes in others=[...], not inside this one")
+    other_modules = {id(m) for o in others for m in o.modules()}
+    # an adapter placed on the model or on another model by one of its links (LyCORIS' parametrize mode
+    # also keeps a proxy module in org_module) is placed
+    placed = {id(pl.adapter) for pl in placements if pl.target is not None or id(pl.base) in other_modules}
+    lost = sorted({pl.label for pl in placements if id(pl.adapter) not in placed})
+    if lost:
+        raise ValueError(f"{len(lost)} adapter(s) patch modules that are neither in the model nor in others=: "
+                         f"{', '.join(lost[:8])}{' ...' if len(lost) > 8 else ''}; pass the model they patch "
+                         f"(others=[text_encoder] when the mask does not cover it)")
+    return placements
 
 
 def make_adamw(model: torch.nn.Module, mask: FreezeMask | None = None, *, lr: float, weight_decay: float = 1e-2,
@@ -118,18 +173,37 @@ def make_adamw(model: torch.nn.Module, mask: FreezeMask | None = None, *, lr: fl
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
 
 
+# Optimizer attributes torch itself keeps; any *other* attribute holding parameters is a list the
+# optimizer reads on its own (LBFGS keeps ``_params``), which wrap's filtering of the groups cannot reach.
+_TORCH_ATTRS = frozenset({"param_groups", "state", "defaults"})
+
+
+def _held_parameters(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, list]]:
+    for attr, value in vars(optimizer).items():
+        if attr in _TORCH_ATTRS or not isinstance(value, (list, tuple)) or not value:
+            continue
+        if any(isinstance(x, torch.Tensor) for x in value):
+            yield attr, list(value)
+
+
 class _Enforcer:
     """The state behind one wrapped optimizer (kept on it as ``optimizer._freezeguard_enforcer``)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, mask: FreezeMask, model: torch.nn.Module,
-                 verify_unchanged: bool):
+                 verify_unchanged: bool, adapters: Any = None, others: Iterable[torch.nn.Module] = ()):
         self.optimizer, self.mask, self.model = optimizer, mask, model
+        self.adapters, self.others = adapters, tuple(others)
         self.verify_unchanged = verify_unchanged
         self._saved_groups: list[list[torch.nn.Parameter]] | None = None
         self._snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._frozen: set[int] = set()
         self._frozen_key: tuple | None = None
         self._filtered: tuple | None = None
+        self.handles: list = []
+
+    def install(self) -> None:
+        """Register the hooks (only after every check passed: a refused wrap leaves no trace)."""
+        optimizer = self.optimizer
         self.handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -138,24 +212,47 @@ class _Enforcer:
         ]
 
     def frozen_ids(self) -> set[int]:
-        # Resolving names costs a few string operations per parameter (milliseconds on a UNet), so
-        # the answer is kept while the mask and the optimizer's parameters (by identity) are the
-        # same: replaced parameter objects (accelerate, FSDP) change the key and are resolved by
-        # name again. A parameter swapped in the model alone cannot unfreeze anything: the
+        # Resolving names and finding adapters costs milliseconds on a UNet, so the answer is kept
+        # while the mask and the optimizer's parameters (by identity) are the same: replaced
+        # parameter objects (accelerate, FSDP), parameters added or appended in place are resolved
+        # and checked again. A parameter swapped in the model alone cannot unfreeze anything: the
         # optimizer then holds the old object, whose frozen status is already known.
         key = (id(self.mask), [list(map(id, g["params"])) for g in self._groups_params()])
         if self._frozen_key is not None and key == self._frozen_key[0] and self.mask is self._frozen_key[1]:
             return self._frozen
         frozen = frozen_parameter_ids(self.model, self.mask)
-        model_ids = {id(p) for p in self.model.parameters()}
-        stray = sum(1 for g in self.optimizer.param_groups for p in g["params"] if id(p) not in model_ids)
+        placements = _checked_placements(self.model, self.mask, self.adapters, self.others)
+        known = {id(p) for p in self.model.parameters()} | adapter_parameter_ids(placements)
+        known |= {id(p) for o in self.others for p in o.parameters()}
+        groups = self._groups_params()
+        stray = sum(1 for g in groups for p in g["params"] if id(p) not in known)
         if stray:
-            raise RuntimeError(f"freezeguard: the optimizer holds {stray} parameter(s) that are not in the "
-                               f"model given to fg.wrap, so the mask cannot be enforced on them; wrap the "
-                               f"optimizer with the model it trains (after accelerate/DDP wrapping is fine)")
+            raise RuntimeError(
+                f"freezeguard: the optimizer holds {stray} parameter(s) that are neither in the model given to "
+                f"fg.wrap nor adapters on it, so the mask cannot be enforced on them. Parameters of another model "
+                f"the mask does not cover (a text encoder): fg.wrap(opt, mask, model, others=[text_encoder]); an "
+                f"adapter network not applied to the model yet: adapters=network; otherwise wrap the optimizer "
+                f"with the model it trains (after accelerate/DDP wrapping is fine)")
+        frozen_params = [p for p in self.model.parameters() if id(p) in frozen]
+        trainable = [(f"param_groups[{gi}]['params'][{i}]", p) for gi, g in enumerate(groups)
+                     for i, p in enumerate(g["params"]) if id(p) not in frozen]
+        check_no_alias(frozen_params, trainable)
+        self._check_held(set(frozen))
         # the key holds the mask and (through the optimizer) the parameters: ids are not reused
         self._frozen, self._frozen_key = set(frozen), (key, self.mask)
         return self._frozen
+
+    def _check_held(self, frozen: set[int]) -> None:
+        if self.verify_unchanged:
+            return  # every frozen tensor is snapshotted around the step and restored
+        for attr, held in _held_parameters(self.optimizer):
+            if any(id(p) in frozen for p in held):
+                raise RuntimeError(
+                    f"freezeguard: {type(self.optimizer).__name__} keeps its own list of parameters "
+                    f"(optimizer.{attr}) that includes frozen tensors; it reads that list instead of its param "
+                    f"groups, so fg.wrap cannot keep them out. Create it over the trainable parameters only: "
+                    f"mask.apply_(model) first, then [p for p in model.parameters() if p.requires_grad]; or pass "
+                    f"verify_unchanged=True (frozen tensors restored after every step)")
 
     def _groups_params(self) -> list[dict[str, Any]]:
         if self._saved_groups is not None:  # inside a step: the full lists, not the filtered ones
@@ -178,6 +275,7 @@ class _Enforcer:
             return  # super().step() of a subclass: the outer level already filtered
         self._restore_groups()  # a previous step raised before its post hook ran
         frozen = self.frozen_ids()
+        self._check_held(frozen)  # a list of its own the optimizer reads (LBFGS), edited since wrapping
         self.drop_state(frozen)
         self._saved_groups = [g["params"] for g in optimizer.param_groups]
         if self.verify_unchanged:
@@ -213,18 +311,29 @@ class _Enforcer:
         self._restore_groups()
         for h in self.handles:
             h.remove()
+        self.handles = []
 
 
 def wrap(optimizer: torch.optim.Optimizer, mask: FreezeMask, model: torch.nn.Module, *,
-         apply: bool = True, verify_unchanged: bool = False) -> torch.optim.Optimizer:
+         adapters: Any = None, others: Iterable[torch.nn.Module] = (), apply: bool = True,
+         verify_unchanged: bool = False) -> torch.optim.Optimizer:
     """Enforce ``mask`` around any ``torch.optim.Optimizer``; returns the same optimizer object.
 
     Frozen tensors stay bit-identical and get no optimizer state, even if ``requires_grad`` is
-    set back to True and gradients exist. ``apply=True`` also sets ``requires_grad=False`` on
-    them (no gradient memory). ``verify_unchanged=True`` additionally snapshots the frozen
-    tensors around each step and restores (with a warning) any that an exotic optimizer wrote
-    through a reference of its own; it costs one copy of the frozen tensors, so it is off by
-    default. Wrapping again replaces the previous mask.
+    set back to True and gradients exist. The optimizer may also hold adapter parameters: peft
+    layers and networks that patch the model's modules (kohya, LyCORIS, ai-toolkit, OneTrainer)
+    are found on the model; pass ``adapters=network`` for one not applied yet. An adapter on a
+    module that owns a frozen tensor is refused (FrozenAdapterError), now and at any later step
+    (a LoRA added with ``add_param_group``). ``others`` are models the mask does not cover (text
+    encoders): their parameters and adapters train freely. Any other parameter is refused, as is a
+    trainable parameter sharing memory with a frozen one, and an optimizer that reads a parameter
+    list of its own (LBFGS) holding frozen tensors. A refused wrap leaves the optimizer untouched.
+
+    ``apply=True`` also sets ``requires_grad=False`` on frozen tensors (no gradient memory).
+    ``verify_unchanged=True`` additionally snapshots the frozen tensors around each step and
+    restores (with a warning) any that an exotic optimizer wrote through a reference of its own;
+    it costs one copy of the frozen tensors, so it is off by default. Wrapping again replaces the
+    previous mask.
 
     Example:
         >>> import torch, freezeguard as fg
@@ -236,13 +345,16 @@ def wrap(optimizer: torch.optim.Optimizer, mask: FreezeMask, model: torch.nn.Mod
         raise TypeError(f"fg.wrap needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if not getattr(type(optimizer).step, "hooked", False):
         raise TypeError(f"{type(optimizer).__name__}.step does not run optimizer step hooks (did its "
-                        f"__init__ skip torch.optim.Optimizer.__init__?); fg.wrap cannot enforce a mask on it")
-    check_no_frozen_adapters(model, mask)
+                        f"__init__ skip torch.optim.Optimizer.__init__?); fg.wrap cannot enforce a mask on it. "
+                        f"Call mask.apply_(model) before building the optimizer and run fg.verify on the output")
     old = getattr(optimizer, _ATTR, None)
+    enforcer = _Enforcer(optimizer, mask, model, verify_unchanged, adapters, others)
+    if old is not None:
+        old._restore_groups()  # validate against the full groups, not a half-done step's
+    frozen = enforcer.frozen_ids()  # every check, before anything on the optimizer changes
     if old is not None:
         old.remove()
-    enforcer = _Enforcer(optimizer, mask, model, verify_unchanged)
-    frozen = enforcer.frozen_ids()  # validates mask vs model and optimizer vs model now
+    enforcer.install()
     enforcer.drop_state(frozen)
     if apply:
         for p in model.parameters():

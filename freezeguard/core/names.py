@@ -6,14 +6,16 @@ and peft wraps the model as ``base_model.model.`` and a tuned layer's own weight
 ``<layer>.base_layer.weight``. A mask is keyed by the *released* names, so everything here maps a
 live name back to its released one with :func:`canonical_name`.
 
-An adapter on a frozen layer is a way around the mask: merged, it changes the frozen tensor. So
-:func:`frozen_adapters` finds them (guard/wrap refuse), and :func:`lora_exclude_modules` /
+An adapter on a frozen layer is a way around the mask: merged, it changes the frozen tensor.
+``core.adapters`` finds them (guard/wrap refuse); :func:`lora_exclude_modules` /
 :func:`trainable_target_modules` say where adapters may go.
 
 Example:
     >>> from freezeguard.core.names import canonical_name
     >>> canonical_name("base_model.model.down_blocks.0.proj_in.base_layer.weight")
     'down_blocks.0.proj_in.weight'
+    >>> canonical_name("conv_in.parametrizations.weight.original")
+    'conv_in.weight'
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ _PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 _SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer", "original_module")
 # peft's ModulesToSaveWrapper keeps a trainable copy at <module>.modules_to_save.<adapter>.<param>.
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
+# torch.nn.utils.parametrize moves <module>.<attr> to <module>.parametrizations.<attr>.original.
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
 
 
 class FrozenAdapterError(ValueError):
@@ -46,6 +50,7 @@ def canonical_name(name: str) -> str:
             if name.startswith(prefix):
                 name, changed = name[len(prefix):], True
     name = _MODULES_TO_SAVE.sub("", name)
+    name = _PARAMETRIZED.sub(r"\1\2", name)
     parts = [p for p in name.split(".") if p not in _SEGMENTS]
     return ".".join(parts)
 
@@ -97,9 +102,8 @@ def frozen_parameter_ids(model: torch.nn.Module, mask: "FreezeMask") -> dict[int
     return found
 
 
-# Adapter parameters that, merged, change only the wrapped layer's weight (LoRA and its relatives:
-# DoRA's magnitude, LoHa, LoKr, VeRA, old diffusers / kohya LoRA layers). Anything else (IA3 scales
-# the bias too, lora_bias=True adds a bias, unknown tuners) is taken to change every tensor of the layer.
+# Kept for core/verify.py until it judges adapter files with core.adapter_rule.AdapterRule (the verify
+# helper's branch); the guard no longer uses it. Remove once nothing imports it.
 _WEIGHT_ONLY = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                           "lora_down", "lora_up", "lora_mid", "lora", "lora_layer", "hada_w1_a", "hada_w1_b",
                           "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w2", "lokr_w1_a",
@@ -107,13 +111,7 @@ _WEIGHT_ONLY = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embeddin
 
 
 def adapter_touches(adapter_key: str) -> tuple[str, ...]:
-    """Which tensors of the wrapped layer an adapter parameter changes when merged.
-
-    ``adapter_key`` is the adapter parameter's name (a live name such as
-    ``"to_q.lora_A.default.weight"`` or a key of an adapter file). ``("weight",)`` for LoRA-type
-    factors; ``("weight", "bias")`` for an adapter bias (peft ``lora_bias=True``), IA3 and anything
-    unknown. :func:`frozen_adapters` (guard / wrap) and ``verify`` both decide with this, so they
-    flag the same modules.
+    """Deprecated (verify's old rule): the tensors of its layer an adapter parameter changes when merged.
 
     Example:
         >>> adapter_touches("to_q.lora_A.default.weight"), adapter_touches("to_q.lora_B.bias")
@@ -149,57 +147,6 @@ def released_layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 def _is_adapter_copy(name: str) -> bool:
     return ".modules_to_save." in name
-
-
-def frozen_adapters(model: torch.nn.Module, mask: "FreezeMask") -> list[str]:
-    """Names of adapter modules that would modify a frozen tensor (empty list: none).
-
-    Detects peft tuner layers (any module with a ``base_layer`` child that owns parameters of
-    its own besides the base layer: LoRA, DoRA, LoHa, LoKr, IA3, ...) wrapping a module with a
-    frozen tensor, and peft ``modules_to_save`` copies of such a module.
-    """
-    frozen = set(mask.frozen_names)
-    layout = mask.layout
-    bad = []
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        base = getattr(module, "base_layer", None)
-        if isinstance(base, torch.nn.Module):
-            base_ids = {id(p) for p in base.parameters()}
-            own = [n for n, p in module.named_parameters() if id(p) not in base_ids]
-            touched = {t for n in own for t in adapter_touches(n)}
-            if own and _owns_frozen(f"{mod_name}.base_layer" if mod_name else "base_layer", base, layout, frozen,
-                                    touched):
-                bad.append(mod_name)
-            continue
-        copies = getattr(module, "modules_to_save", None)
-        original = getattr(module, "original_module", None)
-        if isinstance(copies, torch.nn.ModuleDict) and isinstance(original, torch.nn.Module):
-            if len(copies) and _owns_frozen(mod_name, original, layout, frozen):
-                bad.append(mod_name)
-    return sorted(set(bad))
-
-
-def _owns_frozen(mod_name: str, base: torch.nn.Module, layout, frozen: set[str],
-                 touched: set[str] | None = None) -> bool:
-    """Does ``base`` own a frozen tensor (among the ``touched`` local names; None: any)?"""
-    for pname, _ in base.named_parameters():
-        if touched is not None and pname.rsplit(".", 1)[-1] not in touched:
-            continue
-        released = resolve_name(f"{mod_name}.{pname}" if mod_name else pname, layout)
-        if released in frozen:
-            return True
-    return False
-
-
-def check_no_frozen_adapters(model: torch.nn.Module, mask: "FreezeMask") -> None:
-    """Raise :class:`FrozenAdapterError` naming every adapter attached to a frozen module."""
-    bad = frozen_adapters(model, mask)
-    if bad:
-        raise FrozenAdapterError(
-            f"{len(bad)} adapter module(s) are attached to modules with frozen tensors and would change "
-            f"them when merged: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}. Create the adapters "
-            f"with peft LoraConfig(exclude_modules=mask.lora_exclude_modules(model)) or "
-            f"target_modules=freezeguard.core.names.trainable_target_modules(model, mask)")
 
 
 def lora_exclude_modules(model: torch.nn.Module, mask: "FreezeMask") -> list[str]:

@@ -15,6 +15,7 @@ from freezeguard import ops
 from freezeguard.core.mask import FreezeMask
 from freezeguard.core.names import canonical_name
 from freezeguard.core.optim import plan as _plan
+from freezeguard.core.optim.aliasing import check_no_alias
 from freezeguard.core.optim.checks import (
     check_backend_name,
     check_grad_and_state,
@@ -56,45 +57,7 @@ def _check_mask(mask: FreezeMask | None, groups: Iterable[dict[str, Any]]) -> No
     for g in groups:  # unnamed tensors in a named optimizer cannot happen (name_index), but be exact
         if g.get("param_names") is None:
             trainable += [(f"params[{i}]", p) for i, p in enumerate(g["params"])]
-    _check_no_alias(frozen, trainable)
-
-
-def _span(p: torch.Tensor) -> tuple[int, int, int] | None:
-    """(storage address, first byte, end byte) of the memory a tensor can read or write; None when it
-    has no storage of its own to compare (meta tensors, wrapper subclasses other than DTensor)."""
-    p = _plan.local(p)  # a DTensor (FSDP2): its local shard holds the memory
-    if p.device.type == "meta" or not p.numel():
-        return None
-    try:
-        ptr = p.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
-    es = p.element_size()
-    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride(), strict=True)) \
-        if p.numel() else 0
-    start = p.storage_offset() * es
-    return ptr, start, start + extent * es
-
-
-def _check_no_alias(frozen: list[torch.Tensor], trainable: list[tuple[str, torch.Tensor]]) -> None:
-    """ValueError if a trainable parameter shares memory with a frozen one (updating it would change it)."""
-    if not frozen or not trainable:
-        return
-    spans: dict[int, list[tuple[int, int]]] = {}
-    for p in frozen:
-        span = _span(p)
-        if span is not None:
-            spans.setdefault(span[0], []).append(span[1:])
-    if not spans:
-        return
-    for name, p in trainable:
-        span = _span(p)
-        if span is None:
-            continue
-        ptr, lo, hi = span
-        if any(lo < f_hi and f_lo < hi for f_lo, f_hi in spans.get(ptr, ())):
-            raise ValueError(f"parameter {name!r} shares memory with a frozen tensor: updating it would change the "
-                             f"frozen tensor, so it cannot be optimized under this mask")
+    check_no_alias(frozen, trainable)
 
 
 def _same_name(a: str, b: str) -> bool:
@@ -160,6 +123,9 @@ class AdamW(torch.optim.Optimizer):
         # id(parameter) -> the name it was given: names are bound to the parameter objects, so
         # nothing that rewrites a group's "param_names" later (a state dict) can move the mask.
         self._bound: dict[int, str] = {}
+        # Set by fg.guard: re-checks that no adapter hangs on a frozen module of the guarded model
+        # whenever parameters come in (add_param_group, groups edited in place).
+        self._adapter_check: Callable[[], None] | None = None
         # The same keys as torch.optim.AdamW's defaults, so param groups (and state dicts)
         # are interchangeable; the backend and the mask live on the optimizer, not in groups.
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused,
@@ -167,6 +133,7 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         _check_mask(mask, self.param_groups)
         self._mask = mask
+        self._mark_checked()
         for device in {p.device for g in self.param_groups for p in g["params"]}:
             ops.check_backend(self.backend, device)  # a forced backend that cannot run says why, now
 
@@ -183,6 +150,7 @@ class AdamW(torch.optim.Optimizer):
         """
         _check_mask(mask, self.param_groups)
         self._mask = mask
+        self._mark_checked()
         self._drop_frozen_state()
         self.invalidate_step_plan()
 
@@ -232,28 +200,52 @@ class AdamW(torch.optim.Optimizer):
                              "pass (name, tensor) pairs")
         if self._mask is not None and names is not None:
             _check_mask(self._mask, [*self.param_groups, {"params": tensors, "param_names": names}])
+        if getattr(self, "_adapter_check", None) is not None:
+            self._adapter_check()  # e.g. a LoRA injected on a frozen module after fg.guard
+        checked = getattr(self, "_checked", None)
         super().add_param_group(param_group)
         self._plan = None
+        if checked is not None and self._mask is not None:  # the new group went through _check_mask
+            self._mark_checked()
         if names is not None:
             for p, n in zip(tensors, names, strict=True):
                 self._bound.setdefault(id(p), n)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
+        state = dict(super().__getstate__())
         state["_mask"] = self._mask
         state["backend"] = self.backend
+        # The bound names travel by position: ids differ in a copy, and the groups' param_names may
+        # have been edited since binding (a copy must not take the edited names as the truth).
+        state["_bound"] = [[self._bound.get(id(p)) for p in g["params"]] for g in self.param_groups]
+        state.pop("_plan", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        bound = state.pop("_bound", None)
         super().__setstate__(state)
         self.__dict__.setdefault("_mask", None)
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("_adapter_check", None)
         self._rebind()  # ids differ after a copy or unpickling
+        if isinstance(bound, list) and len(bound) == len(self.param_groups):
+            for group, names in zip(self.param_groups, bound, strict=True):
+                if isinstance(names, list) and len(names) == len(group["params"]):
+                    self._bound.update({id(p): n for p, n in zip(group["params"], names, strict=True)
+                                        if n is not None})
         for group in self.param_groups:  # groups from older or foreign state dicts
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
                                ("differentiable", False), ("fused", None)):
                 group.setdefault(key, value)
             group["decoupled_weight_decay"] = True  # AdamW, whatever the loaded group said
+
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's, with each group's ``param_names`` a copy (editing the result changes nothing here)."""
+        out = super().state_dict()
+        for group in out["param_groups"]:
+            if isinstance(group.get("param_names"), list):
+                group["param_names"] = list(group["param_names"])
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of ``torch.optim.AdamW``.
@@ -291,7 +283,7 @@ class AdamW(torch.optim.Optimizer):
                 tensors = [(f"state[{key!r}][{k!r}]", v) for k, v in (st.items() if isinstance(st, dict) else ())
                            if isinstance(v, torch.Tensor) and k != "step"]
                 try:
-                    _check_no_alias(frozen, tensors)
+                    check_no_alias(frozen, tensors)
                 except ValueError as exc:
                     raise ValueError(f"load_state_dict: {exc}") from None
         ours_names = [g.get("param_names") for g in self.param_groups]
@@ -310,8 +302,32 @@ class AdamW(torch.optim.Optimizer):
     def _step_plan(self) -> _plan.StepPlan:
         plan = getattr(self, "_plan", None)
         if plan is None or not plan.still_valid(self._mask, self.state, self.param_groups):
+            self._check_groups()
             plan = self._plan = _plan.build(self.param_groups, self.state, self._mask, self._frozen_flags)
         return plan
+
+    def _check_groups(self) -> None:
+        """Before a (re)built plan is trusted: no trainable tensor shares memory with a frozen one and,
+        under fg.guard, no adapter hangs on a frozen module. Groups edited in place (a view of a frozen
+        weight appended under a new name) reach here, since the plan keys on the tensors' identity."""
+        signature = [list(map(id, g["params"])) for g in self.param_groups]
+        if self._mask is None or signature == getattr(self, "_checked", None):
+            return  # the tensors _check_mask saw (construction, add_param_group, set_mask): nothing to redo
+        frozen, trainable = [], []
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for i, (p, f) in enumerate(zip(group["params"], self._frozen_flags(group), strict=True)):
+                if f:
+                    frozen.append(p)
+                else:
+                    trainable.append((names[i] if names else f"param_groups[{gi}]['params'][{i}]", p))
+        check_no_alias(frozen, trainable)
+        if getattr(self, "_adapter_check", None) is not None:
+            self._adapter_check()
+        self._checked = signature
+
+    def _mark_checked(self) -> None:
+        self._checked = [list(map(id, g["params"])) for g in self.param_groups]
 
     def _lists(self, unit: _plan.Unit, grads: list[torch.Tensor | None], fresh: list[torch.Tensor]):
         """(idx, params, exp_avgs, exp_avg_sqs, step counters) of the unit's tensors that have a grad.
