@@ -1,0 +1,184 @@
+"""Upload keys in other formats, mapped to diffusers names with the field's own converters.
+
+People upload what their trainer wrote: kohya / OneTrainer LoRAs (``lora_unet_input_blocks_4_1_...``),
+ai-toolkit, XLabs or BFL Flux LoRAs, single files in the original layout
+(``model.diffusion_model.input_blocks...``), native LyCORIS files (``lycoris_...``). A loader
+converts them before loading, so the audit converts them the same way:
+
+* LoRA formats: the pipeline's own ``lora_state_dict`` (``diffusers.loaders.lora_pipeline``), which
+  is what ``load_lora_weights`` calls, and which dispatches to ``diffusers.loaders.lora_conversion_utils``;
+* original-layout single files: ``diffusers.loaders.single_file_utils`` (``convert_ldm_unet_checkpoint``,
+  ``convert_sd3_transformer_checkpoint_to_diffusers``, ``convert_flux_transformer_checkpoint_to_diffusers``),
+  what ``from_single_file`` calls; the SD3 and Flux ones assume full-size shapes;
+* native LyCORIS names (no library converts them): ``lycoris_`` + the module path with ``.`` -> ``_``.
+
+A converter gets only the keys nothing else explained. Which input keys it consumed is read from
+what it did to its input (a popped key) or from its output (the same tensor object passed
+through); a key no converter consumed stays *unmapped* (cannot verify). diffusers is imported
+only here, lazily: without it these formats cannot be verified, and the report says so.
+
+Example:
+    >>> family_of({"conv_in.weight": (1,), "down_blocks.0.resnets.0.conv1.weight": (1,)})
+    'unet'
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Mapping
+
+import torch
+
+__all__ = ["OTHER_PART_PREFIXES", "family_of", "unet_config_from_layout", "convert_foreign"]
+
+#: Key prefixes of pipeline parts a denoiser mask does not cover, -> the part's name. Diffusers
+#: pipeline LoRAs, kohya/LyCORIS text-encoder modules and original-layout single files.
+OTHER_PART_PREFIXES = {
+    "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2", "text_encoder_3.": "text_encoder_3",
+    "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_3", "lycoris_te_": "text_encoder", "lycoris_te1_": "text_encoder",
+    "lycoris_te2_": "text_encoder_2", "cond_stage_model.": "text_encoder", "conditioner.": "text_encoder",
+    "text_encoders.": "text_encoder", "first_stage_model.": "vae", "vae.": "vae",
+}
+
+Reading = tuple[str, dict[str, torch.Tensor], dict[str, str]]  # (format, converted, new key -> source key)
+
+
+def family_of(layout: Mapping[str, Any]) -> str | None:
+    """``"sdxl"``, ``"unet"`` (SD-1.x/2.x), ``"flux"``, ``"sd3"`` or None, from a mask's layout."""
+    names = set(layout)
+    if "conv_in.weight" in names and any(n.startswith("down_blocks.") for n in names):
+        return "sdxl" if "add_embedding.linear_1.weight" in names else "unet"
+    if any(n.startswith("single_transformer_blocks.") for n in names) and "x_embedder.weight" in names:
+        return "flux"
+    if "pos_embed.proj.weight" in names and "context_embedder.weight" in names:
+        return "sd3"
+    return None
+
+
+def unet_config_from_layout(layout: Mapping[str, Any]) -> dict[str, Any]:
+    """The config entries diffusers' UNet converters read, derived from the released names.
+
+    Example:
+        >>> names = ["down_blocks.0.resnets.0.conv1.weight", "down_blocks.0.resnets.1.conv1.weight"]
+        >>> unet_config_from_layout(dict.fromkeys(names, (1,)))["layers_per_block"]
+        2
+    """
+    resnets = {n.split(".")[3] for n in layout if n.startswith("down_blocks.0.resnets.")}
+    return {"layers_per_block": len(resnets) or 1, "class_embed_type": None, "num_class_embeds": None,
+            "addition_embed_type": "text_time" if "add_embedding.linear_1.weight" in layout else None}
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    # The converters log (and warn) about every format they detect; the report says it instead.
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _run(convert: Callable[[dict], dict], tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, str], set[str]]:
+    """Run a converter on a copy; (output, new key -> source key, source keys consumed)."""
+    given = dict(tensors)
+    by_id = {id(v): k for k, v in given.items()}
+    out = convert(given)
+    # a key handed back under its own name was not converted: it stays the caller's to place
+    out = {new: v for new, v in out.items() if by_id.get(id(v)) != new}
+    sources = {new: by_id[id(v)] for new, v in out.items() if id(v) in by_id}
+    left = {id(v) for v in given.values()}
+    consumed = set(sources.values()) | {k for k, v in tensors.items() if id(v) not in left}
+    return out, sources, consumed
+
+
+def _lora_loader(family: str):
+    from diffusers.loaders import lora_pipeline as lp
+
+    return {"unet": lp.StableDiffusionLoraLoaderMixin, "sdxl": lp.StableDiffusionXLLoraLoaderMixin,
+            "flux": lp.FluxLoraLoaderMixin, "sd3": lp.SD3LoraLoaderMixin}[family]
+
+
+def _read_lora(family: str, layout: Mapping[str, Any]) -> Callable[[dict], dict]:
+    from diffusers.configuration_utils import FrozenDict
+
+    loader = _lora_loader(family)
+    kwargs = {"unet_config": FrozenDict(unet_config_from_layout(layout))} if family in ("unet", "sdxl") else {}
+
+    def convert(sd: dict) -> dict:
+        out = loader.lora_state_dict(sd, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+    return convert
+
+
+def _read_single_file(family: str, layout: Mapping[str, Any]) -> Callable[[dict], dict]:
+    from diffusers.loaders import single_file_utils as sfu
+
+    if family in ("unet", "sdxl"):
+        config = unet_config_from_layout(layout)
+        return lambda sd: sfu.convert_ldm_unet_checkpoint(sd, config)
+    if family == "flux":
+        return sfu.convert_flux_transformer_checkpoint_to_diffusers
+    return sfu.convert_sd3_transformer_checkpoint_to_diffusers
+
+
+def _read_lycoris(layout: Mapping[str, Any]) -> Callable[[dict], dict]:
+    # LyCORIS names a wrapped module "lycoris_" + its path with "." -> "_" (lycoris/wrapper.py,
+    # LycorisNetwork: LORA_PREFIX = "lycoris"); map back through the released modules.
+    modules = {".".join(n.split(".")[:i]) for n in layout for i in range(1, len(n.split(".")))}
+    flat: dict[str, str | None] = {}
+    for m in modules:
+        f = m.replace(".", "_")
+        flat[f] = None if f in flat and flat[f] != m else m  # two modules, one flat name: ambiguous
+
+    def convert(sd: dict) -> dict:
+        out = {}
+        for key in list(sd):
+            head, _, rest = key.partition(".")
+            module = flat.get(head.removeprefix("lycoris_")) if head.startswith("lycoris_") else None
+            if module is not None and rest:
+                out[f"{module}.{rest}"] = sd.pop(key)
+        return out
+    return convert
+
+
+def convert_foreign(keys: list[str], tensors: Mapping[str, torch.Tensor], family: str | None,
+                    layout: Mapping[str, Any]) -> tuple[list[Reading], list[str], list[tuple[str, str]]]:
+    """Map ``keys`` (which name nothing released) through the converters for ``family``.
+
+    Returns the readings that consumed keys, the keys none consumed, and problems
+    (``(what, reason)``, e.g. diffusers missing). Tensors are read from ``tensors`` only for the
+    keys given.
+    """
+    left = list(keys)
+    readings: list[Reading] = []
+    problems: list[tuple[str, str]] = []
+    steps: list[tuple[str, Callable[[], Callable[[dict], dict]], Callable[[str], bool]]] = [
+        ("lycoris", lambda: _read_lycoris(layout), lambda k: k.startswith("lycoris_"))]
+    if family is not None:
+        steps.append(("single file (diffusers single_file_utils)", lambda: _read_single_file(family, layout),
+                      lambda k: k.startswith("model.diffusion_model.")
+                      or (family == "flux" and k.split(".")[0] in ("double_blocks", "single_blocks"))))
+        steps.append(("LoRA (diffusers lora_state_dict)", lambda: _read_lora(family, layout),
+                      lambda k: any(w in k.lower() for w in ("lora", "lokr", "hada", "loha", "alpha", "dora"))))
+    for name, make, wanted in steps:
+        subset = [k for k in left if wanted(k)]
+        if not subset:
+            continue
+        try:
+            convert = make()
+        except ImportError as exc:
+            problems.append((name, f"diffusers is needed to read this format: {exc}"))
+            continue
+        try:
+            with _quiet_diffusers():
+                out, sources, consumed = _run(convert, {k: tensors[k] for k in subset})
+        except Exception:  # noqa: BLE001 - a converter that rejects the keys: they stay unmapped
+            continue
+        if not consumed or not out:
+            continue
+        readings.append((name, out, sources))
+        left = [k for k in left if k not in consumed]
+    return readings, left, problems
