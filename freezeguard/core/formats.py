@@ -81,17 +81,60 @@ def _quiet_diffusers():
         logger.setLevel(level)
 
 
+_METADATA = {"shape", "dtype", "device", "dim", "size", "numel", "ndim", "requires_grad", "is_floating_point",
+             "element_size", "__len__", "layout", "is_cuda", "is_meta", "data_ptr", "__hash__", "__repr__",
+             "__format__", "__bool__", "names", "__get__", "nelement", "ndimension"}
+
+
+class _Tracked(torch.Tensor):
+    """A tensor that notes when a converter computes with it (not when it only looks at its shape)."""
+
+    _fg_used: set[str]
+    _fg_key: str
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name not in _METADATA:
+            for a in _flat(args) + _flat(list((kwargs or {}).values())):
+                if isinstance(a, _Tracked):
+                    a._fg_used.add(a._fg_key)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def _flat(items) -> list:
+    out = []
+    for a in items:
+        if isinstance(a, (list, tuple)):
+            out += _flat(a)
+        else:
+            out.append(a)
+    return out
+
+
 def _run(convert: Callable[[dict], dict], tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, str], set[str]]:
-    """Run a converter on a copy; (output, new key -> source key, source keys consumed)."""
-    given = dict(tensors)
+    """Run a converter; (output, new key -> source key, source keys consumed).
+
+    A source key is consumed when the converter computed with its tensor (a scale, a concat, a
+    split), passed the tensor through to its output, or popped it from its input. A key it only
+    looked at (or never touched) is not: the loader does not load it either.
+    """
+    used: set[str] = set()
+    given = {}
+    for k, v in tensors.items():
+        t = v.as_subclass(_Tracked)
+        t._fg_used, t._fg_key = used, k
+        given[k] = t
     by_id = {id(v): k for k, v in given.items()}
     out = convert(given)
     # a key handed back under its own name was not converted: it stays the caller's to place
     out = {new: v for new, v in out.items() if by_id.get(id(v)) != new}
     sources = {new: by_id[id(v)] for new, v in out.items() if id(v) in by_id}
     left = {id(v) for v in given.values()}
-    consumed = set(sources.values()) | {k for k, v in tensors.items() if id(v) not in left}
-    return out, sources, consumed
+    consumed = set(sources.values()) | used | {k for k, v in given.items() if id(v) not in left}
+    plain = {new: (v.as_subclass(torch.Tensor) if isinstance(v, _Tracked) else v) for new, v in out.items()}
+    return plain, sources, consumed
 
 
 def _lora_loader(family: str):
@@ -103,13 +146,19 @@ def _lora_loader(family: str):
 
 def _read_lora(family: str, layout: Mapping[str, Any]) -> Callable[[dict], dict]:
     from diffusers.configuration_utils import FrozenDict
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     loader = _lora_loader(family)
     kwargs = {"unet_config": FrozenDict(unet_config_from_layout(layout))} if family in ("unet", "sdxl") else {}
 
     def convert(sd: dict) -> dict:
         out = loader.lora_state_dict(sd, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        # then, as the model's load_lora_adapter does (diffusers.loaders.peft), old attention-processor
+        # names (``attn1.processor.to_q_lora.down``) become peft's (``attn1.to_q.lora_A``)
+        if out and not any("lora_A" in k for k in out) and not any(".lokr_" in k for k in out):
+            out = convert_unet_state_dict_to_peft(out)
+        return out
     return convert
 
 

@@ -1,0 +1,281 @@
+"""verify reads the formats people upload, through the converters their loaders use (issue 25).
+
+Each upload is written the way its tool writes it; the loader that users run shows the frozen
+tensor changed; verify exits 1 on it (or 2 where nothing maps) and 0 on the honest twin.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from support.tiny_models import build_tiny_unet
+
+import freezeguard as fg
+from freezeguard.cli import main
+from freezeguard.core.names import canonical_name
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+
+def _verify(capsys, released, upload, mask_path, *extra):
+    code = main(["verify", "--released", str(released), "--mask", str(mask_path), "--finetuned", str(upload),
+                 "--json", *map(str, extra)])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def _released_params(model):
+    return {canonical_name(n): p.detach() for n, p in model.named_parameters()}
+
+
+def _release(model, tmp_path, frozen):
+    model.save_pretrained(tmp_path / "released")
+    mask = fg.FreezeMask.from_names(model, frozen)
+    mask.save(tmp_path / "mask.safetensors", model)
+    return tmp_path / "released", tmp_path / "mask.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# original-layout single files (what the diffusers -> SD conversion script, ai-toolkit and
+# OneTrainer write for SD-1.x / SDXL)
+
+_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"),
+           ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
+_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def original_unet_name(name: str, layout, layers_per_block: int) -> str:
+    """The original (LDM / SGM) name of a diffusers UNet tensor, for any number of blocks.
+
+    The block arithmetic of huggingface/diffusers scripts/convert_diffusers_to_original_stable_diffusion.py
+    (``unet_conversion_map_layer``: input_blocks.{3*i+j+1}, output_blocks.{3*i+j}, hard-wired there to
+    4 blocks of 2 layers), written for ``layers_per_block`` and the blocks the model has; SDXL's
+    ``label_emb`` as in kohya-ss/sd-scripts library/sdxl_model_util.py.
+    """
+    step = layers_per_block + 1
+    module, _, leaf = name.rpartition(".")
+    for hf, sd in _TOP.items():
+        if module == hf:
+            return f"{sd}.{leaf}"
+    p = name.split(".")
+    if p[0] == "down_blocks":
+        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+        if kind == "downsamplers":
+            return ".".join([f"input_blocks.{(i + 1) * step}.0.op"] + p[5:])
+        head = f"input_blocks.{1 + i * step + j}.{0 if kind == 'resnets' else 1}"
+    elif p[0] == "up_blocks":
+        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+        if kind == "upsamplers":
+            has_attn = any(n.startswith(f"up_blocks.{i}.attentions.") for n in layout)
+            return ".".join([f"output_blocks.{i * step + layers_per_block}.{2 if has_attn else 1}"] + p[4:])
+        head = f"output_blocks.{i * step + j}.{0 if kind == 'resnets' else 1}"
+    elif p[0] == "mid_block":
+        kind, j, rest = p[1], int(p[2]), p[3:]
+        head = f"middle_block.{2 * j if kind == 'resnets' else 1}"
+    else:
+        raise KeyError(name)
+    tail = ".".join(rest)
+    if kind == "resnets":
+        for sd, hf in _RESNET:
+            tail = tail.replace(hf, sd)
+    return f"{head}.{tail}"
+
+
+def to_original_layout(state: dict, layers_per_block: int) -> dict:
+    return {"model.diffusion_model." + original_unet_name(k, state, layers_per_block): v for k, v in state.items()}
+
+
+def _tiny_sd15():
+    return build_tiny_unet(seed=0, cross_attention_dim=8)
+
+
+def test_original_layout_single_file_changed_honest_and_mixed(tmp_path, capsys):
+    """``from_single_file`` loads an original-layout file; verify converts it with diffusers'
+    ``convert_ldm_unet_checkpoint`` and compares every tensor (was: 0 compared, exit 0)."""
+    unet = _tiny_sd15()
+    frozen = [n for n, _ in unet.named_parameters() if "attn1.to_q" in n or "conv_in" in n]
+    released, mask = _release(unet, tmp_path, frozen)
+    honest = {k: v.detach().clone().contiguous() for k, v in unet.state_dict().items()}
+    changed = dict(honest)
+    changed[frozen[0]] = honest[frozen[0]] + 1
+    save_file(to_original_layout(changed, 1), str(tmp_path / "changed.safetensors"))
+    save_file(to_original_layout(honest, 1), str(tmp_path / "honest.safetensors"))
+    save_file({**honest, **{k: v.clone() for k, v in to_original_layout(changed, 1).items()}},
+              str(tmp_path / "mixed.safetensors"))
+
+    loaded = diffusers.UNet2DConditionModel.from_single_file(str(tmp_path / "changed.safetensors"), config=str(released))
+    assert not torch.equal(_released_params(loaded)[frozen[0]], honest[frozen[0]])
+    loaded = diffusers.UNet2DConditionModel.from_single_file(str(tmp_path / "honest.safetensors"), config=str(released))
+    assert all(torch.equal(_released_params(loaded)[n], honest[n]) for n in frozen)
+
+    for name in ("changed", "mixed"):
+        code, data = _verify(capsys, released, tmp_path / f"{name}.safetensors", mask)
+        assert code == 1 and [v["name"].split(" ")[0] for v in data["violations"]] == [frozen[0]], name
+    code, data = _verify(capsys, released, tmp_path / "honest.safetensors", mask)
+    assert code == 0, data["cannot_verify"][:3]
+    assert data["classes"]["compared"] == len(honest) and data["files"][0]["formats"]
+
+
+# ---------------------------------------------------------------------------------------------
+# kohya-format LoRAs
+
+
+def _peft_lora(model, modules, seed=0):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=modules))
+    return get_peft_model_state_dict(model)
+
+
+def test_kohya_lora_written_by_diffusers_training_scripts(tmp_path, capsys):
+    """``--output_kohya_format`` of huggingface/diffusers examples/dreambooth/train_dreambooth_lora_sdxl.py:
+    ``save_lora_weights`` -> ``convert_all_state_dict_to_peft`` -> ``convert_state_dict_to_kohya``
+    (keys ``lora_unet_down_blocks_0_..._to_q.lora_down.weight`` + ``.alpha``)."""
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+
+    unet = _tiny_sd15()
+    frozen_module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    released, mask = _release(unet, tmp_path, [f"{frozen_module}.weight"])
+    for name, module in (("bad", frozen_module), ("good", frozen_module.replace("to_q", "to_k"))):
+        up = tmp_path / name
+        diffusers.StableDiffusionPipeline.save_lora_weights(up, unet_lora_layers=_peft_lora(_tiny_sd15(), [module]))
+        kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(
+            load_file(str(up / "pytorch_lora_weights.safetensors"))))
+        (up / "pytorch_lora_weights.safetensors").unlink()
+        save_file(kohya, str(up / "pytorch_lora_weights_kohya.safetensors"))
+        assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") for k in kohya)
+        sd, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(up / "pytorch_lora_weights_kohya.safetensors"))
+        target = _tiny_sd15()
+        diffusers.StableDiffusionPipeline.load_lora_into_unet(sd, alphas, unet=target)
+        target.fuse_lora()
+        changed = not torch.equal(_released_params(target)[f"{frozen_module}.weight"],
+                                  _released_params(unet)[f"{frozen_module}.weight"])
+        code, data = _verify(capsys, released, up, mask)
+        assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
+        assert data["files"][0]["formats"] == ["LoRA (diffusers lora_state_dict)"]
+
+
+def _tiny_sdxl(seed=0):
+    from freezeguard.integrations.diffusers.models import get_family
+
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(**get_family("sdxl").tiny_config)
+
+
+def kohya_sgm_lora(model, modules, rank=2, seed=0) -> dict:
+    """A LoRA as kohya-ss/sd-scripts networks/lora.py writes it for SDXL (``LoRANetwork.create_modules``:
+    ``lora_name = ("lora_unet." + name + "." + child_name).replace(".", "_")`` over the modules of its
+    SGM UNet, library/sdxl_original_unet.py: input_blocks / middle_block / output_blocks), with
+    ``lora_down.weight``, ``lora_up.weight`` and ``alpha`` per module. OneTrainer's SDXL export uses
+    the same names."""
+    layout = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for module in modules:
+        weight = layout[f"{module}.weight"]
+        sgm = original_unet_name(f"{module}.weight", layout, model.config.layers_per_block).rsplit(".", 1)[0]
+        name = "lora_unet_" + sgm.replace(".", "_")
+        out[f"{name}.lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=gen)
+        out[f"{name}.lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=gen)
+        out[f"{name}.alpha"] = torch.tensor(float(rank))
+    return out
+
+
+def test_kohya_sdxl_lora_with_original_block_names(tmp_path, capsys):
+    """``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``-style keys (was: a note, exit 0)."""
+    unet = _tiny_sdxl()
+    attn = sorted({n.rsplit(".", 1)[0] for n, _ in unet.named_parameters() if n.endswith("attn1.to_q.weight")})
+    frozen_module = attn[0]
+    released, mask = _release(unet, tmp_path, [f"{frozen_module}.weight"])
+    for name, modules in (("bad", attn), ("good", [m.replace("to_q", "to_k") for m in attn])):
+        path = tmp_path / f"{name}.safetensors"
+        lora = kohya_sgm_lora(unet, modules)
+        assert any("input_blocks" in k for k in lora) and any("output_blocks" in k for k in lora)
+        save_file(lora, str(path))
+        sd, alphas = diffusers.StableDiffusionXLPipeline.lora_state_dict(str(path), unet_config=unet.config)
+        target = _tiny_sdxl()
+        diffusers.StableDiffusionXLPipeline.load_lora_into_unet(sd, alphas, unet=target)
+        target.fuse_lora()
+        changed = not torch.equal(_released_params(target)[f"{frozen_module}.weight"],
+                                  _released_params(unet)[f"{frozen_module}.weight"])
+        code, data = _verify(capsys, released, path, mask)
+        assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
+        assert data["classes"]["adapter"] > 0 and data["classes"]["unmapped"] == 0
+
+
+def _tiny_flux(seed=0):
+    from freezeguard.integrations.diffusers.models import get_family
+
+    torch.manual_seed(seed)
+    return diffusers.FluxTransformer2DModel(**get_family("flux").tiny_config)
+
+
+def test_kohya_flux_lora_double_block_qkv(tmp_path, capsys):
+    """kohya-ss/sd-scripts networks/lora_flux.py names modules of BFL's Flux
+    (``lora_unet_double_blocks_0_img_attn_qkv``: one fused qkv LoRA); diffusers splits it onto
+    ``attn.to_q/to_k/to_v`` (``_convert_kohya_flux_lora_to_diffusers``)."""
+    model = _tiny_flux()
+    frozen = "transformer_blocks.0.attn.to_k.weight"
+    released, mask = _release(model, tmp_path, [frozen])
+    inner = model.config.num_attention_heads * model.config.attention_head_dim
+    gen = torch.Generator().manual_seed(0)
+    for name, module in (("bad", "lora_unet_double_blocks_0_img_attn_qkv"), ("good", "lora_unet_double_blocks_0_img_attn_proj")):
+        rows = 3 * inner if name == "bad" else inner
+        lora = {f"{module}.lora_down.weight": torch.randn(2, inner, generator=gen),
+                f"{module}.lora_up.weight": torch.randn(rows, 2, generator=gen), f"{module}.alpha": torch.tensor(2.0)}
+        path = tmp_path / f"{name}.safetensors"
+        save_file(lora, str(path))
+        sd = diffusers.FluxPipeline.lora_state_dict(str(path))
+        target = _tiny_flux()
+        diffusers.FluxPipeline.load_lora_into_transformer(sd, network_alphas=None, transformer=target)
+        target.fuse_lora()
+        changed = not torch.equal(_released_params(target)[frozen], _released_params(model)[frozen])
+        code, data = _verify(capsys, released, path, mask)
+        assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# native LyCORIS files (lycoris-lora from the package index; what SimpleTuner saves)
+
+LYCORIS_ALGOS = [("lora", {}), ("lora", {"dora_wd": True}), ("loha", {}), ("lokr", {}), ("full", {}), ("ia3", {}),
+                 ("glora", {}), ("diag-oft", {}), ("boft", {})]
+
+
+@pytest.mark.parametrize("algo,extra", LYCORIS_ALGOS, ids=[a + ("-dora" if e else "") for a, e in LYCORIS_ALGOS])
+def test_lycoris_file_on_a_frozen_module(tmp_path, capsys, algo, extra):
+    lycoris = pytest.importorskip("lycoris")
+    import logging
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    unet = _tiny_sd15()
+    frozen_module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    released, mask = _release(unet, tmp_path, [f"{frozen_module}.weight"])
+    for name, module in (("bad", frozen_module), ("good", frozen_module.replace("to_q", "to_k"))):
+        preset = tmp_path / f"{name}.toml"
+        preset.write_text(f'target_module = []\ntarget_name = ["{module}"]\n')
+        live = _tiny_sd15()
+        net = lycoris.create_lycoris(live, 1.0, linear_dim=2, linear_alpha=1, algo=algo, preset=str(preset), **extra)
+        net.apply_to()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.1)  # "trained"
+        path = tmp_path / f"{name}.safetensors"
+        net.save_weights(str(path), torch.float32, {})
+        if algo == "ia3":  # lycoris 4.1.3 cannot load its own IA3 files (make_module_from_state_dict's arity)
+            net.merge_to()
+            merged = live
+        else:  # the user's side: lycoris' own loader, merged into the released model
+            merged = _tiny_sd15()
+            loaded, _ = lycoris.create_lycoris_from_weights(1.0, str(path), merged)
+            loaded.merge_to()
+        changed = not torch.equal(_released_params(merged)[f"{frozen_module}.weight"],
+                                  _released_params(unet)[f"{frozen_module}.weight"])
+        code, data = _verify(capsys, released, path, mask)
+        assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
+        assert data["files"][0]["formats"] == ["lycoris"]
