@@ -279,3 +279,147 @@ def test_lycoris_file_on_a_frozen_module(tmp_path, capsys, algo, extra):
         code, data = _verify(capsys, released, path, mask)
         assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
         assert data["files"][0]["formats"] == ["lycoris"]
+
+
+# ---------------------------------------------------------------------------------------------
+# full size, on the meta device: every key of an original-layout file or a kohya LoRA is mapped
+
+
+def _full(family):
+    from freezeguard.integrations.diffusers.models import get_family
+
+    model = get_family(family).build("full", device="meta")
+    return model, {n: p for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_full_size_original_layout_maps_every_tensor(family):
+    from freezeguard.core.formats import convert_foreign, family_of
+
+    model, state = _full(family)
+    layout = {n: tuple(p.shape) for n, p in state.items()}
+    original = to_original_layout(state, model.config.layers_per_block)
+    readings, left, problems = convert_foreign(list(original), original, family_of(layout), layout)
+    assert left == [] and problems == [] and len(readings) == 1
+    converted = readings[0][1]
+    assert {k: tuple(v.shape) for k, v in converted.items()} == layout  # every released tensor, once
+
+
+def _lora_pair(name, weight, rank=1):
+    if weight.dim() == 4:
+        down, up = torch.zeros(rank, weight.shape[1], *weight.shape[2:]), torch.zeros(weight.shape[0], rank, 1, 1)
+    else:
+        down, up = torch.zeros(rank, weight.shape[1]), torch.zeros(weight.shape[0], rank)
+    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0)}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_full_size_kohya_lora_on_every_layer_maps_to_its_module(family):
+    """kohya's LoRA with ``conv_dim`` targets every Linear/Conv2d of Transformer2DModel and
+    ResnetBlock2D/Downsample2D/Upsample2D (sd-scripts networks/lora.py, UNET_TARGET_REPLACE_MODULE
+    + UNET_TARGET_REPLACE_MODULE_CONV2D_3X3); SD-1.x names follow diffusers' modules, SDXL's the SGM ones."""
+    from freezeguard.core.adapter_rule import AdapterRule
+    from freezeguard.core.formats import convert_foreign, family_of
+
+    model, state = _full(family)
+    layout = {n: tuple(p.shape) for n, p in state.items()}
+    lpb = model.config.layers_per_block
+    modules = {n.rsplit(".", 1)[0]: p for n, p in state.items() if n.endswith(".weight") and p.dim() in (2, 4)
+               and n.startswith(("down_blocks", "mid_block", "up_blocks")) and "norm" not in n}
+    lora, expect = {}, {}
+    for module, weight in modules.items():
+        path = original_unet_name(f"{module}.weight", layout, lpb).rsplit(".", 1)[0] if family == "sdxl" else module
+        name = "lora_unet_" + path.replace(".", "_")
+        lora.update(_lora_pair(name, weight))
+        expect[name] = module
+    readings, left, problems = convert_foreign(list(lora), lora, family_of(layout), layout)
+    assert left == [] and problems == []
+    rule = AdapterRule(fg.FreezeMask(layout, []))
+    targets = {rule.target(k.removeprefix("unet.")) for k in readings[0][1]}
+    assert targets == set(modules)
+
+
+def test_full_size_kohya_flux_lora_maps_to_its_modules():
+    """kohya-ss/sd-scripts networks/lora_flux.py names the Linear layers of BFL's Flux
+    (flux/model.py: double_blocks.N.{img,txt}_{attn.qkv,attn.proj,mlp.0,mlp.2,mod.lin},
+    single_blocks.N.{linear1,linear2,modulation.lin}); diffusers splits qkv and linear1 with the
+    full-size widths (3072, 12288) wired into _convert_kohya_flux_lora_to_diffusers."""
+    from freezeguard.core.adapter_rule import AdapterRule
+    from freezeguard.core.formats import convert_foreign, family_of
+
+    model, state = _full("flux")
+    layout = {n: tuple(p.shape) for n, p in state.items()}
+    d, mlp = 3072, 12288
+    shapes = {"img_attn_qkv": (3 * d, d), "img_attn_proj": (d, d), "img_mlp_0": (mlp, d), "img_mlp_2": (d, mlp),
+              "img_mod_lin": (6 * d, d)}
+    shapes.update({k.replace("img", "txt"): v for k, v in shapes.items()})
+    single = {"linear1": (3 * d + mlp, d), "linear2": (d, d + mlp), "modulation_lin": (3 * d, d)}
+    lora = {}
+    for i in range(model.config.num_layers):
+        for part, shape in shapes.items():
+            lora.update(_lora_pair(f"lora_unet_double_blocks_{i}_{part}", torch.empty(shape, device="meta")))
+    for i in range(model.config.num_single_layers):
+        for part, shape in single.items():
+            lora.update(_lora_pair(f"lora_unet_single_blocks_{i}_{part}", torch.empty(shape, device="meta")))
+    readings, left, problems = convert_foreign(list(lora), lora, family_of(layout), layout)
+    assert left == [] and problems == []
+    rule = AdapterRule(fg.FreezeMask(layout, []))
+    targets = {rule.target(k.removeprefix("transformer.")) for k in readings[0][1]}
+    assert None not in targets
+    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.18.ff_context.net.2",
+            "single_transformer_blocks.37.proj_mlp", "single_transformer_blocks.37.norm.linear"} <= targets
+
+
+def bfl_flux_layout(layout) -> dict[str, tuple[int, ...]]:
+    """name -> shape of BFL's original Flux checkpoint (black-forest-labs/flux src/flux/model.py,
+    what flux1-dev.safetensors holds), derived from the diffusers layout: fused qkv, linear1 =
+    qkv + mlp, the ``*_in`` embedders and ``final_layer``."""
+    d = layout["transformer_blocks.0.attn.to_q.weight"][1]
+    mlp = layout["single_transformer_blocks.0.proj_mlp.weight"][0]
+    out = {}
+
+    def linear(name, diffusers, rows=None):
+        w = layout[f"{diffusers}.weight"]
+        out[f"{name}.weight"] = (rows or w[0],) + tuple(w[1:])
+        out[f"{name}.bias"] = (rows or w[0],)
+    for bfl, hf in (("time_in", "time_text_embed.timestep_embedder"), ("vector_in", "time_text_embed.text_embedder"),
+                    ("guidance_in", "time_text_embed.guidance_embedder")):
+        linear(f"{bfl}.in_layer", f"{hf}.linear_1")
+        linear(f"{bfl}.out_layer", f"{hf}.linear_2")
+    linear("txt_in", "context_embedder")
+    linear("img_in", "x_embedder")
+    linear("final_layer.linear", "proj_out")
+    linear("final_layer.adaLN_modulation.1", "norm_out.linear")
+    for i in range(sum(1 for n in layout if n.startswith("transformer_blocks.") and n.endswith("attn.to_q.weight"))):
+        b, t = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        for side, mod, attn, ff in (("img", "norm1", ("to_q", "to_out.0", "norm_q", "norm_k"), "ff"),
+                                    ("txt", "norm1_context", ("add_q_proj", "to_add_out", "norm_added_q",
+                                                              "norm_added_k"), "ff_context")):
+            linear(f"{b}.{side}_mod.lin", f"{t}.{mod}.linear")
+            linear(f"{b}.{side}_attn.qkv", f"{t}.attn.{attn[0]}", rows=3 * d)
+            linear(f"{b}.{side}_attn.proj", f"{t}.attn.{attn[1]}")
+            out[f"{b}.{side}_attn.norm.query_norm.scale"] = layout[f"{t}.attn.{attn[2]}.weight"]
+            out[f"{b}.{side}_attn.norm.key_norm.scale"] = layout[f"{t}.attn.{attn[3]}.weight"]
+            linear(f"{b}.{side}_mlp.0", f"{t}.{ff}.net.0.proj")
+            linear(f"{b}.{side}_mlp.2", f"{t}.{ff}.net.2")
+    for i in range(sum(1 for n in layout if n.startswith("single_transformer_blocks.") and n.endswith("proj_mlp.weight"))):
+        b, t = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        linear(f"{b}.modulation.lin", f"{t}.norm.linear")
+        linear(f"{b}.linear1", f"{t}.attn.to_q", rows=3 * d + mlp)
+        linear(f"{b}.linear2", f"{t}.proj_out")
+        out[f"{b}.norm.query_norm.scale"] = layout[f"{t}.attn.norm_q.weight"]
+        out[f"{b}.norm.key_norm.scale"] = layout[f"{t}.attn.norm_k.weight"]
+    return out
+
+
+def test_full_size_bfl_flux_single_file_maps_every_tensor():
+    """A full-size BFL Flux file (meta tensors) through diffusers' convert_flux_transformer_checkpoint_to_diffusers
+    (it hard-wires the full widths): every released tensor comes out once, with its shape."""
+    from freezeguard.core.formats import convert_foreign, family_of
+
+    _, state = _full("flux")
+    layout = {n: tuple(p.shape) for n, p in state.items()}
+    original = {k: torch.empty(s, device="meta") for k, s in bfl_flux_layout(layout).items()}
+    readings, left, problems = convert_foreign(list(original), original, family_of(layout), layout)
+    assert left == [] and problems == [] and len(readings) == 1
+    assert {k: tuple(v.shape) for k, v in readings[0][1].items()} == layout

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-__all__ = ["OTHER_PART_PREFIXES", "family_of", "unet_config_from_layout", "convert_foreign"]
+__all__ = ["OTHER_PART_PREFIXES", "family_of", "unet_config_from_layout", "convert_foreign", "peft_targets"]
 
 #: Key prefixes of pipeline parts a denoiser mask does not cover, -> the part's name. Diffusers
 #: pipeline LoRAs, kohya/LyCORIS text-encoder modules and original-layout single files.
@@ -40,6 +41,10 @@ OTHER_PART_PREFIXES = {
     "lycoris_te2_": "text_encoder_2", "cond_stage_model.": "text_encoder", "conditioner.": "text_encoder",
     "text_encoders.": "text_encoder", "first_stage_model.": "vae", "vae.": "vae",
 }
+
+# Top-level modules of BFL's Flux (flux/model.py), whose releases carry no prefix.
+_BFL_FLUX_TOP = ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in",
+                 "final_layer")
 
 Reading = tuple[str, dict[str, torch.Tensor], dict[str, str]]  # (format, converted, new key -> source key)
 
@@ -209,7 +214,7 @@ def convert_foreign(keys: list[str], tensors: Mapping[str, torch.Tensor], family
     if family is not None:
         steps.append(("single file (diffusers single_file_utils)", lambda: _read_single_file(family, layout),
                       lambda k: k.startswith("model.diffusion_model.")
-                      or (family == "flux" and k.split(".")[0] in ("double_blocks", "single_blocks"))))
+                      or (family == "flux" and k.split(".")[0] in _BFL_FLUX_TOP)))
         steps.append(("LoRA (diffusers lora_state_dict)", lambda: _read_lora(family, layout),
                       lambda k: any(w in k.lower() for w in ("lora", "lokr", "hada", "loha", "alpha", "dora"))))
     for name, make, wanted in steps:
@@ -231,3 +236,34 @@ def convert_foreign(keys: list[str], tensors: Mapping[str, torch.Tensor], family
         readings.append((name, out, sources))
         left = [k for k in left if k not in consumed]
     return readings, left, problems
+
+
+def peft_targets(adapter_config: Path, modules: Iterable[str]) -> set[str] | None:
+    """The released modules peft's loader puts the adapter of ``adapter_config.json`` on.
+
+    Some tuners keep state shared by all their layers at the model's root (VeRA's ``vera_A``,
+    VB-LoRA's vector bank, UniLoRA's ``theta_d``, ...); which modules use it is in the config,
+    matched by peft's own ``check_target_module_exists``. ``"all-linear"`` (resolved by peft
+    against the live model) is taken as every module. None when peft is missing or the config
+    cannot be read.
+    """
+    try:
+        from peft import PeftConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
+    except ImportError:
+        return None
+    try:
+        config = PeftConfig.from_pretrained(str(Path(adapter_config).parent))
+    except Exception:  # noqa: BLE001 - an unreadable config: the caller reports it
+        return None
+    modules = [m for m in modules if m]
+    if getattr(config, "target_modules", None) == "all-linear":
+        return set(modules)
+    found = set()
+    for m in modules:
+        try:
+            if bool(check_target_module_exists(config, m)):
+                found.add(m)
+        except Exception:  # noqa: BLE001 - a config peft cannot match: every module, to stay safe
+            return set(modules)
+    return found

@@ -59,6 +59,7 @@ class FileSet:
     part: str
     files: list[Path]
     label: str
+    adapter_config: Path | None = None  # a peft ``adapter_config.json`` beside the file: peft's loader reads it
 
 
 @dataclass
@@ -130,7 +131,9 @@ def read_upload(path: str | os.PathLike) -> Upload:
         if path.name.endswith(_UNREADABLE_SUFFIXES):
             raise WeightsError(f"finetuned {path} is a pickle or other checkpoint format verify does not read "
                                f"(loading a pickle can run code): convert it to .safetensors")
-        return Upload(root=path.parent, sets=[FileSet("denoiser", [path], path.name)])
+        config = path.parent / "adapter_config.json"
+        return Upload(root=path.parent, sets=[FileSet("denoiser", [path], path.name,
+                                                      config if config.is_file() else None)])
     root = path.resolve()
     upload = Upload(root=root)
     parts = _pipeline_parts(root, upload.refused)
@@ -169,7 +172,8 @@ def read_upload(path: str | os.PathLike) -> Upload:
         part = "denoiser"
         if parts is not None and len(rel.parts) > 1:
             part = parts.get(rel.parts[0], "denoiser")
-        upload.sets.append(FileSet(part, files, rel.as_posix()))
+        config = anchor.parent / "adapter_config.json"
+        upload.sets.append(FileSet(part, files, rel.as_posix(), config if config.is_file() else None))
     if not upload.sets:
         refuse_pickles(root, "finetuned")
     if not upload.sets and not upload.refused:

@@ -41,7 +41,7 @@ import torch
 from freezeguard.core import weights
 from freezeguard.core.adapter_rule import AdapterRule
 from freezeguard.core.fingerprint import release_hash
-from freezeguard.core.formats import OTHER_PART_PREFIXES, convert_foreign, family_of
+from freezeguard.core.formats import OTHER_PART_PREFIXES, convert_foreign, family_of, peft_targets
 from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
 from freezeguard.core.names import canonical_name, resolve_name
 from freezeguard.core.upload import FileSet, read_upload
@@ -319,6 +319,17 @@ class _Audit:
         items: list[tuple[str, str, tuple[str, str], Any]] = [(k, k, c, None) for k, c in classes.items()
                                                                if c[0] != "unmapped"]
         foreign = [k for k, c in classes.items() if c[0] == "unmapped"]
+        n_adapters = 0
+        if fs.adapter_config is not None:  # peft: state shared by a tuner's layers sits at the root
+            shared = [k for k in foreign if k.startswith("base_model.") and not k.startswith("base_model.model.")]
+            targets = peft_targets(fs.adapter_config, self.rule.modules) if shared else None
+            if shared and targets:
+                entry["formats"].append("peft adapter_config.json")
+                foreign = [k for k in foreign if k not in shared]
+                for k in shared:
+                    n_adapters += 1
+                    report.classes["adapter"] += 1
+                    report.lora_violations += self.rule.violations([(k, m) for m in sorted(targets)])
         if foreign:
             readings, leftover, problems = convert_foreign(foreign, tensors, self.family, self.layout)
             for fmt, converted, sources in readings:
@@ -332,7 +343,6 @@ class _Audit:
                 report.cannot_verify.append((k, "unmapped: no released tensor, no released module, no known "
                                                 "format or pipeline part"))
         seen: set[str] = set()
-        n_adapters = 0
         for key, label, (cls, detail), tensor in items:
             if cls == "other_part":
                 report.parts[detail] = report.parts.get(detail, 0) + 1
