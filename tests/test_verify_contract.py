@@ -13,7 +13,7 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from support.tiny_models import build_tiny_sd_pipeline, build_tiny_unet
 
 import freezeguard as fg
@@ -381,3 +381,23 @@ def test_index_paths_and_symlinks_stay_inside_the_upload(release, tmp_path, caps
     assert code == 2 and data["cannot_verify"][0]["key"] == "model.ckpt"
     (link / "model.ckpt").unlink()
     assert _verify(capsys, release, link)[0] == 0
+
+
+def test_released_buffers_are_compared_not_taken_for_adapters(tmp_path, capsys):
+    """SD3 saves ``pos_embed.pos_embed`` (a buffer, not a parameter): with ``pos_embed.proj`` frozen, an
+    honest upload passes and a changed buffer cannot be verified."""
+    from freezeguard.integrations.diffusers.models import get_family
+
+    model = get_family("sd3").build("tiny")
+    model.save_pretrained(tmp_path / "released")
+    mask = fg.FreezeMask.from_names(model, ["pos_embed.proj.weight"])
+    mask.save(tmp_path / "mask.safetensors", model)
+    argv = ["verify", "--released", str(tmp_path / "released"), "--mask", str(tmp_path / "mask.safetensors"),
+            "--finetuned", str(tmp_path / "released")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    sd = load_file(str(tmp_path / "released" / "diffusion_pytorch_model.safetensors"))
+    sd["pos_embed.pos_embed"] = sd["pos_embed.pos_embed"] + 1
+    save_file(sd, str(tmp_path / "up.safetensors"))
+    argv[-1] = str(tmp_path / "up.safetensors")
+    assert main(argv) == 2 and "buffer" in capsys.readouterr().out

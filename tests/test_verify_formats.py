@@ -240,6 +240,41 @@ def test_kohya_flux_lora_double_block_qkv(tmp_path, capsys):
         assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
 
 
+def test_xlabs_flux_lora(tmp_path, capsys):
+    """XLabs-AI/x-flux names (``double_blocks.N.processor.qkv_lora1.down.weight``; their train_flux_lora
+    saves the processors' state dicts); diffusers converts them (``_convert_xlabs_flux_lora_to_diffusers``)."""
+    model = _tiny_flux()
+    frozen = "transformer_blocks.0.attn.to_k.weight"
+    released, mask = _release(model, tmp_path, [frozen])
+    d = model.config.num_attention_heads * model.config.attention_head_dim
+    gen = torch.Generator().manual_seed(0)
+    for name, proc, rows in (("bad", "qkv_lora1", 3 * d), ("good", "proj_lora2", d)):
+        lora = {f"double_blocks.0.processor.{proc}.down.weight": torch.randn(2, d, generator=gen),
+                f"double_blocks.0.processor.{proc}.up.weight": torch.randn(rows, 2, generator=gen)}
+        path = tmp_path / f"{name}.safetensors"
+        save_file(lora, str(path))
+        sd = diffusers.FluxPipeline.lora_state_dict(str(path))
+        target = _tiny_flux()
+        diffusers.FluxPipeline.load_lora_into_transformer(sd, network_alphas=None, transformer=target)
+        target.fuse_lora()
+        changed = not torch.equal(_released_params(target)[frozen], _released_params(model)[frozen])
+        code, data = _verify(capsys, released, path, mask)
+        assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
+
+
+def test_comfyui_style_peft_lora_is_cannot_verify(tmp_path, capsys):
+    """``diffusion_model.``-prefixed peft keys (ComfyUI's naming): diffusers 0.42.1's Flux loader does not
+    convert them, so verify cannot place them either: exit 2, honest or not."""
+    model = _tiny_flux()
+    released, mask = _release(model, tmp_path, ["transformer_blocks.0.attn.to_k.weight"])
+    for module in ("transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"):
+        lora = {f"diffusion_model.{module}.lora_A.weight": torch.ones(2, 16),
+                f"diffusion_model.{module}.lora_B.weight": torch.ones(16, 2)}
+        save_file(lora, str(tmp_path / "c.safetensors"))
+        code, data = _verify(capsys, released, tmp_path / "c.safetensors", mask)
+        assert code == 2 and {c["key"] for c in data["cannot_verify"]} == set(lora)
+
+
 # ---------------------------------------------------------------------------------------------
 # native LyCORIS files (lycoris-lora from the package index; what SimpleTuner saves)
 
@@ -423,3 +458,52 @@ def test_full_size_bfl_flux_single_file_maps_every_tensor():
     readings, left, problems = convert_foreign(list(original), original, family_of(layout), layout)
     assert left == [] and problems == [] and len(readings) == 1
     assert {k: tuple(v.shape) for k, v in readings[0][1].items()} == layout
+
+
+def sai_sd3_layout(layout, config) -> dict[str, tuple[int, ...]]:
+    """name -> shape of Stability AI's original SD3 checkpoint (sd3_medium*.safetensors, MMDiT names under
+    ``model.diffusion_model.``: joint_blocks.N.{x,context}_block with fused qkv), from the diffusers layout,
+    as diffusers' convert_sd3_transformer_checkpoint_to_diffusers reads it."""
+    out = {"pos_embed": (1, config.pos_embed_max_size ** 2, layout["pos_embed.proj.weight"][0])}
+
+    def linear(name, hf, rows=None):
+        w = layout[f"{hf}.weight"]
+        out[f"{name}.weight"] = (rows or w[0],) + tuple(w[1:])
+        out[f"{name}.bias"] = (rows or w[0],)
+    linear("x_embedder.proj", "pos_embed.proj")
+    linear("context_embedder", "context_embedder")
+    for sai, hf in (("t_embedder", "time_text_embed.timestep_embedder"), ("y_embedder", "time_text_embed.text_embedder")):
+        linear(f"{sai}.mlp.0", f"{hf}.linear_1")
+        linear(f"{sai}.mlp.2", f"{hf}.linear_2")
+    linear("final_layer.linear", "proj_out")
+    linear("final_layer.adaLN_modulation.1", "norm_out.linear")
+    for i in range(config.num_layers):
+        b, t = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        d = layout[f"{t}.attn.to_q.weight"][0]
+        linear(f"{b}.x_block.attn.qkv", f"{t}.attn.to_q", rows=3 * d)
+        linear(f"{b}.x_block.attn.proj", f"{t}.attn.to_out.0")
+        linear(f"{b}.x_block.adaLN_modulation.1", f"{t}.norm1.linear")
+        linear(f"{b}.x_block.mlp.fc1", f"{t}.ff.net.0.proj")
+        linear(f"{b}.x_block.mlp.fc2", f"{t}.ff.net.2")
+        linear(f"{b}.context_block.attn.qkv", f"{t}.attn.add_q_proj", rows=3 * d)
+        linear(f"{b}.context_block.adaLN_modulation.1", f"{t}.norm1_context.linear")
+        if f"{t}.attn.to_add_out.weight" in layout:  # the last block's context stream ends before attention
+            linear(f"{b}.context_block.attn.proj", f"{t}.attn.to_add_out")
+            linear(f"{b}.context_block.mlp.fc1", f"{t}.ff_context.net.0.proj")
+            linear(f"{b}.context_block.mlp.fc2", f"{t}.ff_context.net.2")
+    return {"model.diffusion_model." + k: v for k, v in out.items()}
+
+
+def test_full_size_sai_sd3_single_file_maps_every_tensor():
+    """A full-size original SD3 file (meta tensors) through convert_sd3_transformer_checkpoint_to_diffusers:
+    every released tensor comes out once with its shape, plus the positional-embedding buffer."""
+    from freezeguard.core.formats import convert_foreign, family_of
+
+    model, state = _full("sd3")
+    layout = {n: tuple(p.shape) for n, p in state.items()}
+    original = {k: torch.empty(s, device="meta") for k, s in sai_sd3_layout(layout, model.config).items()}
+    readings, left, problems = convert_foreign(list(original), original, family_of(layout), layout)
+    assert left == [] and problems == [] and len(readings) == 1
+    converted = {k: tuple(v.shape) for k, v in readings[0][1].items()}
+    assert converted.pop("pos_embed.pos_embed") == original["model.diffusion_model.pos_embed"].shape
+    assert converted == layout

@@ -286,12 +286,16 @@ class _Audit:
         self.rel_src, self.rel_keys, self.allowed = rel_src, rel_keys, allowed
         self.family = family_of(self.layout)
         self.seen: set[str] = set()
+        # tensors the release stores beside the mask's parameters (buffers such as SD3's pos_embed)
+        self.buffers = {canonical_name(k.removeprefix("unet.").removeprefix("transformer.")): k
+                        for k in rel_src.keys() if _release_key(k, self.layout) is None
+                        and not k.startswith(tuple(OTHER_PART_PREFIXES))}
         self.report = VerifyReport(ok=False)
         self.lowered: dict[str, int] = {}
 
     def classify(self, key: str) -> tuple[str, str]:
-        """(class, detail): ("other_part", part) | ("tensor", name) | ("derived", name) | ("adapter", module)
-        | ("unmapped", "")."""
+        """(class, detail): ("other_part", part) | ("tensor", name) | ("buffer", name) | ("derived", name)
+        | ("adapter", module) | ("unmapped", "")."""
         for prefix, part in OTHER_PART_PREFIXES.items():
             if key.startswith(prefix):
                 return "other_part", part
@@ -299,6 +303,8 @@ class _Audit:
         if name is not None:
             return "tensor", name
         bare = canonical_name(key.removeprefix("unet.").removeprefix("transformer."))
+        if bare in self.buffers:
+            return "buffer", bare
         parts = bare.split(".")
         for i in range(len(parts) - 1, 0, -1):
             if ".".join(parts[:i]) in self.layout:  # weight._data / weight._scale / weight.absmax ...
@@ -354,6 +360,13 @@ class _Audit:
                 n_adapters += 1
                 report.classes["adapter"] += 1
                 report.lora_violations += self.rule.violations([(label, detail)])
+            elif cls == "buffer":  # not in the mask, but a loader takes it: it must stay as released
+                report.classes["compared"] += 1
+                ref = self.rel_src[self.buffers[detail]]
+                got = tensor if tensor is not None else tensors[key]
+                if _compare(ref.detach().cpu(), got.detach().cpu(), self.allowed)[0] != "same":
+                    report.cannot_verify.append((label, "a tensor the release stores beside its parameters "
+                                                        "(a buffer the mask does not cover) differs from the release"))
             elif cls == "derived":
                 report.classes["unmapped" if detail in self.frozen else "adapter"] += 1
                 if detail in self.frozen:
