@@ -380,6 +380,14 @@ def test_index_paths_and_symlinks_stay_inside_the_upload(release, tmp_path, caps
     code, data = _verify(capsys, release, link)
     assert code == 2 and data["cannot_verify"][0]["key"] == "model.ckpt"
     (link / "model.ckpt").unlink()
+    save_file({k: v + 1 for k, v in sd.items()}, str(link / "weights.SafeTensors"))  # odd case
+    save_file({k: v + 1 for k, v in sd.items()}, str(link / "weights"))  # no suffix: found by its header
+    torch.save(sd, link / "state.data")  # a pickle (zip) under another name: refused, never unpickled
+    code, data = _verify(capsys, release, link)
+    assert code == 1 and {f["path"] for f in data["files"]} >= {"weights.SafeTensors", "weights"}
+    assert ("state.data" in {c["key"] for c in data["cannot_verify"]})
+    for name in ("weights.SafeTensors", "weights", "state.data"):
+        (link / name).unlink()
     assert _verify(capsys, release, link)[0] == 0
 
 

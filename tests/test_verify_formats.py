@@ -240,6 +240,19 @@ def test_kohya_flux_lora_double_block_qkv(tmp_path, capsys):
         assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
 
 
+def test_kohya_flux_lora_with_a_key_the_converter_leaves_is_cannot_verify(tmp_path, capsys):
+    model = _tiny_flux()
+    released, mask = _release(model, tmp_path, ["transformer_blocks.0.attn.to_k.weight"])
+    d = model.config.num_attention_heads * model.config.attention_head_dim
+    module = "lora_unet_double_blocks_0_img_attn_proj"
+    lora = {f"{module}.lora_down.weight": torch.ones(2, d), f"{module}.lora_up.weight": torch.ones(d, 2),
+            f"{module}.alpha": torch.tensor(2.0), "lora_unet_not_a_block.lora_down.weight": torch.ones(2, d),
+            "lora_unet_not_a_block.lora_up.weight": torch.ones(d, 2)}
+    save_file(lora, str(tmp_path / "f.safetensors"))
+    code, data = _verify(capsys, released, tmp_path / "f.safetensors", mask)
+    assert code == 2 and {c["key"] for c in data["cannot_verify"]} >= {"lora_unet_not_a_block.lora_down.weight"}
+
+
 def test_xlabs_flux_lora(tmp_path, capsys):
     """XLabs-AI/x-flux names (``double_blocks.N.processor.qkv_lora1.down.weight``; their train_flux_lora
     saves the processors' state dicts); diffusers converts them (``_convert_xlabs_flux_lora_to_diffusers``)."""

@@ -95,6 +95,20 @@ def _pipeline_parts(root: Path, refused: list[tuple[str, str]]) -> dict[str, str
             for name, value in entries.items() if isinstance(value, list) and not name.startswith("_")}
 
 
+def _sniff(path: Path) -> str:
+    """What a file with an unremarkable name holds: "safetensors", "pickle or zip checkpoint", or ""."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return ""
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pickle or zip checkpoint"
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size:
+        return "safetensors"
+    return ""
+
+
 def _read_index(index: Path, root: Path, rel: str) -> tuple[list[Path] | None, str]:
     """The shard files an index names, or None and the reason it cannot be used."""
     if index.stat().st_size > _MAX_INDEX_BYTES:
@@ -149,13 +163,20 @@ def read_upload(path: str | os.PathLike) -> Upload:
                 continue
             if name in dirs:
                 continue
-            if name.endswith(SAFETENSORS_SUFFIXES):
+            lower = name.lower()
+            if lower.endswith(SAFETENSORS_SUFFIXES):
                 weights.append(p)
-            elif name.endswith(_UNREADABLE_SUFFIXES):
+            elif lower.endswith(_UNREADABLE_SUFFIXES):
                 upload.refused.append((rel, "a weights file in a format verify does not read (pickle, GGUF, "
                                             "ONNX, ...): a loader could read it"))
-            elif name.endswith(".json") and ".index" in name and name != "model_index.json":
+            elif lower.endswith(".json") and ".index" in lower and lower != "model_index.json":
                 indexes.append(p)
+            else:
+                kind = _sniff(p)
+                if kind == "safetensors":
+                    weights.append(p)
+                elif kind:
+                    upload.refused.append((rel, f"a {kind} under another name: a loader told its path could read it"))
     sharded: set[Path] = set()
     sets: list[tuple[Path, list[Path]]] = []
     for index in sorted(indexes):
