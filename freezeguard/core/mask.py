@@ -260,7 +260,9 @@ class FreezeMask:
         if model is not None:
             self.check_model(model)
             meta["model_fingerprint"] = model_fingerprint(model)
-            meta["release_hash"] = release_hash(self.frozen_tensors(model))
+            tensors = self.frozen_tensors(model)
+            if not any(t.is_meta for t in tensors.values()):  # a meta model has shapes, no content to bind to
+                meta["release_hash"] = release_hash(tensors)
         if released is not None:
             picked = {}
             for key in released:
@@ -336,8 +338,10 @@ class FreezeMask:
                 except ValueError as exc:
                     raise FreezeMaskFileError(f"{path}: {exc}") from None
             recorded = meta.get("release_hash")
-            if recorded and meta.get("model_fingerprint") == model_fingerprint(model):
-                if release_hash(mask.frozen_tensors(model)) != recorded:
+            tensors = mask.frozen_tensors(model) if recorded else {}
+            if recorded and meta.get("model_fingerprint") == model_fingerprint(model) \
+                    and not any(t.is_meta for t in tensors.values()):
+                if release_hash(tensors) != recorded:
                     raise FreezeMaskFileError(f"{path}: the mask belongs to another release: the model's frozen "
                                               f"tensors differ from the ones the mask was made for")
         return mask
