@@ -329,6 +329,62 @@ def test_lycoris_file_on_a_frozen_module(tmp_path, capsys, algo, extra):
         assert data["files"][0]["formats"] == ["lycoris"]
 
 
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_kohya_named_lycoris_file(tmp_path, capsys, algo):
+    """LyCORIS trained through kohya's sd-scripts (``--network_module lycoris.kohya``) names modules
+    ``lora_unet_<path with _>`` (lycoris/kohya.py, LycorisNetworkKohya.LORA_PREFIX_UNET) with the same
+    weights as a native file; diffusers' loader rejects LoHa/LoKr keys there, other tools apply them."""
+    lycoris = pytest.importorskip("lycoris")
+    import logging
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    unet = _tiny_sd15()
+    frozen_module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    released, mask = _release(unet, tmp_path, [f"{frozen_module}.weight"])
+    for name, module in (("bad", frozen_module), ("good", frozen_module.replace("to_q", "to_k"))):
+        preset = tmp_path / f"{name}.toml"
+        preset.write_text(f'target_module = []\ntarget_name = ["{module}"]\n')
+        net = lycoris.create_lycoris(_tiny_sd15(), 1.0, linear_dim=2, linear_alpha=1, algo=algo, preset=str(preset))
+        net.apply_to()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        net.save_weights(str(tmp_path / "native.safetensors"), torch.float32, {})
+        merged = _tiny_sd15()
+        lycoris.create_lycoris_from_weights(1.0, str(tmp_path / "native.safetensors"), merged)[0].merge_to()
+        changed = not torch.equal(_released_params(merged)[f"{frozen_module}.weight"],
+                                  _released_params(unet)[f"{frozen_module}.weight"])
+        kohya = {k.replace("lycoris_", "lora_unet_", 1): v for k, v in load_file(str(tmp_path / "native.safetensors")).items()}
+        save_file(kohya, str(tmp_path / f"{name}.safetensors"))
+        code, data = _verify(capsys, released, tmp_path / f"{name}.safetensors", mask)
+        assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
+        assert "kohya module names" in data["files"][0]["formats"]
+
+
+def test_kohya_sdxl_file_mixing_naming_schemes(tmp_path, capsys):
+    """diffusers drops the SGM-named keys of a kohya file that also has diffusers-named ones
+    (``_maybe_map_sgm_blocks_to_diffusers``: "if state_dict contains both patterns, remove sgm"); kohya's
+    own tools apply them. A converter dropping a key does not make it safe: the SGM keys on a frozen
+    module are found."""
+    unet = _tiny_sdxl()
+    attn = sorted({n.rsplit(".", 1)[0] for n, _ in unet.named_parameters() if n.endswith("attn1.to_q.weight")})
+    released, mask = _release(unet, tmp_path, [f"{m}.weight" for m in attn])
+    honest = {k.replace(original_unet_name(f"{m.replace('to_q', 'to_k')}.weight", dict(unet.named_parameters()), 1)
+                        .rsplit(".", 1)[0].replace(".", "_"), m.replace("to_q", "to_k").replace(".", "_")): v
+              for m in attn for k, v in kohya_sgm_lora(unet, [m.replace("to_q", "to_k")]).items()}
+    assert all(k.startswith("lora_unet_down_blocks_") or k.startswith(("lora_unet_up_blocks_", "lora_unet_mid_block"))
+               for k in honest)
+    hidden = kohya_sgm_lora(unet, attn, seed=1)  # SGM names, on the frozen to_q modules
+    save_file(honest, str(tmp_path / "honest.safetensors"))
+    save_file({**honest, **hidden}, str(tmp_path / "mixed.safetensors"))
+    sd, _ = diffusers.StableDiffusionXLPipeline.lora_state_dict(str(tmp_path / "mixed.safetensors"),
+                                                                unet_config=unet.config)
+    assert not any("to_q" in k for k in sd)  # diffusers silently dropped them
+    assert _verify(capsys, released, tmp_path / "honest.safetensors", mask)[0] == 0
+    code, data = _verify(capsys, released, tmp_path / "mixed.safetensors", mask)
+    assert code == 1 and {v["frozen"] for v in data["lora_violations"]} == {f"{m}.weight" for m in attn}
+
+
 # ---------------------------------------------------------------------------------------------
 # full size, on the meta device: every key of an original-layout file or a kohya LoRA is mapped
 

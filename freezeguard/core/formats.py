@@ -10,7 +10,9 @@ converts them before loading, so the audit converts them the same way:
 * original-layout single files: ``diffusers.loaders.single_file_utils`` (``convert_ldm_unet_checkpoint``,
   ``convert_sd3_transformer_checkpoint_to_diffusers``, ``convert_flux_transformer_checkpoint_to_diffusers``),
   what ``from_single_file`` calls; the SD3 and Flux ones assume full-size shapes;
-* native LyCORIS names (no library converts them): ``lycoris_`` + the module path with ``.`` -> ``_``.
+* native LyCORIS names (no library converts them): ``lycoris_`` + the module path with ``.`` -> ``_``,
+  and the same for ``lora_unet_`` names diffusers leaves (LyCORIS algorithms trained through
+  kohya's sd-scripts, kohya files mixing naming schemes).
 
 A converter gets only the keys nothing else explained. Which input keys it consumed is read from
 what it did to its input (a popped key) or from its output (the same tensor object passed
@@ -122,8 +124,9 @@ def _run(convert: Callable[[dict], dict], tensors: dict[str, torch.Tensor]) -> t
     """Run a converter; (output, new key -> source key, source keys consumed).
 
     A source key is consumed when the converter computed with its tensor (a scale, a concat, a
-    split), passed the tensor through to its output, or popped it from its input. A key it only
-    looked at (or never touched) is not: the loader does not load it either.
+    split) or passed the tensor through to its output. A key it only looked at, never touched, or
+    popped and dropped is not: diffusers would not load it, but another loader may (diffusers drops
+    kohya SGM keys that sit beside diffusers-named ones, which ComfyUI loads), so it stays unmapped.
     """
     used: set[str] = set()
     given = {}
@@ -136,8 +139,7 @@ def _run(convert: Callable[[dict], dict], tensors: dict[str, torch.Tensor]) -> t
     # a key handed back under its own name was not converted: it stays the caller's to place
     out = {new: v for new, v in out.items() if by_id.get(id(v)) != new}
     sources = {new: by_id[id(v)] for new, v in out.items() if id(v) in by_id}
-    left = {id(v) for v in given.values()}
-    consumed = set(sources.values()) | used | {k for k, v in given.items() if id(v) not in left}
+    consumed = set(sources.values()) | used
     plain = {new: (v.as_subclass(torch.Tensor) if isinstance(v, _Tracked) else v) for new, v in out.items()}
     return plain, sources, consumed
 
@@ -178,22 +180,48 @@ def _read_single_file(family: str, layout: Mapping[str, Any]) -> Callable[[dict]
     return sfu.convert_sd3_transformer_checkpoint_to_diffusers
 
 
-def _read_lycoris(layout: Mapping[str, Any]) -> Callable[[dict], dict]:
-    # LyCORIS names a wrapped module "lycoris_" + its path with "." -> "_" (lycoris/wrapper.py,
-    # LycorisNetwork: LORA_PREFIX = "lycoris"); map back through the released modules.
+def _flat_names(layout: Mapping[str, Any]) -> dict[str, str | None]:
+    """Released module path with "." -> "_" -> the path (None where two modules flatten alike)."""
     modules = {".".join(n.split(".")[:i]) for n in layout for i in range(1, len(n.split(".")))}
     flat: dict[str, str | None] = {}
     for m in modules:
         f = m.replace(".", "_")
-        flat[f] = None if f in flat and flat[f] != m else m  # two modules, one flat name: ambiguous
+        flat[f] = None if f in flat and flat[f] != m else m
+    return flat
+
+
+def _rename_block(key: str, prefix: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for old, new in renames:
+        if key.startswith(prefix + old):
+            return prefix + new + key[len(prefix + old):]
+    return key
+
+
+def _read_flat(layout: Mapping[str, Any], prefix: str, family: str | None = None) -> Callable[[dict], dict]:
+    """``<prefix><module path with _>.<rest>`` -> ``<module>.<rest>``.
+
+    Native LyCORIS files use the prefix ``lycoris_`` (lycoris/wrapper.py, LycorisNetwork.LORA_PREFIX);
+    LyCORIS and LoRA networks trained through kohya's sd-scripts use ``lora_unet_`` (lycoris/kohya.py,
+    LORA_PREFIX_UNET), over diffusers' module names (SD-1.x) or SGM ones (SDXL: input_blocks...,
+    renamed first with diffusers' own ``_maybe_map_sgm_blocks_to_diffusers``).
+    """
+    flat = _flat_names(layout)
 
     def convert(sd: dict) -> dict:
+        if family == "sdxl" and any(p in k for k in sd for p in ("input_blocks", "middle_block", "output_blocks")):
+            from diffusers.configuration_utils import FrozenDict
+            from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+            sd = _maybe_map_sgm_blocks_to_diffusers(dict(sd), FrozenDict(unet_config_from_layout(layout)))
+            # it renumbers the blocks; the block names follow as in _convert_unet_lora_key
+            renames = (("input_blocks_", "down_blocks_"), ("middle_block_", "mid_block_"), ("output_blocks_", "up_blocks_"))
+            sd = {_rename_block(k, prefix, renames): v for k, v in sd.items()}
         out = {}
         for key in list(sd):
             head, _, rest = key.partition(".")
-            module = flat.get(head.removeprefix("lycoris_")) if head.startswith("lycoris_") else None
+            module = flat.get(head.removeprefix(prefix)) if head.startswith(prefix) else None
             if module is not None and rest:
-                out[f"{module}.{rest}"] = sd.pop(key)
+                out[f"{module}.{rest}"] = sd[key]
         return out
     return convert
 
@@ -210,13 +238,16 @@ def convert_foreign(keys: list[str], tensors: Mapping[str, torch.Tensor], family
     readings: list[Reading] = []
     problems: list[tuple[str, str]] = []
     steps: list[tuple[str, Callable[[], Callable[[dict], dict]], Callable[[str], bool]]] = [
-        ("lycoris", lambda: _read_lycoris(layout), lambda k: k.startswith("lycoris_"))]
+        ("lycoris", lambda: _read_flat(layout, "lycoris_"), lambda k: k.startswith("lycoris_"))]
     if family is not None:
         steps.append(("single file (diffusers single_file_utils)", lambda: _read_single_file(family, layout),
                       lambda k: k.startswith("model.diffusion_model.")
                       or (family == "flux" and k.split(".")[0] in _BFL_FLUX_TOP)))
         steps.append(("LoRA (diffusers lora_state_dict)", lambda: _read_lora(family, layout),
                       lambda k: any(w in k.lower() for w in ("lora", "lokr", "hada", "loha", "alpha", "dora"))))
+    if family in ("unet", "sdxl"):  # what diffusers leaves of a kohya file (LyCORIS algorithms, mixed names)
+        steps.append(("kohya module names", lambda: _read_flat(layout, "lora_unet_", family),
+                      lambda k: k.startswith("lora_unet_")))
     for name, make, wanted in steps:
         subset = [k for k in left if wanted(k)]
         if not subset:
