@@ -101,3 +101,27 @@ def test_the_installed_peft_offers_the_tuners_the_issue_names():
     named = {"LORA", "LOHA", "LOKR", "IA3", "ADALORA", "OFT", "BOFT", "VERA", "HRA", "FOURIERFT", "VBLORA", "MISS",
              "C3A", "RANDLORA", "SHIRA", "ROAD", "DELORA", "WAVEFT", "GRALORA", "LN_TUNING"}
     assert named <= set(TUNERS)
+
+
+def test_adapter_config_targeting_a_frozen_module_without_its_weights(release, tmp_path, capsys):
+    """peft's ``PeftModel.from_pretrained`` puts a layer on every module ``adapter_config.json`` targets;
+    one whose weights the file lacks keeps its init (random with ``init_lora_weights=False``), and
+    ``merge_and_unload`` writes it into the frozen tensor. The config is audited with the weights."""
+    root, released = release
+    good_module, bad_module = LINEAR[1], LINEAR[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(build_tiny_unet(seed=0, cross_attention_dim=8),
+                                    peft.LoraConfig(r=2, init_lora_weights=False, target_modules=[good_module]))
+        model.save_pretrained(tmp_path / "up")
+        config = json.loads((tmp_path / "up" / "adapter_config.json").read_text())
+        config["target_modules"] = [good_module, bad_module]
+        (tmp_path / "up" / "adapter_config.json").write_text(json.dumps(config))
+        loaded = peft.PeftModel.from_pretrained(build_tiny_unet(seed=0, cross_attention_dim=8), tmp_path / "up")
+        merged = {canonical_name(n): p for n, p in loaded.merge_and_unload().named_parameters()}
+    assert not torch.equal(merged[f"{bad_module}.weight"], released[f"{bad_module}.weight"])
+    code = main(["verify", "--released", str(root / "released"), "--mask", str(root / "mask.safetensors"),
+                 "--finetuned", str(tmp_path / "up"), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1 and {"key": "adapter_config.json target_modules", "frozen": f"{bad_module}.weight"} \
+        in data["lora_violations"]

@@ -326,11 +326,18 @@ class _Audit:
                                                                if c[0] != "unmapped"]
         foreign = [k for k, c in classes.items() if c[0] == "unmapped"]
         n_adapters = 0
-        if fs.adapter_config is not None:  # peft: state shared by a tuner's layers sits at the root
-            shared = [k for k in foreign if k.startswith("base_model.") and not k.startswith("base_model.model.")]
-            targets = peft_targets(fs.adapter_config, self.rule.modules) if shared else None
-            if shared and targets:
+        if fs.adapter_config is not None:
+            # peft's loader puts a layer on every module the config targets, whether or not the file
+            # holds its weights (a missing one keeps its init, random with init_lora_weights=False);
+            # and state a tuner shares between its layers sits at the root (VeRA's vera_A, ...)
+            targets = peft_targets(fs.adapter_config, self.rule.modules)
+            config = f"{fs.adapter_config.name} target_modules"
+            if targets is None:
+                report.cannot_verify.append((config, "peft's adapter config cannot be read or matched (peft missing?)"))
+            else:
                 entry["formats"].append("peft adapter_config.json")
+                report.lora_violations += self.rule.violations([(config, m) for m in sorted(targets)])
+                shared = [k for k in foreign if k.startswith("base_model.") and not k.startswith("base_model.model.")]
                 foreign = [k for k in foreign if k not in shared]
                 for k in shared:
                     n_adapters += 1
