@@ -44,12 +44,11 @@ from freezeguard.core.fingerprint import release_hash
 from freezeguard.core.formats import OTHER_PART_PREFIXES, convert_foreign, family_of, peft_targets
 from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
 from freezeguard.core.names import canonical_name, resolve_name
+from freezeguard.core.tensor_compare import LOWER_PRECISIONS, SHORT_NAMES, compare, parse_dtypes
 from freezeguard.core.upload import FileSet, read_upload
 
 __all__ = ["verify", "VerifyReport", "VerifyInputError", "check_mask_fits_release", "LOWER_PRECISIONS"]
 
-#: dtypes ``allow_lower_precision`` may name.
-LOWER_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _LISTED = 1000  # keys listed per class in a report; the counts are always complete
 
 
@@ -208,70 +207,6 @@ def check_mask_fits_release(mask: FreezeMask, released: Mapping[str, torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
-# comparison
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # Bitwise, so NaN == NaN at the same bits and -0.0 != 0.0: "unchanged" means the same bytes.
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype.is_floating_point and a.element_size() in _INT_VIEW:
-        v = _INT_VIEW[a.element_size()]
-        return torch.equal(a.contiguous().view(v), b.contiguous().view(v))
-    return torch.equal(a, b)
-
-
-def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    d = (a.double() - b.double()).abs()
-    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
-    return float(d.max())
-
-
-_PLAIN_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-
-
-def _roundings(ref: torch.Tensor, dtype: torch.dtype, allowed: set[torch.dtype]) -> list[torch.Tensor]:
-    """The release as a run allowed to work in lower precision could have saved it in ``dtype``."""
-    out = [ref.to(dtype)] if dtype in allowed else []
-    # A bf16 run saved as fp16 (or the reverse) rounds twice: fp16(bf16(x)) is not fp16(x).
-    for mid in allowed - {dtype}:
-        if dtype in allowed and ref.element_size() > mid.itemsize:
-            out.append(ref.to(mid).to(dtype))
-    return out
-
-
-def _compare(ref: torch.Tensor, got: torch.Tensor, allowed: set[torch.dtype]) -> tuple[str, float | str]:
-    """``("same", 0)``, ``("changed", max|diff|)`` or ``("cannot", reason)``."""
-    if type(got) is not torch.Tensor and not isinstance(got, torch.nn.Parameter):
-        return "cannot", f"a {type(got).__name__} (a quantized or wrapped tensor) cannot be shown equal to the release"
-    if got.dtype not in _PLAIN_FLOATS:
-        return "cannot", (f"stored as {str(got.dtype).removeprefix('torch.')}: an integer, bool, fp8 or "
-                          f"quantized frozen tensor cannot be shown equal to the release")
-    if tuple(ref.shape) != tuple(got.shape):
-        return "changed", float("inf")
-    if got.dtype == ref.dtype:
-        return ("same", 0.0) if _bit_equal(ref, got) else ("changed", _max_abs_diff(got, ref))
-    if got.element_size() > ref.element_size():  # a lossless upcast keeps the value exactly
-        exact = got.to(ref.dtype)
-        if _bit_equal(exact, ref) and _bit_equal(exact.to(got.dtype), got):
-            return "same", 0.0
-        return "changed", _max_abs_diff(got, ref)
-    if any(_bit_equal(r, got) for r in _roundings(ref, got.dtype, allowed)):
-        return "same", 0.0
-    every = set(LOWER_PRECISIONS.values())
-    if any(_bit_equal(r, got) for r in _roundings(ref, got.dtype, every)):
-        need = "fp16,bf16" if not _bit_equal(ref.to(got.dtype), got) else _SHORT[got.dtype]
-        return "cannot", (f"saved in {_SHORT[got.dtype]}, the release rounded (a lower-precision run): accept "
-                          f"with --allow-lower-precision {need}")
-    return "changed", _max_abs_diff(got, ref)
-
-
-# ---------------------------------------------------------------------------------------------
 # the audit
 
 
@@ -371,7 +306,7 @@ class _Audit:
                 report.classes["compared"] += 1
                 ref = self.rel_src[self.buffers[detail]]
                 got = tensor if tensor is not None else tensors[key]
-                if _compare(ref.detach().cpu(), got.detach().cpu(), self.allowed)[0] != "same":
+                if compare(ref.detach().cpu(), got.detach().cpu(), self.allowed)[0] != "same":
                     report.cannot_verify.append((label, "a tensor the release stores beside its parameters "
                                                         "(a buffer the mask does not cover) differs from the release"))
             elif cls == "derived":
@@ -401,7 +336,7 @@ class _Audit:
         report = self.report
         ref = self.rel_src[self.rel_keys[name]].detach().cpu()
         try:
-            verdict, detail = _compare(ref, got.detach().cpu() if isinstance(got, torch.Tensor) else got, self.allowed)
+            verdict, detail = compare(ref, got.detach().cpu() if isinstance(got, torch.Tensor) else got, self.allowed)
         except (RuntimeError, TypeError, ValueError) as exc:  # exotic tensor subclasses
             verdict, detail = "cannot", f"cannot be compared: {exc}"
         report.checked += verdict != "cannot"
@@ -412,23 +347,8 @@ class _Audit:
         elif verdict == "cannot":
             report.cannot_verify.append((label, detail))
         elif got.dtype != ref.dtype and got.element_size() < ref.element_size():
-            key = _SHORT[got.dtype]
+            key = SHORT_NAMES[got.dtype]
             self.lowered[key] = self.lowered.get(key, 0) + 1
-
-
-def _parse_allowed(allow_lower_precision: Iterable[str]) -> set[torch.dtype]:
-    names = [allow_lower_precision] if isinstance(allow_lower_precision, str) else list(allow_lower_precision)
-    out = set()
-    for n in names:
-        for part in str(n).split(","):
-            part = part.strip().lower()
-            if not part:
-                continue
-            if part not in LOWER_PRECISIONS:
-                raise VerifyInputError(f"allow_lower_precision: unknown dtype {part!r} (choose from "
-                                       f"{', '.join(LOWER_PRECISIONS)})")
-            out.add(LOWER_PRECISIONS[part])
-    return out
 
 
 def verify(released: Any, finetuned: Any, mask: FreezeMask | str | os.PathLike, *,
@@ -449,7 +369,10 @@ def verify(released: Any, finetuned: Any, mask: FreezeMask | str | os.PathLike, 
     """
     from freezeguard.core.mask_files import FreezeMaskFileError
 
-    allowed = _parse_allowed(allow_lower_precision)
+    try:
+        allowed = parse_dtypes(allow_lower_precision)
+    except ValueError as exc:
+        raise VerifyInputError(f"allow_lower_precision: {exc}") from None
     if not isinstance(mask, FreezeMask):
         try:
             mask = FreezeMask.load(mask)
