@@ -358,7 +358,7 @@ def test_lora_on_frozen_layers_beside_a_decoy_full_model(release, tmp_path, caps
     assert _verify(capsys, release, up)[0] == 0
 
 
-def test_index_paths_and_symlinks_stay_inside_the_upload(release, tmp_path, capsys):
+def test_index_paths_and_symlinks_stay_inside_the_upload(release, tmp_path, capsys, monkeypatch):
     _, _, sd = release
     outside = tmp_path / "outside.safetensors"
     save_file(sd, str(outside))
@@ -389,6 +389,16 @@ def test_index_paths_and_symlinks_stay_inside_the_upload(release, tmp_path, caps
     for name in ("weights.SafeTensors", "weights", "state.data"):
         (link / name).unlink()
     assert _verify(capsys, release, link)[0] == 0
+    # a folder the audit cannot list (os.walk would skip it silently) is exit 2, not "nothing there"
+    (link / "sub").mkdir()
+    real_walk = os.walk
+
+    def walk(top, onerror=None, **kw):
+        onerror(PermissionError(13, "Permission denied", str(link / "sub")))
+        yield from real_walk(top, onerror=onerror, **kw)
+    monkeypatch.setattr("freezeguard.core.upload.os.walk", walk)
+    code, data = _verify(capsys, release, link)
+    assert code == 2 and data["cannot_verify"][0]["key"] == "sub"
 
 
 def test_released_buffers_are_compared_not_taken_for_adapters(tmp_path, capsys):

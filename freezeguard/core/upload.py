@@ -101,7 +101,7 @@ def _sniff(path: Path) -> str:
         with open(path, "rb") as f:
             head = f.read(9)
     except OSError:
-        return ""
+        return "file that cannot be read"
     if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return "pickle or zip checkpoint"
     if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size:
@@ -153,7 +153,11 @@ def read_upload(path: str | os.PathLike) -> Upload:
     parts = _pipeline_parts(root, upload.refused)
     weights: list[Path] = []
     indexes: list[Path] = []
-    for folder, dirs, files in os.walk(root, followlinks=False):
+    def unreadable(exc: OSError) -> None:  # os.walk skips what it cannot list: that is not "nothing there"
+        where = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "."
+        upload.refused.append((where, f"cannot be read ({exc.strerror}): a loader with other rights could"))
+
+    for folder, dirs, files in os.walk(root, followlinks=False, onerror=unreadable):
         here = Path(folder)
         for name in sorted(dirs + files):
             p = here / name
@@ -176,12 +180,16 @@ def read_upload(path: str | os.PathLike) -> Upload:
                 if kind == "safetensors":
                     weights.append(p)
                 elif kind:
-                    upload.refused.append((rel, f"a {kind} under another name: a loader told its path could read it"))
+                    upload.refused.append((rel, f"a {kind} (under a name verify does not read as weights): "
+                                                f"a loader told its path could read it"))
     sharded: set[Path] = set()
     sets: list[tuple[Path, list[Path]]] = []
     for index in sorted(indexes):
         rel = index.relative_to(root).as_posix()
-        shards, why = _read_index(index, root, rel)
+        try:
+            shards, why = _read_index(index, root, rel)
+        except OSError as exc:
+            shards, why = None, f"cannot be read ({exc.strerror})"
         if shards is None:
             upload.refused.append((rel, why))
             continue

@@ -306,7 +306,11 @@ class _Audit:
                 report.classes["compared"] += 1
                 ref = self.rel_src[self.buffers[detail]]
                 got = tensor if tensor is not None else tensors[key]
-                if compare(ref.detach().cpu(), got.detach().cpu(), self.allowed)[0] != "same":
+                try:
+                    same = compare(ref.detach().cpu(), got.detach().cpu(), self.allowed)[0] == "same"
+                except (RuntimeError, TypeError):
+                    same = False
+                if not same:
                     report.cannot_verify.append((label, "a tensor the release stores beside its parameters "
                                                         "(a buffer the mask does not cover) differs from the release"))
             elif cls == "derived":
@@ -413,7 +417,10 @@ def verify(released: Any, finetuned: Any, mask: FreezeMask | str | os.PathLike, 
             except weights.WeightsError as exc:
                 report.cannot_verify.append((fs.label, str(exc)))
     else:
-        audit.audit_set(FileSet("denoiser", [], "<in memory>"), load_tensors(finetuned, "finetuned"))
+        try:
+            audit.audit_set(FileSet("denoiser", [], "<in memory>"), load_tensors(finetuned, "finetuned"))
+        except weights.WeightsError as exc:  # the release's tensors, read lazily from its files
+            raise VerifyInputError(str(exc)) from None
     report.missing = sorted(frozen - audit.seen)
     for dtype, n in sorted(audit.lowered.items()):
         report.notes.append(f"{n} frozen tensor(s) equal the release rounded to {dtype} (allowed)")
