@@ -110,7 +110,8 @@ class VerifyReport:
         # JSON has no inf; a reshaped tensor reports null.
         d["violations"] = [{"name": n, "max_abs_diff": (v if v != float("inf") else None)}
                            for n, v in self.violations]
-        d["lora_violations"] = [{"key": k, "frozen": f} for k, f in self.lora_violations]
+        d["lora_violations"] = [{"key": k, "frozen": f} for k, f in self.lora_violations[:_LISTED]]
+        d["lora_violations_count"] = len(self.lora_violations)
         d["cannot_verify"] = [{"key": k, "reason": r} for k, r in self.cannot_verify[:_LISTED]]
         d["cannot_verify_count"] = len(self.cannot_verify)
         return d
