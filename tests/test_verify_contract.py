@@ -419,3 +419,18 @@ def test_released_buffers_are_compared_not_taken_for_adapters(tmp_path, capsys):
     save_file(sd, str(tmp_path / "up.safetensors"))
     argv[-1] = str(tmp_path / "up.safetensors")
     assert main(argv) == 2 and "buffer" in capsys.readouterr().out
+
+
+def test_documented_json_schema_is_what_verify_prints(release, tmp_path, capsys):
+    """docs/security.md's schema block names exactly the fields ``--json`` prints."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
+    block = doc.split("## `--json` schema", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    documented = json.loads(re.sub(r"//[^\n]*", "", block))
+    _, _, sd = release
+    save_file(sd, str(tmp_path / "ft.safetensors"))
+    _, data = _verify(capsys, release, tmp_path / "ft.safetensors")
+    assert set(documented) == set(data)
+    assert set(documented["classes"]) == set(data["classes"])
