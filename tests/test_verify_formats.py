@@ -172,8 +172,9 @@ def kohya_sgm_lora(model, modules, rank=2, seed=0) -> dict:
     """A LoRA as kohya-ss/sd-scripts networks/lora.py writes it for SDXL (``LoRANetwork.create_modules``:
     ``lora_name = ("lora_unet." + name + "." + child_name).replace(".", "_")`` over the modules of its
     SGM UNet, library/sdxl_original_unet.py: input_blocks / middle_block / output_blocks), with
-    ``lora_down.weight``, ``lora_up.weight`` and ``alpha`` per module. OneTrainer's SDXL export uses
-    the same names."""
+    ``lora_down.weight``, ``lora_up.weight`` and ``alpha`` per module. OneTrainer's SDXL LoRA files use
+    the same names (Nerogar/OneTrainer modules/util/convert/lora/convert_sdxl_lora.py,
+    convert_sdxl_lora_key_sets: "lora_unet" + input_blocks / middle_block / output_blocks)."""
     layout = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(seed)
     out = {}

@@ -42,6 +42,8 @@ OTHER_PART_PREFIXES = {
     "lora_te3_": "text_encoder_3", "lycoris_te_": "text_encoder", "lycoris_te1_": "text_encoder",
     "lycoris_te2_": "text_encoder_2", "cond_stage_model.": "text_encoder", "conditioner.": "text_encoder",
     "text_encoders.": "text_encoder", "first_stage_model.": "vae", "vae.": "vae",
+    # textual-inversion embeddings OneTrainer bundles into its LoRA files (convert_sdxl_lora.py: bundle_emb)
+    "bundle_emb.": "text_encoder",
 }
 
 # Top-level modules of BFL's Flux (flux/model.py), whose releases carry no prefix.
