@@ -254,6 +254,22 @@ def test_kohya_flux_lora_with_a_key_the_converter_leaves_is_cannot_verify(tmp_pa
     assert code == 2 and {c["key"] for c in data["cannot_verify"]} >= {"lora_unet_not_a_block.lora_down.weight"}
 
 
+def test_kohya_flux_single_block_lora_at_tiny_size_is_cannot_verify(tmp_path, capsys):
+    """diffusers splits a kohya ``single_blocks_N_linear1`` LoRA at the full-size widths (3072 x 3 + 12288),
+    so on a tiny Flux it cannot convert it, and neither can verify: exit 2, not a guess."""
+    model = _tiny_flux()
+    released, mask = _release(model, tmp_path, ["single_transformer_blocks.0.attn.to_q.weight"])
+    d = model.config.num_attention_heads * model.config.attention_head_dim
+    mlp = model.single_transformer_blocks[0].proj_mlp.out_features
+    module = "lora_unet_single_blocks_0_linear1"
+    save_file({f"{module}.lora_down.weight": torch.ones(2, d), f"{module}.lora_up.weight": torch.ones(3 * d + mlp, 2),
+               f"{module}.alpha": torch.tensor(2.0)}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(Exception):  # noqa: B017 - whatever diffusers raises: it cannot load this file
+        diffusers.FluxPipeline.lora_state_dict(str(tmp_path / "f.safetensors"))
+    code, data = _verify(capsys, released, tmp_path / "f.safetensors", mask)
+    assert code == 2 and data["cannot_verify_count"] == 3
+
+
 def test_xlabs_flux_lora(tmp_path, capsys):
     """XLabs-AI/x-flux names (``double_blocks.N.processor.qkv_lora1.down.weight``; their train_flux_lora
     saves the processors' state dicts); diffusers converts them (``_convert_xlabs_flux_lora_to_diffusers``)."""
