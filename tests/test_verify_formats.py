@@ -593,3 +593,32 @@ def test_full_size_sai_sd3_single_file_maps_every_tensor():
     converted = {k: tuple(v.shape) for k, v in readings[0][1].items()}
     assert converted.pop("pos_embed.pos_embed") == original["model.diffusion_model.pos_embed"].shape
     assert converted == layout
+
+
+def test_original_checkpoint_with_ema_copy_and_schedule(tmp_path, capsys):
+    """An original (CompVis ldm) checkpoint also holds the EMA copy (ldm/modules/ema.py, LitEma: buffers
+    ``model_ema.<parameter name without dots>``, plus ``decay`` / ``num_updates``) and the DDPM schedule
+    (ldm/models/diffusion/ddpm.py, register_schedule: ``betas``, ``alphas_cumprod``...).
+    ``from_single_file(..., extract_ema=True)`` loads the EMA copy: it is compared too."""
+    unet = _tiny_sd15()
+    frozen = [n for n, _ in unet.named_parameters() if "attn1.to_q" in n]
+    released, mask = _release(unet, tmp_path, frozen)
+    honest = {k: v.detach().clone().contiguous() for k, v in unet.state_dict().items()}
+    main_keys = to_original_layout(honest, 1)
+    schedule = {n: torch.linspace(0, 1, 10) for n in ("betas", "alphas_cumprod", "alphas_cumprod_prev",
+                                                        "posterior_variance")}
+    bookkeeping = {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10)}
+
+    def ema(state):  # LitEma names the shadow of model.diffusion_model.X as model_ema.diffusion_modelX (no dots)
+        return {"model_ema." + k.removeprefix("model.").replace(".", ""): v.clone() for k, v in state.items()}
+    changed_ema = ema(main_keys)
+    key = "model_ema." + next(k for k in main_keys if "attn1.to_q" in k).removeprefix("model.").replace(".", "")
+    changed_ema[key] = changed_ema[key] + 1
+    for name, shadow in (("honest", ema(main_keys)), ("tampered", changed_ema)):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({**{k: v.clone() for k, v in main_keys.items()}, **shadow, **schedule, **bookkeeping}, str(path))
+        loaded = diffusers.UNet2DConditionModel.from_single_file(str(path), config=str(released), extract_ema=True)
+        differs = not all(torch.equal(_released_params(loaded)[n], honest[n]) for n in frozen)
+        code, data = _verify(capsys, released, path, mask)
+        assert (code, differs) == ((0, False) if name == "honest" else (1, True)), (name, data["cannot_verify"][:3])
+        assert data["parts"] == {"scheduler": 4, "ema": 2}

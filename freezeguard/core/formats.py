@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-__all__ = ["OTHER_PART_PREFIXES", "family_of", "unet_config_from_layout", "convert_foreign", "peft_targets"]
+__all__ = ["OTHER_PART_PREFIXES", "OTHER_PART_KEYS", "family_of", "unet_config_from_layout", "convert_foreign", "peft_targets"]
 
 #: Key prefixes of pipeline parts a denoiser mask does not cover, -> the part's name. Diffusers
 #: pipeline LoRAs, kohya/LyCORIS text-encoder modules and original-layout single files.
@@ -49,6 +49,15 @@ OTHER_PART_PREFIXES = {
 # Top-level modules of BFL's Flux (flux/model.py), whose releases carry no prefix.
 _BFL_FLUX_TOP = ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in",
                  "final_layer")
+
+#: Whole keys of original (CompVis ldm) checkpoints that no denoiser loads: the DDPM schedule
+#: (ldm/models/diffusion/ddpm.py, DDPM.register_schedule) and the EMA's bookkeeping (ldm/modules/ema.py,
+#: LitEma: decay, num_updates). The sampler of the original code reads the schedule: a part of its own.
+OTHER_PART_KEYS = dict.fromkeys(
+    ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+     "lvlb_weights", "logvar"), "scheduler") | {"model_ema.decay": "ema", "model_ema.num_updates": "ema"}
 
 Reading = tuple[str, dict[str, torch.Tensor], dict[str, str]]  # (format, converted, new key -> source key)
 
@@ -199,6 +208,24 @@ def _rename_block(key: str, prefix: str, renames: tuple[tuple[str, str], ...]) -
     return key
 
 
+def _read_ema(layout: Mapping[str, Any], file_keys: Iterable[str]) -> Callable[[dict], dict]:
+    """The EMA copy an original checkpoint keeps (LitEma: ``model_ema.`` + the parameter name without
+    dots), as ``from_single_file(..., extract_ema=True)`` loads it (convert_ldm_unet_checkpoint)."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    config = unet_config_from_layout(layout)
+    names = [k for k in file_keys if k.startswith(sfu.LDM_UNET_KEY)]
+
+    def convert(sd: dict) -> dict:
+        # the converter walks the main keys to find their EMA twins: stand-ins, never output
+        stand_in = torch.empty(0, device="meta")
+        checkpoint = dict.fromkeys(names, stand_in)
+        checkpoint.update(sd)
+        out = sfu.convert_ldm_unet_checkpoint(checkpoint, config, extract_ema=True)
+        return {k: v for k, v in out.items() if v is not None and v is not stand_in}
+    return convert
+
+
 def _read_flat(layout: Mapping[str, Any], prefix: str, family: str | None = None) -> Callable[[dict], dict]:
     """``<prefix><module path with _>.<rest>`` -> ``<module>.<rest>``.
 
@@ -247,6 +274,9 @@ def convert_foreign(keys: list[str], tensors: Mapping[str, torch.Tensor], family
                       or (family == "flux" and k.split(".")[0] in _BFL_FLUX_TOP)))
         steps.append(("LoRA (diffusers lora_state_dict)", lambda: _read_lora(family, layout),
                       lambda k: any(w in k.lower() for w in ("lora", "lokr", "hada", "loha", "alpha", "dora"))))
+    if family in ("unet", "sdxl"):
+        steps.append(("EMA copy (single_file_utils, extract_ema)", lambda: _read_ema(layout, tensors.keys()),
+                      lambda k: k.startswith("model_ema.")))
     if family in ("unet", "sdxl"):  # what diffusers leaves of a kohya file (LyCORIS algorithms, mixed names)
         steps.append(("kohya module names", lambda: _read_flat(layout, "lora_unet_", family),
                       lambda k: k.startswith("lora_unet_")))

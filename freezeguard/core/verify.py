@@ -41,7 +41,7 @@ import torch
 from freezeguard.core import weights
 from freezeguard.core.adapter_rule import AdapterRule
 from freezeguard.core.fingerprint import release_hash
-from freezeguard.core.formats import OTHER_PART_PREFIXES, convert_foreign, family_of, peft_targets
+from freezeguard.core.formats import OTHER_PART_KEYS, OTHER_PART_PREFIXES, convert_foreign, family_of, peft_targets
 from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
 from freezeguard.core.names import canonical_name, resolve_name
 from freezeguard.core.tensor_compare import LOWER_PRECISIONS, SHORT_NAMES, compare, parse_dtypes
@@ -232,6 +232,8 @@ class _Audit:
     def classify(self, key: str) -> tuple[str, str]:
         """(class, detail): ("other_part", part) | ("tensor", name) | ("buffer", name) | ("derived", name)
         | ("adapter", module) | ("unmapped", "")."""
+        if key in OTHER_PART_KEYS:
+            return "other_part", OTHER_PART_KEYS[key]
         for prefix, part in OTHER_PART_PREFIXES.items():
             if key.startswith(prefix):
                 return "other_part", part
