@@ -161,6 +161,27 @@ def test_kohya_lora_written_by_diffusers_training_scripts(tmp_path, capsys):
         assert data["files"][0]["formats"] == ["LoRA (diffusers lora_state_dict)"]
 
 
+def test_old_diffusers_attention_processor_lora(tmp_path, capsys):
+    """The attention-processor LoRA layout of diffusers < 0.21 (``attn1.processor.to_q_lora.down.weight``;
+    diffusers/utils/state_dict_utils.py UNET_TO_DIFFUSERS still maps it) hangs on ``attn1.to_q``, not on
+    the whole ``attn1``: a LoRA on a trainable ``to_k`` beside a frozen ``to_q`` is fine."""
+    unet = _tiny_sd15()
+    block = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    released, mask = _release(unet, tmp_path, [f"{block}.to_q.weight"])
+    for name, proj in (("bad", "to_q"), ("good", "to_k")):
+        lora = {f"unet.{block}.processor.{proj}_lora.down.weight": torch.ones(2, 8),
+                f"unet.{block}.processor.{proj}_lora.up.weight": torch.ones(8, 2)}
+        save_file(lora, str(tmp_path / f"{name}.safetensors"))
+        sd, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(tmp_path / f"{name}.safetensors"))
+        target = _tiny_sd15()
+        diffusers.StableDiffusionPipeline.load_lora_into_unet(sd, alphas, unet=target)
+        target.fuse_lora()
+        changed = not torch.equal(_released_params(target)[f"{block}.to_q.weight"],
+                                  _released_params(unet)[f"{block}.to_q.weight"])
+        code, data = _verify(capsys, released, tmp_path / f"{name}.safetensors", mask)
+        assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["lora_violations"][:3])
+
+
 def _tiny_sdxl(seed=0):
     from freezeguard.integrations.diffusers.models import get_family
 

@@ -262,7 +262,11 @@ class _Audit:
         classes = {k: self.classify(k) for k in keys}
         items: list[tuple[str, str, tuple[str, str], Any]] = [(k, k, c, None) for k, c in classes.items()
                                                                if c[0] != "unmapped"]
-        foreign = [k for k, c in classes.items() if c[0] == "unmapped"]
+        # old diffusers attention-processor LoRAs (attn1.processor.to_q_lora.down.weight) hang on the
+        # layer the loader's renaming gives (attn1.to_q), not on attn1: they go through the converter
+        foreign = [k for k, c in classes.items() if c[0] == "unmapped"
+                   or (c[0] == "adapter" and ".processor." in k and "_lora." in k)]
+        items = [it for it in items if it[0] not in set(foreign)]
         n_adapters = 0
         if fs.adapter_config is not None:
             # peft's loader puts a layer on every module the config targets, whether or not the file
