@@ -125,3 +125,21 @@ def test_adapter_config_targeting_a_frozen_module_without_its_weights(release, t
     data = json.loads(capsys.readouterr().out)
     assert code == 1 and {"key": "adapter_config.json target_modules", "frozen": f"{bad_module}.weight"} \
         in data["lora_violations"]
+
+
+def test_adapter_config_target_parameters_on_a_frozen_tensor(release, tmp_path, capsys):
+    """peft's LoRA on parameters (``target_parameters``) adapts the module owning the parameter."""
+    root, released = release
+    bad = f"{LINEAR[0]}.weight"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(build_tiny_unet(seed=0, cross_attention_dim=8),
+                                    peft.LoraConfig(r=2, target_modules=[], target_parameters=[bad],
+                                                    init_lora_weights=False))
+        model.save_pretrained(tmp_path / "up")
+        merged = {canonical_name(n): p for n, p in model.merge_and_unload().named_parameters()}
+    assert not torch.equal(merged[bad], released[bad])
+    code = main(["verify", "--released", str(root / "released"), "--mask", str(root / "mask.safetensors"),
+                 "--finetuned", str(tmp_path / "up"), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1 and {"key": "adapter_config.json target_modules", "frozen": bad} in data["lora_violations"]

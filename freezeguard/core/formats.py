@@ -323,6 +323,10 @@ def peft_targets(adapter_config: Path, modules: Iterable[str]) -> set[str] | Non
     if getattr(config, "target_modules", None) == "all-linear":
         return set(modules)
     found = set()
+    # LoRA on parameters (peft's target_parameters): the module owning a named parameter is adapted
+    for param in getattr(config, "target_parameters", None) or ():
+        found |= {m for m in modules if f"{m}.{param.rsplit('.', 1)[-1]}".endswith(param)
+                  and (m == param.rsplit(".", 1)[0] or m.endswith("." + param.rsplit(".", 1)[0]))}
     for m in modules:
         try:
             if bool(check_target_module_exists(config, m)):
