@@ -43,7 +43,7 @@ rm -f "$STAMP"
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0" "triton==3.8.0" ninja "setuptools>=77" wheel pybind11
 python -m pip install -q "diffusers>=0.30" "transformers>=4.40" "accelerate>=0.30" "peft>=0.10" \
-    safetensors numpy tqdm pillow matplotlib pytest pytest-benchmark ruff import-linter "lycoris-lora==4.1.3"
+    "lycoris-lora==4.1.3" safetensors numpy tqdm pillow matplotlib pytest pytest-benchmark ruff import-linter
 # --no-build-isolation: the extension is compiled against the torch installed above.
 python -m pip install -q --no-build-isolation -e .
 inputs_hash > "$STAMP"

@@ -498,6 +498,7 @@ def test_8_mask_files_follow_the_umask(tmp_path):
 @pytest.mark.parametrize("lora_bias", [False, True])
 def test_8_wrap_and_verify_agree_on_adapters(frozen, lora_bias):
     peft = pytest.importorskip("peft")
+    from freezeguard.core.adapter_rule import AdapterRule
     from freezeguard.core.adapters import frozen_adapters
     from freezeguard.core.names import FrozenAdapterError, canonical_name
 
@@ -512,18 +513,17 @@ def test_8_wrap_and_verify_agree_on_adapters(frozen, lora_bias):
     adapters = {n: p.detach() for n, p in unet.named_parameters() if "lora_" in n}
     report = fg.verify(released, adapters, mask)
     flagged = {canonical_name(k.split(".lora_")[0]) for k, _ in report.lora_violations}
-    # core.adapter_rule: an adapter on a module owning a frozen tensor is refused, whatever the tuner
-    # type and whichever tensor is frozen (a LoRA "only on the weight" still hangs on the module).
+    # guard and verify apply one rule (core.adapter_rule): an adapter on a module owning any frozen
+    # tensor is a violation, whatever the tuner type and whichever tensor is frozen (a LoRA "only on
+    # the weight" still changes what a module with a frozen bias computes)
+    rule = AdapterRule(mask)
+    targeted = {canonical_name(n.split(".lora_")[0]) for n in adapters}
     assert refused == {n.rsplit(".", 1)[0] for n in names}
+    assert flagged == {m for m in targeted if rule.frozen_under(m)} and flagged
+    assert refused == flagged
     params = [p for p in unet.parameters() if p.requires_grad]
     with pytest.raises(FrozenAdapterError, match=r"attn1\.to_out\.0"):
         fg.wrap(torch.optim.AdamW(params, lr=1e-3), mask, unet)
-    if frozen != "bias" or lora_bias:
-        assert refused == flagged
-    else:
-        # verify on this branch still judges with names.adapter_touches (LoRA factors touch only
-        # the weight); the verify helper's branch moves it to AdapterRule, after which it flags too.
-        assert flagged <= refused
 
 
 def test_8_load_with_a_peft_model_maps_released_names(tmp_path):

@@ -27,3 +27,22 @@ def model_fingerprint(model_or_state) -> str:
     for name, t in sorted(_named_tensors(model_or_state), key=lambda kv: kv[0]):
         h.update(f"{name}|{tuple(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode())
     return h.hexdigest()
+
+
+def release_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the sorted (name, dtype, shape, bytes) of ``tensors``: binds a mask to one release.
+
+    Two releases of one architecture share :func:`model_fingerprint`; their frozen tensors' bytes
+    differ. Mask files record this hash over the release's frozen tensors (``release_hash``).
+
+    Example:
+        >>> import torch
+        >>> release_hash({"w": torch.zeros(2)}) == release_hash({"w": torch.zeros(2)}) != release_hash({"w": torch.ones(2)})
+        True
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

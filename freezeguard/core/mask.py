@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 import torch
 
 from freezeguard._version import __version__
-from freezeguard.core.fingerprint import model_fingerprint
+from freezeguard.core.fingerprint import model_fingerprint, release_hash
 from freezeguard.core.mask_files import FreezeMaskFileError, read_mask_file, read_reference_txt, write_mask_file
 from freezeguard.core.names import lora_exclude_modules, released_layout, resolve_name
 
@@ -240,10 +240,15 @@ class FreezeMask:
         return lora_exclude_modules(model, self)
 
     # files --------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, model: torch.nn.Module | None = None) -> None:
+    def save(self, path: str | os.PathLike, model: torch.nn.Module | None = None, *,
+             released: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write the mask to a ``.safetensors`` file (atomically; see :mod:`freezeguard.core.mask_files`).
 
-        ``model`` (optional) refreshes the stored fingerprint and must match the mask.
+        ``model`` (optional, the *released* model) refreshes the stored fingerprint, must match the
+        mask, and binds the mask to this release: the file records ``release_hash``, a content hash
+        of the frozen tensors, which ``verify`` checks against ``--released``. ``released`` (a
+        name -> tensor mapping of the release as stored, e.g. ``weights.load_tensors(folder)``)
+        gives the hash instead, for a caller whose ``model`` no longer holds the released values.
 
         Example:
             >>> import os, tempfile, torch, freezeguard as fg
@@ -255,13 +260,25 @@ class FreezeMask:
         if model is not None:
             self.check_model(model)
             meta["model_fingerprint"] = model_fingerprint(model)
+            tensors = self.frozen_tensors(model)
+            if not any(t.is_meta for t in tensors.values()):  # a meta model has shapes, no content to bind to
+                meta["release_hash"] = release_hash(tensors)
+        if released is not None:
+            picked = {}
+            for key in released:
+                name = resolve_name(key, self._layout)
+                if name in self._frozen:
+                    picked.setdefault(name, released[key])
+            if picked.keys() != self._frozen:
+                raise ValueError(f"released lacks {len(self._frozen - picked.keys())} frozen tensor(s) of the mask")
+            meta["release_hash"] = release_hash(picked)
         by = meta.get("budget_by", "tensors")
         learning = meta.pop("learning", "{}")
         try:
             json.loads(learning)
         except (TypeError, ValueError):
             raise ValueError("mask.metadata['learning'] must be a JSON string") from None
-        reserved = {"model_fingerprint", "budget_by", "target_ratio"}
+        reserved = {"model_fingerprint", "budget_by", "target_ratio", "release_hash"}
         file_meta = {
             "granularity": self.granularity,
             "budget_by": by,
@@ -272,8 +289,9 @@ class FreezeMask:
             "learning": learning,
             "extra": json.dumps({k: str(v) for k, v in sorted(meta.items()) if k not in reserved}),
         }
-        if "target_ratio" in meta:
-            file_meta["target_ratio"] = meta["target_ratio"]
+        for key in ("target_ratio", "release_hash"):
+            if key in meta:
+                file_meta[key] = meta[key]
         file_meta["freezeguard_version"] = __version__
         write_mask_file(path, self._layout, self._frozen, file_meta)
 
@@ -283,8 +301,13 @@ class FreezeMask:
 
         Every problem raises :class:`FreezeMaskFileError` (a ValueError) naming the file: missing,
         not safetensors, truncated or corrupted, unknown format version, or made for a different
-        model (listing missing / extra / reshaped tensors). A model whose names and shapes match
-        but whose dtypes differ (loaded in fp16, say) is accepted: the mask is about names.
+        model (listing missing / extra / reshaped tensors), or, when the file records the content
+        hash of its release (``release_hash``) and the model's frozen tensors have the dtypes they
+        were hashed in, for other weights (another release of the same architecture, or a model
+        whose frozen tensors changed). A model whose names and shapes match but whose dtypes
+        differ (loaded in fp16, say) is accepted on its layout: the mask is about names. Files
+        without ``release_hash`` (older ones) load; ``verify`` then notes that only the layout
+        was checked.
 
         Example:
             >>> import os, tempfile, torch, freezeguard as fg
@@ -297,10 +320,13 @@ class FreezeMask:
         layout, frozen, file_meta = read_mask_file(path)
         meta: dict[str, str] = {}
         try:
-            meta.update(json.loads(file_meta.get("extra", "{}")))
+            extra = json.loads(file_meta.get("extra", "{}"))
         except ValueError:
             raise FreezeMaskFileError(f"{path} is corrupted: its 'extra' metadata is not JSON") from None
-        for key in ("model_fingerprint", "budget_by", "target_ratio", "learning"):
+        if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+            raise FreezeMaskFileError(f"{path} is corrupted: its 'extra' metadata is not a JSON object of strings")
+        meta.update(extra)
+        for key in ("model_fingerprint", "budget_by", "target_ratio", "learning", "release_hash"):
             if file_meta.get(key):
                 meta[key] = file_meta[key]
         mask = cls(layout, frozen, metadata=meta)
@@ -311,7 +337,30 @@ class FreezeMask:
                     mask.check_model(model)
                 except ValueError as exc:
                     raise FreezeMaskFileError(f"{path}: {exc}") from None
+            recorded = meta.get("release_hash")
+            tensors = mask.frozen_tensors(model) if recorded else {}
+            if recorded and meta.get("model_fingerprint") == model_fingerprint(model) \
+                    and not any(t.is_meta for t in tensors.values()):
+                if release_hash(tensors) != recorded:
+                    raise FreezeMaskFileError(f"{path}: the mask belongs to another release: the model's frozen "
+                                              f"tensors differ from the ones the mask was made for")
         return mask
+
+    def frozen_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """released name -> the model's tensor, for every frozen tensor the model has (wrappers mapped).
+
+        Example:
+            >>> import torch, freezeguard as fg
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> list(fg.FreezeMask.from_names(lin, ["bias"]).frozen_tensors(lin))
+            ['bias']
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, p in model.named_parameters():
+            released = resolve_name(name, self._layout)
+            if released in self._frozen and ".modules_to_save." not in name:
+                out.setdefault(released, p.detach())
+        return out
 
     # effect -------------------------------------------------------------------------------
     def apply_(self, model: torch.nn.Module) -> torch.nn.Module:

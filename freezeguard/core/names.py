@@ -102,27 +102,6 @@ def frozen_parameter_ids(model: torch.nn.Module, mask: "FreezeMask") -> dict[int
     return found
 
 
-# Kept for core/verify.py until it judges adapter files with core.adapter_rule.AdapterRule (the verify
-# helper's branch); the guard no longer uses it. Remove once nothing imports it.
-_WEIGHT_ONLY = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                          "lora_down", "lora_up", "lora_mid", "lora", "lora_layer", "hada_w1_a", "hada_w1_b",
-                          "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w2", "lokr_w1_a",
-                          "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "vera_lambda_b", "vera_lambda_d"})
-
-
-def adapter_touches(adapter_key: str) -> tuple[str, ...]:
-    """Deprecated (verify's old rule): the tensors of its layer an adapter parameter changes when merged.
-
-    Example:
-        >>> adapter_touches("to_q.lora_A.default.weight"), adapter_touches("to_q.lora_B.bias")
-        (('weight',), ('weight', 'bias'))
-    """
-    parts = adapter_key.split(".")
-    kohya = parts[0].startswith("lora_unet_") and parts[-1] in ("alpha", "scale")
-    weight_only = kohya or any(p in _WEIGHT_ONLY or p.endswith("_lora") for p in parts)
-    return ("weight",) if weight_only and parts[-1] != "bias" else ("weight", "bias")
-
-
 def released_layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """name -> shape of a possibly wrapped model's own tensors, under their released names.
 

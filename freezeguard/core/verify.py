@@ -1,15 +1,19 @@
-"""Audit: does a fine-tuned checkpoint leave every frozen tensor exactly as released?
+"""Audit: does an upload leave every frozen tensor exactly as released?
 
-``fg.verify(released, finetuned, mask)`` compares, bit for bit, each frozen tensor of the
-fine-tuned checkpoint with the released one, and lists LoRA (or other adapter) weights that would
-change a frozen tensor when merged. Inputs may be models, state dicts, ``.safetensors`` files,
-diffusers model folders (``diffusion_pytorch_model.safetensors``, sharded or not) or pipeline
-folders (the ``unet/`` inside is used). Pickle checkpoints (``.bin``, ``.ckpt``, ``.pt``) are
-refused: auditing untrusted files must not execute code.
+``fg.verify(released, finetuned, mask)`` fails closed: the result is OK only when every tensor of
+the upload is accounted for. Each key of every weights file a loader could read
+(:mod:`freezeguard.core.upload`) falls in one class:
 
-A user who saved in lower precision (fp16/bf16) cannot keep fp32 values bit-identical, so the
-released tensor is first cast to the fine-tuned dtype (round to nearest, as ``.to()`` does when
-saving); the report says so in ``notes``.
+* ``compared``: a released tensor (after the field's format converters, :mod:`freezeguard.core.formats`);
+  frozen ones must be bit-identical to the release (or, opted in, the release rounded to fp16/bf16);
+* ``adapter``: an adapter weight (any tuner type) hanging on a released module that owns no frozen
+  tensor (:class:`~freezeguard.core.adapter_rule.AdapterRule`); on a module that owns one, a violation;
+* ``other_part``: a part of the pipeline the mask does not cover (text encoders, VAE), counted per part;
+* ``unmapped``: anything else. Such keys, unreadable files, frozen tensors stored as integers, fp8
+  or quantized parts, and a full model that lacks frozen tensors are listed in ``cannot_verify``.
+
+Outcomes: ``status`` "ok" (exit 0), "violation" (exit 1: a frozen tensor changed or an adapter
+hangs on a frozen module), "cannot_verify" (exit 2). A violation wins over cannot_verify.
 
 Example:
     >>> import torch, freezeguard as fg
@@ -17,11 +21,14 @@ Example:
     >>> mask = fg.FreezeMask.from_names(released, ["weight"])
     >>> tuned = {k: v.clone() for k, v in released.state_dict().items()}
     >>> tuned["bias"] += 1                     # trainable: allowed
-    >>> fg.verify(released, tuned, mask).ok
-    True
+    >>> fg.verify(released, tuned, mask).status
+    'ok'
     >>> tuned["weight"][0, 0] += 0.5           # frozen: a violation
     >>> fg.verify(released, tuned, mask).violations
     [('weight', 0.5)]
+    >>> tuned = dict(released.state_dict(), junk=torch.zeros(1))   # a key nobody can place
+    >>> fg.verify(released, tuned, mask).exit_code
+    2
 """
 from __future__ import annotations
 
@@ -32,10 +39,17 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from freezeguard.core import weights
+from freezeguard.core.adapter_rule import AdapterRule
+from freezeguard.core.fingerprint import release_hash
+from freezeguard.core.formats import OTHER_PART_KEYS, OTHER_PART_PREFIXES, convert_foreign, family_of, peft_targets
 from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
-from freezeguard.core.names import adapter_touches, canonical_name, resolve_name
+from freezeguard.core.names import canonical_name, resolve_name
+from freezeguard.core.tensor_compare import LOWER_PRECISIONS, SHORT_NAMES, compare, parse_dtypes
+from freezeguard.core.upload import FileSet, read_upload
 
-__all__ = ["verify", "VerifyReport", "VerifyInputError", "check_mask_fits_release"]
+__all__ = ["verify", "VerifyReport", "VerifyInputError", "check_mask_fits_release", "LOWER_PRECISIONS"]
+
+_LISTED = 1000  # keys listed per class in a report; the counts are always complete
 
 
 class VerifyInputError(ValueError):
@@ -44,26 +58,33 @@ class VerifyInputError(ValueError):
 
 @dataclass
 class VerifyReport:
-    """Result of :func:`verify`.
+    """Result of :func:`verify` (``to_dict()`` is the ``--json`` schema, docs/security.md).
 
     Attributes:
-        ok: True when no frozen tensor differs and no adapter targets a frozen tensor.
+        ok: True only when ``status == "ok"``.
+        status: ``"ok"``, ``"violation"`` or ``"cannot_verify"``; :attr:`exit_code` 0, 1, 2.
         violations: ``(name, max_abs_diff)`` per frozen tensor that differs (``inf`` if reshaped).
-        lora_violations: ``(adapter_key, frozen_name)`` per adapter weight that would change a
-            frozen tensor when merged.
-        notes: what the auditor should know (dtype casts, adapter-only files, skipped keys).
-        checked: number of frozen tensors compared.
-        missing: frozen tensors absent from the fine-tuned checkpoint (it then keeps the released
-            values when loaded on top of the released model, so they are not violations).
-
-    Example:
-        >>> VerifyReport(ok=True).to_dict()["ok"]
-        True
+        lora_violations: ``(adapter_key, frozen_name)`` per adapter weight hanging on a module
+            that owns a frozen tensor (any tuner type).
+        cannot_verify: ``(key or file, reason)`` for everything the audit cannot vouch for.
+        classes: how many keys fell in each class (``compared``, ``compared_frozen``,
+            ``adapter``, ``other_part``, ``unmapped``).
+        parts: keys per pipeline part the mask does not cover.
+        files: the file sets read: ``{"path", "part", "keys", "formats"}``.
+        notes: what the auditor should know.
+        checked: frozen tensors compared (a tensor present in several files counts each time).
+        missing: frozen tensors in no file set (an adapter upload keeps them as released).
     """
 
     ok: bool
+    status: str = "ok"
     violations: list[tuple[str, float]] = field(default_factory=list)
     lora_violations: list[tuple[str, str]] = field(default_factory=list)
+    cannot_verify: list[tuple[str, str]] = field(default_factory=list)
+    classes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("compared", "compared_frozen", "adapter", "other_part", "unmapped"), 0))
+    parts: dict[str, int] = field(default_factory=dict)
+    files: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     checked: int = 0
     missing: list[str] = field(default_factory=list)
@@ -71,19 +92,45 @@ class VerifyReport:
     def __bool__(self) -> bool:
         return self.ok
 
+    @property
+    def exit_code(self) -> int:
+        """0 ok, 1 violations, 2 cannot verify (the CLI's exit status)."""
+        return {"ok": 0, "violation": 1}.get(self.status, 2)
+
+    def finish(self) -> "VerifyReport":
+        """Set ``status`` and ``ok`` from the findings (a violation wins over cannot_verify)."""
+        self.status = ("violation" if self.violations or self.lora_violations
+                       else "cannot_verify" if self.cannot_verify else "ok")
+        self.ok = self.status == "ok"
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["exit_code"] = self.exit_code
         # JSON has no inf; a reshaped tensor reports null.
         d["violations"] = [{"name": n, "max_abs_diff": (v if v != float("inf") else None)}
                            for n, v in self.violations]
-        d["lora_violations"] = [{"key": k, "frozen": f} for k, f in self.lora_violations]
+        d["lora_violations"] = [{"key": k, "frozen": f} for k, f in self.lora_violations[:_LISTED]]
+        d["lora_violations_count"] = len(self.lora_violations)
+        d["cannot_verify"] = [{"key": k, "reason": r} for k, r in self.cannot_verify[:_LISTED]]
+        d["cannot_verify_count"] = len(self.cannot_verify)
         return d
 
     def summary(self) -> str:
-        lines = [f"{'OK' if self.ok else 'VIOLATION'}: {self.checked} frozen tensor(s) compared, "
-                 f"{len(self.violations)} changed, {len(self.lora_violations)} adapter weight(s) on frozen tensors"]
+        head = {"ok": "OK", "violation": "VIOLATION", "cannot_verify": "CANNOT VERIFY"}[self.status]
+        c = self.classes
+        lines = [f"{head}: {self.checked} frozen tensor(s) compared, {len(self.violations)} changed, "
+                 f"{len(self.lora_violations)} adapter weight(s) on frozen modules, "
+                 f"{len(self.cannot_verify)} key(s)/file(s) cannot be verified",
+                 f"  keys: {c['compared']} compared ({c['compared_frozen']} frozen), {c['adapter']} adapter, "
+                 f"{c['other_part']} other part(s) {self.parts or ''}, {c['unmapped']} unmapped"]
+        lines += [f"  read     {f['path']}  ({f['part']}, {f['keys']} keys"
+                  + (f", formats: {', '.join(f['formats'])}" if f["formats"] else "") + ")" for f in self.files]
         lines += [f"  changed  {n}  max|diff|={v:.6g}" for n, v in self.violations]
-        lines += [f"  adapter  {k}  -> {f}" for k, f in self.lora_violations]
+        lines += [f"  adapter  {k}  -> {f}" for k, f in self.lora_violations[:_LISTED]]
+        lines += [f"  cannot verify  {k}: {r}" for k, r in self.cannot_verify[:50]]
+        if len(self.cannot_verify) > 50:
+            lines.append(f"  ... and {len(self.cannot_verify) - 50} more (--json lists {_LISTED})")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -99,43 +146,8 @@ def load_tensors(source: Any, what: str = "input") -> Mapping[str, torch.Tensor]
         raise VerifyInputError(str(exc)) from None
 
 
-# ---------------------------------------------------------------------------------------------
-# adapter keys
-
-_LORA_SEGMENTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                  "lora_down", "lora_up", "lora_mid", "lora", "lora_layer",
-                  "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w2",
-                  "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "ia3_l"}
-_SOURCE_PREFIXES = ("unet.", "transformer.")
-_OTHER_MODELS = ("text_encoder", "text_encoder_2", "lora_te_", "lora_te1_", "lora_te2_")
-
-
-def _adapter_module(key: str) -> str | None:
-    """Module path an adapter weight belongs to, or None if ``key`` is not an adapter weight."""
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part in _LORA_SEGMENTS and i > 0:
-            return ".".join(parts[:i])
-        if part.endswith("_lora") and i > 0 and parts[i - 1] == "processor":
-            # old diffusers attention-processor LoRA: <attn>.processor.to_q_lora.down.weight
-            target = part[: -len("_lora")]
-            return ".".join(parts[: i - 1] + [target + (".0" if target == "to_out" else "")])
-    if parts[0].startswith("lora_unet_") and len(parts) >= 2:
-        return parts[0]  # kohya: resolved by _kohya_table
-    return None
-
-
-def _kohya_table(layout: Iterable[str]) -> dict[str, str]:
-    # kohya flattens module paths with underscores; map flattened -> real module path.
-    table = {}
-    for name in layout:
-        module = name.rsplit(".", 1)[0]
-        table["lora_unet_" + module.replace(".", "_")] = module
-    return table
-
-
 def _release_key(key: str, layout: Mapping[str, Any]) -> str | None:
-    for prefix in ("",) + _SOURCE_PREFIXES:
+    for prefix in ("", "unet.", "transformer."):
         if prefix and not key.startswith(prefix):
             continue
         found = resolve_name(key[len(prefix):], layout)
@@ -148,6 +160,10 @@ def _shapes(source: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     if isinstance(source, weights.SafetensorsSource):
         return source.shapes()  # from the headers: no tensor read
     return {k: tuple(v.shape) for k, v in source.items()}
+
+
+def _looks_like_adapter(key: str) -> bool:
+    return any(p.startswith(("lora", "hada_", "lokr_", "oft_", "boft_", "ia3_", "vera_")) for p in key.split("."))
 
 
 def check_mask_fits_release(mask: FreezeMask, released: Mapping[str, torch.Tensor]) -> None:
@@ -167,7 +183,7 @@ def check_mask_fits_release(mask: FreezeMask, released: Mapping[str, torch.Tenso
     found: dict[str, tuple[int, ...]] = {}
     foreign = []
     for key, shape in _shapes(released).items():
-        if key.startswith(_OTHER_MODELS) or _adapter_module(key) is not None:
+        if key.startswith(tuple(OTHER_PART_PREFIXES)) or _looks_like_adapter(key):
             continue
         name = _release_key(key, layout)
         if name is not None:
@@ -192,33 +208,169 @@ def check_mask_fits_release(mask: FreezeMask, released: Mapping[str, torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
-# comparison
-
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# the audit
 
 
-def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # Bitwise, so NaN == NaN at the same bits and -0.0 != 0.0: "unchanged" means the same bytes.
-    if a.dtype.is_floating_point and a.element_size() in _INT_VIEW:
-        v = _INT_VIEW[a.element_size()]
-        return torch.equal(a.contiguous().view(v), b.contiguous().view(v))
-    return torch.equal(a, b)
+class _Audit:
+    """One verify run: the mask's rule, the release, and the report being filled."""
+
+    def __init__(self, mask: FreezeMask, rel_src: Mapping[str, torch.Tensor], rel_keys: dict[str, str],
+                 allowed: set[torch.dtype]):
+        self.layout = mask.layout
+        self.frozen = set(mask.frozen_names)
+        self.rule = AdapterRule(mask)
+        self.rel_src, self.rel_keys, self.allowed = rel_src, rel_keys, allowed
+        self.family = family_of(self.layout)
+        self.seen: set[str] = set()
+        # tensors the release stores beside the mask's parameters (buffers such as SD3's pos_embed)
+        self.buffers = {canonical_name(k.removeprefix("unet.").removeprefix("transformer.")): k
+                        for k in rel_src.keys() if _release_key(k, self.layout) is None
+                        and not k.startswith(tuple(OTHER_PART_PREFIXES))}
+        self.report = VerifyReport(ok=False)
+        self.lowered: dict[str, int] = {}
+
+    def classify(self, key: str) -> tuple[str, str]:
+        """(class, detail): ("other_part", part) | ("tensor", name) | ("buffer", name) | ("derived", name)
+        | ("adapter", module) | ("unmapped", "")."""
+        if key in OTHER_PART_KEYS:
+            return "other_part", OTHER_PART_KEYS[key]
+        for prefix, part in OTHER_PART_PREFIXES.items():
+            if key.startswith(prefix):
+                return "other_part", part
+        name = _release_key(key, self.layout)
+        if name is not None:
+            return "tensor", name
+        bare = canonical_name(key.removeprefix("unet.").removeprefix("transformer."))
+        if bare in self.buffers:
+            return "buffer", bare
+        parts = bare.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            if ".".join(parts[:i]) in self.layout:  # weight._data / weight._scale / weight.absmax ...
+                return "derived", ".".join(parts[:i])
+        module = self.rule.target(bare)
+        return ("adapter", module) if module is not None else ("unmapped", "")
+
+    def audit_set(self, fs: FileSet, tensors: Mapping[str, torch.Tensor]) -> None:
+        report = self.report
+        keys = list(tensors.keys())
+        entry = {"path": fs.label, "part": fs.part, "keys": len(keys), "formats": []}
+        report.files.append(entry)
+        if fs.part != "denoiser":  # a component the mask does not cover: counted, not compared
+            report.parts[fs.part] = report.parts.get(fs.part, 0) + len(keys)
+            report.classes["other_part"] += len(keys)
+            return
+        classes = {k: self.classify(k) for k in keys}
+        items: list[tuple[str, str, tuple[str, str], Any]] = [(k, k, c, None) for k, c in classes.items()
+                                                               if c[0] != "unmapped"]
+        # old diffusers attention-processor LoRAs (attn1.processor.to_q_lora.down.weight) hang on the
+        # layer the loader's renaming gives (attn1.to_q), not on attn1: they go through the converter
+        foreign = [k for k, c in classes.items() if c[0] == "unmapped"
+                   or (c[0] == "adapter" and ".processor." in k and "_lora." in k)]
+        items = [it for it in items if it[0] not in set(foreign)]
+        n_adapters = 0
+        if fs.adapter_config is not None:
+            # peft's loader puts a layer on every module the config targets, whether or not the file
+            # holds its weights (a missing one keeps its init, random with init_lora_weights=False);
+            # and state a tuner shares between its layers sits at the root (VeRA's vera_A, ...)
+            targets = peft_targets(fs.adapter_config, self.rule.modules)
+            config = f"{fs.adapter_config.name} target_modules"
+            if targets is None:
+                report.cannot_verify.append((config, "peft's adapter config cannot be read or matched (peft missing?)"))
+            else:
+                entry["formats"].append("peft adapter_config.json")
+                report.lora_violations += self.rule.violations([(config, m) for m in sorted(targets)])
+                shared = [k for k in foreign if k.startswith("base_model.") and not k.startswith("base_model.model.")]
+                foreign = [k for k in foreign if k not in shared]
+                for k in shared:
+                    n_adapters += 1
+                    report.classes["adapter"] += 1
+                    report.lora_violations += self.rule.violations([(k, m) for m in sorted(targets)])
+        if foreign:
+            readings, leftover, problems = convert_foreign(foreign, tensors, self.family, self.layout)
+            for fmt, converted, sources in readings:
+                entry["formats"].append(fmt)
+                for new_key, tensor in converted.items():
+                    label = f"{new_key} (from {sources.get(new_key, fmt)})"
+                    items.append((new_key, label, self.classify(new_key), tensor))
+            report.cannot_verify += problems
+            for k in leftover:
+                report.classes["unmapped"] += 1
+                report.cannot_verify.append((k, "unmapped: no released tensor, no released module, no known "
+                                                "format or pipeline part"))
+        seen: set[str] = set()
+        for key, label, (cls, detail), tensor in items:
+            if cls == "other_part":
+                report.parts[detail] = report.parts.get(detail, 0) + 1
+                report.classes["other_part"] += 1
+            elif cls == "unmapped":  # a converted key that still names nothing released
+                report.classes["unmapped"] += 1
+                report.cannot_verify.append((label, "the converted key names no released module"))
+            elif cls == "adapter":
+                n_adapters += 1
+                report.classes["adapter"] += 1
+                report.lora_violations += self.rule.violations([(label, detail)])
+            elif cls == "buffer":  # not in the mask, but a loader takes it: it must stay as released
+                report.classes["compared"] += 1
+                ref = self.rel_src[self.buffers[detail]]
+                got = tensor if tensor is not None else tensors[key]
+                try:
+                    same = compare(ref.detach().cpu(), got.detach().cpu(), self.allowed)[0] == "same"
+                except (RuntimeError, TypeError):
+                    same = False
+                if not same:
+                    report.cannot_verify.append((label, "a tensor the release stores beside its parameters "
+                                                        "(a buffer the mask does not cover) differs from the release"))
+            elif cls == "derived":
+                report.classes["unmapped" if detail in self.frozen else "adapter"] += 1
+                if detail in self.frozen:
+                    report.cannot_verify.append((label, f"a quantized or derived part of the frozen tensor {detail}: "
+                                                        f"it cannot be shown equal to the release"))
+                else:
+                    n_adapters += 1
+            else:
+                report.classes["compared"] += 1
+                if detail not in self.frozen:
+                    continue
+                report.classes["compared_frozen"] += 1
+                seen.add(detail)
+                self.compare(detail, detail if label == detail else f"{detail} ({label})",
+                             tensor if tensor is not None else tensors[key])
+        if seen and not n_adapters:
+            lacking = sorted(self.frozen - seen)
+            if lacking:
+                report.cannot_verify.append((fs.label, f"a full model without {len(lacking)} frozen tensor(s) "
+                                                       f"({', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}): "
+                                                       f"a loader would not take them from the release"))
+        self.seen |= seen
+
+    def compare(self, name: str, label: str, got: torch.Tensor) -> None:
+        report = self.report
+        ref = self.rel_src[self.rel_keys[name]].detach().cpu()
+        try:
+            verdict, detail = compare(ref, got.detach().cpu() if isinstance(got, torch.Tensor) else got, self.allowed)
+        except (RuntimeError, TypeError, ValueError) as exc:  # exotic tensor subclasses
+            verdict, detail = "cannot", f"cannot be compared: {exc}"
+        report.checked += verdict != "cannot"
+        if verdict == "changed":
+            report.violations.append((label, detail))
+            if detail == float("inf"):
+                report.notes.append(f"{name}: shape {tuple(got.shape)} in the upload, {tuple(ref.shape)} released")
+        elif verdict == "cannot":
+            report.cannot_verify.append((label, detail))
+        elif got.dtype != ref.dtype and got.element_size() < ref.element_size():
+            key = SHORT_NAMES[got.dtype]
+            self.lowered[key] = self.lowered.get(key, 0) + 1
 
 
-def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    d = (a.double() - b.double()).abs()
-    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
-    return float(d.max())
+def verify(released: Any, finetuned: Any, mask: FreezeMask | str | os.PathLike, *,
+           allow_lower_precision: Iterable[str] = (), allow_empty_mask: bool = False) -> VerifyReport:
+    """Audit ``finetuned`` (an upload) against ``released`` and ``mask``; see the module docstring.
 
-
-def verify(released: Any, finetuned: Any, mask: FreezeMask | str | os.PathLike) -> VerifyReport:
-    """Check that ``finetuned`` keeps every tensor frozen by ``mask`` bit-identical to ``released``.
-
-    ``released`` / ``finetuned``: a model, a state dict, a ``.safetensors`` file or a (diffusers
-    model or pipeline) folder. ``mask``: a FreezeMask or a mask file path. Raises
-    :class:`VerifyInputError` (or FreezeMaskFileError) for unusable inputs.
+    ``released`` / ``finetuned``: a model, a state dict, a ``.safetensors`` file or a folder (for
+    ``finetuned``, every weights file a loader could read in it). ``mask``: a FreezeMask or a mask
+    file path. ``allow_lower_precision``: dtypes (``"fp16"``, ``"bf16"``) in which a frozen tensor
+    may equal the release rounded. Raises only :class:`VerifyInputError` (bad input, including a
+    mask bound to another release); everything about the upload is in the report.
 
     Example:
         >>> import torch, freezeguard as fg
@@ -226,14 +378,21 @@ def verify(released: Any, finetuned: Any, mask: FreezeMask | str | os.PathLike) 
         >>> fg.verify(model, model.state_dict(), fg.FreezeMask.from_names(model, ["weight"])).ok
         True
     """
+    from freezeguard.core.mask_files import FreezeMaskFileError
+
+    try:
+        allowed = parse_dtypes(allow_lower_precision)
+    except ValueError as exc:
+        raise VerifyInputError(f"allow_lower_precision: {exc}") from None
     if not isinstance(mask, FreezeMask):
-        mask = FreezeMask.load(mask)
+        try:
+            mask = FreezeMask.load(mask)
+        except FreezeMaskFileError as exc:
+            raise VerifyInputError(str(exc)) from None
     layout = mask.layout
     frozen = set(mask.frozen_names)
     rel_src = load_tensors(released, "released")
     check_mask_fits_release(mask, rel_src)
-    ft_src = load_tensors(finetuned, "finetuned")
-
     rel_keys: dict[str, str] = {}
     for k in rel_src.keys():
         name = _release_key(k, layout)
@@ -244,66 +403,55 @@ def verify(released: Any, finetuned: Any, mask: FreezeMask | str | os.PathLike) 
         raise VerifyInputError(f"the released model lacks {len(lacking)} tensor(s) the mask freezes "
                                f"({', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}): "
                                f"mask and released model do not belong together")
+    notes = _check_release_hash(mask, rel_src, rel_keys)
 
-    report = VerifyReport(ok=True)
-    casts: dict[tuple[str, str], int] = {}
-    seen: set[str] = set()
-    kohya = None
-    adapter_keys, other_model_keys, unmapped_adapters, base_keys = 0, 0, [], 0
-    for key in ft_src.keys():
-        if key.startswith(_OTHER_MODELS):
-            other_model_keys += 1
-            continue
-        module = _adapter_module(key)
-        if module is not None:
-            adapter_keys += 1
-            if module.startswith("lora_unet_"):
-                kohya = kohya if kohya is not None else _kohya_table(layout)
-                module = kohya.get(module)
-            # The same rule as guard/wrap (names.adapter_touches): LoRA factors change the layer's
-            # weight; an adapter bias, IA3 or an unknown adapter change its bias too.
-            targets = [_release_key(f"{module}.{t}", layout) if module else None for t in adapter_touches(key)]
-            if targets[0] is None:
-                unmapped_adapters.append(key)
-            for target in targets:
-                if target is not None and target in frozen:
-                    report.lora_violations.append((key, target))
-            continue
-        name = _release_key(key, layout)
-        if name is None:
-            continue
-        base_keys += 1
-        if name not in frozen:
-            continue
-        seen.add(name)
-        ref = rel_src[rel_keys[name]].detach().cpu()
-        got = ft_src[key].detach().cpu()
-        if tuple(ref.shape) != tuple(got.shape):
-            report.violations.append((name if key == name else f"{name} ({key})", float("inf")))
-            report.notes.append(f"{name}: shape {tuple(got.shape)} in the fine-tune, {tuple(ref.shape)} released")
-            continue
-        if ref.dtype != got.dtype:
-            pair = (str(ref.dtype).removeprefix("torch."), str(got.dtype).removeprefix("torch."))
-            casts[pair] = casts.get(pair, 0) + 1
-            ref = ref.to(got.dtype)
-        report.checked += 1
-        if not _bit_equal(ref, got):
-            label = name if key == name else f"{name} ({key})"
-            report.violations.append((label, _max_abs_diff(got, ref)))
-    for (src, dst), n in sorted(casts.items()):
-        report.notes.append(f"{n} released tensor(s) cast from {src} to {dst} before comparing "
-                            f"(the fine-tune was saved in {dst})")
-    report.missing = sorted(frozen - seen)
-    if base_keys == 0 and adapter_keys:
-        report.notes.append(f"the fine-tune is an adapter file ({adapter_keys} adapter weights): only where "
-                            f"its adapters attach was checked")
-    elif report.missing:
-        report.notes.append(f"{len(report.missing)} frozen tensor(s) are not in the fine-tuned checkpoint "
-                            f"(loading it over the released model keeps them as released)")
-    if unmapped_adapters:
-        report.notes.append(f"{len(unmapped_adapters)} adapter weight(s) could not be mapped to a model tensor "
-                            f"and were not checked: {', '.join(unmapped_adapters[:5])}")
-    if other_model_keys:
-        report.notes.append(f"{other_model_keys} tensor(s) of other models (text encoders) were ignored")
-    report.ok = not report.violations and not report.lora_violations
-    return report
+    audit = _Audit(mask, rel_src, rel_keys, allowed)
+    report = audit.report
+    report.notes += notes
+    if not frozen and not allow_empty_mask:
+        report.cannot_verify.append(("mask", "the mask freezes nothing: verify would prove nothing "
+                                             "(pass --allow-empty-mask to accept)"))
+    if isinstance(finetuned, (str, os.PathLike)):
+        try:
+            upload = read_upload(finetuned)
+        except weights.WeightsError as exc:
+            raise VerifyInputError(str(exc)) from None
+        report.cannot_verify += upload.refused
+        for fs in upload.sets:
+            try:
+                source = weights.SafetensorsSource(fs.files)
+                audit.audit_set(fs, source)
+            except weights.WeightsError as exc:
+                report.cannot_verify.append((fs.label, str(exc)))
+    else:
+        try:
+            audit.audit_set(FileSet("denoiser", [], "<in memory>"), load_tensors(finetuned, "finetuned"))
+        except weights.WeightsError as exc:  # the release's tensors, read lazily from its files
+            raise VerifyInputError(str(exc)) from None
+    report.missing = sorted(frozen - audit.seen)
+    for dtype, n in sorted(audit.lowered.items()):
+        report.notes.append(f"{n} frozen tensor(s) equal the release rounded to {dtype} (allowed)")
+    if report.missing and report.classes["compared_frozen"] == 0 and report.classes["adapter"]:
+        report.notes.append(f"the upload is an adapter file ({report.classes['adapter']} adapter weights): the "
+                            f"{len(report.missing)} frozen tensor(s) stay as released when it is loaded")
+    if report.parts:
+        report.notes.append("keys of pipeline parts the mask does not cover (not compared): "
+                            + ", ".join(f"{p} {n}" for p, n in sorted(report.parts.items())))
+    return report.finish()
+
+
+def _check_release_hash(mask: FreezeMask, rel_src: Mapping[str, torch.Tensor],
+                        rel_keys: dict[str, str]) -> list[str]:
+    """VerifyInputError when the mask records another release's frozen tensors; notes otherwise."""
+    recorded = mask.metadata.get("release_hash")
+    if not recorded:
+        return ["the mask records no content hash of its release (an older mask file, or one saved without "
+                "the released model): only its layout was checked against --released"]
+    try:
+        actual = release_hash({n: rel_src[k] for n, k in rel_keys.items()})
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise VerifyInputError(f"the released frozen tensors cannot be hashed: {exc}") from None
+    if actual != recorded:
+        raise VerifyInputError(f"the mask belongs to another release: its frozen tensors hash to {recorded[:12]}, "
+                               f"the --released ones to {actual[:12]} (same architecture, other weights?)")
+    return []

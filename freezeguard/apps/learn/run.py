@@ -318,7 +318,8 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
         learner.save(str(state))
     mask = learner.hard_mask(hard_mask)
     unet.to("cpu")
-    mask.save(str(out), model=unet)
+    # the learner moved the live weights: the content hash binds the mask to the release as stored
+    mask.save(str(out), model=unet, released=load_tensors(_unet_dir(pre_root, "--pretrained"), "--pretrained"))
     if not plot_skipped:  # optional, and never fatal: the mask is already written
         try:
             from freezeguard.apps.learn.plot import plot_soft_mask
