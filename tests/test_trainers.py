@@ -195,10 +195,13 @@ def test_onetrainer_layer_filter_trains_guarded_and_keeps_frozen_modules_out(tmp
     opt = fg.wrap(torch.optim.AdamW(wrapper.parameters(), lr=1e-2), mask, unet)
     _train(unet, opt)
     _frozen_unchanged(unet, mask, released)
-    # OneTrainer's internal key layout is "lora_unet.<dotted path>.lora_down.weight". fg.verify on this
-    # branch does not map it (it reports the keys as unmapped in its notes), so the file is not judged here.
+    # OneTrainer's internal key layout is "lora_unet.<dotted path>.lora_down.weight". verify has no
+    # converter for it, so it fails closed on the honest file too: exit 2 with the keys listed, never OK.
     state = wrapper.state_dict()
     assert all(k.startswith("lora_unet.") for k in state)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp_path / "onetrainer.safetensors"))
+    report = fg.verify(released, tmp_path / "onetrainer.safetensors", mask)
+    assert not report.ok and report.exit_code == 2 and report.cannot_verify
 
 
 # LyCORIS (real), through kohya's lycoris.kohya and SimpleTuner's apply_preset -------------------------
