@@ -321,14 +321,14 @@ def test_masked_adamw_captured_in_a_cuda_graph_reads_lr_and_steps_on_device():
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up: puts the pointer table on the device
-        cuda_backend.masked_adamw_capturable_(params, grads, m, v, steps, lr, **hp)
+        cuda_backend.masked_adamw_capturable_(params, grads, m, v, steps, lr=lr, **hp)
     torch.cuda.current_stream().wait_stream(side)
     reference.masked_adamw_(ref[0], grads, ref[1], ref[2], host_steps, lr=1e-2, **hp)
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         steps.add_(1)
-        cuda_backend.masked_adamw_capturable_(params, grads, m, v, steps, lr, **hp)
+        cuda_backend.masked_adamw_capturable_(params, grads, m, v, steps, lr=lr, **hp)
     for new_lr in (5e-3, 2e-2, 1e-3):
         lr.fill_(new_lr)
         graph.replay()
@@ -349,7 +349,7 @@ def test_capture_without_warm_up_is_refused():
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="warm-up"):
         with torch.cuda.graph(graph):
-            cuda_backend.masked_adamw_capturable_(p, _clone(p), _clone(p), _clone(p), steps, lr)
+            cuda_backend.masked_adamw_capturable_(p, _clone(p), _clone(p), _clone(p), steps, lr=lr)
 
 
 @pytest.mark.gpu
