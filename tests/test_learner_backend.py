@@ -1,6 +1,6 @@
 """A learner built with a forced backend runs every fused op on that backend.
 
-Every ``fg.ops`` entry resolves its backend through ``freezeguard.ops.resolve``; the
+Every ``fg.ops`` entry resolves its backend through ``freezeguard.ops.entries.resolve``; the
 spy records what each call asked for. Before the fix, the AdamW user step called its op
 without ``backend=``, so a forced backend was silently replaced by "auto" there.
 """
@@ -11,7 +11,7 @@ import torch
 
 import freezeguard as fg
 from freezeguard.backends import status
-from freezeguard import ops as ops_package
+from freezeguard.ops import entries
 
 
 def _learner(backend: str, user_optimizer: str) -> fg.MaskLearner:
@@ -33,13 +33,13 @@ def test_every_fused_op_call_honours_the_forced_backend(monkeypatch, backend, us
     if not status(backend).available:
         pytest.skip(status(backend).reason)
     asked: list[tuple[str, str]] = []
-    real = ops_package.resolve
+    real = entries.resolve
 
     def spy(name, device, *, op=None, tensors=None):
         asked.append((op, name))
         return real(name, device, op=op, tensors=tensors)
 
-    monkeypatch.setattr(ops_package, "resolve", spy)
+    monkeypatch.setattr(entries, "resolve", spy)
     learner = _learner(backend, user_optimizer)
     gen = torch.Generator().manual_seed(1)
     for _ in range(4):  # releaser and user steps alternate (user_interval=2)

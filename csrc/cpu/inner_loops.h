@@ -1,4 +1,4 @@
-// fp32 inner loops (kernels.cpp) and the staging that lets bf16/fp16 tensors use them:
+// fp32 inner loops (inner_loops.cpp) and the staging that lets bf16/fp16 tensors use them:
 // low-precision slices are widened into small L1-resident fp32 blocks, updated, and
 // rounded back once, so every op computes in fp32 with a single final rounding, like the
 // reference (freezeguard/backends/reference.py).
@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 namespace freezeguard {
 
@@ -38,12 +39,21 @@ struct UserAdamCoef {   // the AdamW simulated user (freezeguard.backends.refere
   float lr_wd;          // lr * weight_decay (0: no decay term)
 };
 
+struct SgdCoef {        // masked SGD with momentum (freezeguard.backends.reference.masked_sgd_momentum_)
+  float lr;
+  float momentum;
+  float one_minus_dampening;
+  float weight_decay;   // 0: no decay term
+  bool nesterov;
+};
+
 // fp32 loops, vectorised per CPU (simd.h). All update their float arrays in place.
 void adamw_f32(float* p, const float* g, float* m, float* v, int64_t n, const AdamCoef& c);
 double dot_f32(const float* a, const float* b, int64_t n);
 void axpy_f32(float* t, const float* d, float s, int64_t n);                     // t += s d
 void user_f32(float* t, float* d, const float* g, float c, float keep, int64_t n);  // u = c g; t += keep u; d -= u
 void user_adamw_f32(float* t, float* d, const float* g, float* mu, float* nu, int64_t n, const UserAdamCoef& c);
+void sgd_momentum_f32(float* p, const float* g, float* buf, int64_t n, const SgdCoef& c);
 
 // Widening / rounding (round-to-nearest-even, like torch's .to()).
 void to_f32(const c10::BFloat16* s, float* d, int64_t n);
@@ -54,97 +64,62 @@ void from_f32(const float* s, c10::Half* d, int64_t n);
 template <typename T>
 constexpr bool is_f32 = std::is_same_v<T, float>;
 
-template <typename T>
-void adamw_piece(T* p, const T* g, T* m, T* v, int64_t n, const AdamCoef& c) {
+// The one staging harness of every op: runs loop(operands..., k) over n elements of operands
+// of storage type T. fp32 operands go straight to the loop; bf16/fp16 ones are widened block by
+// block into L1-resident fp32 buffers, and those whose bit is set in WRITES (bit j: operand j)
+// are rounded back once. An op is then an fp32 loop plus one call of this.
+template <unsigned WRITES, typename T, typename Loop, typename... P>
+void staged(const Loop& loop, int64_t n, P*... operands) {
   if constexpr (is_f32<T>) {
-    adamw_f32(p, g, m, v, n, c);
+    loop(operands..., n);
   } else {
-    alignas(64) float bp[kBlock], bg[kBlock], bm[kBlock], bv[kBlock];
+    constexpr size_t N = sizeof...(P);
+    T* ptrs[N] = {const_cast<T*>(operands)...};
+    alignas(64) float buf[N][kBlock];
     for (int64_t o = 0; o < n; o += kBlock) {
       const int64_t k = std::min(kBlock, n - o);
-      to_f32(p + o, bp, k);
-      to_f32(g + o, bg, k);
-      to_f32(m + o, bm, k);
-      to_f32(v + o, bv, k);
-      adamw_f32(bp, bg, bm, bv, k, c);
-      from_f32(bp, p + o, k);
-      from_f32(bm, m + o, k);
-      from_f32(bv, v + o, k);
+      for (size_t j = 0; j < N; ++j) to_f32(ptrs[j] + o, buf[j], k);
+      [&]<size_t... I>(std::index_sequence<I...>) { loop(buf[I]..., k); }(std::make_index_sequence<N>{});
+      for (size_t j = 0; j < N; ++j) {
+        if (WRITES & (1u << j)) from_f32(buf[j], ptrs[j] + o, k);
+      }
     }
   }
+}
+
+template <typename T>
+void adamw_piece(T* p, const T* g, T* m, T* v, int64_t n, const AdamCoef& c) {
+  staged<0b1101, T>([&](auto* bp, auto* bg, auto* bm, auto* bv, int64_t k) { adamw_f32(bp, bg, bm, bv, k, c); },
+                    n, p, g, m, v);
 }
 
 template <typename T>
 double dot_piece(const T* a, const T* b, int64_t n) {
-  if constexpr (is_f32<T>) {
-    return dot_f32(a, b, n);
-  } else {
-    alignas(64) float ba[kBlock], bb[kBlock];
-    double acc = 0.0;
-    for (int64_t o = 0; o < n; o += kBlock) {
-      const int64_t k = std::min(kBlock, n - o);
-      to_f32(a + o, ba, k);
-      to_f32(b + o, bb, k);
-      acc += dot_f32(ba, bb, k);
-    }
-    return acc;
-  }
+  double acc = 0.0;  // one fp32 dot per block, summed in double (the fp32 path: one block)
+  staged<0b00, T>([&](auto* ba, auto* bb, int64_t k) { acc += dot_f32(ba, bb, k); }, n, a, b);
+  return acc;
 }
 
 template <typename T>
 void shift_piece(T* t, const T* d, float s, int64_t n) {
-  if constexpr (is_f32<T>) {
-    axpy_f32(t, d, s, n);
-  } else {
-    alignas(64) float bt[kBlock], bd[kBlock];
-    for (int64_t o = 0; o < n; o += kBlock) {
-      const int64_t k = std::min(kBlock, n - o);
-      to_f32(t + o, bt, k);
-      to_f32(d + o, bd, k);
-      axpy_f32(bt, bd, s, k);
-      from_f32(bt, t + o, k);
-    }
-  }
+  staged<0b01, T>([&](auto* bt, auto* bd, int64_t k) { axpy_f32(bt, bd, s, k); }, n, t, d);
 }
 
 template <typename T>
 void user_piece(T* t, T* d, const T* g, float c, float keep, int64_t n) {
-  if constexpr (is_f32<T>) {
-    user_f32(t, d, g, c, keep, n);
-  } else {
-    alignas(64) float bt[kBlock], bd[kBlock], bg[kBlock];
-    for (int64_t o = 0; o < n; o += kBlock) {
-      const int64_t k = std::min(kBlock, n - o);
-      to_f32(t + o, bt, k);
-      to_f32(d + o, bd, k);
-      to_f32(g + o, bg, k);
-      user_f32(bt, bd, bg, c, keep, k);
-      from_f32(bt, t + o, k);
-      from_f32(bd, d + o, k);
-    }
-  }
+  staged<0b011, T>([&](auto* bt, auto* bd, auto* bg, int64_t k) { user_f32(bt, bd, bg, c, keep, k); }, n, t, d, g);
 }
 
 template <typename T>
 void user_adamw_piece(T* t, T* d, const T* g, T* mu, T* nu, int64_t n, const UserAdamCoef& c) {
-  if constexpr (is_f32<T>) {
-    user_adamw_f32(t, d, g, mu, nu, n, c);
-  } else {
-    alignas(64) float bt[kBlock], bd[kBlock], bg[kBlock], bm[kBlock], bv[kBlock];
-    for (int64_t o = 0; o < n; o += kBlock) {
-      const int64_t k = std::min(kBlock, n - o);
-      to_f32(t + o, bt, k);
-      to_f32(d + o, bd, k);
-      to_f32(g + o, bg, k);
-      to_f32(mu + o, bm, k);
-      to_f32(nu + o, bv, k);
-      user_adamw_f32(bt, bd, bg, bm, bv, k, c);
-      from_f32(bt, t + o, k);
-      from_f32(bd, d + o, k);
-      from_f32(bm, mu + o, k);
-      from_f32(bv, nu + o, k);
-    }
-  }
+  staged<0b11011, T>([&](auto* bt, auto* bd, auto* bg, auto* bm, auto* bv,
+                         int64_t k) { user_adamw_f32(bt, bd, bg, bm, bv, k, c); },
+                     n, t, d, g, mu, nu);
+}
+
+template <typename T>
+void sgd_momentum_piece(T* p, const T* g, T* buf, int64_t n, const SgdCoef& c) {
+  staged<0b101, T>([&](auto* bp, auto* bg, auto* bb, int64_t k) { sgd_momentum_f32(bp, bg, bb, k, c); }, n, p, g, buf);
 }
 
 }  // namespace freezeguard
