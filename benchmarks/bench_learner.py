@@ -246,7 +246,7 @@ def _channels(device: torch.device) -> tuple[int, ...]:
 def run_all(device: torch.device, dtype: torch.dtype, rounds: int, memory: bool = True) -> dict:
     channels, backend_name = _channels(device), os.environ.get("FG_BENCH_BACKEND", "auto")
     bench = Bench(device, dtype, channels, backend_name)
-    backend = fg.backends.resolve(bench.backend, device).__name__.rsplit(".", 1)[-1].removesuffix("_backend")
+    backend = fg.backends.resolve(bench.backend, device).name
     rows = []
     for kind in ("releaser", "user"):
         bench.prepare_grads(kind)

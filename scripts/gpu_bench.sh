@@ -15,9 +15,9 @@
 #             freezeguard bench --model sd15: fp32 batch 2, and bf16 + checkpointing batch 8, at 0 % and
 #             70 % of parameters frozen against torch.optim.AdamW(fused) in the same run (JSON)
 #   graph     the sanitizer driver's CUDA-graph capture/replay of the capturable AdamW vs the eager reference
+#   racecheck compute-sanitizer --tool racecheck on the reduced driver case (--small)
 #   learner   benchmarks/bench_learner.py --gpu-suite: learner GPU tests, peak memory and update speed
 #             against the authors' loop, fp32 and bf16
-#   racecheck compute-sanitizer --tool racecheck on the reduced driver case (--small)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -100,7 +100,8 @@ step bench_fp32 70 "${FG[@]}" bench "${BENCH[@]}" "${BENCH_FP32[@]}" --ratios 0,
 step bench_bf16_ckpt 80 "${FG[@]}" bench "${BENCH[@]}" "${BENCH_BF16[@]}" --ratios 0,0.7 --by params \
     --json "$OUT_DIR/bench_bf16_ckpt.json"
 step graph 30 bash -c graph
+step racecheck 60 bash -c racecheck
+# last: it takes whatever time is left (each of its three parts is cut at --step-timeout)
 step learner "$LEARNER_LIMIT" "$PY" benchmarks/bench_learner.py --gpu-suite "$OUT_DIR/learner" --device "$DEV" \
     "${LEARNER[@]}"
-step racecheck 60 bash -c racecheck
 echo "== summary ($SUMMARY)"; column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"

@@ -97,10 +97,6 @@ class BackendRecord:
                 raise TypeError(f"{where}: its {op} kernel does not fit the declaration: {why}")
         object.__setattr__(self, "kernels", MappingProxyType(dict(self.kernels)))
 
-    @property
-    def __name__(self) -> str:  # what messages and benchmarks print for a backend
-        return f"freezeguard.backends.{self.name}_backend"
-
     def implements(self, op: str | None) -> bool:
         return op is None or op in self.kernels
 
