@@ -192,7 +192,7 @@ def test_sources_are_installed():
 
 
 def test_extension_rejects_bad_input_without_crashing():
-    # The extension may be called without ops.py in front of it: errors, never a crash.
+    # The extension may be called without freezeguard.ops in front of it: errors, never a crash.
     ext = _build.load_extension("cpu")
     x64 = [torch.zeros(70_000, dtype=torch.float64)]
     with pytest.raises(RuntimeError, match="dtype"):

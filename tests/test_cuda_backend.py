@@ -232,7 +232,7 @@ def test_masked_adamw_matches_reference(dtype, misaligned):
 
 @pytest.mark.gpu
 def test_masked_adamw_mixed_dtypes_through_public_op():
-    # One list, three storage dtypes (three launches), non-contiguous members (ops.py copies back).
+    # One list, three storage dtypes (three launches), non-contiguous members (fg.ops copies back).
     shapes = [(65, 33), (CHUNK + 1,), (5, 7)]
     params = [_rand(s, d) for s, d in zip(shapes, DTYPES, strict=True)]
     params[0] = params[0].t()  # non-contiguous view

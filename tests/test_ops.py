@@ -4,7 +4,7 @@ Grid: backend (torch, cpp, triton, cuda; skipped where it cannot run) x device (
 under the `gpu` mark) x dtype (fp32, bf16, fp16) x sizes (0, 1, odd, > one block, many
 small tensors, one large), plus mixed dtypes in one list, non-contiguous inputs, frozen
 patterns for AdamW (none, all, random, changing between steps), several steps, and the
-bad-input errors of freezeguard/ops.py.
+bad-input errors of freezeguard/ops/validation.py.
 
 How results are judged (STYLE.md: optimi's per-dtype Tolerance, flash-attention's rule):
 - fp32: close to the reference within TOLERANCES[fp32].
