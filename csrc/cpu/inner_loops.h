@@ -64,6 +64,12 @@ void from_f32(const float* s, c10::Half* d, int64_t n);
 template <typename T>
 constexpr bool is_f32 = std::is_same_v<T, float>;
 
+// loop(buf[0], ..., buf[N-1], k) (C++17: no template lambdas, torch < 2.10 builds with -std=c++17).
+template <typename Loop, size_t N, size_t... I>
+inline void call_on_blocks(const Loop& loop, float (&buf)[N][kBlock], int64_t k, std::index_sequence<I...>) {
+  loop(buf[I]..., k);
+}
+
 // The one staging harness of every op: runs loop(operands..., k) over n elements of operands
 // of storage type T. fp32 operands go straight to the loop; bf16/fp16 ones are widened block by
 // block into L1-resident fp32 buffers, and those whose bit is set in WRITES (bit j: operand j)
@@ -79,7 +85,7 @@ void staged(const Loop& loop, int64_t n, P*... operands) {
     for (int64_t o = 0; o < n; o += kBlock) {
       const int64_t k = std::min(kBlock, n - o);
       for (size_t j = 0; j < N; ++j) to_f32(ptrs[j] + o, buf[j], k);
-      [&]<size_t... I>(std::index_sequence<I...>) { loop(buf[I]..., k); }(std::make_index_sequence<N>{});
+      call_on_blocks(loop, buf, k, std::make_index_sequence<N>{});
       for (size_t j = 0; j < N; ++j) {
         if (WRITES & (1u << j)) from_f32(buf[j], ptrs[j] + o, k);
       }
