@@ -133,15 +133,15 @@ def _cpu_backends() -> list[str]:
             if status(b).available and get_backend(b).supports(torch.device("cpu"))[0]]
 
 
-def _example_args(spec, sizes=(3, 5, 2)) -> list:
+def _example_args(spec, device="cpu", sizes=(3, 5, 2)) -> list:
     """Small valid inputs for ``spec``, in its torch.library schema's order (backend excluded)."""
     gen = torch.Generator().manual_seed(0)
     args: list = []
     for a in spec.args:
         if a.kind == TENSORS:
-            args.append([torch.randn(n, generator=gen).abs() + 0.1 for n in sizes])
+            args.append([(torch.randn(n, generator=gen).abs() + 0.1).to(device) for n in sizes])
         elif a.kind == PER_TENSOR:
-            args.append(torch.rand(len(sizes), generator=gen))
+            args.append(torch.rand(len(sizes), generator=gen).to(device))
         elif a.kind == COUNTS:
             args.append([float(k + 1) for k in range(len(sizes))])
         elif a.kind == BETAS:
@@ -157,22 +157,26 @@ def _example_args(spec, sizes=(3, 5, 2)) -> list:
 
 
 def _opcheck_cases():
-    for backend in _cpu_backends():
+    on_cpu = [(b, "cpu", ()) for b in _cpu_backends()]
+    on_gpu = [(b, "cuda", (pytest.mark.gpu,)) for b in ("cuda", "triton")]  # the GPU session runs these
+    for backend, device, marks in on_cpu + on_gpu:
         for spec in PUBLIC:
             if get_backend(backend).implements(spec.name):
-                yield pytest.param(spec, backend, id=f"{spec.name}-{backend}")
-        yield pytest.param(None, backend, id=f"masked_adamw_step_-{backend}")
+                yield pytest.param(spec, backend, device, id=f"{spec.name}-{backend}-{device}", marks=marks)
+        yield pytest.param(None, backend, device, id=f"masked_adamw_step_-{backend}-{device}", marks=marks)
 
 
-@pytest.mark.parametrize("spec,backend", list(_opcheck_cases()))
-def test_opcheck(spec, backend):
+@pytest.mark.parametrize("spec,backend,device", list(_opcheck_cases()))
+def test_opcheck(spec, backend, device):
     """Schema (what is mutated), fake tensors and AOT dispatch of each op agree with its eager run."""
+    if device == "cuda" and not status(backend).available:
+        pytest.skip(status(backend).reason)
     if spec is None:
-        p = _lists(1)
-        args = (p, _lists(2), _lists(3), [x.abs() for x in _lists(4)], [torch.tensor(float(k)) for k in range(3)],
+        lists = [[x.to(device) for x in _lists(k)] for k in (1, 2, 3)]
+        args = (*lists, [x.abs().to(device) for x in _lists(4)], [torch.tensor(float(k)) for k in range(3)],
                 1e-2, None, 0.9, 0.999, 1e-8, 1e-2, backend)
         op = torch.ops.freezeguard.masked_adamw_step_.default
     else:
-        args = (*_example_args(spec), backend)
+        args = (*_example_args(spec, device), backend)
         op = getattr(torch.ops.freezeguard, spec.name).default
     torch.library.opcheck(op, args)
