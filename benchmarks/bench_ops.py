@@ -113,7 +113,7 @@ def test_optimizer_step_overhead(run_bench, benchmark, device, impl, monkeypatch
     """fg.optim.AdamW.step against torch.optim.AdamW(fused=True).step where only the overhead counts.
 
     ``*-python-bookkeeping`` runs the same step with the native list checks and step counters
-    switched off (freezeguard/_bookkeeping.py), i.e. as before they existed.
+    switched off (freezeguard/_shortcuts.py), i.e. as before they existed.
     """
     shapes = _shapes.unet_shapes("scaled")
     benchmark.group = f"optimizer step overhead {device} (686 x 16 elements)"
@@ -129,9 +129,9 @@ def test_optimizer_step_overhead(run_bench, benchmark, device, impl, monkeypatch
     backend = impl.removesuffix("-python-bookkeeping")
     _skip_unless_runs(backend, device)
     if impl.endswith("-python-bookkeeping"):
-        from freezeguard.ops import bookkeeping as _bookkeeping
+        from freezeguard.ops import native_shortcuts as _shortcuts
 
-        monkeypatch.setattr(_bookkeeping, "_native", lambda: None)
+        monkeypatch.setattr(_shortcuts, "_native", lambda: None)
     opt = fg.optim.AdamW(named, lr=LR, mask=fg.FreezeMask({n: (16,) for n, _ in named}, []), backend=backend)
     run_bench(opt.step, impl=f"fg.optim.AdamW[{impl}]",
               role="reference" if impl.endswith("bookkeeping") else "candidate", nbytes=nbytes, device=device)

@@ -37,6 +37,15 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OFFSETS = (0, 1, 3)  # elements into the allocation: 0 is 16-byte aligned, 1 and 3 are not
 SHAPES = [(0,), (1,), (7,), (8,), (9,), (CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (3, 5), (2 * CHUNK + 7,)]
 SHAPES_MANY_SMALL = [(n,) for n in range(1, 41)]
+# --small: the reduced case for the slow sanitizer tools (racecheck): still straddles a chunk,
+# still misaligned, one list per op and dtype.
+SHAPES_SMALL = [(0,), (1,), (9,), (CHUNK + 1,), (3, 5)]
+DEVICE = "cuda"  # --cpu-dry-run runs the same driver on CPU tensors (cpp backend)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 class Checker:
@@ -72,7 +81,7 @@ class Checker:
 def make(shape, dtype, offset: int) -> torch.Tensor:
     """A contiguous CUDA view `offset` elements into an allocation that ends where the view ends."""
     n = math.prod(shape)
-    base = torch.randn(n + offset, device="cuda").to(dtype)
+    base = torch.randn(n + offset, device=DEVICE).to(dtype)
     return base[offset:].view(shape)
 
 
@@ -105,7 +114,7 @@ def run_case(be, ref, ck: Checker, shapes, dtypes, offset: int, tag: str) -> Non
         be.masked_adamw_(p, g, m, v, steps, **hp)
         ref.masked_adamw_(rp, g, rm, rv, steps, **hp)
         ref.masked_adamw_(ep, f32(g), em, ev, steps, **hp)
-    torch.cuda.synchronize()
+    sync()
     ck.close(f"{tag} adamw param", p, rp, ep)
     ck.close(f"{tag} adamw exp_avg", m, rm, em)
     ck.close(f"{tag} adamw exp_avg_sq", v, rv, ev)
@@ -120,7 +129,7 @@ def run_case(be, ref, ck: Checker, shapes, dtypes, offset: int, tag: str) -> Non
 
     # mask_shift_
     theta, delta = make_list(shapes, dtypes, offset), make_list(shapes, dtypes, offset)
-    dm = torch.rand(n, device="cuda") - 0.5
+    dm = torch.rand(n, device=DEVICE) - 0.5
     rt, et = clone(theta), f32(theta)
     be.mask_shift_(theta, delta, dm)
     ref.mask_shift_(rt, delta, dm)
@@ -129,7 +138,7 @@ def run_case(be, ref, ck: Checker, shapes, dtypes, offset: int, tag: str) -> Non
 
     # user_update_
     theta, delta, grad = (make_list(shapes, dtypes, offset) for _ in range(3))
-    mm = torch.rand(n, device="cuda")
+    mm = torch.rand(n, device=DEVICE)
     mm[0] = 1.0  # fully frozen share
     rt, rd, et, ed = clone(theta), clone(delta), f32(theta), f32(delta)
     be.user_update_(theta, delta, grad, mm, 0.05)
@@ -152,13 +161,13 @@ def run_graph(be, ref, ck: Checker) -> None:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        be.masked_adamw_capturable_(p, g, m, v, steps, lr, **hp)
+        be.masked_adamw_capturable_(p, g, m, v, steps, lr=lr, **hp)
     torch.cuda.current_stream().wait_stream(side)
     ref.masked_adamw_(rp, g, rm, rv, host_steps, lr=1e-2, **hp)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         steps.add_(1)
-        be.masked_adamw_capturable_(p, g, m, v, steps, lr, **hp)
+        be.masked_adamw_capturable_(p, g, m, v, steps, lr=lr, **hp)
     for new_lr in (5e-3, 2e-2):
         lr.fill_(new_lr)
         graph.replay()
@@ -291,36 +300,51 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true",
                     help="run the GPU tests, this driver under each compute-sanitizer tool, then --bench")
     ap.add_argument("--step-timeout", type=int, default=240, help="seconds per --full step")
+    ap.add_argument("--small", action="store_true",
+                    help="the reduced case (fewer shapes, offsets 0 and 1), for racecheck")
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="run the driver on CPU tensors with the cpp backend (no GPU): checks the script itself")
     args = ap.parse_args(argv)
     if args.full:
         return full(args.step_timeout)
 
-    from freezeguard.backends import cuda_backend as be
+    global DEVICE
     from freezeguard.backends import reference as ref
 
+    if args.cpu_dry_run:
+        from freezeguard.backends import cpp_backend as be
+
+        DEVICE, name, args.no_graph = "cpu", "cpp", True
+    else:
+        from freezeguard.backends import cuda_backend as be
+
+        name = "cuda"
     ok, reason = be.availability()
     if not ok:
-        print(f"cuda backend unavailable: {reason}")
+        print(f"{name} backend unavailable: {reason}")
         return 2
     torch.manual_seed(0)
-    print(f"device: {torch.cuda.get_device_name()}; backend: {reason}", flush=True)
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+    print(f"device: {where}; backend {name}: {reason}", flush=True)
     ck = Checker()
+    shapes, offsets = (SHAPES_SMALL, (0, 1)) if args.small else (SHAPES, OFFSETS)
     for dtype in DTYPES:
-        for offset in OFFSETS:
-            run_case(be, ref, ck, SHAPES, [dtype] * len(SHAPES), offset, f"{dtype}/+{offset}")
-        run_case(be, ref, ck, SHAPES_MANY_SMALL, [dtype] * len(SHAPES_MANY_SMALL), 0, f"{dtype}/many-small")
-    mixed = [DTYPES[i % 3] for i in range(len(SHAPES))]
+        for offset in offsets:
+            run_case(be, ref, ck, shapes, [dtype] * len(shapes), offset, f"{dtype}/+{offset}")
+        if not args.small:
+            run_case(be, ref, ck, SHAPES_MANY_SMALL, [dtype] * len(SHAPES_MANY_SMALL), 0, f"{dtype}/many-small")
+    mixed = [DTYPES[i % 3] for i in range(len(shapes))]
     for offset in (0, 1):
-        run_case(be, ref, ck, SHAPES, mixed, offset, f"mixed/+{offset}")
+        run_case(be, ref, ck, shapes, mixed, offset, f"mixed/+{offset}")
     if not args.no_graph:
         run_graph(be, ref, ck)
-    torch.cuda.synchronize()
+    sync()
     for f in ck.failures:
         print("FAIL", f)
     print(f"{ck.checks} checks, {len(ck.failures)} failures")
     if ck.failures:
         return 1
-    if args.bench:
+    if args.bench and DEVICE == "cuda":
         for dtype in (torch.float32, torch.bfloat16):
             bench(be, ref, dtype)
     return 0

@@ -27,7 +27,7 @@ def sd15_shapes() -> tuple[list[torch.Size], str]:
     try:
         from diffusers import UNet2DConditionModel
     except ImportError:
-        sys.exit("tune_gpu: diffusers is needed for the SD-1.5 shapes (pip install diffusers)")
+        sys.exit("tune_triton: diffusers is needed for the SD-1.5 shapes (pip install diffusers)")
     with torch.device("meta"):
         unet = UNet2DConditionModel()
     return [p.shape for p in unet.parameters()], "SD-1.5 UNet (diffusers default UNet2DConditionModel)"
@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         if os.environ.get("TRITON_INTERPRET") != "1":
-            sys.exit("tune_gpu --smoke: set TRITON_INTERPRET=1")
+            sys.exit("tune_triton --smoke: set TRITON_INTERPRET=1")
         bench = _bench_once
     elif not torch.cuda.is_available():
-        sys.exit("tune_gpu: needs a CUDA GPU")
+        sys.exit("tune_triton: needs a CUDA GPU")
 
     import triton
 

@@ -86,7 +86,7 @@ def test_fused_ops_cu_compiles_with_nvcc(arch, tmp_path):
     assert out.stat().st_size > 0
     if shutil.which("nm"):  # the launchers bindings.cpp links against, with C linkage
         symbols = subprocess.run(["nm", str(out)], capture_output=True, text=True).stdout
-        for name in ("fg_masked_adamw", "fg_segment_dot", "fg_mask_shift", "fg_user_update"):
+        for name in ("fg_masked_adamw", "fg_segment_dot", "fg_mask_shift", "fg_user_update", "fg_masked_sgd_momentum"):
             assert f" T {name}" in symbols, f"{name} missing from fused_ops.cu"
     # Register spills would turn a bandwidth-bound kernel into a local-memory-bound one.
     assert "spill" not in res.stderr.lower(), res.stderr
@@ -105,7 +105,9 @@ def test_elementwise_kernels_use_128bit_accesses(tmp_path):
     entries = ptx.read_text().split(".entry ")[1:]
     kernels = {body.split("(", 1)[0]: body for body in entries}
     streaming = {k: b for k, b in kernels.items() if "reduce" not in k}
-    assert len(streaming) == 12, sorted(kernels)  # 4 ops x 3 storage dtypes
+    # every element-wise op is one multi_tensor_kernel instantiation per storage dtype
+    assert all("multi_tensor_kernel" in k for k in streaming), sorted(kernels)
+    assert len(streaming) == 5 * 3, sorted(kernels)  # 5 ops (adamw, dot partials, shift, user, sgd) x 3 dtypes
     for name, body in streaming.items():
         assert "ld.v4" in body or "ld.global.v4" in body or "ld.global.nc.v4" in body, f"no 128-bit load in {name}"
 
@@ -230,7 +232,7 @@ def test_masked_adamw_matches_reference(dtype, misaligned):
 
 @pytest.mark.gpu
 def test_masked_adamw_mixed_dtypes_through_public_op():
-    # One list, three storage dtypes (three launches), non-contiguous members (ops.py copies back).
+    # One list, three storage dtypes (three launches), non-contiguous members (fg.ops copies back).
     shapes = [(65, 33), (CHUNK + 1,), (5, 7)]
     params = [_rand(s, d) for s, d in zip(shapes, DTYPES, strict=True)]
     params[0] = params[0].t()  # non-contiguous view
@@ -321,14 +323,14 @@ def test_masked_adamw_captured_in_a_cuda_graph_reads_lr_and_steps_on_device():
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up: puts the pointer table on the device
-        cuda_backend.masked_adamw_capturable_(params, grads, m, v, steps, lr, **hp)
+        cuda_backend.masked_adamw_capturable_(params, grads, m, v, steps, lr=lr, **hp)
     torch.cuda.current_stream().wait_stream(side)
     reference.masked_adamw_(ref[0], grads, ref[1], ref[2], host_steps, lr=1e-2, **hp)
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         steps.add_(1)
-        cuda_backend.masked_adamw_capturable_(params, grads, m, v, steps, lr, **hp)
+        cuda_backend.masked_adamw_capturable_(params, grads, m, v, steps, lr=lr, **hp)
     for new_lr in (5e-3, 2e-2, 1e-3):
         lr.fill_(new_lr)
         graph.replay()
@@ -349,7 +351,7 @@ def test_capture_without_warm_up_is_refused():
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="warm-up"):
         with torch.cuda.graph(graph):
-            cuda_backend.masked_adamw_capturable_(p, _clone(p), _clone(p), _clone(p), steps, lr)
+            cuda_backend.masked_adamw_capturable_(p, _clone(p), _clone(p), _clone(p), steps, lr=lr)
 
 
 @pytest.mark.gpu

@@ -727,7 +727,7 @@ def test_9_setup_is_quick_the_second_time_and_warning_free(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout + proc.stderr
     assert "Deprecat" not in text and "absent from the `packages`" not in text, text[-3000:]
-    assert (tmp_path / "b" / "freezeguard" / "_csrc" / "cpu" / "kernels.cpp").is_file()
+    assert (tmp_path / "b" / "freezeguard" / "_csrc" / "cpu" / "inner_loops.cpp").is_file()
 
 
 def test_9_readme_publisher_workflow_runs_as_written(pipeline, tmp_path, monkeypatch, capsys):

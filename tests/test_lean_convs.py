@@ -1,4 +1,4 @@
-"""Lean frozen convs (freezeguard/lean_convs.py): same outputs and gradients, less saved for backward."""
+"""Lean frozen convs (freezeguard/core/lean_convs.py): same outputs and gradients, less saved for backward."""
 from __future__ import annotations
 
 import copy

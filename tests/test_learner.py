@@ -13,8 +13,8 @@ from support.tolerances import KERNEL
 
 import freezeguard as fg
 from freezeguard.apps.learn.logits import budget_weights, updated_logits
+from freezeguard.backends.reference import user_adamw_ as reference_user_adamw_
 from freezeguard.core.mask import select_budget
-from freezeguard.ops.user_adamw import reference_user_adamw_, user_adamw_update_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -209,9 +209,9 @@ def test_adamw_user_fused_path_matches_its_per_tensor_reference(dtype):
     theta, delta, grad, mu, nu = mk(), mk(), mk(), mk(), [torch.rand(s).to(dtype) for s in shapes]
     m = torch.rand(len(shapes))
     copies = [[t.clone() for t in ts] for ts in (theta, delta, grad, mu, nu)]
-    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05)
-    user_adamw_update_(theta, delta, grad, mu, nu, m, 3, **hp)
-    reference_user_adamw_(*copies, m, 3, **hp)
+    hp = dict(lr=1e-2, eps=1e-8, weight_decay=0.05)
+    fg.ops.user_adamw_(theta, delta, grad, mu, nu, m, 3, betas=(0.9, 0.999), **hp)
+    reference_user_adamw_(*copies, m, 3, beta1=0.9, beta2=0.999, **hp)
     tol = KERNEL[torch.float32].kwargs() if dtype == torch.float32 else dict(rtol=0, atol=0)  # low precision: bit-exact
     for a, b in zip(theta + delta + mu + nu, copies[0] + copies[1] + copies[3] + copies[4], strict=True):
         torch.testing.assert_close(a, b, **tol)

@@ -4,7 +4,7 @@ Grid: backend (torch, cpp, triton, cuda; skipped where it cannot run) x device (
 under the `gpu` mark) x dtype (fp32, bf16, fp16) x sizes (0, 1, odd, > one block, many
 small tensors, one large), plus mixed dtypes in one list, non-contiguous inputs, frozen
 patterns for AdamW (none, all, random, changing between steps), several steps, and the
-bad-input errors of freezeguard/ops.py.
+bad-input errors of freezeguard/ops/validation.py.
 
 How results are judged (STYLE.md: optimi's per-dtype Tolerance, flash-attention's rule):
 - fp32: close to the reference within TOLERANCES[fp32].
@@ -547,7 +547,7 @@ def _check_user_adamw(runs, dtype):
 
 def _user_adamw_backend_or_skip(name: str, device: str) -> str:
     name = _backend_or_skip(name, device)
-    if not callable(getattr(get_backend(name), "user_adamw_", None)):
+    if not get_backend(name).implements("user_adamw_"):
         pytest.skip(f"backend {name} has no user_adamw_ kernel (auto picks the next backend)")
     return name
 
@@ -627,19 +627,46 @@ def test_masked_adamw_step_refuses_bad_counters_and_changes_nothing():
 
 # ---- the backend contract
 
-def test_every_backend_meets_the_protocol():
-    from freezeguard.backends import protocol
+def test_every_backend_is_a_valid_record():
+    from freezeguard.backends.opspecs import SPECS
+    from freezeguard.backends.record import BackendRecord
 
     for name in BACKENDS:
         be = get_backend(name)
-        assert isinstance(be, protocol.Backend), name
+        assert isinstance(be, BackendRecord), name
         assert be.name == name and be.dtypes <= set(fg.ops.SUPPORTED_DTYPES)
-    assert all(protocol.implements(get_backend("torch"), op) for op in protocol.OPS)
+        for op, kernel in be.kernels.items():  # what the record checked when it was built
+            assert SPECS[op].why_kernel_does_not_fit(kernel) is None, (name, op)
+    assert set(get_backend("torch").kernels) == set(SPECS)  # the reference backend implements every op
+
+
+def test_a_record_that_claims_a_wrong_kernel_is_refused():
+    from freezeguard.backends.record import ALL_DTYPES, BackendRecord
+
+    def ok():
+        return True, ""
+
+    def mask_shift_(theta, delta):  # misses dm
+        pass
+
+    with pytest.raises(TypeError, match="mask_shift_ kernel does not fit"):
+        BackendRecord(name="bad", devices=frozenset({"cpu"}), dtypes=ALL_DTYPES, availability=ok,
+                      kernels={"mask_shift_": mask_shift_})
+    with pytest.raises(TypeError, match="not a declared op"):
+        BackendRecord(name="bad", devices=frozenset({"cpu"}), dtypes=ALL_DTYPES, availability=ok,
+                      kernels={"mask_shift": reference.mask_shift_})
+    with pytest.raises(ValueError, match="dtypes"):
+        BackendRecord(name="bad", devices=frozenset({"cpu"}), dtypes=frozenset({torch.float64}), availability=ok,
+                      kernels={})
 
 
 def test_backend_dtypes_are_enforced(monkeypatch):
-    be = get_backend("torch")
-    monkeypatch.setattr(be, "dtypes", frozenset({torch.float32}))
+    import dataclasses
+
+    from freezeguard import backends
+
+    be = dataclasses.replace(get_backend("torch"), dtypes=frozenset({torch.float32}))
+    monkeypatch.setitem(backends._cache, "torch", be)
     x32, x16 = [torch.ones(2)], [torch.ones(2, dtype=torch.bfloat16)]
     assert fg.ops.segment_dot(x32, x32, backend="torch").tolist() == [2.0]
     with pytest.raises(BackendUnavailable, match="torch.*dtype bfloat16"):
@@ -674,3 +701,63 @@ def test_tensor_subclasses_never_reach_a_kernel():
         with pytest.raises(TypeError, match="subclass"):
             fg.ops.masked_adamw_step_([t], plain, [torch.zeros(4)], [torch.zeros(4)], [torch.tensor(0.0)], lr=1e-3,
                                       backend=backend)
+
+
+# ---- masked_sgd_momentum_: the op added to show what a new op needs (declaration, reference,
+# kernels), over the same grid
+
+def _naive_sgd_momentum_(p, g, buf, lr, momentum, dampening, weight_decay, nesterov):
+    for pi, gi, bi in zip(p, g, buf, strict=True):
+        d = gi + weight_decay * pi if weight_decay else gi.clone()
+        bi.mul_(momentum).add_(d, alpha=1 - dampening)
+        pi.sub_(lr * (d + momentum * bi if nesterov else bi))
+
+
+SGD_HP = [dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False),
+          dict(lr=1e-2, momentum=0.8, dampening=0.1, weight_decay=1e-2, nesterov=True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SIZE_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_sgd_momentum(backend, case, dtype, device):
+    backend = _backend_or_skip(backend, device)
+    if not get_backend(backend).implements("masked_sgd_momentum_"):
+        pytest.skip(f"backend {backend} has no masked_sgd_momentum_ kernel")
+    sizes = _sizes_or_skip(case, backend, device)
+    for hp in SGD_HP:
+        p = _randn(sizes, dtype, device)
+        runs = {k: [_clone(p), [torch.zeros_like(t) for t in p]] for k in ("kernel", "ref", "naive")}
+        runs["ref32"] = [_f32(p), [torch.zeros(t.shape, device=device) for t in p]]
+        # bf16/fp16: one step. Each stored step may round a buffer one unit apart from the reference
+        # (an FMA in the kernel), and later steps' cancellation makes that unit large relative to the
+        # result; the low-precision rule below judges the error against fp32 instead.
+        for _ in range(3 if dtype == torch.float32 else 1):
+            g = _randn(sizes, dtype, device)
+            fg.ops.masked_sgd_momentum_(*runs["kernel"][:1], g, runs["kernel"][1], backend=backend, **hp)
+            reference.masked_sgd_momentum_(runs["ref"][0], g, runs["ref"][1], **hp)
+            reference.masked_sgd_momentum_(runs["ref32"][0], _f32(g), runs["ref32"][1], **hp)
+            _naive_sgd_momentum_(runs["naive"][0], g, runs["naive"][1], **hp)
+        for k, what in enumerate(("params", "momentum_buffers")):
+            _assert_close_lists(runs["kernel"][k], runs["ref"][k], dtype, what)
+            if dtype != torch.float32:
+                _assert_lowp_rule(runs["kernel"][k], runs["ref32"][k], runs["naive"][k], dtype, what)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_masked_sgd_momentum_is_torch_sgd(nesterov):
+    """With dampening 0 the op is torch.optim.SGD from the first step (zero buffers = torch's copy)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 1, 300)]
+    mine = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in mine]
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=nesterov, foreach=False)
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in mine]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        fg.ops.masked_sgd_momentum_(mine, grads, bufs, lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
+    for p, q in zip(params, mine, strict=True):
+        torch.testing.assert_close(q, p.detach(), **TOLERANCES[torch.float32].kwargs())

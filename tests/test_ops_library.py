@@ -11,10 +11,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import freezeguard as fg
-from freezeguard.backends import reference
+from freezeguard.backends import get_backend, reference, status
+from freezeguard.backends.opspecs import BETAS, BOOL, COUNTS, FLOAT, INT, PER_TENSOR, PUBLIC, TENSORS
 
-OPS = ("masked_adamw_", "masked_adamw_step_", "segment_dot", "mask_shift_", "user_update_", "user_adamw_")
+OPS = ("masked_adamw_", "masked_adamw_step_", "segment_dot", "mask_shift_", "user_update_", "user_adamw_",
+       "masked_sgd_momentum_")
 MUTATES = {
+    "masked_sgd_momentum_": {"params", "momentum_buffers"},
     "masked_adamw_": {"params", "exp_avgs", "exp_avg_sqs"},
     "masked_adamw_step_": {"params", "exp_avgs", "exp_avg_sqs", "step_counters"},
     "segment_dot": set(),
@@ -121,3 +124,59 @@ def test_compiled_optimizer_step_fullgraph_matches_eager():
         torch.testing.assert_close(q, p)
     assert torch.equal(b[0].bias, frozen) and b[0].bias not in opt_b.state
     assert float(opt_b.state[b[1].weight]["step"]) == 4.0
+
+
+# ---- torch.library.opcheck: every op, every backend that runs on the CPU here
+
+def _cpu_backends() -> list[str]:
+    return [b for b in ("torch", "cpp", "triton")
+            if status(b).available and get_backend(b).supports(torch.device("cpu"))[0]]
+
+
+def _example_args(spec, device="cpu", sizes=(3, 5, 2)) -> list:
+    """Small valid inputs for ``spec``, in its torch.library schema's order (backend excluded)."""
+    gen = torch.Generator().manual_seed(0)
+    args: list = []
+    for a in spec.args:
+        if a.kind == TENSORS:
+            args.append([(torch.randn(n, generator=gen).abs() + 0.1).to(device) for n in sizes])
+        elif a.kind == PER_TENSOR:
+            args.append(torch.rand(len(sizes), generator=gen).to(device))
+        elif a.kind == COUNTS:
+            args.append([float(k + 1) for k in range(len(sizes))])
+        elif a.kind == BETAS:
+            args += [0.9, 0.999]
+        elif a.kind == INT:
+            args.append(int(a.minimum or 0) + 1)
+        elif a.kind == BOOL:
+            args.append(False)
+        else:
+            assert a.kind == FLOAT
+            args.append(a.default if isinstance(a.default, float) else 1e-2)
+    return args
+
+
+def _opcheck_cases():
+    on_cpu = [(b, "cpu", ()) for b in _cpu_backends()]
+    on_gpu = [(b, "cuda", (pytest.mark.gpu,)) for b in ("cuda", "triton")]  # the GPU session runs these
+    for backend, device, marks in on_cpu + on_gpu:
+        for spec in PUBLIC:
+            if get_backend(backend).implements(spec.name):
+                yield pytest.param(spec, backend, device, id=f"{spec.name}-{backend}-{device}", marks=marks)
+        yield pytest.param(None, backend, device, id=f"masked_adamw_step_-{backend}-{device}", marks=marks)
+
+
+@pytest.mark.parametrize("spec,backend,device", list(_opcheck_cases()))
+def test_opcheck(spec, backend, device):
+    """Schema (what is mutated), fake tensors and AOT dispatch of each op agree with its eager run."""
+    if device == "cuda" and not status(backend).available:
+        pytest.skip(status(backend).reason)
+    if spec is None:
+        lists = [[x.to(device) for x in _lists(k)] for k in (1, 2, 3)]
+        args = (*lists, [x.abs().to(device) for x in _lists(4)], [torch.tensor(float(k)) for k in range(3)],
+                1e-2, None, 0.9, 0.999, 1e-8, 1e-2, backend)
+        op = torch.ops.freezeguard.masked_adamw_step_.default
+    else:
+        args = (*_example_args(spec, device), backend)
+        op = getattr(torch.ops.freezeguard, spec.name).default
+    torch.library.opcheck(op, args)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import freezeguard as fg
-from freezeguard.ops import bookkeeping as _bookkeeping
+from freezeguard.ops import native_shortcuts as _shortcuts
 
 
 def _model(seed=0):
@@ -43,7 +43,7 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 def test_plan_is_reused_across_steps_with_fresh_grads(native, monkeypatch):
     if not native:
-        monkeypatch.setattr(_bookkeeping, "_native", lambda: None)
+        monkeypatch.setattr(_shortcuts, "_native", lambda: None)
         monkeypatch.setenv("FREEZEGUARD_BACKEND", "torch")
     a, b, ours, ref = _pair(["0.bias"])
     plans = []

@@ -128,7 +128,7 @@ def test_mixed_dtypes_many_small_and_one_bigger():
 
 def test_unaligned_and_noncontiguous_tensors():
     # Views at odd element offsets are not 16-byte aligned: the kernels must take the
-    # unhinted path. A transposed view exercises ops.py's contiguous copy + write-back.
+    # unhinted path. A transposed view exercises freezeguard/ops/validation.py's contiguous copy + write-back.
     base = torch.randn(4 * BLOCK, device=DEVICE)
     shapes = [(BLOCK + 3,), (5, 7)]
     p = [base[1:BLOCK + 4], torch.randn(7, 5, device=DEVICE).t()]

@@ -31,7 +31,7 @@ def test_wheel_has_every_layer_and_the_raw_kernels(wheel_files):
     for path in ("freezeguard/__init__.py", "freezeguard/backends/__init__.py", "freezeguard/ops/__init__.py",
                  "freezeguard/core/mask.py", "freezeguard/core/optim/adamw.py", "freezeguard/optim/__init__.py",
                  "freezeguard/integrations/diffusers/loss.py", "freezeguard/apps/learn/learner.py",
-                 "freezeguard/cli/__init__.py", "freezeguard/kernels/adamw.py", "freezeguard/_csrc/cpu/kernels.cpp"):
+                 "freezeguard/cli/__init__.py", "freezeguard/kernels/adamw.py", "freezeguard/_csrc/cpu/inner_loops.cpp"):
         assert path in wheel_files, path
 
 

@@ -45,6 +45,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("theta"), py::arg("delta"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("m"), py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), nogil);
+  m.def("masked_sgd_momentum_", &freezeguard::masked_sgd_momentum_, "SGD with momentum, in place",
+        py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"), py::arg("momentum"),
+        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), nogil);
   // Bookkeeping shortcuts (list_checks.h): cheap, so they keep the GIL.
   m.def("check_tensor_lists", &freezeguard::check_tensor_lists,
         "(ok, all_contiguous) of parallel tensor lists under freezeguard.ops' rules", py::arg("lists"));

@@ -1,9 +1,9 @@
-// The four fused CPU ops over a work table (work_table.h); the math lives in kernels.cpp.
+// The fused CPU ops over a work table (work_table.h); the fp32 math lives in inner_loops.cpp.
 #include "fused_ops.h"
 
 #include <cmath>
 
-#include "kernels.h"
+#include "inner_loops.h"
 #include "work_table.h"
 
 #include <ATen/ops/empty.h>
@@ -204,6 +204,26 @@ void user_adamw_(const std::vector<at::Tensor>& theta, const std::vector<at::Ten
       using T = decltype(tag);
       user_adamw_piece<T>(ptr<T>(theta[i], pc.begin), ptr<T>(delta[i], pc.begin), ptr<T>(grads[i], pc.begin),
                           ptr<T>(exp_avgs[i], pc.begin), ptr<T>(exp_avg_sqs[i], pc.begin), pc.size, coef[i]);
+    });
+  });
+}
+
+void masked_sgd_momentum_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                          const std::vector<at::Tensor>& momentum_buffers, double lr, double momentum,
+                          double dampening, double weight_decay, bool nesterov) {
+  const char* op = "masked_sgd_momentum_";
+  check_list(op, params, params, "params");
+  check_list(op, params, grads, "grads");
+  check_list(op, params, momentum_buffers, "momentum_buffers");
+  const SgdCoef coef{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
+                     static_cast<float>(weight_decay), nesterov};
+  const WorkTable table = make_work_table(params);
+  for_each_piece(table, [&](int64_t, const Piece& pc) {
+    const auto i = pc.tensor;
+    dispatch_dtype(params[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      sgd_momentum_piece<T>(ptr<T>(params[i], pc.begin), ptr<T>(grads[i], pc.begin),
+                            ptr<T>(momentum_buffers[i], pc.begin), pc.size, coef);
     });
   });
 }

@@ -1,5 +1,6 @@
-// The four fused CPU ops; each covers the whole tensor list in one parallel loop.
-// Contract (checked cheaply here, thoroughly in freezeguard/ops.py): contiguous CPU
+// The fused CPU ops (one per op declared in freezeguard/backends/opspecs.py, plus the optimizer's
+// step and its prepared variant); each covers the whole tensor list in one parallel loop.
+// Contract (checked cheaply here, thoroughly in freezeguard/ops/validation.py): contiguous CPU
 // tensors, companions of tensor i share its dtype and size, per-tensor scalars are
 // contiguous fp32 [S], steps include the current update.
 #pragma once
@@ -49,5 +50,10 @@ void user_adamw_(const std::vector<at::Tensor>& theta, const std::vector<at::Ten
                  const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& exp_avgs,
                  const std::vector<at::Tensor>& exp_avg_sqs, const at::Tensor& m, int64_t step, double lr,
                  double beta1, double beta2, double eps, double weight_decay);
+
+// SGD with momentum (reference.masked_sgd_momentum_): buffers start at zero.
+void masked_sgd_momentum_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                          const std::vector<at::Tensor>& momentum_buffers, double lr, double momentum,
+                          double dampening, double weight_decay, bool nesterov);
 
 }  // namespace freezeguard

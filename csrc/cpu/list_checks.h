@@ -1,9 +1,9 @@
-// Per-call bookkeeping of freezeguard/ops.py and fg.optim.AdamW, done natively.
+// Per-call bookkeeping of freezeguard/ops/validation.py and fg.optim.AdamW, done natively
 //
 // A 686-tensor UNet costs ~1.5 ms a call to validate in Python (attribute reads on every
 // tensor of every list) and ~0.7 ms to bump its step counters through the dispatcher; a fused
 // H100 AdamW step is 3-12 ms, so this bookkeeping was the gap to torch's fused optimizer.
-// The rules are freezeguard/ops.py's; on any failure the caller reruns the Python checks,
+// The rules are freezeguard/ops/validation.py's; on any failure the caller reruns the Python checks,
 // which name the offending tensor. Python stays the single source of the error messages.
 #pragma once
 

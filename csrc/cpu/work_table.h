@@ -77,7 +77,7 @@ void dispatch_dtype(at::ScalarType dtype, const Fn& fn) {
   }
 }
 
-// Cheap guards: ops.py validates thoroughly, but the extension may be called directly.
+// Cheap guards: freezeguard/ops/validation.py validates thoroughly, but the extension may be called directly.
 inline void check_list(const char* op, const std::vector<at::Tensor>& ref, const std::vector<at::Tensor>& other,
                        const char* name) {
   TORCH_CHECK(ref.size() == other.size(), op, ": ", name, " has ", other.size(), " tensors, expected ", ref.size());

@@ -4,7 +4,7 @@
 // dtype present in the list), caches those tables keyed on their content (pointers, lengths,
 // list positions), and launches on the current stream of the tensors' device.
 //
-// The Python layer (freezeguard/ops.py) validates inputs for users; the checks here repeat the
+// The Python layer (freezeguard/ops/validation.py) validates inputs for users; the checks here repeat the
 // ones that keep the kernels memory-safe, because this module can also be called directly.
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -280,20 +280,30 @@ bool is_capturing(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// Everything a launch needs: the device guard, the stream, and the uploaded tables.
+// The host half of the multi-tensor harness: everything a launch needs (the device guard, the
+// stream, the persistent grid, the uploaded tables, one per storage dtype), and `each`, which
+// calls an op's launcher once per table and turns a CUDA error into one naming the op. A binding
+// is then: check the lists, convert its scalars, and one `each`.
 struct Launch {
+  const char* op;
   c10::cuda::CUDAGuard guard;
   cudaStream_t stream;
   int grid;
   std::vector<std::pair<FgDtype, DeviceTable>> tables;
 
-  Launch(c10::Device device, const std::vector<const TensorList*>& lists)
-      : guard(device), stream(c10::cuda::getCurrentCUDAStream(device.index()).stream()) {
+  Launch(const char* op_name, c10::Device device, const std::vector<const TensorList*>& lists)
+      : op(op_name), guard(device), stream(c10::cuda::getCurrentCUDAStream(device.index()).stream()) {
     grid = persistent_grid(device.index());
     const bool capturing = is_capturing(stream);
     for (const HostTable& host : build_tables(lists)) {
       tables.emplace_back(host.dtype, table_cache().get(host, device, stream, capturing));
     }
+  }
+
+  // fn(dtype, table, grid, stream) -> cudaError_t, for each table.
+  template <typename Fn>
+  void each(Fn&& fn) {
+    for (const auto& [dtype, table] : tables) FG_CUDA_CHECK(fn(dtype, table, grid, stream), op);
   }
 };
 
@@ -304,7 +314,7 @@ void masked_adamw(const TensorList& params, const TensorList& grads, const Tenso
   // Order matches the kernel: written tensors first.
   const std::vector<const TensorList*> lists{&params, &exp_avgs, &exp_avg_sqs, &grads};
   const c10::Device device = check_lists(op, lists);
-  Launch launch(device, lists);
+  Launch launch(op, device, lists);
   const at::Tensor steps64 = per_tensor_scalars(op, "steps", steps, static_cast<int64_t>(params.size()), device, at::kDouble);
   at::Tensor lr64;
   const double* lr_device = nullptr;
@@ -314,27 +324,24 @@ void masked_adamw(const TensorList& params, const TensorList& grads, const Tenso
     lr64 = lr_tensor->to(at::kDouble).contiguous();
     lr_device = lr64.data_ptr<double>();
   }
-  for (const auto& [dtype, table] : launch.tables) {
-    FG_CUDA_CHECK(fg_masked_adamw(dtype, table.entries, table.chunks, table.n_chunks, steps64.data_ptr<double>(),
-                                  lr_device, lr, beta1, beta2, eps, weight_decay, launch.grid, launch.stream),
-                  op);
-  }
+  launch.each([&](FgDtype dtype, const DeviceTable& t, int grid, cudaStream_t stream) {
+    return fg_masked_adamw(dtype, t.entries, t.chunks, t.n_chunks, steps64.data_ptr<double>(), lr_device, lr, beta1,
+                           beta2, eps, weight_decay, grid, stream);
+  });
 }
 
 at::Tensor segment_dot(const TensorList& a, const TensorList& b) {
   const char* op = "segment_dot";
   const std::vector<const TensorList*> lists{&a, &b};
   const c10::Device device = check_lists(op, lists);
-  Launch launch(device, lists);
+  Launch launch(op, device, lists);
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
   at::Tensor out = at::empty({static_cast<int64_t>(a.size())}, f32);  // every slot is written once
-  for (const auto& [dtype, table] : launch.tables) {
-    at::Tensor partials = at::empty({table.n_chunks}, f32);
-    FG_CUDA_CHECK(fg_segment_dot(dtype, table.entries, table.n_entries, table.chunks, table.n_chunks,
-                                 table.n_chunks > 0 ? partials.data_ptr<float>() : nullptr,
-                                 out.data_ptr<float>(), launch.grid, launch.stream),
-                  op);
-  }
+  launch.each([&](FgDtype dtype, const DeviceTable& t, int grid, cudaStream_t stream) {
+    at::Tensor partials = at::empty({t.n_chunks}, f32);
+    return fg_segment_dot(dtype, t.entries, t.n_entries, t.chunks, t.n_chunks,
+                          t.n_chunks > 0 ? partials.data_ptr<float>() : nullptr, out.data_ptr<float>(), grid, stream);
+  });
   return out;
 }
 
@@ -342,13 +349,11 @@ void mask_shift(const TensorList& theta, const TensorList& delta, const at::Tens
   const char* op = "mask_shift_";
   const std::vector<const TensorList*> lists{&theta, &delta};
   const c10::Device device = check_lists(op, lists);
-  Launch launch(device, lists);
+  Launch launch(op, device, lists);
   const at::Tensor dm32 = per_tensor_scalars(op, "dm", dm, static_cast<int64_t>(theta.size()), device, at::kFloat);
-  for (const auto& [dtype, table] : launch.tables) {
-    FG_CUDA_CHECK(fg_mask_shift(dtype, table.entries, table.chunks, table.n_chunks, dm32.data_ptr<float>(),
-                                launch.grid, launch.stream),
-                  op);
-  }
+  launch.each([&](FgDtype dtype, const DeviceTable& t, int grid, cudaStream_t stream) {
+    return fg_mask_shift(dtype, t.entries, t.chunks, t.n_chunks, dm32.data_ptr<float>(), grid, stream);
+  });
 }
 
 void user_update(const TensorList& theta, const TensorList& delta, const TensorList& grad, const at::Tensor& m,
@@ -356,13 +361,22 @@ void user_update(const TensorList& theta, const TensorList& delta, const TensorL
   const char* op = "user_update_";
   const std::vector<const TensorList*> lists{&theta, &delta, &grad};
   const c10::Device device = check_lists(op, lists);
-  Launch launch(device, lists);
+  Launch launch(op, device, lists);
   const at::Tensor m32 = per_tensor_scalars(op, "m", m, static_cast<int64_t>(theta.size()), device, at::kFloat);
-  for (const auto& [dtype, table] : launch.tables) {
-    FG_CUDA_CHECK(fg_user_update(dtype, table.entries, table.chunks, table.n_chunks, m32.data_ptr<float>(), lr,
-                                 launch.grid, launch.stream),
-                  op);
-  }
+  launch.each([&](FgDtype dtype, const DeviceTable& t, int grid, cudaStream_t stream) {
+    return fg_user_update(dtype, t.entries, t.chunks, t.n_chunks, m32.data_ptr<float>(), lr, grid, stream);
+  });
+}
+
+void masked_sgd_momentum(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
+                         double lr, double momentum, double dampening, double weight_decay, bool nesterov) {
+  const char* op = "masked_sgd_momentum_";
+  const std::vector<const TensorList*> lists{&params, &momentum_buffers, &grads};  // written tensors first
+  Launch launch(op, check_lists(op, lists), lists);
+  launch.each([&](FgDtype dtype, const DeviceTable& t, int grid, cudaStream_t stream) {
+    return fg_masked_sgd_momentum(dtype, t.entries, t.chunks, t.n_chunks, lr, momentum, dampening, weight_decay,
+                                  nesterov ? 1 : 0, grid, stream);
+  });
 }
 
 }  // namespace
@@ -379,6 +393,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dm"));
   m.def("user_update_", &user_update, "the simulated user's step, in place", py::arg("theta"), py::arg("delta"),
         py::arg("grad"), py::arg("m"), py::arg("lr"));
+  m.def("masked_sgd_momentum_", &masked_sgd_momentum, "SGD with momentum over lists of CUDA tensors, in place",
+        py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"), py::arg("momentum"),
+        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"));
   m.def("clear_table_cache", []() { table_cache().clear(); },
         "drop cached device tables (only when no captured CUDA graph that used them will replay)");
   m.def("table_cache_size", []() { return table_cache().size(); }, "number of cached device tables");

@@ -87,8 +87,61 @@ __device__ __forceinline__ void chunk_apply(const FgTensorEntry& e, int64_t star
   }
 }
 
+// ---- the multi-tensor harness ---------------------------------------------------------------
+// An op is a functor with
+//   kPtrs, kWrites       pointers per table entry and how many of them (the first ones) it writes;
+//   at(entry)            the per-tensor setup: returns the element functor for that tensor's chunks;
+//   done(chunk, element) what happens after a chunk (nothing, or a reduction's partial sum); every
+//                        thread of the block calls it.
+// multi_tensor_kernel walks the chunk list with a persistent grid; launch_multi_tensor picks the
+// storage dtype. A new element-wise op is a functor plus a one-line launcher (apex's
+// multi_tensor_apply, with the table in device memory).
+struct NoReduction {
+  template <typename Element>
+  __device__ __forceinline__ void done(int64_t, const Element&) const {}
+};
+
+template <typename T, typename Op>
+__global__ void __launch_bounds__(FG_BLOCK_THREADS)
+    multi_tensor_kernel(const FgTensorEntry* __restrict__ entries, const FgChunk* __restrict__ chunks,
+                        int64_t n_chunks, Op op) {
+  for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+    const FgChunk ch = chunks[c];
+    const FgTensorEntry e = entries[ch.entry];
+    auto element = op.at(e);
+    chunk_apply<T, Op::kPtrs, Op::kWrites>(e, ch.start, element);
+    op.done(c, element);
+  }
+}
+
+// A persistent grid never needs more blocks than chunks.
+inline int clamp_grid(int grid, int64_t work) {
+  if (grid < 1) grid = 1;
+  return work < grid ? static_cast<int>(work) : grid;
+}
+
+template <typename Op>
+cudaError_t launch_multi_tensor(FgDtype dtype, const FgTensorEntry* entries, const FgChunk* chunks,
+                                int64_t n_chunks, const Op& op, int grid, cudaStream_t stream) {
+  if (n_chunks <= 0) return cudaSuccess;
+  grid = clamp_grid(grid, n_chunks);
+  switch (dtype) {
+    case FG_FLOAT32:
+      multi_tensor_kernel<float, Op><<<grid, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, op);
+      break;
+    case FG_BFLOAT16:
+      multi_tensor_kernel<__nv_bfloat16, Op><<<grid, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, op);
+      break;
+    case FG_FLOAT16:
+      multi_tensor_kernel<__half, Op><<<grid, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, op);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 // ---- masked AdamW --------------------------------------------------------------------------
-template <typename T>
 struct AdamWElement {
   float decay, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size;
   // v = {param, exp_avg, exp_avg_sq, grad}; reference.py masked_adamw_, same order.
@@ -104,29 +157,22 @@ struct AdamWElement {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(FG_BLOCK_THREADS)
-    masked_adamw_kernel(const FgTensorEntry* __restrict__ entries, const FgChunk* __restrict__ chunks,
-                        int64_t n_chunks, const double* __restrict__ steps, const double* lr_device,
-                        double lr_host, double beta1, double beta2, double eps, double weight_decay) {
-  // Read on the device so that a CUDA graph replays with the current lr.
-  const double lr = lr_device != nullptr ? *lr_device : lr_host;
-  for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
-    const FgChunk ch = chunks[c];
-    const FgTensorEntry e = entries[ch.entry];
+struct AdamWOp : NoReduction {
+  static constexpr int kPtrs = 4, kWrites = 3;
+  const double* steps;      // device, fp64: each tensor's count including this update
+  const double* lr_device;  // read on the device when not NULL, so a CUDA graph replays with the current lr
+  double lr_host, beta1, beta2, eps, weight_decay;
+
+  __device__ __forceinline__ AdamWElement at(const FgTensorEntry& e) const {
+    const double lr = lr_device != nullptr ? *lr_device : lr_host;
     // Scalars in fp64 like the Python reference, then fp32 like torch's tensor-scalar ops.
     const double step = steps[e.index];
-    AdamWElement<T> op;
-    op.decay = static_cast<float>(1.0 - lr * weight_decay);
-    op.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-    op.beta2 = static_cast<float>(beta2);
-    op.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-    op.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, step)));
-    op.eps = static_cast<float>(eps);
-    op.neg_step_size = static_cast<float>(-(lr / (1.0 - pow(beta1, step))));
-    chunk_apply<T, 4, 3>(e, ch.start, op);
+    return AdamWElement{static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(1.0 - beta1),
+                        static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
+                        static_cast<float>(sqrt(1.0 - pow(beta2, step))), static_cast<float>(eps),
+                        static_cast<float>(-(lr / (1.0 - pow(beta1, step))))};
   }
-}
+};
 
 // ---- segment dot -----------------------------------------------------------------------------
 __device__ __forceinline__ float warp_sum(float x) {
@@ -159,19 +205,17 @@ struct DotElement {
   __device__ __forceinline__ void operator()(float (&v)[2]) { acc += v[0] * v[1]; }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(FG_BLOCK_THREADS)
-    segment_dot_partial_kernel(const FgTensorEntry* __restrict__ entries, const FgChunk* __restrict__ chunks,
-                               int64_t n_chunks, float* __restrict__ partials) {
-  for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
-    const FgChunk ch = chunks[c];
-    const FgTensorEntry e = entries[ch.entry];
-    DotElement op;
-    chunk_apply<T, 2, 0>(e, ch.start, op);
-    const float total = block_sum(op.acc);
-    if (threadIdx.x == 0) partials[c] = total;
+// Each chunk's sum lands in partials[chunk] (a fixed-order block reduction, no atomics).
+struct DotPartialOp {
+  static constexpr int kPtrs = 2, kWrites = 0;
+  float* partials;
+
+  __device__ __forceinline__ DotElement at(const FgTensorEntry&) const { return DotElement{}; }
+  __device__ __forceinline__ void done(int64_t chunk, const DotElement& element) const {
+    const float total = block_sum(element.acc);
+    if (threadIdx.x == 0) partials[chunk] = total;
   }
-}
+};
 
 // One warp per tensor: adds its chunk partials in a fixed order; tensors without elements get 0.
 __global__ void __launch_bounds__(FG_BLOCK_THREADS)
@@ -193,17 +237,11 @@ struct MaskShiftElement {
   __device__ __forceinline__ void operator()(float (&v)[2]) const { v[0] = v[0] + v[1] * dm; }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(FG_BLOCK_THREADS)
-    mask_shift_kernel(const FgTensorEntry* __restrict__ entries, const FgChunk* __restrict__ chunks,
-                      int64_t n_chunks, const float* __restrict__ dm) {
-  for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
-    const FgChunk ch = chunks[c];
-    const FgTensorEntry e = entries[ch.entry];
-    MaskShiftElement op{dm[e.index]};
-    chunk_apply<T, 2, 1>(e, ch.start, op);
-  }
-}
+struct MaskShiftOp : NoReduction {
+  static constexpr int kPtrs = 2, kWrites = 1;  // {theta, delta}
+  const float* dm;
+  __device__ __forceinline__ MaskShiftElement at(const FgTensorEntry& e) const { return MaskShiftElement{dm[e.index]}; }
+};
 
 struct UserUpdateElement {
   float keep, coef;  // coef = (-lr) * keep, rounded to fp32 as the reference's 0-d tensor is
@@ -215,24 +253,35 @@ struct UserUpdateElement {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(FG_BLOCK_THREADS)
-    user_update_kernel(const FgTensorEntry* __restrict__ entries, const FgChunk* __restrict__ chunks,
-                       int64_t n_chunks, const float* __restrict__ m, double lr) {
-  for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
-    const FgChunk ch = chunks[c];
-    const FgTensorEntry e = entries[ch.entry];
+struct UserUpdateOp : NoReduction {
+  static constexpr int kPtrs = 3, kWrites = 2;  // {theta, delta, grad}
+  const float* m;
+  double lr;
+  __device__ __forceinline__ UserUpdateElement at(const FgTensorEntry& e) const {
     const float keep = 1.0f - m[e.index];
-    UserUpdateElement op{keep, static_cast<float>(-lr) * keep};
-    chunk_apply<T, 3, 2>(e, ch.start, op);
+    return UserUpdateElement{keep, static_cast<float>(-lr) * keep};
   }
-}
+};
 
-// A persistent grid never needs more blocks than chunks.
-inline int clamp_grid(int grid, int64_t work) {
-  if (grid < 1) grid = 1;
-  return work < grid ? static_cast<int>(work) : grid;
-}
+// ---- masked SGD with momentum ----------------------------------------------------------------
+struct SgdMomentumElement {
+  float lr, momentum, one_minus_dampening, weight_decay;
+  bool nesterov;
+  // v = {param, momentum_buffer, grad}; reference.py masked_sgd_momentum_, same order.
+  __device__ __forceinline__ void operator()(float (&v)[3]) const {
+    const float g = weight_decay != 0.f ? v[2] + weight_decay * v[0] : v[2];
+    const float b = v[1] * momentum + g * one_minus_dampening;
+    const float step = nesterov ? g + momentum * b : b;
+    v[0] = v[0] - lr * step;
+    v[1] = b;
+  }
+};
+
+struct SgdMomentumOp : NoReduction {
+  static constexpr int kPtrs = 3, kWrites = 2;
+  SgdMomentumElement element;
+  __device__ __forceinline__ SgdMomentumElement at(const FgTensorEntry&) const { return element; }
+};
 
 }  // namespace
 
@@ -242,50 +291,16 @@ cudaError_t fg_masked_adamw(FgDtype dtype, const FgTensorEntry* entries, const F
                             int64_t n_chunks, const double* steps, const double* lr_device, double lr,
                             double beta1, double beta2, double eps, double weight_decay, int grid,
                             cudaStream_t stream) {
-  if (n_chunks <= 0) return cudaSuccess;
-  grid = clamp_grid(grid, n_chunks);
-  switch (dtype) {
-    case FG_FLOAT32:
-      masked_adamw_kernel<float><<<grid, FG_BLOCK_THREADS, 0, stream>>>(
-          entries, chunks, n_chunks, steps, lr_device, lr, beta1, beta2, eps, weight_decay);
-      break;
-    case FG_BFLOAT16:
-      masked_adamw_kernel<__nv_bfloat16><<<grid, FG_BLOCK_THREADS, 0, stream>>>(
-          entries, chunks, n_chunks, steps, lr_device, lr, beta1, beta2, eps, weight_decay);
-      break;
-    case FG_FLOAT16:
-      masked_adamw_kernel<__half><<<grid, FG_BLOCK_THREADS, 0, stream>>>(
-          entries, chunks, n_chunks, steps, lr_device, lr, beta1, beta2, eps, weight_decay);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return launch_multi_tensor(dtype, entries, chunks, n_chunks,
+                             AdamWOp{{}, steps, lr_device, lr, beta1, beta2, eps, weight_decay}, grid, stream);
 }
 
 cudaError_t fg_segment_dot(FgDtype dtype, const FgTensorEntry* entries, int64_t n_entries,
                            const FgChunk* chunks, int64_t n_chunks, float* partials, float* out,
                            int grid, cudaStream_t stream) {
   if (n_entries <= 0) return cudaSuccess;
-  if (n_chunks > 0) {
-    const int g = clamp_grid(grid, n_chunks);
-    switch (dtype) {
-      case FG_FLOAT32:
-        segment_dot_partial_kernel<float><<<g, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, partials);
-        break;
-      case FG_BFLOAT16:
-        segment_dot_partial_kernel<__nv_bfloat16>
-            <<<g, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, partials);
-        break;
-      case FG_FLOAT16:
-        segment_dot_partial_kernel<__half><<<g, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, partials);
-        break;
-      default:
-        return cudaErrorInvalidValue;
-    }
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = launch_multi_tensor(dtype, entries, chunks, n_chunks, DotPartialOp{partials}, grid, stream);
+  if (err != cudaSuccess) return err;
   const int64_t warps_per_block = FG_BLOCK_THREADS / 32;
   const int64_t blocks = (n_entries + warps_per_block - 1) / warps_per_block;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
@@ -296,42 +311,21 @@ cudaError_t fg_segment_dot(FgDtype dtype, const FgTensorEntry* entries, int64_t 
 
 cudaError_t fg_mask_shift(FgDtype dtype, const FgTensorEntry* entries, const FgChunk* chunks,
                           int64_t n_chunks, const float* dm, int grid, cudaStream_t stream) {
-  if (n_chunks <= 0) return cudaSuccess;
-  grid = clamp_grid(grid, n_chunks);
-  switch (dtype) {
-    case FG_FLOAT32:
-      mask_shift_kernel<float><<<grid, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, dm);
-      break;
-    case FG_BFLOAT16:
-      mask_shift_kernel<__nv_bfloat16><<<grid, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, dm);
-      break;
-    case FG_FLOAT16:
-      mask_shift_kernel<__half><<<grid, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, dm);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return launch_multi_tensor(dtype, entries, chunks, n_chunks, MaskShiftOp{{}, dm}, grid, stream);
 }
 
 cudaError_t fg_user_update(FgDtype dtype, const FgTensorEntry* entries, const FgChunk* chunks,
                            int64_t n_chunks, const float* m, double lr, int grid, cudaStream_t stream) {
-  if (n_chunks <= 0) return cudaSuccess;
-  grid = clamp_grid(grid, n_chunks);
-  switch (dtype) {
-    case FG_FLOAT32:
-      user_update_kernel<float><<<grid, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, m, lr);
-      break;
-    case FG_BFLOAT16:
-      user_update_kernel<__nv_bfloat16><<<grid, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, m, lr);
-      break;
-    case FG_FLOAT16:
-      user_update_kernel<__half><<<grid, FG_BLOCK_THREADS, 0, stream>>>(entries, chunks, n_chunks, m, lr);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return launch_multi_tensor(dtype, entries, chunks, n_chunks, UserUpdateOp{{}, m, lr}, grid, stream);
+}
+
+cudaError_t fg_masked_sgd_momentum(FgDtype dtype, const FgTensorEntry* entries, const FgChunk* chunks,
+                                   int64_t n_chunks, double lr, double momentum, double dampening,
+                                   double weight_decay, int nesterov, int grid, cudaStream_t stream) {
+  const SgdMomentumElement element{static_cast<float>(lr), static_cast<float>(momentum),
+                                   static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay),
+                                   nesterov != 0};
+  return launch_multi_tensor(dtype, entries, chunks, n_chunks, SgdMomentumOp{{}, element}, grid, stream);
 }
 
 }  // extern "C"

@@ -1,4 +1,5 @@
-// Host launchers of the freezeguard CUDA kernels (fused_ops.cu).
+// Host launchers of the freezeguard CUDA kernels (fused_ops.cu): one per op, each a line over the
+// multi-tensor harness there (a functor per op).
 //
 // Plain C types and cudaStream_t only, so the kernels compile with nvcc alone and the torch
 // glue (bindings.cpp) compiles with the host compiler alone.
@@ -71,6 +72,12 @@ cudaError_t fg_mask_shift(FgDtype dtype, const FgTensorEntry* entries, const FgC
 // u = -lr (1 - m) g;  theta += (1 - m) u;  delta -= u.
 cudaError_t fg_user_update(FgDtype dtype, const FgTensorEntry* entries, const FgChunk* chunks,
                            int64_t n_chunks, const float* m, double lr, int grid, cudaStream_t stream);
+
+// SGD with momentum for entries whose ptr = {param, momentum_buffer, grad} (reference.py
+// masked_sgd_momentum_); buffers start at zero.
+cudaError_t fg_masked_sgd_momentum(FgDtype dtype, const FgTensorEntry* entries, const FgChunk* chunks,
+                                   int64_t n_chunks, double lr, double momentum, double dampening,
+                                   double weight_decay, int nesterov, int grid, cudaStream_t stream);
 
 #ifdef __cplusplus
 }  // extern "C"

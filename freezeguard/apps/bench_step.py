@@ -111,7 +111,8 @@ def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
     """Run one configuration and return its measurements (times in seconds, sizes in bytes)."""
-    import freezeguard as fg
+    from freezeguard.core.guard import guard
+    from freezeguard.core.mask import FreezeMask
     from freezeguard.integrations.diffusers.layouts import DEFAULT_LATENT, LAYOUT_ONLY, build_model, make_batch, predict
 
     c = check_config(cfg)
@@ -128,9 +129,9 @@ def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
     mask = None
     if c["mode"] == "guard":
         if c["mask_path"]:
-            mask = fg.FreezeMask.load(c["mask_path"], model=unet)
+            mask = FreezeMask.load(c["mask_path"], model=unet)
         else:
-            mask = fg.FreezeMask.random(unet, ratio=float(c["ratio"]), by=c["by"], seed=c["seed"])
+            mask = FreezeMask.random(unet, ratio=float(c["ratio"]), by=c["by"], seed=c["seed"])
 
     _sync(device)
     if device.type == "cuda":
@@ -142,8 +143,8 @@ def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
     if mask is None:
         opt, impl = _full_optimizer(unet.parameters(), device, c["lr"])
     else:
-        lean = bool(c["lean_frozen_convs"])  # item 3: see freezeguard/lean_convs.py
-        opt = fg.guard(unet, mask, lr=c["lr"], backend=c["backend"], lean_frozen_convs=lean)
+        lean = bool(c["lean_frozen_convs"])  # item 3: see freezeguard/core/lean_convs.py
+        opt = guard(unet, mask, lr=c["lr"], backend=c["backend"], lean_frozen_convs=lean)
         impl = f"fg.guard({c['backend']}{', lean_frozen_convs=True' if lean else ''})"
         if lean:
             from freezeguard.core.lean_convs import LeanFrozenConv2d

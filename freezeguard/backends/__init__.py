@@ -1,9 +1,10 @@
 """One registry for every backend of the fused ops.
 
-A backend meets the ``Backend`` protocol (``protocol.py``): ``name``, ``dtypes``,
-``availability()`` and ``supports(device)`` (both never compile), ``prepare()`` (may load or
-JIT-build once) and the ops it implements, with the reference's signatures (``reference.py``).
-Backends load lazily: ``import freezeguard`` never compiles anything.
+A backend is a module whose ``BACKEND`` is a ``BackendRecord`` (``record.py``): its name, devices,
+dtypes, kernels keyed by declared op (``opspecs.py``), ``availability()`` and ``supports(device)``
+(both never compile), ``prepare()`` (may load or JIT-build once) and optional AdamW fast paths.
+The record checks its kernels against the ops' declarations when it is built. Backends load
+lazily: ``import freezeguard`` never compiles anything.
 
 Choosing: ``backend="auto"`` (or ``FREEZEGUARD_BACKEND`` unset) picks the first backend in
 ``AUTO_ORDER[device.type]`` that is available, supports the tensors' device and dtypes and
@@ -19,7 +20,7 @@ from typing import Iterable
 
 import torch
 
-from freezeguard.backends.protocol import ALL_DTYPES, Backend, implements
+from freezeguard.backends.record import ALL_DTYPES, BackendRecord
 
 BACKEND_NAMES = ("torch", "cpp", "triton", "cuda")
 ENV_VAR = "FREEZEGUARD_BACKEND"
@@ -51,18 +52,18 @@ class BackendStatus:
     reason: str
 
 
-_cache: dict[str, Backend] = {}
+_cache: dict[str, BackendRecord] = {}
 
 
-def get_backend(name: str) -> Backend:
-    """The backend object called ``name`` (not checked for availability)."""
+def get_backend(name: str) -> BackendRecord:
+    """The record of the backend called ``name`` (not checked for availability)."""
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(('auto',) + BACKEND_NAMES)}")
     if name not in _cache:
-        module = importlib.import_module(_MODULES[name])
-        if not isinstance(module, Backend) or module.name != name:
-            raise TypeError(f"{_MODULES[name]} does not meet freezeguard.backends.protocol.Backend")
-        _cache[name] = module
+        record = getattr(importlib.import_module(_MODULES[name]), "BACKEND", None)
+        if not isinstance(record, BackendRecord) or record.name != name:
+            raise TypeError(f"{_MODULES[name]}.BACKEND is not the BackendRecord of backend {name!r}")
+        _cache[name] = record
     return _cache[name]
 
 
@@ -95,7 +96,7 @@ def _why_not(name: str, device: torch.device, op: str | None, dtypes: Iterable[t
     ok, why = be.supports(device)
     if not ok:
         return f"cannot run on {device}: {why}"
-    if not implements(be, op):
+    if not be.implements(op):
         return f"has no kernel for {op}"
     if dtypes is not None:
         missing = sorted(str(d).removeprefix("torch.") for d in set(dtypes) - be.dtypes)
@@ -108,7 +109,7 @@ def _why_not(name: str, device: torch.device, op: str | None, dtypes: Iterable[t
 
 
 def resolve(backend: str | None, device: torch.device, *, op: str | None = None,
-            tensors: Iterable[torch.Tensor] | None = None) -> Backend:
+            tensors: Iterable[torch.Tensor] | None = None) -> BackendRecord:
     """The backend object to run ``op`` on ``device``: forced by name, or the best available.
 
     ``tensors`` (any list of the op's) lets the registry enforce the backends' dtypes; their
@@ -133,10 +134,5 @@ def resolve(backend: str | None, device: torch.device, *, op: str | None = None,
     return get_backend("torch")
 
 
-def clear_cache() -> None:
-    """Forget loaded backends (tests use it after changing the environment)."""
-    _cache.clear()
-
-
-__all__ = ["BACKEND_NAMES", "AUTO_ORDER", "Backend", "BackendUnavailable", "BackendStatus", "available_backends",
-           "get_backend", "resolve", "status", "clear_cache"]
+__all__ = ["BACKEND_NAMES", "AUTO_ORDER", "BackendRecord", "BackendUnavailable", "BackendStatus",
+           "available_backends", "get_backend", "resolve", "status"]

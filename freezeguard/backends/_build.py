@@ -250,7 +250,7 @@ def load_extension(kind: str) -> ModuleType:
 def loaded_or_prebuilt(kind: str) -> ModuleType | None:
     """The native module for ``kind`` if it is loaded or importable prebuilt, else None. Never compiles.
 
-    For optional shortcuts (freezeguard/_bookkeeping.py) that must not start a JIT build.
+    For optional shortcuts (freezeguard/ops/native_shortcuts.py) that must not start a JIT build.
     """
     k = _kind(kind)
     module = _loaded.get(kind)

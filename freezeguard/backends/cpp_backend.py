@@ -3,7 +3,7 @@
 The kernels live in ``csrc/cpu`` and load through ``_build.load_extension("cpu")``:
 prebuilt ``freezeguard._C`` when ``pip install`` compiled it, else JIT-built on first use.
 
-Registry contract (``protocol.py``): ``availability()`` and ``supports(device)`` answer from
+Registry contract (``record.py``): ``availability()`` and ``supports(device)`` answer from
 what is known (an installed module, a toolchain, a remembered build failure) and never
 compile; ``prepare()``, called by the registry right before the first op, loads the extension
 or JIT-builds it once. If that build fails, ``auto`` falls back to the reference and
@@ -22,9 +22,8 @@ from typing import Sequence
 import torch
 
 from freezeguard.backends import _build
+from freezeguard.backends.record import ALL_DTYPES, AdamWFastPaths, BackendRecord
 
-name = "cpp"
-dtypes = frozenset((torch.float32, torch.bfloat16, torch.float16))
 Tensors = Sequence[torch.Tensor]
 
 
@@ -33,8 +32,6 @@ def availability() -> tuple[bool, str]:
 
 
 def supports(device: torch.device) -> tuple[bool, str]:
-    if torch.device(device).type != "cpu":
-        return False, f"the cpp backend runs on CPU tensors only, not {torch.device(device).type}"
     ok, why = availability()
     return ok, "" if ok else why
 
@@ -112,3 +109,20 @@ def user_adamw_(theta: Tensors, delta: Tensors, grads: Tensors, exp_avgs: Tensor
                 weight_decay: float) -> None:
     _ext().user_adamw_(list(theta), list(delta), list(grads), list(exp_avgs), list(exp_avg_sqs), m, int(step),
                        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
+
+
+def masked_sgd_momentum_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: float, momentum: float,
+                         dampening: float, weight_decay: float, nesterov: bool) -> None:
+    _ext().masked_sgd_momentum_(list(params), list(grads), list(momentum_buffers), float(lr), float(momentum),
+                                float(dampening), float(weight_decay), bool(nesterov))
+
+
+BACKEND = BackendRecord(
+    name="cpp", devices=frozenset(("cpu",)), dtypes=ALL_DTYPES,
+    availability=availability, supports_device=supports, prepare=prepare,
+    kernels={"masked_adamw_": masked_adamw_, "masked_adamw_capturable_": masked_adamw_capturable_,
+             "segment_dot": segment_dot, "mask_shift_": mask_shift_, "user_update_": user_update_,
+             "user_adamw_": user_adamw_, "masked_sgd_momentum_": masked_sgd_momentum_},
+    adamw_fast=AdamWFastPaths(native_step=try_masked_adamw_step_, prepare_lists=adamw_lists,
+                              prepared_step=try_masked_adamw_step_prepared_),
+)

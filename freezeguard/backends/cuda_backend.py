@@ -4,8 +4,9 @@ Each op covers a whole tensor list in one persistent launch per storage dtype, w
 device-side table of tensor pointers (cached, keyed on the pointers), with 128-bit loads
 where the tensors are 16-byte aligned. Math is fp32 and follows ``reference.py``.
 
-It stays out of ``backend="auto"`` until it has been verified and measured on a GPU; ask
-for it by name (``backend="cuda"`` or ``FREEZEGUARD_BACKEND=cuda``).
+On CUDA tensors ``backend="auto"`` tries it first (``AUTO_ORDER`` in ``freezeguard.backends``,
+from the measurements in benchmarks/RESULTS.md); ``backend="cuda"`` or ``FREEZEGUARD_BACKEND=cuda``
+forces it.
 
 Example:
     >>> import torch, freezeguard as fg                                  # doctest: +SKIP
@@ -21,8 +22,7 @@ from typing import Sequence
 
 import torch
 
-name = "cuda"
-dtypes = frozenset((torch.float32, torch.bfloat16, torch.float16))
+from freezeguard.backends.record import ALL_DTYPES, BackendRecord
 
 
 def hardware_note() -> str:
@@ -64,7 +64,7 @@ def availability() -> tuple[bool, str]:
 
 
 def supports(device: torch.device) -> tuple[bool, str]:
-    """CUDA devices only."""
+    """CUDA devices only (the record checks it too; kept for direct callers)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False, f"the cuda backend runs on CUDA devices only, not {device.type}"
@@ -130,10 +130,26 @@ def user_update_(theta: Tensors, delta: Tensors, grad: Tensors, m: torch.Tensor,
     _ext().user_update_(list(theta), list(delta), list(grad), m, float(lr))
 
 
+def masked_sgd_momentum_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: float, momentum: float,
+                         dampening: float, weight_decay: float, nesterov: bool) -> None:
+    """SGD with momentum over the list, in place (see reference.py)."""
+    _ext().masked_sgd_momentum_(list(params), list(grads), list(momentum_buffers), float(lr), float(momentum),
+                                float(dampening), float(weight_decay), bool(nesterov))
+
+
 def clear_table_cache() -> None:
     """Drop the cached device tables (only when no captured graph that used them will replay)."""
     _ext().clear_table_cache()
 
 
-__all__ = ["name", "dtypes", "HARDWARE_NOTE", "hardware_note", "availability", "supports", "prepare", "masked_adamw_",
-           "masked_adamw_capturable_", "segment_dot", "mask_shift_", "user_update_", "clear_table_cache"]
+BACKEND = BackendRecord(
+    name="cuda", devices=frozenset(("cuda",)), dtypes=ALL_DTYPES,
+    availability=availability, supports_device=supports, prepare=prepare,
+    kernels={"masked_adamw_": masked_adamw_, "masked_adamw_capturable_": masked_adamw_capturable_,
+             "segment_dot": segment_dot, "mask_shift_": mask_shift_, "user_update_": user_update_,
+             "masked_sgd_momentum_": masked_sgd_momentum_},
+)
+
+__all__ = ["BACKEND", "HARDWARE_NOTE", "hardware_note", "availability", "supports", "prepare", "masked_adamw_",
+           "masked_adamw_capturable_", "segment_dot", "mask_shift_", "user_update_", "masked_sgd_momentum_",
+           "clear_table_cache"]

@@ -117,3 +117,20 @@ def user_adamw_(theta: Tensors, delta: Tensors, grads: Tensors, exp_avgs: Tensor
         d.copy_(d32 - u)
         mu.copy_(mu32)
         nu.copy_(nu32)
+
+
+def masked_sgd_momentum_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: float,
+                         momentum: float, dampening: float, weight_decay: float, nesterov: bool) -> None:
+    """SGD with momentum (torch.optim.SGD's order of operations), buffers starting at zero.
+
+    g' = g + weight_decay p;  buf = momentum buf + (1 - dampening) g';
+    p -= lr (g' + momentum buf if nesterov else buf).
+    """
+    for p, g, b in zip(params, grads, momentum_buffers, strict=True):
+        p32, g32, b32 = p.float(), g.float(), b.float()
+        if weight_decay:
+            g32 = g32 + weight_decay * p32
+        b32 = b32 * momentum + g32 * (1.0 - dampening)
+        step = g32 + momentum * b32 if nesterov else b32
+        p.copy_(p32 - lr * step)
+        b.copy_(b32)

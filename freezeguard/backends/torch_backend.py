@@ -3,6 +3,10 @@
 Every op is the reference (``reference.py``, the spec) except ``user_adamw_``, which on fp32
 tensors runs as ``torch._foreach_*`` multi-tensor kernels (a few launches per op for the whole
 model instead of a Python loop over tensors) and is tested against the reference.
+
+Example:
+    >>> BACKEND.implements("masked_sgd_momentum_"), BACKEND.availability()[0]
+    (True, True)
 """
 from __future__ import annotations
 
@@ -11,28 +15,7 @@ import math
 import torch
 
 from freezeguard.backends import reference
-from freezeguard.backends.reference import (  # noqa: F401
-    mask_shift_,
-    masked_adamw_,
-    masked_adamw_capturable_,
-    segment_dot,
-    user_update_,
-)
-
-name = "torch"
-dtypes = frozenset((torch.float32, torch.bfloat16, torch.float16))
-
-
-def availability() -> tuple[bool, str]:
-    return True, "pure PyTorch reference (always available)"
-
-
-def supports(device: torch.device) -> tuple[bool, str]:
-    return True, ""
-
-
-def prepare() -> tuple[bool, str]:
-    return True, ""
+from freezeguard.backends.record import ALL_DTYPES, BackendRecord
 
 
 def _foreach_user_adamw_(theta, delta, grads, exp_avgs, exp_avg_sqs, m: list[float], step: int, *, lr: float,
@@ -83,3 +66,16 @@ def user_adamw_(theta, delta, grads, exp_avgs, exp_avg_sqs, m: torch.Tensor, ste
 
         reference.user_adamw_(pick(theta), pick(delta), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
                               m[slow] if len(slow) != len(ms) else m, step, **hp)
+
+
+BACKEND = BackendRecord(
+    name="torch", devices=frozenset(("cpu", "cuda")), dtypes=ALL_DTYPES,
+    availability=lambda: (True, "pure PyTorch reference (always available)"),
+    kernels={"masked_adamw_": reference.masked_adamw_,
+             "masked_adamw_capturable_": reference.masked_adamw_capturable_,
+             "segment_dot": reference.segment_dot,
+             "mask_shift_": reference.mask_shift_,
+             "user_update_": reference.user_update_,
+             "user_adamw_": user_adamw_,
+             "masked_sgd_momentum_": reference.masked_sgd_momentum_},
+)

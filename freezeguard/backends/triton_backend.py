@@ -19,8 +19,7 @@ import os
 
 import torch
 
-name = "triton"
-dtypes = frozenset((torch.float32, torch.bfloat16, torch.float16))
+from freezeguard.backends.record import ALL_DTYPES, BackendRecord
 
 
 def _interpreting() -> bool:
@@ -51,21 +50,12 @@ def availability() -> tuple[bool, str]:
 
 
 def supports(device: torch.device) -> tuple[bool, str]:
-    device = torch.device(device)
-    if device.type == "cuda":
-        if _interpreting():
-            # Interpreted kernels dereference the host addresses in the pointer tables.
-            return False, "TRITON_INTERPRET=1 runs kernels on the CPU; CUDA tensors need compiled kernels"
-        return True, ""
-    if device.type == "cpu":
-        if _interpreting():
-            return True, ""
+    if device.type == "cuda" and _interpreting():
+        # Interpreted kernels dereference the host addresses in the pointer tables.
+        return False, "TRITON_INTERPRET=1 runs kernels on the CPU; CUDA tensors need compiled kernels"
+    if device.type == "cpu" and not _interpreting():
         return False, "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
-    return False, f"triton kernels do not run on {device.type} tensors"
-
-
-def prepare() -> tuple[bool, str]:
-    return True, ""  # kernels compile per launch configuration, inside triton
+    return True, ""
 
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay) -> None:
@@ -99,3 +89,11 @@ def user_update_(theta, delta, grad, m, lr) -> None:
     from freezeguard.kernels.mask_updates import user_update_ as run
 
     run(theta, delta, grad, m, lr)
+
+
+BACKEND = BackendRecord(
+    name="triton", devices=frozenset(("cpu", "cuda")), dtypes=ALL_DTYPES,
+    availability=availability, supports_device=supports,  # kernels compile per launch configuration, in triton
+    kernels={"masked_adamw_": masked_adamw_, "masked_adamw_capturable_": masked_adamw_capturable_,
+             "segment_dot": segment_dot, "mask_shift_": mask_shift_, "user_update_": user_update_},
+)

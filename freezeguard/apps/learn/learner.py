@@ -89,7 +89,6 @@ from freezeguard.apps.learn.config import BUDGETS, SIGNAL_NORMS, USER_OPTIMIZERS
 from freezeguard.apps.learn.logits import budget_weights, logit_steps, soft_mask
 from freezeguard.core.fingerprint import model_fingerprint
 from freezeguard.core.mask import FreezeMask, select_budget
-from freezeguard.ops.user_adamw import user_adamw_update_
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]
 HARD_MASK_RULES = ("topk", "threshold")
@@ -494,9 +493,8 @@ class MaskLearner:
         self.user_steps += 1
         mu = self._exp_avg if idx is None else [self._exp_avg[i] for i in idx]
         nu = self._exp_avg_sq if idx is None else [self._exp_avg_sq[i] for i in idx]
-        user_adamw_update_(theta, delta, grads, mu, nu, m, self.user_steps, lr=self.user_lr,
-                           beta1=self.user_betas[0], beta2=self.user_betas[1], eps=self.user_eps,
-                           weight_decay=self.user_weight_decay)
+        ops.user_adamw_(theta, delta, grads, mu, nu, m, self.user_steps, lr=self.user_lr, betas=self.user_betas,
+                        eps=self.user_eps, weight_decay=self.user_weight_decay, backend=self.backend)
 
     # driving a whole run ------------------------------------------------------------------------
     def fit(self, batches: Iterable[Mapping[str, Any]], steps: int, *, progress: bool = True,

@@ -26,7 +26,7 @@ from freezeguard.core.optim.checks import (
     name_index,
     split_named,
 )
-from freezeguard.ops import bookkeeping as _bookkeeping
+from freezeguard.ops import native_shortcuts as _shortcuts
 
 
 def _check_mask(mask: FreezeMask | None, groups: Iterable[dict[str, Any]]) -> None:
@@ -405,7 +405,7 @@ class AdamW(torch.optim.Optimizer):
                 for unit, *_ in work:
                     ops.check_backend(self.backend, unit.params[0].device)  # a backend that cannot run fails first
                 for unit, lists, _, grads in work[1:]:
-                    fast = _bookkeeping.fast_check([lists[1], grads, lists[2], lists[3]])
+                    fast = _shortcuts.fast_check([lists[1], grads, lists[2], lists[3]])
                     if not (fast and fast[0]):
                         self._check_unit(unit.group, unit.gi, lists[0], lists[1])
             for unit, lists, present, grads in work:

@@ -1,4 +1,4 @@
-"""Per-call bookkeeping of the fused ops and the optimizer, natively when the C++ extension is here.
+"""Native shortcuts for the per-call bookkeeping of the fused ops and the optimizer (C++ extension).
 
 Validating a 686-tensor list in Python reads half a dozen attributes of every tensor of every
 list (~1.5 ms a call), and bumping 686 step counters through the dispatcher costs ~0.7 ms; a
@@ -11,8 +11,8 @@ JIT build (``FREEZEGUARD_SKIP_BUILD=1`` installs simply take the Python path).
 
 Example:
     >>> import torch
-    >>> from freezeguard import _bookkeeping
-    >>> _bookkeeping.fast_check([[torch.ones(2)], [torch.zeros(2)]]) in (None, (True, True))
+    >>> from freezeguard.ops import native_shortcuts
+    >>> native_shortcuts.fast_check([[torch.ones(2)], [torch.zeros(2)]]) in (None, (True, True))
     True
 """
 from __future__ import annotations

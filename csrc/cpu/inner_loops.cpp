@@ -1,7 +1,7 @@
-// The fp32 inner loops and dtype conversions behind every CPU op (declared in kernels.h).
+// The fp32 inner loops and dtype conversions behind every CPU op (declared in inner_loops.h).
 // Plain loops over __restrict pointers: the compiler vectorises each one for the CPU it
 // runs on (simd.h), which keeps the code readable and portable.
-#include "kernels.h"
+#include "inner_loops.h"
 
 #include <cmath>
 #include <cstring>
@@ -75,6 +75,19 @@ FG_CLONES void user_adamw_f32(float* __restrict t, float* __restrict d, const fl
     d[i] = d[i] - u;
     mu[i] = m1;
     nu[i] = v1;
+  }
+}
+
+FG_CLONES void sgd_momentum_f32(float* __restrict p, const float* __restrict g, float* __restrict buf, int64_t n,
+                                const SgdCoef& c) {
+  const float lr = c.lr, mom = c.momentum, keep = c.one_minus_dampening, wd = c.weight_decay;
+  for (int64_t i = 0; i < n; ++i) {
+    // torch.optim.SGD's order: decay into the gradient, the buffer, then the step.
+    const float gi = wd != 0.0f ? g[i] + wd * p[i] : g[i];
+    const float b = buf[i] * mom + gi * keep;
+    const float step = c.nesterov ? gi + mom * b : b;
+    p[i] = p[i] - lr * step;
+    buf[i] = b;
   }
 }
 

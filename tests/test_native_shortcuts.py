@@ -1,7 +1,7 @@
-"""The native bookkeeping shortcuts (freezeguard/_bookkeeping.py) agree with the Python rules.
+"""The native bookkeeping shortcuts (freezeguard/ops/native_shortcuts.py) agree with the Python rules.
 
 The shortcuts only decide "valid" fast; everything they refuse must be something the Python
-checks in freezeguard.ops reject (they write the error), and the ops, the optimizer and their
+checks in freezeguard.ops.validation reject (they write the error), and the ops, the optimizer and their
 errors must be the same with and without the native extension.
 """
 from __future__ import annotations
@@ -10,17 +10,17 @@ import pytest
 import torch
 
 import freezeguard as fg
-from freezeguard import ops
-from freezeguard.ops import bookkeeping as _bookkeeping
+from freezeguard.ops import native_shortcuts as _shortcuts
+from freezeguard.ops import validation
 
-NATIVE = _bookkeeping._native() is not None
+NATIVE = _shortcuts._native() is not None
 needs_native = pytest.mark.skipif(not NATIVE, reason="the C++ extension freezeguard._C is not installed prebuilt")
 
 
 @pytest.fixture
 def python_only(monkeypatch):
     """Run as on an install without the C++ extension."""
-    monkeypatch.setattr(_bookkeeping, "_native", lambda: None)
+    monkeypatch.setattr(_shortcuts, "_native", lambda: None)
 
 
 def _z(*shape, dtype=torch.float32, device="cpu"):
@@ -53,8 +53,8 @@ INVALID = {
 
 def _python_rules(lists):
     kw = {f"l{i}": ts for i, ts in enumerate(lists)}
-    ops._check_lists("test", **kw)
-    ops._check_same_dtype("test", "l0", **kw)
+    validation.check_lists("test", kw)
+    validation.check_same_dtype("test", kw)
 
 
 @needs_native
@@ -62,7 +62,7 @@ def _python_rules(lists):
 def test_native_check_accepts_what_python_accepts(case):
     lists = VALID[case]
     _python_rules(lists)
-    ok, contiguous = _bookkeeping.fast_check(lists)
+    ok, contiguous = _shortcuts.fast_check(lists)
     assert ok
     assert contiguous == all(t.is_contiguous() for ts in lists for t in ts)
 
@@ -73,7 +73,7 @@ def test_native_check_refuses_what_python_rejects(case):
     lists = INVALID[case]
     with pytest.raises((TypeError, ValueError)):
         _python_rules(lists)
-    assert _bookkeeping.fast_check(lists) == (False, False)
+    assert _shortcuts.fast_check(lists) == (False, False)
 
 
 def _error_of(fn):
@@ -89,7 +89,7 @@ def _error_of(fn):
 def test_ops_raise_the_same_error_with_and_without_native(case, monkeypatch):
     a, b = INVALID[case]
     with_native = _error_of(lambda: fg.ops.segment_dot(a, b, backend="torch"))
-    monkeypatch.setattr(_bookkeeping, "_native", lambda: None)
+    monkeypatch.setattr(_shortcuts, "_native", lambda: None)
     assert _error_of(lambda: fg.ops.segment_dot(a, b, backend="torch")) == with_native
 
 
@@ -110,7 +110,7 @@ def _run_all_ops(lists):
 
 def test_ops_give_identical_results_without_native(monkeypatch):
     with_native = _run_all_ops(_random_lists(0, 5))
-    monkeypatch.setattr(_bookkeeping, "_native", lambda: None)
+    monkeypatch.setattr(_shortcuts, "_native", lambda: None)
     python_only = _run_all_ops(_random_lists(0, 5))
     assert all(torch.equal(a, b) for a, b in zip(with_native, python_only, strict=True))
 
@@ -127,11 +127,11 @@ def test_step_counters_read_and_bump(native, monkeypatch):
     if native and not NATIVE:
         pytest.skip("the C++ extension is not installed prebuilt")
     if not native:
-        monkeypatch.setattr(_bookkeeping, "_native", lambda: None)
+        monkeypatch.setattr(_shortcuts, "_native", lambda: None)
     counters = [torch.tensor(float(i), dtype=torch.float32) for i in range(5)]
     versions = [c._version for c in counters]
-    assert _bookkeeping.read_steps(counters) == [0.0, 1.0, 2.0, 3.0, 4.0]
-    _bookkeeping.add_to_steps_(counters, 1.0)
+    assert _shortcuts.read_steps(counters) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    _shortcuts.add_to_steps_(counters, 1.0)
     assert [c.item() for c in counters] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert all(c._version > v for c, v in zip(counters, versions, strict=True))  # seen as an in-place write
 
@@ -140,8 +140,8 @@ def test_step_counters_of_another_kind_fall_back_and_nothing_is_half_applied():
     # One float64 counter among float32 ones: the native call refuses before writing anything,
     # and the fallback bumps every counter exactly once.
     counters = [torch.tensor(1.0), torch.tensor(2.0, dtype=torch.float64), torch.tensor(3.0)]
-    assert _bookkeeping.read_steps(counters) == [1.0, 2.0, 3.0]
-    _bookkeeping.add_to_steps_(counters, 1.0)
+    assert _shortcuts.read_steps(counters) == [1.0, 2.0, 3.0]
+    _shortcuts.add_to_steps_(counters, 1.0)
     assert [c.item() for c in counters] == [2.0, 3.0, 4.0]
 
 
@@ -159,7 +159,7 @@ def _train(seed: int, steps: int = 4):
 
 def test_optimizer_is_identical_without_native(monkeypatch):
     model_a, opt_a = _train(0)
-    monkeypatch.setattr(_bookkeeping, "_native", lambda: None)
+    monkeypatch.setattr(_shortcuts, "_native", lambda: None)
     model_b, opt_b = _train(0)
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
         assert torch.equal(a, b), name
