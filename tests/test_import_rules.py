@@ -5,7 +5,7 @@
   layers contract cannot see (``freezeguard`` is every layer's ancestor).
 - No import circle between sibling modules, counting imports made only for type checking (the
   contracts exclude them, as they cost nothing at run time, but they still tie the two modules'
-  designs together). One circle is known and listed with its fix; a new one fails.
+  designs together). None is allowed.
 """
 from __future__ import annotations
 
@@ -17,12 +17,8 @@ import pytest
 LAYERS = ("freezeguard.cli", "freezeguard.apps", "freezeguard.integrations", "freezeguard.core", "freezeguard.ops",
           "freezeguard.backends")
 
-# core/names.py imports FreezeMask under TYPE_CHECKING for its annotations, and core/mask.py uses
-# names' functions at run time. The fix belongs in names.py (annotate with a small Protocol of
-# what it reads: layout, frozen_names), after which this entry can go.
-KNOWN_TYPE_ONLY_CIRCLES = {frozenset({"freezeguard.core.mask", "freezeguard.core.names"})}
-# `from freezeguard import __version__` in the CLI; the fix there: `from freezeguard._version import __version__`.
-KNOWN_ROOT_IMPORTS = {"freezeguard.cli", "freezeguard.cli.info"}
+KNOWN_TYPE_ONLY_CIRCLES: set[frozenset[str]] = set()
+KNOWN_ROOT_IMPORTS: set[str] = set()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from freezeguard import __version__
+    from freezeguard._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="freezeguard",

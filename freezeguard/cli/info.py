@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def collect() -> dict:
     import torch
 
-    from freezeguard import __version__
+    from freezeguard._version import __version__
     from freezeguard.backends import AUTO_ORDER, BACKEND_NAMES, status
 
     versions = {"freezeguard": __version__, "python": platform.python_version(), "torch": torch.__version__}

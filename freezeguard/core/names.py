@@ -20,12 +20,23 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from freezeguard.core.mask import FreezeMask
+
+class MaskLike(Protocol):
+    """What these functions read of a :class:`freezeguard.core.mask.FreezeMask`.
+
+    A protocol rather than the class itself: core/mask.py imports this module, so importing it back,
+    even only for annotations, would close an import circle.
+    """
+
+    @property
+    def layout(self) -> dict[str, tuple[int, ...]]: ...
+
+    @property
+    def frozen_names(self) -> list[str]: ...
 
 # Prefixes a wrapper puts in front of every name (only ever at the start).
 _PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
@@ -67,7 +78,7 @@ def resolve_name(name: str, known: Iterable[str] | set[str]) -> str | None:
     return canon if canon in known else None
 
 
-def frozen_parameter_ids(model: torch.nn.Module, mask: "FreezeMask") -> dict[int, str]:
+def frozen_parameter_ids(model: torch.nn.Module, mask: MaskLike) -> dict[int, str]:
     """id(parameter) -> released name, for every live parameter the mask freezes.
 
     Raises ValueError if a frozen name of the mask matches no parameter of the model (the mask
@@ -128,7 +139,7 @@ def _is_adapter_copy(name: str) -> bool:
     return ".modules_to_save." in name
 
 
-def lora_exclude_modules(model: torch.nn.Module, mask: "FreezeMask") -> list[str]:
+def lora_exclude_modules(model: torch.nn.Module, mask: MaskLike) -> list[str]:
     """Released names of the modules that directly own a frozen tensor (for peft ``exclude_modules``).
 
     peft matches ``exclude_modules`` entries against each module's full name (or a dotted
@@ -155,7 +166,7 @@ def lora_exclude_modules(model: torch.nn.Module, mask: "FreezeMask") -> list[str
 _ADAPTABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
 
 
-def trainable_target_modules(model: torch.nn.Module, mask: "FreezeMask",
+def trainable_target_modules(model: torch.nn.Module, mask: MaskLike,
                              candidates: Iterable[str] | None = None) -> list[str]:
     """Full names of Linear/Conv/Embedding modules none of whose tensors are frozen.
 
