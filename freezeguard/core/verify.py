@@ -24,7 +24,7 @@ Example:
     >>> fg.verify(released, tuned, mask).status
     'ok'
     >>> tuned["weight"][0, 0] += 0.5           # frozen: a violation
-    >>> fg.verify(released, tuned, mask).violations
+    >>> [(name, round(diff, 3)) for name, diff in fg.verify(released, tuned, mask).violations]
     [('weight', 0.5)]
     >>> tuned = dict(released.state_dict(), junk=torch.zeros(1))   # a key nobody can place
     >>> fg.verify(released, tuned, mask).exit_code
