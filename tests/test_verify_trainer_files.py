@@ -6,13 +6,15 @@ module (tampered: exit 1) and on a trainable one (honest: exit 0).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from support.tiny_models import build_tiny_unet
-from test_verify_formats import original_unet_name
+from test_verify_formats import _tiny_sdxl, original_unet_name
 
 import freezeguard as fg
 from freezeguard.cli import main
@@ -46,34 +48,57 @@ def _weight(unet, module):
 
 
 # ai-toolkit, old LoKr format ---------------------------------------------------------------------
+def _balanced_factors(dim: int) -> tuple[int, int]:
+    """(m, n), m <= n, m * n == dim, m the largest divisor up to sqrt(dim): what ai-toolkit's
+    ``factorization(dim, factor=-1)`` returns (its docstring: 128 -> 8, 16; 250 -> 2, 125)."""
+    m = max(d for d in range(1, int(dim ** 0.5) + 1) if dim % d == 0)
+    return m, dim // m
+
+
 def aitoolkit_old_lokr(unet, module: str, prefix: str, rank: int = 2) -> dict:
-    """A LoKr file as ostris/ai-toolkit writes it (commit 27a03a91f23e, 2026-08-21).
+    """A LoKr file as ostris/ai-toolkit writes it (commit 27a03a91f23e, 2026-08-21), Linear layers.
 
     toolkit/lora_special.py, LoRASpecialNetwork.__init__ / create_modules: for a UNet the module
-    name is ``lora_unet`` + the module path, dots -> ``_``; toolkit/models/lokr.py, LokrModule.__init__:
-    parameters ``lokr_w1`` (or ``lokr_w1_a``/``_b``), ``lokr_w2`` (or ``lokr_w2_a``/``_b``), buffer
-    ``alpha``; toolkit/network_mixins.py, ToolkitNetworkMixin.get_state_dict: with ``old_lokr_format``
-    on a transformer model ``lora_transformer_`` becomes ``lycoris_``. Linear: w1 (a, c) x w2 (b, d)
-    factor the weight; rank < max(b, d) / 2 gives w2 = w2_a @ w2_b.
+    name is ``lora_unet`` + the module path, dots -> ``_``; toolkit/network_mixins.py,
+    ToolkitNetworkMixin.get_state_dict: with ``old_lokr_format`` on a transformer model
+    ``lora_transformer_`` becomes ``lycoris_``. toolkit/models/lokr.py, LokrModule.__init__ (defaults:
+    factor -1, decompose_both False): out = (a, b), in = (c, d) by ``factorization``; ``lokr_w1`` (a, c);
+    ``lokr_w2`` (b, d) when rank >= max(b, d) / 2, else ``lokr_w2_a`` (b, rank) and ``lokr_w2_b``
+    (rank, d); buffer ``alpha``.
     """
     weight = _weight(unet, module)
-    out_dim, in_dim = weight.shape[:2]
+    (a, b), (c, d) = _balanced_factors(weight.shape[0]), _balanced_factors(weight.shape[1])
     name = prefix + module.replace(".", "_")
     gen = torch.Generator().manual_seed(0)
-    return {f"{name}.lokr_w1": torch.randn(2, 2, generator=gen),
-            f"{name}.lokr_w2_a": torch.randn(out_dim // 2, rank, generator=gen),
-            f"{name}.lokr_w2_b": torch.randn(rank, in_dim // 2, generator=gen),
-            f"{name}.alpha": torch.tensor(float(rank))}
+    out = {f"{name}.lokr_w1": torch.randn(a, c, generator=gen), f"{name}.alpha": torch.tensor(float(rank))}
+    if rank >= max(b, d) / 2:
+        out[f"{name}.lokr_w2"] = torch.randn(b, d, generator=gen)
+    else:
+        out[f"{name}.lokr_w2_a"] = torch.randn(b, rank, generator=gen)
+        out[f"{name}.lokr_w2_b"] = torch.randn(rank, d, generator=gen)
+    return out
 
 
+@pytest.mark.parametrize("rank", [1, 2])  # 8x8 layers: rank 1 -> lokr_w2_a/_b, rank 2 -> lokr_w2
 @pytest.mark.parametrize("prefix", ["lora_unet_", "lycoris_"])
-def test_aitoolkit_old_lokr_file(release, tmp_path, capsys, prefix):
+def test_aitoolkit_old_lokr_file(release, tmp_path, capsys, prefix, rank):
     unet = release[0]
-    code, data = _verify(capsys, release, aitoolkit_old_lokr(unet, FROZEN, prefix), tmp_path / "bad.safetensors")
+    bad = aitoolkit_old_lokr(unet, FROZEN, prefix, rank)
+    assert any(k.endswith(".lokr_w2" if rank == 2 else ".lokr_w2_a") for k in bad)
+    code, data = _verify(capsys, release, bad, tmp_path / "bad.safetensors")
     assert code == 1 and {v["frozen"] for v in data["lora_violations"]} == {f"{FROZEN}.weight"}
-    code, data = _verify(capsys, release, aitoolkit_old_lokr(unet, TRAINABLE[FROZEN], prefix),
-                         tmp_path / "good.safetensors")
-    assert code == 0 and data["classes"]["adapter"] == 4 and data["classes"]["unmapped"] == 0, data["cannot_verify"]
+    if prefix == "lycoris_" and rank == 2 and importlib.util.find_spec("lycoris"):
+        # a loader applies it: lycoris-lora's own loader merges the file into the frozen layer
+        import lycoris
+
+        logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+        merged = build_tiny_unet(seed=0, cross_attention_dim=8)
+        lycoris.create_lycoris_from_weights(1.0, str(tmp_path / "bad.safetensors"), merged)[0].merge_to()
+        assert not torch.equal(_weight(merged, FROZEN), _weight(unet, FROZEN))
+    good = aitoolkit_old_lokr(unet, TRAINABLE[FROZEN], prefix, rank)
+    code, data = _verify(capsys, release, good, tmp_path / "good.safetensors")
+    assert code == 0 and data["classes"]["adapter"] == len(good) and data["classes"]["unmapped"] == 0, \
+        data["cannot_verify"]
 
 
 # OneTrainer ---------------------------------------------------------------------------------------
@@ -137,3 +162,40 @@ def test_onetrainer_original_names_that_are_no_lora_are_not_ok(release, tmp_path
     for state, code_wanted in cases:
         code, data = _verify(capsys, release, state, tmp_path / "x.safetensors")
         assert code == code_wanted, (list(state), data["cannot_verify"][:3], data["lora_violations"][:3])
+
+
+@pytest.mark.parametrize("layout", ["original", "comfy"])
+def test_onetrainer_sdxl_original_layout_lora(tmp_path, capsys, layout):
+    """SDXL: OneTrainer's ORIGINAL / COMFY names (StableDiffusionXLModel.diffusers_to_original, the SGM
+    input_blocks / output_blocks of kohya's SDXL) on a frozen attention layer and on a trainable one."""
+    unet = _tiny_sdxl()
+    attn = sorted({n.rsplit(".", 1)[0] for n, _ in unet.named_parameters() if n.endswith("attn1.to_q.weight")})
+    unet.save_pretrained(tmp_path / "released")
+    mask = fg.FreezeMask.from_names(unet, [f"{m}.weight" for m in attn])
+    mask.save(tmp_path / "mask.safetensors", unet)
+    release = (unet, tmp_path / "released", tmp_path / "mask.safetensors")
+    for name, modules in (("bad", attn), ("good", [m.replace("to_q", "to_k") for m in attn])):
+        state = {k: v for m in modules for k, v in onetrainer_lora(unet, m, layout).items()}
+        assert any("output_blocks" in k for k in state) and any("input_blocks" in k for k in state)
+        code, data = _verify(capsys, release, state, tmp_path / f"{name}.safetensors")
+        if name == "bad":
+            assert code == 1 and {v["frozen"] for v in data["lora_violations"]} == {f"{m}.weight" for m in attn}
+        else:
+            assert code == 0 and data["classes"]["unmapped"] == 0, data["cannot_verify"][:3]
+
+
+def test_onetrainer_default_file_changes_the_frozen_layer_when_loaded(release, tmp_path, capsys):
+    """The loader side of the default (LEGACY = kohya names) file: diffusers' ``load_lora_weights``
+    path (``lora_state_dict`` + ``load_lora_into_unet`` + ``fuse_lora``) changes the frozen weight
+    verify flags."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    unet = release[0]
+    path = tmp_path / "legacy.safetensors"
+    save_file(onetrainer_lora(unet, FROZEN, "legacy"), str(path))
+    sd, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(path), unet_config=unet.config)
+    target = build_tiny_unet(seed=0, cross_attention_dim=8)
+    diffusers.StableDiffusionPipeline.load_lora_into_unet(sd, alphas, unet=target)
+    target.fuse_lora()
+    assert not torch.equal(_weight(target, FROZEN).detach(), _weight(unet, FROZEN).detach())
+    assert _verify(capsys, release, onetrainer_lora(unet, FROZEN, "legacy"), path)[0] == 1
