@@ -21,7 +21,7 @@ up_to_date() {
     # the pinned torch, the deps, and freezeguard with its compiled extension, all importable
     .venv/bin/python - <<'PY' >/dev/null 2>&1 || return 1
 import importlib.metadata as md
-import torch, diffusers, transformers, accelerate, peft, safetensors, pytest, lycoris  # noqa: F401
+import torch, diffusers, transformers, accelerate, peft, safetensors, pytest, lycoris, optimum.quanto  # noqa: F401
 import freezeguard, freezeguard._C  # noqa: F401
 assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
 assert md.version("freezeguard") == freezeguard.__version__
@@ -43,7 +43,7 @@ rm -f "$STAMP"
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0" "triton==3.8.0" ninja "setuptools>=77" wheel pybind11
 python -m pip install -q "diffusers>=0.30" "transformers>=4.40" "accelerate>=0.30" "peft>=0.10" \
-    "lycoris-lora==4.1.3" safetensors numpy tqdm pillow matplotlib pytest pytest-benchmark ruff import-linter
+    "lycoris-lora==4.1.3" "optimum-quanto==0.2.7" safetensors numpy tqdm pillow matplotlib pytest pytest-benchmark ruff import-linter
 # --no-build-isolation: the extension is compiled against the torch installed above.
 python -m pip install -q --no-build-isolation -e .
 inputs_hash > "$STAMP"

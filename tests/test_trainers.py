@@ -195,8 +195,10 @@ def test_onetrainer_layer_filter_trains_guarded_and_keeps_frozen_modules_out(tmp
     opt = fg.wrap(torch.optim.AdamW(wrapper.parameters(), lr=1e-2), mask, unet)
     _train(unet, opt)
     _frozen_unchanged(unet, mask, released)
-    # OneTrainer's internal key layout is "lora_unet.<dotted path>.lora_down.weight". verify has no
-    # converter for it, so it fails closed on the honest file too: exit 2 with the keys listed, never OK.
+    # The wrapper's in-memory key layout (OneTrainer before July 2026) is "lora_unet.<dotted path>.lora_down.weight".
+    # No OneTrainer saver writes it to disk (they convert: kohya / legacy / OMI / diffusers / original / comfy
+    # names, tested in test_verify_trainer_files.py); verify has no reading for it and fails closed on the
+    # honest file too: exit 2 with the keys listed, never OK.
     state = wrapper.state_dict()
     assert all(k.startswith("lora_unet.") for k in state)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp_path / "onetrainer.safetensors"))

@@ -255,6 +255,47 @@ def _read_flat(layout: Mapping[str, Any], prefix: str, family: str | None = None
     return convert
 
 
+# OneTrainer's ORIGINAL / COMFY LoRA files and its older OMI/INTERNAL saves name the UNet's modules
+# in the original (SGM) layout, dotted: ``[unet.|diffusion_model.]input_blocks.1.1.<...>.to_q.lora_A.weight``
+# (Nerogar/OneTrainer modules/modelSaver/mixin/LoRASaverMixin.py, _save_original / _save_comfy; before
+# July 2026 modules/util/convert/lora/convert_lora_util.py, convert_to_omi with convert_sd_lora_key_sets'
+# "unet" prefix). Flattened to kohya's names, diffusers' kohya converter places them.
+_SGM_TOPS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+_SGM_WRAPPERS = ("unet.", "diffusion_model.", "")
+_AB_TO_KOHYA = ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"),
+                (".lora_down.weight", ".lora_down.weight"), (".lora_up.weight", ".lora_up.weight"),
+                (".alpha", ".alpha"), (".dora_scale", ".dora_scale"))
+
+
+def _sgm_module_key(key: str) -> str | None:
+    """``[unet.|diffusion_model.]<SGM module>.<LoRA suffix>`` -> kohya's ``lora_unet_<module with _>.<suffix>``.
+
+    Example:
+        >>> _sgm_module_key("diffusion_model.input_blocks.1.1.proj_in.lora_A.weight")
+        'lora_unet_input_blocks_1_1_proj_in.lora_down.weight'
+    """
+    for wrapper in _SGM_WRAPPERS:
+        body = key.removeprefix(wrapper)
+        if body != key or not wrapper:
+            break
+    if not body.startswith(_SGM_TOPS):
+        return None
+    for suffix, kohya in _AB_TO_KOHYA:
+        if body.endswith(suffix):
+            return "lora_unet_" + body[: -len(suffix)].replace(".", "_") + kohya
+    return None
+
+
+def _read_sgm_dotted(family: str, layout: Mapping[str, Any]) -> Callable[[dict], dict]:
+    lora = _read_lora(family, layout)
+
+    def convert(sd: dict) -> dict:
+        renamed = {_sgm_module_key(k): v for k, v in sd.items()}
+        renamed.pop(None, None)
+        return lora(renamed) if renamed else {}
+    return convert
+
+
 def convert_foreign(keys: list[str], tensors: Mapping[str, torch.Tensor], family: str | None,
                     layout: Mapping[str, Any]) -> tuple[list[Reading], list[str], list[tuple[str, str]]]:
     """Map ``keys`` (which name nothing released) through the converters for ``family``.
@@ -272,6 +313,10 @@ def convert_foreign(keys: list[str], tensors: Mapping[str, torch.Tensor], family
         steps.append(("single file (diffusers single_file_utils)", lambda: _read_single_file(family, layout),
                       lambda k: k.startswith("model.diffusion_model.")
                       or (family == "flux" and k.split(".")[0] in _BFL_FLUX_TOP)))
+    if family in ("unet", "sdxl"):
+        steps.append(("OneTrainer original-layout LoRA names", lambda: _read_sgm_dotted(family, layout),
+                      lambda k: _sgm_module_key(k) is not None))
+    if family is not None:
         steps.append(("LoRA (diffusers lora_state_dict)", lambda: _read_lora(family, layout),
                       lambda k: any(w in k.lower() for w in ("lora", "lokr", "hada", "loha", "alpha", "dora"))))
     if family in ("unet", "sdxl"):

@@ -24,7 +24,7 @@ Example:
     >>> fg.verify(released, tuned, mask).status
     'ok'
     >>> tuned["weight"][0, 0] += 0.5           # frozen: a violation
-    >>> fg.verify(released, tuned, mask).violations
+    >>> [(name, round(diff, 3)) for name, diff in fg.verify(released, tuned, mask).violations]
     [('weight', 0.5)]
     >>> tuned = dict(released.state_dict(), junk=torch.zeros(1))   # a key nobody can place
     >>> fg.verify(released, tuned, mask).exit_code
@@ -50,6 +50,10 @@ from freezeguard.core.upload import FileSet, read_upload
 __all__ = ["verify", "VerifyReport", "VerifyInputError", "check_mask_fits_release", "LOWER_PRECISIONS"]
 
 _LISTED = 1000  # keys listed per class in a report; the counts are always complete
+
+
+#: Buffers optimum-quanto keeps on a quantized module (QModuleMixin), beside its weight's ``._data``/``._scale``.
+_QUANTO_MODULE_STATE = ("input_scale", "output_scale")
 
 
 class VerifyInputError(ValueError):
@@ -260,6 +264,13 @@ class _Audit:
             report.classes["other_part"] += len(keys)
             return
         classes = {k: self.classify(k) for k in keys}
+        # optimum-quanto saves a quantized module's activation scales beside its weight's parts
+        # (optimum/quanto/nn/qmodule.py, QModuleMixin: buffers input_scale / output_scale): with the
+        # weight quantized, they are part of the quantization, not an adapter
+        quantized = {d.rsplit(".", 1)[0]: d for c, d in classes.values() if c == "derived"}
+        for k, (c, module) in classes.items():
+            if c == "adapter" and module in quantized and k.rsplit(".", 1)[-1] in _QUANTO_MODULE_STATE:
+                classes[k] = ("derived", quantized[module])
         items: list[tuple[str, str, tuple[str, str], Any]] = [(k, k, c, None) for k, c in classes.items()
                                                                if c[0] != "unmapped"]
         # old diffusers attention-processor LoRAs (attn1.processor.to_q_lora.down.weight) hang on the
