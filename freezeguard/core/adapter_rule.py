@@ -40,16 +40,18 @@ class AdapterRule:
     """Where adapters may hang, for one mask (released names throughout).
 
     ``modules`` is every released module path: each tensor's owner and all its ancestors, the root
-    ``""`` included.
+    ``""`` included; ``owners`` only the modules that own a released tensor themselves.
     """
 
     def __init__(self, mask: "FreezeMask"):
         self.mask = mask
         self.modules: set[str] = {""}
+        self.owners: set[str] = set()
         self._frozen_under: dict[str, list[str]] = {}
         frozen = set(mask.frozen_names)
         for name in mask.layout:
             parts = name.split(".")
+            self.owners.add(".".join(parts[:-1]))
             for i in range(len(parts)):
                 module = ".".join(parts[:i])
                 self.modules.add(module)
@@ -61,13 +63,23 @@ class AdapterRule:
 
         ``key`` is a live parameter name or an adapter file key, already converted to the
         released naming (wrapper prefixes and peft's ``base_layer`` are dropped here). None when
-        no proper prefix other than the root names a released module: the key cannot be placed.
+        the key cannot be placed: no proper prefix other than the root names a released module, or
+        the longest one is a container that owns no tensor itself (``attn1.bogus.lora_A.weight``
+        names a sub-module the release lacks: no loader applies it to ``attn1``, so it is not
+        accounted for, whatever ``attn1`` holds below).
+
+        Example:
+            >>> import torch, freezeguard as fg
+            >>> net = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+            >>> rule = AdapterRule(fg.FreezeMask.from_names(net, []))
+            >>> rule.target("0.0.lora_A.weight"), rule.target("0.1.lora_A.weight")
+            ('0.0', None)
         """
         parts = canonical_name(key).split(".")
         for i in range(len(parts) - 1, 0, -1):
             module = ".".join(parts[:i])
             if module in self.modules:
-                return module
+                return module if module in self.owners else None
         return None
 
     def frozen_under(self, module: str) -> list[str]:
