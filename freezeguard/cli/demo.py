@@ -48,15 +48,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+class _Usage(ValueError):
+    """A bad argument or a missing dependency, said (exit 2) before any work."""
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run_threads(args)
+    except _Usage as exc:
+        print(f"freezeguard demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_threads(args: argparse.Namespace) -> int:
+    missing = [m for m in ("diffusers", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _Usage(f"the demo needs {' and '.join(missing)}: pip install 'freezeguard[diffusion]'")
     import torch
 
     if args.threads < 0:
-        raise SystemExit(f"freezeguard demo: --threads must be >= 0, got {args.threads}")
+        raise _Usage(f"--threads must be >= 0, got {args.threads}")
     if args.workers is not None and args.workers < 1:
-        raise SystemExit(f"freezeguard demo: --workers must be >= 1, got {args.workers}")
+        raise _Usage(f"--workers must be >= 1, got {args.workers}")
     if args.attack_seeds is not None and args.attack_seeds < 1:
-        raise SystemExit(f"freezeguard demo: --attack-seeds must be >= 1, got {args.attack_seeds}")
+        raise _Usage(f"--attack-seeds must be >= 1, got {args.attack_seeds}")
     previous = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.ratio is not None:
         if not 0.0 <= args.ratio <= 1.0:
-            raise SystemExit(f"freezeguard demo: --ratio must be in [0, 1], got {args.ratio}")
+            raise _Usage(f"--ratio must be in [0, 1], got {args.ratio}")
         cfg = cfg.replace(freeze_ratio=args.ratio)
     if args.budget_by is not None:
         cfg = cfg.replace(budget_by=args.budget_by)
@@ -81,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             if not value > 0:
-                raise SystemExit(f"freezeguard demo: --{name.replace('_', '-')} must be > 0, got {value}")
+                raise _Usage(f"--{name.replace('_', '-')} must be > 0, got {value}")
             cfg = cfg.replace(**{name: value})
     if args.baselines is not None:
         from freezeguard.apps.baselines.harness import resolve_methods
@@ -92,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 cfg = cfg.replace(baselines=tuple(resolve_methods(args.baselines)))
             except ValueError as exc:
-                raise SystemExit(f"freezeguard demo: --baselines: {exc}") from None
+                raise _Usage(f"--baselines: {exc}") from None
     if args.workers is not None:
         cfg = cfg.replace(workers=args.workers)
     if args.attack_seeds is not None:
@@ -100,7 +115,13 @@ def _run(args: argparse.Namespace) -> int:
     cfg = cfg.replace(seed=args.seed)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"freezeguard demo: --out {out} exists and is not a folder")
+        raise _Usage(f"--out {out} exists and is not a folder")
+    from freezeguard.core import files
+
+    try:  # the report folder is created if need be: its nearest existing folder must take it
+        files.check_outputs({"--out": out}, parents=True)
+    except files.OutputError as exc:
+        raise _Usage(str(exc)) from None
     # Optional dependencies are said up front; the report's tables, JSON and mask never depend on them.
     if importlib.util.find_spec("matplotlib") is None:
         print("freezeguard demo: warning: matplotlib is not installed, so the report will have no PNGs "

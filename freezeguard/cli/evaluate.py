@@ -87,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="cache of the toy model and judge")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, masks, noise)")
-    parser.add_argument("--out", default=None, help="report folder (Markdown, PNGs, JSON)")
+    parser.add_argument("--out", default="freezeguard-report",
+                        help="report folder (Markdown, PNGs, JSON), created if need be; 'none': no report")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -190,10 +191,20 @@ def check_args(args: argparse.Namespace):
         attackers = _attackers(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.out == "none":
+        args.out = None
     if args.out is not None:
+        from freezeguard.core import files
+
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder")
+        inputs = {"--mask": args.mask, "--pretrained": args.pretrained, "--target-data": args.target_data,
+                  **{f"--innocent-data {p}": p for p in args.innocent_data}}
+        try:
+            files.check_outputs({"--out": out}, inputs, parents=True)
+        except files.OutputError as exc:
+            raise UsageError(str(exc)) from None
     mask = FreezeMask.load(args.mask) if args.mask else None  # the file itself: header first, checksum, version
     if args.budget_by is None:
         by = mask.metadata.get("budget_by", "tensors") if mask is not None else "tensors"

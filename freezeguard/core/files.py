@@ -33,14 +33,17 @@ class OutputError(ValueError):
 
 
 def check_outputs(outputs: Mapping[str, str | os.PathLike | None],
-                  inputs: Mapping[str, str | os.PathLike | None] = {}) -> None:  # noqa: B006 (read only)
+                  inputs: Mapping[str, str | os.PathLike | None] = {},  # noqa: B006 (read only)
+                  *, parents: bool = False) -> None:
     """Check, before any work, that each output can be written and touches no input.
 
     ``outputs`` and ``inputs`` map a command-line flag to its path (None: not given). An output's
     folder must exist and be writable (the result is renamed into it); an output may not be an
     input, lie inside an input folder (a mask written into the released pipeline, a report into
     the training images) or be a folder holding an input (replacing it would delete the input),
-    and two outputs may not be the same path. Raises :class:`OutputError` naming the flags.
+    and two outputs may not be the same path. With ``parents=True`` (outputs whose missing folders
+    the command creates) the nearest existing folder above an output must be writable instead.
+    Raises :class:`OutputError` naming the flags.
 
     Example:
         >>> import tempfile
@@ -59,8 +62,11 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None],
             continue
         path = Path(raw)
         folder = path.parent
+        while parents and not folder.exists() and folder != folder.parent:
+            folder = folder.parent
         if not folder.is_dir():
-            raise OutputError(f"{flag} {path}: folder {folder} does not exist")
+            raise OutputError(f"{flag} {path}: folder {folder} does not exist" if not folder.exists()
+                              else f"{flag} {path}: {folder} is not a folder")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise OutputError(f"{flag} {path}: folder {folder} is not writable")
         key = path.resolve()
