@@ -159,7 +159,6 @@ def test_a_failed_write_leaves_the_earlier_output_whole(setup, tmp_path, capsys,
     before = _listing(out)
 
     def full_disk(unet, path):
-        path.mkdir()
         (path / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -39,7 +39,8 @@ def assets(tmp_path_factory):
 def _argv(a, out, *extra):
     return ["learn", "--pretrained", str(a["pre"]), "--finetuned", str(a["ft"]), "--target-data", str(a["target"]),
             "--innocent-data", str(a["innocent"]), "--freeze-ratio", "0.25", "--out", str(out), "--quiet",
-            "--user-lr", "1e-3", "--user-interval", "2", "--backend", "torch", *extra]
+            "--user-lr", "1e-3", "--user-interval", "2", "--backend", "torch", "--preset", "authors", "--c-sparsity",
+            "auto", *extra]
 
 
 def test_learn_writes_mask_plot_and_log(assets, tmp_path, capsys):

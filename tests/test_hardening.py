@@ -412,7 +412,8 @@ def test_6_a_huge_mask_file_is_refused_from_its_header(tmp_path):
 def _learn_argv(a, out, *extra):
     return ["learn", "--pretrained", str(a["pre"]), "--finetuned", str(a["ft"]), "--target-data", str(a["target"]),
             "--innocent-data", str(a["innocent"]), "--freeze-ratio", "0.25", "--out", str(out), "--quiet",
-            "--user-lr", "1e-3", "--user-interval", "2", "--backend", "torch", *extra]
+            "--user-lr", "1e-3", "--user-interval", "2", "--backend", "torch", "--preset", "authors",
+            "--c-sparsity", "auto", *extra]
 
 
 def test_7_resume_refuses_changed_hyperparameters(pipeline, tmp_path, capsys, monkeypatch):

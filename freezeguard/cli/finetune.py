@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from freezeguard.cli.threads import add_threads_argument, apply_threads, denoiser_params
+
 LOG_NAME = "finetune_log.jsonl"
 HELP = "fine-tune a local diffusers pipeline's denoiser on image folders (full, or guarded by --mask)"
 DESCRIPTION = (
@@ -44,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --mask: frozen Conv2d layers keep no input for backward (less activation "
                              "memory, same gradients)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_threads_argument(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-step log")
 
@@ -59,7 +62,8 @@ class _Failed(Exception):
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return _run(args)
+        with apply_threads(args.threads, denoiser_params(args.model)):
+            return _run(args)
     except _Failed as exc:
         return _error(str(exc))
 

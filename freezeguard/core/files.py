@@ -71,7 +71,7 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None],
             raise OutputError(f"{flag} {path}: folder {folder} is not writable")
         key = path.resolve()
         if key in seen:
-            raise OutputError(f"{flag} and {seen[key]} are the same path ({path}); one would overwrite the other")
+            raise OutputError(f"{flag} and {seen[key]} are the same file ({path}); one would overwrite the other")
         seen[key] = flag
         for in_flag, source in given_inputs.items():
             if key == source:

@@ -302,6 +302,7 @@ def save_pipeline_with_unet(src: str | os.PathLike, dst: str | os.PathLike, unet
                 shutil.copytree(entry, tmp / entry.name)
             else:
                 shutil.copy2(entry, tmp / entry.name)
+        (tmp / sub).mkdir()
         save_unet(unet, tmp / sub)
         if extra is not None:
             extra(tmp)
