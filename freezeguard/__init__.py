@@ -34,7 +34,7 @@ _LAZY = {
     "MaskLearner": ("freezeguard.apps.learn.learner", "MaskLearner"),
     "diffusion": ("freezeguard.diffusion", None),
     "evaluate": ("freezeguard.apps.evaluate", None),
-    "baselines": ("freezeguard.apps.baselines", None),
+    "baselines": ("freezeguard.baselines", None),
 }
 
 

@@ -9,3 +9,5 @@ export HF_HUB_OFFLINE=1
 ruff check .
 lint-imports
 python -m pytest tests -q -p no:cacheprovider "$@"
+# Every docstring example of the package runs (the kernels' run in tests/test_doctests.py).
+python -m pytest --doctest-modules freezeguard -q -p no:cacheprovider

@@ -20,7 +20,7 @@ Example:
     >>> fg.verify(released, tuned, mask).ok
     True
     >>> tuned["weight"][0, 0] += 0.5           # frozen: a violation
-    >>> fg.verify(released, tuned, mask).violations
+    >>> [(name, round(diff, 4)) for name, diff in fg.verify(released, tuned, mask).violations]
     [('weight', 0.5)]
 """
 from __future__ import annotations

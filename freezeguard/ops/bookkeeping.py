@@ -11,8 +11,8 @@ JIT build (``FREEZEGUARD_SKIP_BUILD=1`` installs simply take the Python path).
 
 Example:
     >>> import torch
-    >>> from freezeguard import _bookkeeping
-    >>> _bookkeeping.fast_check([[torch.ones(2)], [torch.zeros(2)]]) in (None, (True, True))
+    >>> from freezeguard.ops import bookkeeping
+    >>> bookkeeping.fast_check([[torch.ones(2)], [torch.zeros(2)]]) in (None, (True, True))
     True
 """
 from __future__ import annotations
