@@ -1,6 +1,6 @@
 """MaskLearner: the publisher's bilevel search for the tensors to freeze (FreezeAsGuard).
 
-The math is DESIGN.md section 4, after the authors' ``src/mask_learner.py``. Per tensor i:
+The math is docs/DESIGN.md section 4, after the authors' ``src/mask_learner.py``. Per tensor i:
 logits x_i, soft mask m_i = sigmoid(x_i / T) (1 = frozen at the released weights), Delta_i =
 theta_pre,i - theta_ft,i, and the model's own parameters hold the live weights
 theta_i = theta_ft,i + m_i Delta_i. Batches alternate on a fixed schedule:
