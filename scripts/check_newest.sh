@@ -4,7 +4,8 @@
 # package index's newest torch is a multi-GB CUDA build; set TORCH=torch to try it anyway), installs
 # freezeguard from this checkout (not editable: the tree's own freezeguard/_C*.so stays untouched),
 # prints each version that differs from the pins, then runs the suite from the repo root with the
-# installed package (PYTHONSAFEPATH=1: the root is not put on sys.path). Extra arguments go to pytest.
+# installed package (PYTHONSAFEPATH=1: the root is not put on sys.path). Arguments replace `tests`
+# as pytest's (test files, -k, -x...). VENV=path reuses a venv of an earlier run.
 #   bash scripts/check_newest.sh                       the whole suite
 #   bash scripts/check_newest.sh tests/test_peft.py    a part of it
 # Green? Refresh scripts/constraints.txt from that venv (its header says how). Needs Python >= 3.11.
@@ -35,5 +36,5 @@ for line in open(sys.argv[1]):
         print(f"  {name}: {pinned} -> {installed}")
 PY
 export HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1
-python -m pytest tests -q -p no:cacheprovider "$@"
+if [ $# -gt 0 ]; then python -m pytest -q -p no:cacheprovider "$@"; else python -m pytest tests -q -p no:cacheprovider; fi
 echo "freezeguard with the newest releases: suite passed (venv: $VENV)"

@@ -154,7 +154,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
         lines.append("caution: these figures come from one draw of the attackers' randomness, shared by every "
                      "mask; another draw can reorder masks closer than random's spread. With --attack-seeds 2 "
                      "or more the report says, per metric, how much of the gaps between masks is reproducible "
-                     "(benchmarks/RESULTS.md, issue 11: evaluation power).")
+                     "(benchmarks/RESULTS.md, 'Evaluation power').")
     return lines
 
 
