@@ -182,7 +182,8 @@ def test_layout_mode_takes_a_mask_file_and_refuses_bad_input(tmp_path, capsys):
     (["--ratios", "1.5", "--layout"], "--ratios must lie in [0, 1]"),
     (["--budget-by", "pixels"], "--budget-by takes tensors, params"),
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--batch", "0"], "--batch must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch", "0"], "--batch-size must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--latent", "0"], "--latent must be >= 1"),
     (["--device", "nodevice"], "is not a torch device"),
@@ -214,6 +215,9 @@ def test_old_flag_spellings_still_work_and_say_the_new_one(capsys, monkeypatch):
         cli_main(["bench", "--model", "tiny", "--by", "params", "--ratios", "0.5"])
     assert seen["by"] == ["params"]
     assert "--by is deprecated; use --budget-by" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--model", "tiny", "--batch", "3", "--ratios", "0.5"])
+    assert seen["batch"] == 3 and "--batch is deprecated; use --batch-size" in capsys.readouterr().err
     # --bf16 is --precision bf16 (refused on a CPU, as the new spelling is)
     assert cli_main(["bench", "--model", "tiny", "--bf16"]) == 2
     err = capsys.readouterr().err

@@ -68,6 +68,14 @@ def test_demo_rejects_bad_arguments(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+def test_demo_spells_quiet_like_the_other_commands(capsys):
+    from freezeguard.cli import build_parser
+
+    assert build_parser().parse_args(["demo", "--quiet"]).quiet
+    assert build_parser().parse_args(["demo", "--no-progress"]).quiet
+    assert "--no-progress is deprecated; use --quiet" in capsys.readouterr().err
+
+
 def test_demo_without_diffusers_says_what_to_install(tmp_path, capsys, monkeypatch):
     import importlib.util
 

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-by", "--by", dest="by", action=Renamed, default="tensors,params",
                         help="what each ratio counts, comma-separated: tensors, params (--by: deprecated spelling)")
     parser.add_argument("--mask", default=None, help="a learned mask (.safetensors) to measure as well")
-    parser.add_argument("--batch", type=int, default=1, help="images per fine-tuning step")
+    parser.add_argument("--batch-size", "--batch", dest="batch", type=int, action=Renamed, default=1,
+                        help="images per fine-tuning step (--batch: deprecated spelling)")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default per model)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
@@ -105,7 +106,7 @@ def check_args(args: argparse.Namespace) -> dict:
     sizes = _numbers("--world-size", args.world_size, int)
     if min(sizes) < 1:
         raise _Usage(f"--world-size needs GPU counts >= 1, got {args.world_size!r}")
-    for flag, value, low in (("--batch", args.batch, 1), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+    for flag, value, low in (("--batch-size", args.batch, 1), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
                              ("--latent", 1 if args.latent is None else args.latent, 1)):
         if value < low:
             raise _Usage(f"{flag} must be >= {low}, got {value}")

@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from freezeguard.cli.flags import RenamedSwitch
+
 HELP = "end-to-end demo on the built-in tiny model and data: pretrain, learn a mask, evaluate, report"
 DESCRIPTION = (HELP + ". Seeded and deterministic; the pretrained model and judge are cached in the "
                "cache dir, so later runs skip that phase.")
@@ -45,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes running the evaluation's fine-tunes in parallel (default: the demo's 2, both "
                              "cores of a small machine; the figures do not depend on it)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", dest="quiet", action=RenamedSwitch, new="--quiet", const=True)
 
 
 class _Usage(ValueError):
@@ -129,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     cache = False if args.no_cache else args.cache_dir
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="matplotlib is not installed", category=RuntimeWarning)
-        summary = run_demo(cfg, out_dir=args.out, cache_dir=cache, progress=not args.no_progress and not args.json)
+        summary = run_demo(cfg, out_dir=args.out, cache_dir=cache, progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps(jsonable(summary), indent=2))
         return 0

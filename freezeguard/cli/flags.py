@@ -34,11 +34,11 @@ class RenamedSwitch(argparse.Action):
     """A deprecated switch that stands for ``--<new> <const>`` (e.g. ``--bf16`` for ``--precision bf16``)."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, new: str, const: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("help", f"deprecated: {new} {const}")
+        kwargs.setdefault("help", f"deprecated: {new}" + ("" if const is True else f" {const}"))
         super().__init__(option_strings, dest, nargs=0, const=const, default=argparse.SUPPRESS, **kwargs)
         self.new = new
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        _warn(option_string or self.option_strings[0], f"{self.new} {self.const}")
+        _warn(option_string or self.option_strings[0], self.new + ("" if self.const is True else f" {self.const}"))
         setattr(namespace, self.dest, self.const)
