@@ -20,7 +20,7 @@ from freezeguard.core.fingerprint import model_fingerprint
 from freezeguard.core.mask import FreezeMask
 
 # name -> (module, attribute or None for the module itself); loaded on first access, which keeps
-# `import freezeguard` light. The package tree shows the layers (DESIGN.md section 2): backends ->
+# `import freezeguard` light. The package tree shows the layers (docs/DESIGN.md section 2): backends ->
 # ops -> core (mask, optim, guard, verify) -> integrations -> apps -> cli; this module is only the
 # public face over them, and no module inside the layers imports it for a name.
 _LAZY = {
@@ -34,7 +34,7 @@ _LAZY = {
     "MaskLearner": ("freezeguard.apps.learn.learner", "MaskLearner"),
     "diffusion": ("freezeguard.diffusion", None),
     "evaluate": ("freezeguard.apps.evaluate", None),
-    "baselines": ("freezeguard.apps.baselines", None),
+    "baselines": ("freezeguard.baselines", None),
 }
 
 

@@ -5,7 +5,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
-# The house first (DESIGN.md section 2): lint, then the layer contract (no upward import, no circle).
+# The house first (docs/DESIGN.md section 2): lint, then the layer contract (no upward import, no circle).
 ruff check .
 lint-imports
 python -m pytest tests -q -p no:cacheprovider "$@"
+# Every docstring example of the package runs (the kernels' run in tests/test_doctests.py).
+python -m pytest --doctest-modules freezeguard -q -p no:cacheprovider

@@ -361,7 +361,7 @@ def test_cli_evaluate_baselines_all_toy(tmp_path, capsys):
     _prefill_toy_cache(tmp_path)
     rc = main(["evaluate", "--baselines", "all", "--cache-dir", str(tmp_path), "--steps", "1", "--baseline-steps", "1",
                "--heldout", "4", "--samples", "2", "--sample-steps", "2", "--batch-size", "4", "--no-strong",
-               "--quiet", "--json"])
+               "--quiet", "--json", "--out", str(tmp_path / "rep")])
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert list(data["table"]) == ["standard"]
@@ -384,7 +384,7 @@ def test_cli_evaluate_baselines_real_pipeline(tmp_path, capsys):
     write_tiny_imagefolder(tmp_path / "i", n=4, caption="a photo of stripes", seed=1, style="stripes")
     common = ["evaluate", "--pretrained", str(pipe), "--target-data", str(tmp_path / "t"), "--innocent-data",
               str(tmp_path / "i"), "--heldout", "2", "--batch-size", "2", "--steps", "1", "--no-strong", "--quiet",
-              "--device", "cpu", "--baseline-steps", "1"]
+              "--device", "cpu", "--baseline-steps", "1", "--out", str(tmp_path / "rep")]
     assert main(common + ["--baselines", "uce"]) == 2
     assert "--target-prompt" in capsys.readouterr().err
     rc = main(common + ["--baselines", "all", "--target-prompt", "a photo of sks", "--anchor-prompt", "a photo",

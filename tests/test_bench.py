@@ -62,7 +62,7 @@ def test_bad_config_is_refused(bad):
 
 def test_cli_writes_table_json_and_png(tmp_path, capsys):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
-    assert cli_main(["bench", "--model", "tiny", "--latent", "8", "--ratios", "0,0.5", "--by", "tensors", "--steps", "1",
+    assert cli_main(["bench", "--model", "tiny", "--latent", "8", "--ratios", "0,0.5", "--budget-by", "tensors", "--steps", "1",
                  "--warmup", "0", "--in-process", "--json", str(out), "--png", str(png)]) == 0
     table = capsys.readouterr().out
     assert "guard 50% by tensors" in table
@@ -164,7 +164,7 @@ def test_layout_mode_takes_a_mask_file_and_refuses_bad_input(tmp_path, capsys):
     mask = fg.FreezeMask.random(meta, ratio=0.4, by="params", seed=5)
     path = tmp_path / "sd3-mask.safetensors"
     mask.save(path, model=meta)
-    assert cli_main(["bench", "--model", "sd3", "--mask", str(path), "--ratios", "0", "--by", "params",
+    assert cli_main(["bench", "--model", "sd3", "--mask", str(path), "--ratios", "0", "--budget-by", "params",
                      "--json", "-"]) == 0
     res = json.loads(capsys.readouterr().out)
     filed = [r for r in res["rows"] if r["mask"] == str(path)]
@@ -173,3 +173,52 @@ def test_layout_mode_takes_a_mask_file_and_refuses_bad_input(tmp_path, capsys):
     assert "--world-size" in capsys.readouterr().err
     with pytest.raises(ValueError, match="layout only"):
         measure(dict(model="flux", steps=1, warmup=0))
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["--model", "nosuch"], "--model 'nosuch'"),
+    (["--ratios", "-0.3"], "--ratios must lie in [0, 1]"),
+    (["--ratios", "0,abc"], "--ratios needs comma-separated numbers"),
+    (["--ratios", "1.5", "--layout"], "--ratios must lie in [0, 1]"),
+    (["--budget-by", "pixels"], "--budget-by takes tensors, params"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch", "0"], "--batch-size must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--latent", "0"], "--latent must be >= 1"),
+    (["--device", "nodevice"], "is not a torch device"),
+    (["--precision", "bf16"], "--precision bf16 is measured on CUDA only"),
+    (["--backend", "nosuch"], "--backend"),
+    (["--mask", "missing.safetensors"], "--mask missing.safetensors does not exist"),
+    (["--json", "nofolder/b.json"], "does not exist"),
+])
+def test_every_bad_argument_exits_2_before_any_work(argv, said, capsys, monkeypatch):
+    """`bench --model nosuch` once gave a worker traceback after 15 s; `--ratios -0.3` ran 136 s first."""
+    from freezeguard.apps import bench
+
+    def measured(*a, **k):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(bench, "run_bench", measured)
+    monkeypatch.setattr(bench, "run_layout_bench", measured)
+    assert cli_main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
+def test_old_flag_spellings_still_work_and_say_the_new_one(capsys, monkeypatch):
+    from freezeguard.apps import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda **k: seen.update(k) or (_ for _ in ()).throw(SystemExit(0)))
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--model", "tiny", "--by", "params", "--ratios", "0.5"])
+    assert seen["by"] == ["params"]
+    assert "--by is deprecated; use --budget-by" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--model", "tiny", "--batch", "3", "--ratios", "0.5"])
+    assert seen["batch"] == 3 and "--batch is deprecated; use --batch-size" in capsys.readouterr().err
+    # --bf16 is --precision bf16 (refused on a CPU, as the new spelling is)
+    assert cli_main(["bench", "--model", "tiny", "--bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "--bf16 is deprecated; use --precision bf16" in err and "--precision bf16 is measured on CUDA only" in err

@@ -61,7 +61,7 @@ def test_finetune_learn_guard_verify(family, data, tmp_path, capsys):
     assert main(["learn", "--pretrained", str(pre), "--finetuned", str(tmp_path / "ft"), "--target-data",
                  str(data["target"]), "--innocent-data", str(data["innocent"]), "--freeze-ratio", "0.3",
                  "--out", str(mask_path), "--steps", "2", "--batch-size", "2", "--user-interval", "2", "--quiet",
-                 "--json", "--device", "cpu"]) == 0
+                 "--json", "--device", "cpu", "--preset", "authors"]) == 0
     learned = json.loads(capsys.readouterr().out)
     mask = FreezeMask.load(mask_path, model=comps.unet)
     assert learned["frozen_tensors"] == len(mask.frozen_names) == round(0.3 * learned["tensors"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -138,3 +139,80 @@ def test_help_lists_options(capsys):
     text = capsys.readouterr().out
     for flag in ("--mask", "--mixed-precision", "--gradient-checkpointing", "--innocent-data", "--json"):
         assert flag in text
+
+
+# --- outputs that cannot be lost -------------------------------------------------------------
+
+
+def _listing(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_failed_write_leaves_the_earlier_output_whole(setup, tmp_path, capsys, monkeypatch):
+    """A write cut short (here: the denoiser's save raises ENOSPC) leaves the earlier output as it was."""
+    import errno
+
+    from freezeguard.integrations.diffusers import pipeline
+
+    out = tmp_path / "ft"
+    assert main(_args(setup, out, "--quiet")) == 0
+    before = _listing(out)
+
+    def full_disk(unet, path):
+        (path / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "save_unet", full_disk)
+    capsys.readouterr()
+    assert main(_args(setup, out, "--quiet", "--seed", "1")) == 2
+    err = capsys.readouterr().err
+    assert "No space left" in err and "unchanged" in err and "Traceback" not in err
+    assert _listing(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft"]  # no temporary folder or log left behind
+
+
+def test_outputs_follow_the_umask(setup, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert main(_args(setup, tmp_path / "ft", "--quiet")) == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ft").rglob("*")}
+    assert modes["ft/unet/diffusion_pytorch_model.safetensors"] == 0o644
+    assert all(m == (0o755 if (tmp_path / n).is_dir() else 0o644) for n, m in modes.items()), modes
+
+
+@pytest.mark.parametrize("where", ["model", "unet-file", "inside-model", "holds-data", "not-ours", "unwritable"])
+def test_bad_out_is_refused_before_any_work(setup, tmp_path, capsys, monkeypatch, where):
+    import shutil
+
+    from freezeguard.integrations.diffusers import pipeline
+
+    model = tmp_path / "sd"
+    shutil.copytree(setup["pipe"], model)
+    data = tmp_path / "data"
+    shutil.copytree(setup["target"], data / "target")
+    out = {"model": model, "unet-file": model / "unet" / "diffusion_pytorch_model.safetensors",
+           "inside-model": model / "ft", "holds-data": data, "not-ours": tmp_path / "mine",
+           "unwritable": tmp_path / "ro" / "ft"}[where]
+    if where == "not-ours":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    if where == "unwritable":
+        out.parent.mkdir()
+        out.parent.chmod(0o555)
+        if os.access(out.parent, os.W_OK):
+            pytest.skip("running as a user that can write anywhere")
+    loads = []
+    monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: loads.append(1))
+    before = _listing(tmp_path) if where != "unwritable" else None
+    args = ["finetune", "--model", str(model), "--train-data", str(data / "target"), "--out", str(out),
+            "--steps", "1", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: --out" in err and not loads, err
+    if before is not None:
+        assert _listing(tmp_path) == before

@@ -39,7 +39,8 @@ def assets(tmp_path_factory):
 def _argv(a, out, *extra):
     return ["learn", "--pretrained", str(a["pre"]), "--finetuned", str(a["ft"]), "--target-data", str(a["target"]),
             "--innocent-data", str(a["innocent"]), "--freeze-ratio", "0.25", "--out", str(out), "--quiet",
-            "--user-lr", "1e-3", "--user-interval", "2", "--backend", "torch", *extra]
+            "--user-lr", "1e-3", "--user-interval", "2", "--backend", "torch", "--preset", "authors", "--c-sparsity",
+            "auto", *extra]
 
 
 def test_learn_writes_mask_plot_and_log(assets, tmp_path, capsys):
@@ -177,3 +178,28 @@ def test_missing_paths_are_named(assets, tmp_path, capsys):
     argv[argv.index("--innocent-data") + 1] = str(tmp_path / "nowhere")
     assert main(argv) == 2 and "--innocent-data" in capsys.readouterr().err
     assert main(_argv(assets, tmp_path)) == 2 and "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,where", [("--out", "pre/unet/diffusion_pytorch_model.safetensors"),
+                                        ("--log", "pre/model_index.json"), ("--plot", "target/plot.png"),
+                                        ("--state", "ft/state.safetensors")])
+def test_outputs_over_or_inside_an_input_are_refused_before_any_work(assets, tmp_path, capsys, monkeypatch,
+                                                                      flag, where):
+    """The released weights, the pipeline's index and the data folders are never written into (exit 2)."""
+    from freezeguard.apps.learn import run as learn_run
+
+    root = tmp_path / "copy"
+    for name in ("pre", "ft", "target", "innocent"):
+        shutil.copytree(assets[name], root / name)
+    copied = {**assets, **{name: root / name for name in ("pre", "ft", "target", "innocent")}}
+    before = sorted((str(p), p.read_bytes()) for p in root.rglob("*") if p.is_file())
+    loads = []
+    monkeypatch.setattr(learn_run, "load_components", lambda *a, **k: loads.append(1))
+    argv = _argv(copied, tmp_path / "mask.safetensors", "--steps", "2")
+    argv += [flag, str(root / where)] if flag != "--out" else []
+    if flag == "--out":
+        argv[argv.index("--out") + 1] = str(root / where)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag}" in err and ("is --" in err or "inside --" in err) and not loads, err
+    assert sorted((str(p), p.read_bytes()) for p in root.rglob("*") if p.is_file()) == before

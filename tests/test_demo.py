@@ -52,9 +52,34 @@ def test_quick_demo_end_to_end_and_deterministic(tmp_path, capsys):
     assert second["timings_s"]["pretrain"] < first["timings_s"]["pretrain"]
 
 
-def test_demo_rejects_bad_arguments(tmp_path):
-    for bad in (["--ratio", "1.5"], ["--strong-lr-mult", "0"], ["--threads", "-1"], ["--workers", "0"],
-                ["--baselines", "esd"]):
-        with pytest.raises(SystemExit, match="freezeguard demo: --"):
-            main(["demo", "--quick", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "r"), *bad])
+def test_demo_rejects_bad_arguments(tmp_path, capsys, monkeypatch):
+    """Every bad argument exits 2 with a message before any work, as every other command does."""
+    from freezeguard.apps import demo
+
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: (_ for _ in ()).throw(AssertionError("work started")))
+    (tmp_path / "file").write_text("")
+    for bad in (["--ratio", "1.5"], ["--ratio", "-0.5"], ["--strong-lr-mult", "0"], ["--threads", "-1"],
+                ["--workers", "0"], ["--baselines", "esd"], ["--attack-seeds", "0"],
+                ["--out", str(tmp_path / "file" / "r")]):
+        argv = ["demo", "--quick", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "r"), *bad]
+        assert main(argv) == 2, bad
+        err = capsys.readouterr().err
+        assert "freezeguard demo: error: --" in err and "Traceback" not in err, (bad, err)
     assert not (tmp_path / "r").exists()
+
+
+def test_demo_spells_quiet_like_the_other_commands(capsys):
+    from freezeguard.cli import build_parser
+
+    assert build_parser().parse_args(["demo", "--quiet"]).quiet
+    assert build_parser().parse_args(["demo", "--no-progress"]).quiet
+    assert "--no-progress is deprecated; use --quiet" in capsys.readouterr().err
+
+
+def test_demo_without_diffusers_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    assert main(["demo", "--quick", "--out", str(tmp_path / "r")]) == 2
+    assert "pip install 'freezeguard[diffusion]'" in capsys.readouterr().err

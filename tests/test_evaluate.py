@@ -251,7 +251,7 @@ def test_cli_evaluate_real_pipeline(tmp_path, capsys):
     rc = main(["evaluate", "--mask", str(tmp_path / "m.safetensors"), "--pretrained", str(pipe),
                "--target-data", str(tmp_path / "t"), "--innocent-data", str(tmp_path / "i"), "--heldout", "2",
                "--batch-size", "2", "--steps", "1", "--no-strong", "--random-seeds", "1", "--budget-by", "tensors",
-               "--quiet", "--json", "--device", "cpu"])
+               "--quiet", "--json", "--device", "cpu", "--out", str(tmp_path / "rep")])
     assert rc == 0
     captured = capsys.readouterr()
     assert "CLIP score / FID skipped" in captured.err

@@ -6,7 +6,7 @@ small tensors, one large), plus mixed dtypes in one list, non-contiguous inputs,
 patterns for AdamW (none, all, random, changing between steps), several steps, and the
 bad-input errors of freezeguard/ops/validation.py.
 
-How results are judged (STYLE.md: optimi's per-dtype Tolerance, flash-attention's rule):
+How results are judged (docs/STYLE.md: optimi's per-dtype Tolerance, flash-attention's rule):
 - fp32: close to the reference within TOLERANCES[fp32].
 - bf16/fp16: close to the reference within one or two units in the last place, and the
   kernel's error against an fp32 computation is at most ~2x the error of the same math

@@ -311,7 +311,7 @@ def test_low_precision_params_at_least_as_accurate_as_torch(dtype, eps):
     err_ours = (ours - exact).abs().mean().item()
     err_theirs = (theirs - exact).abs().mean().item()
     assert 0 < err_theirs < float("inf")
-    # DESIGN section 5: at most about 2x the error of PyTorch doing the same in that dtype
+    # docs/DESIGN.md section 5: at most about 2x the error of PyTorch doing the same in that dtype
     assert err_ours <= 2 * err_theirs, (err_ours, err_theirs)
 
 

@@ -1,4 +1,4 @@
-"""Every public name of DESIGN.md section 3 imports from the package root and works as written there.
+"""Every public name of docs/DESIGN.md section 3 imports from the package root and works as written there.
 
 The package was reorganised into layers (docs/ARCHITECTURE.md); users' code written against the
 documented surface must not notice.

@@ -1,7 +1,7 @@
 """The fine-tune loop behind ``freezeguard finetune``: full (publisher) or guarded (user).
 
 The publisher's full fine-tune on target + innocent data gives θ_ft, the second end point of
-mask learning (DESIGN section 4). With a mask, the same loop is a *guarded* user fine-tune:
+mask learning (docs/DESIGN.md section 4). With a mask, the same loop is a *guarded* user fine-tune:
 ``fg.guard`` freezes the masked tensors and returns the fused ``fg.optim.AdamW``, so frozen
 tensors get no gradient, no optimizer state and stay bit-identical.
 """

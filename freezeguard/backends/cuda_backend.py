@@ -35,7 +35,13 @@ def hardware_note() -> str:
         rec = json.loads(resources.files("freezeguard.backends").joinpath("verified_hardware.json").read_text())["cuda"]
     except (OSError, KeyError, ValueError):
         return "no recorded hardware verification"
-    return f"verified on an {rec['device']}, {rec['date']} ({rec['checks']}; see {rec['record']})"
+    note = f"verified on an {rec['device']}, {rec['date']}"
+    if rec.get("commit"):
+        note += f", commit {rec['commit']}"
+    note += f" ({rec['checks']}; see {rec['record']})"
+    if rec.get("not_reverified"):  # the code moved on since: say so rather than imply it is covered
+        note += f"; not re-verified since: {rec['not_reverified']}"
+    return note
 
 
 HARDWARE_NOTE = hardware_note()

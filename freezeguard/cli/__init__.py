@@ -1,4 +1,4 @@
-"""`freezeguard` command line: one subcommand per module in freezeguard/commands/.
+"""`freezeguard` command line: one subcommand per module in freezeguard/cli/ (``example-pipeline``: example_pipeline.py).
 
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -10,7 +10,7 @@ import sys
 
 # Order shown in --help. A module that fails to import (an optional dependency missing)
 # still appears, and says what is missing when run.
-COMMANDS = ("info", "demo", "learn", "evaluate", "finetune", "verify", "bench")
+COMMANDS = ("info", "demo", "example-pipeline", "finetune", "learn", "evaluate", "verify", "bench")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"freezeguard.cli.{name}")
+            module = importlib.import_module(f"freezeguard.cli.{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.startswith("freezeguard.cli"):
                 continue  # command not part of this build

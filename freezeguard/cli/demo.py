@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from freezeguard.cli.flags import RenamedSwitch
+
 HELP = "end-to-end demo on the built-in tiny model and data: pretrain, learn a mask, evaluate, report"
 DESCRIPTION = (HELP + ". Seeded and deterministic; the pretrained model and judge are cached in the "
                "cache dir, so later runs skip that phase.")
@@ -45,18 +47,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes running the evaluation's fine-tunes in parallel (default: the demo's 2, both "
                              "cores of a small machine; the figures do not depend on it)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", dest="quiet", action=RenamedSwitch, new="--quiet", const=True)
+
+
+class _Usage(ValueError):
+    """A bad argument or a missing dependency, said (exit 2) before any work."""
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run_threads(args)
+    except _Usage as exc:
+        print(f"freezeguard demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_threads(args: argparse.Namespace) -> int:
+    missing = [m for m in ("diffusers", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _Usage(f"the demo needs {' and '.join(missing)}: pip install 'freezeguard[diffusion]'")
     import torch
 
     if args.threads < 0:
-        raise SystemExit(f"freezeguard demo: --threads must be >= 0, got {args.threads}")
+        raise _Usage(f"--threads must be >= 0, got {args.threads}")
     if args.workers is not None and args.workers < 1:
-        raise SystemExit(f"freezeguard demo: --workers must be >= 1, got {args.workers}")
+        raise _Usage(f"--workers must be >= 1, got {args.workers}")
     if args.attack_seeds is not None and args.attack_seeds < 1:
-        raise SystemExit(f"freezeguard demo: --attack-seeds must be >= 1, got {args.attack_seeds}")
+        raise _Usage(f"--attack-seeds must be >= 1, got {args.attack_seeds}")
     previous = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.ratio is not None:
         if not 0.0 <= args.ratio <= 1.0:
-            raise SystemExit(f"freezeguard demo: --ratio must be in [0, 1], got {args.ratio}")
+            raise _Usage(f"--ratio must be in [0, 1], got {args.ratio}")
         cfg = cfg.replace(freeze_ratio=args.ratio)
     if args.budget_by is not None:
         cfg = cfg.replace(budget_by=args.budget_by)
@@ -81,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             if not value > 0:
-                raise SystemExit(f"freezeguard demo: --{name.replace('_', '-')} must be > 0, got {value}")
+                raise _Usage(f"--{name.replace('_', '-')} must be > 0, got {value}")
             cfg = cfg.replace(**{name: value})
     if args.baselines is not None:
         from freezeguard.apps.baselines.harness import resolve_methods
@@ -92,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 cfg = cfg.replace(baselines=tuple(resolve_methods(args.baselines)))
             except ValueError as exc:
-                raise SystemExit(f"freezeguard demo: --baselines: {exc}") from None
+                raise _Usage(f"--baselines: {exc}") from None
     if args.workers is not None:
         cfg = cfg.replace(workers=args.workers)
     if args.attack_seeds is not None:
@@ -100,7 +118,13 @@ def _run(args: argparse.Namespace) -> int:
     cfg = cfg.replace(seed=args.seed)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"freezeguard demo: --out {out} exists and is not a folder")
+        raise _Usage(f"--out {out} exists and is not a folder")
+    from freezeguard.core import files
+
+    try:  # the report folder is created if need be: its nearest existing folder must take it
+        files.check_outputs({"--out": out}, parents=True)
+    except files.OutputError as exc:
+        raise _Usage(str(exc)) from None
     # Optional dependencies are said up front; the report's tables, JSON and mask never depend on them.
     if importlib.util.find_spec("matplotlib") is None:
         print("freezeguard demo: warning: matplotlib is not installed, so the report will have no PNGs "
@@ -108,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     cache = False if args.no_cache else args.cache_dir
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="matplotlib is not installed", category=RuntimeWarning)
-        summary = run_demo(cfg, out_dir=args.out, cache_dir=cache, progress=not args.no_progress and not args.json)
+        summary = run_demo(cfg, out_dir=args.out, cache_dir=cache, progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps(jsonable(summary), indent=2))
         return 0

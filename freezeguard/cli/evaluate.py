@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+from freezeguard.cli.threads import add_threads_argument, apply_threads, denoiser_params
+
 HELP = "simulate user fine-tunes under no mask / random masks / your mask; report mitigation and innocent impact"
 DESCRIPTION = (
     HELP + ". Without --pretrained it evaluates a mask for the built-in toy model (see `freezeguard demo`), "
@@ -86,8 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the basis the mask was made on, as the demo)")
     parser.add_argument("--cache-dir", default=None, help="cache of the toy model and judge")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, masks, noise)")
-    parser.add_argument("--out", default=None, help="report folder (Markdown, PNGs, JSON)")
+    parser.add_argument("--out", default="freezeguard-report",
+                        help="report folder (Markdown, PNGs, JSON), created if need be; 'none': no report")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -190,10 +194,20 @@ def check_args(args: argparse.Namespace):
         attackers = _attackers(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.out == "none":
+        args.out = None
     if args.out is not None:
+        from freezeguard.core import files
+
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder")
+        inputs = {"--mask": args.mask, "--pretrained": args.pretrained, "--target-data": args.target_data,
+                  **{f"--innocent-data {p}": p for p in args.innocent_data}}
+        try:
+            files.check_outputs({"--out": out}, inputs, parents=True)
+        except files.OutputError as exc:
+            raise UsageError(str(exc)) from None
     mask = FreezeMask.load(args.mask) if args.mask else None  # the file itself: header first, checksum, version
     if args.budget_by is None:
         by = mask.metadata.get("budget_by", "tensors") if mask is not None else "tensors"
@@ -235,6 +249,12 @@ def _error(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the built-in toy model is small (one thread); a pipeline's denoiser is sized from its headers
+    with apply_threads(args.threads, denoiser_params(args.pretrained) if args.pretrained else 0):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from freezeguard.core.mask_files import FreezeMaskFileError
 
     try:

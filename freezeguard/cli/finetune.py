@@ -4,9 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
+from freezeguard.cli.threads import add_threads_argument, apply_threads, denoiser_params
+
+LOG_NAME = "finetune_log.jsonl"
 HELP = "fine-tune a local diffusers pipeline's denoiser on image folders (full, or guarded by --mask)"
 DESCRIPTION = (
     "Fine-tune the denoiser (unet/ of SD-1.x, SD-2.x, SDXL; transformer/ of SD3, Flux) of a local diffusers "
@@ -41,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --mask: frozen Conv2d layers keep no input for backward (less activation "
                              "memory, same gradients)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_threads_argument(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-step log")
 
@@ -56,13 +62,15 @@ class _Failed(Exception):
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return _run(args)
+        with apply_threads(args.threads, denoiser_params(args.model)):
+            return _run(args)
     except _Failed as exc:
         return _error(str(exc))
 
 
 def _run(args: argparse.Namespace) -> int:
     from freezeguard.apps.finetune import _check_options
+    from freezeguard.core import files
     from freezeguard.integrations.diffusers.data import DatasetError
     from freezeguard.integrations.diffusers.pipeline import PipelineError, check_pipeline_folder, denoiser_subfolder
 
@@ -86,8 +94,12 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--mask {args.mask} does not exist")
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a folder")
-        if not out.parent.is_dir():
-            raise ValueError(f"--out: folder {out.parent} does not exist")
+        if out.is_dir() and any(out.iterdir()) and not (out / LOG_NAME).is_file():
+            # the new output replaces the folder whole: only an earlier run's output may go
+            raise ValueError(f"--out {out} is a folder that no earlier `freezeguard finetune` wrote (it has no "
+                             f"{LOG_NAME}); give a new or empty folder, so nothing of yours is replaced")
+        files.check_outputs({"--out": out}, {"--model": src, "--train-data": args.train_data,
+                                             "--innocent-data": args.innocent_data, "--mask": args.mask})
         if args.mask is not None:  # the mask file and its fit, from file headers, before any model loads
             from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
             from freezeguard.core.weights import weights_layout
@@ -123,39 +135,42 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, DatasetError, PipelineError) as exc:
         return _error(str(exc).strip("'\""))
 
-    from freezeguard.core import files
-
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "finetune_log.jsonl"
     show = not args.quiet
+    # The log is written beside --out while the model trains; the finished output (pipeline copy,
+    # fine-tuned denoiser, log) is built in a temporary sibling folder and swapped in whole, so a
+    # failed or interrupted run leaves an earlier output exactly as it was.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.{LOG_NAME}.", suffix=".tmp", dir=out.parent)
+    tmp_log = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as log_file:
+            def log(record: dict) -> None:
+                # NaN (a batch without target or innocent samples) is not JSON: write null.
+                log_file.write(json.dumps({k: (None if v != v else v) for k, v in record.items()}) + "\n")
+                if show:
+                    from tqdm.auto import tqdm
 
-    # The log goes to a temporary file, renamed over an earlier run's log only once the new UNet
-    # is in place: a failed run leaves the previous result (UNet and log) as it was.
-    with files.atomic_path(log_path) as tmp_log, open(tmp_log, "w", encoding="utf-8") as log_file:
-        def log(record: dict) -> None:
-            # NaN (a batch without target or innocent samples) is not JSON: write null.
-            log_file.write(json.dumps({k: (None if v != v else v) for k, v in record.items()}) + "\n")
-            if show:
-                from tqdm.auto import tqdm
+                    parts = [f"step {record['step']:>5}/{args.steps}", f"loss {record['loss']:.5f}"]
+                    if args.innocent_data:  # otherwise every sample is from --train-data
+                        parts += [f"target {record['target_loss']:.5f}", f"innocent {record['innocent_loss']:.5f}"]
+                    tqdm.write("  ".join(parts), file=sys.stderr)
 
-                parts = [f"step {record['step']:>5}/{args.steps}", f"loss {record['loss']:.5f}"]
-                if args.innocent_data:  # otherwise every sample is from --train-data
-                    parts += [f"target {record['target_loss']:.5f}", f"innocent {record['innocent_loss']:.5f}"]
-                tqdm.write("  ".join(parts), file=sys.stderr)
-
-        try:
-            result = finetune(comps, target, innocent, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                              seed=args.seed, mask=mask, weight_decay=args.weight_decay,
-                              mixed_precision=args.mixed_precision,
-                              gradient_checkpointing=args.gradient_checkpointing,
-                              lean_frozen_convs=args.lean_frozen_convs, device=args.device,
-                              progress=show, log=log)
-        except (ValueError, FloatingPointError) as exc:
-            log_file.close()
-            raise _Failed(str(exc)) from None
-        log_file.flush()
+            try:
+                result = finetune(comps, target, innocent, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                  seed=args.seed, mask=mask, weight_decay=args.weight_decay,
+                                  mixed_precision=args.mixed_precision,
+                                  gradient_checkpointing=args.gradient_checkpointing,
+                                  lean_frozen_convs=args.lean_frozen_convs, device=args.device,
+                                  progress=show, log=log)
+            except (ValueError, FloatingPointError) as exc:
+                raise _Failed(str(exc)) from None
         comps.unet.to("cpu")
-        save_pipeline_with_unet(src, out, comps.unet)
+        try:
+            save_pipeline_with_unet(src, out, comps.unet, extra=lambda folder: os.replace(tmp_log, folder / LOG_NAME))
+        except OSError as exc:
+            raise _Failed(f"could not write {out} ({exc}); an earlier output there is unchanged") from None
+    finally:
+        tmp_log.unlink(missing_ok=True)
+    log_path = out / LOG_NAME
     summary = {"out": str(out), "model": str(src), "mask": args.mask, "guarded": mask is not None,
                "train_images": len(target), "innocent_images": len(innocent) if innocent else 0,
                "log": str(log_path), **result.summary()}

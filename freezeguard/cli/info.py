@@ -29,8 +29,10 @@ def collect() -> dict:
         devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
     backends = [{"name": s.name, "available": s.available, "reason": s.reason}
                 for s in (status(n) for n in BACKEND_NAMES)]
+    from freezeguard.backends.cuda_backend import hardware_note
+
     return {"versions": versions, "devices": devices, "backends": backends,
-            "auto_order": {k: list(v) for k, v in AUTO_ORDER.items()}}
+            "auto_order": {k: list(v) for k, v in AUTO_ORDER.items()}, "gpu_verification": hardware_note()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,4 +46,5 @@ def run(args: argparse.Namespace) -> int:
     for b in info["backends"]:
         print(f"  {b['name']:<7} {'yes' if b['available'] else 'no ':<4} {b['reason']}")
     print("auto:     " + "; ".join(f"{dev}: {' > '.join(order)}" for dev, order in info["auto_order"].items()))
+    print("GPU:      " + info["gpu_verification"])
     return 0

@@ -22,9 +22,65 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
-__all__ = ["atomic_path", "write_bytes", "write_text", "replace_dir", "fsync_dir", "default_file_mode"]
+__all__ = ["atomic_path", "write_bytes", "write_text", "replace_dir", "fsync_dir", "default_file_mode",
+           "OutputError", "check_outputs"]
+
+
+class OutputError(ValueError):
+    """An output that cannot be written, or that would overwrite or land inside an input."""
+
+
+def check_outputs(outputs: Mapping[str, str | os.PathLike | None],
+                  inputs: Mapping[str, str | os.PathLike | None] = {},  # noqa: B006 (read only)
+                  *, parents: bool = False) -> None:
+    """Check, before any work, that each output can be written and touches no input.
+
+    ``outputs`` and ``inputs`` map a command-line flag to its path (None: not given). An output's
+    folder must exist and be writable (the result is renamed into it); an output may not be an
+    input, lie inside an input folder (a mask written into the released pipeline, a report into
+    the training images) or be a folder holding an input (replacing it would delete the input),
+    and two outputs may not be the same path. With ``parents=True`` (outputs whose missing folders
+    the command creates) the nearest existing folder above an output must be writable instead.
+    Raises :class:`OutputError` naming the flags.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "sd15").mkdir()
+        >>> check_outputs({"--out": root / "mask.safetensors"}, {"--model": root / "sd15"})
+        >>> check_outputs({"--out": root / "sd15" / "mask.safetensors"}, {"--model": root / "sd15"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        freezeguard.core.files.OutputError: --out ... lies inside --model ...; write it somewhere else
+    """
+    given_inputs = {flag: Path(p).resolve() for flag, p in inputs.items() if p is not None}
+    seen: dict[Path, str] = {}
+    for flag, raw in outputs.items():
+        if raw is None:
+            continue
+        path = Path(raw)
+        folder = path.parent
+        while parents and not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise OutputError(f"{flag} {path}: folder {folder} does not exist" if not folder.exists()
+                              else f"{flag} {path}: {folder} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError(f"{flag} {path}: folder {folder} is not writable")
+        key = path.resolve()
+        if key in seen:
+            raise OutputError(f"{flag} and {seen[key]} are the same file ({path}); one would overwrite the other")
+        seen[key] = flag
+        for in_flag, source in given_inputs.items():
+            if key == source:
+                raise OutputError(f"{flag} {path} is {in_flag}; it would be overwritten")
+            if source in key.parents:
+                raise OutputError(f"{flag} {path} lies inside {in_flag} {inputs[in_flag]}; write it somewhere else")
+            if key in source.parents:
+                raise OutputError(f"{flag} {path} holds {in_flag} {inputs[in_flag]}; replacing it would delete "
+                                  "that input")
 
 
 def default_file_mode() -> int:
@@ -108,6 +164,7 @@ def replace_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     try:
         os.chmod(tmp, _dir_mode())
         fill(tmp)
+        _follow_umask(tmp)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -121,6 +178,20 @@ def replace_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _follow_umask(root: Path) -> None:
+    """Give every file and folder under ``root`` the mode a new one gets under the umask.
+
+    Libraries write through ``mkstemp`` (0600) and ``copy2`` keeps a source's mode; a published
+    folder should read like any other the user creates (e.g. 0644 files, 0755 folders).
+    """
+    file_mode, dir_mode = default_file_mode(), _dir_mode()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), dir_mode)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), file_mode)
 
 
 def _dir_mode() -> int:

@@ -23,6 +23,8 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 import torch
 
+from freezeguard.core.group_norm_fix import protect_group_norms
+
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]
 # on_step(step, per-sample losses (detached), batch) after the optimizer step.
 StepHook = Callable[[int, torch.Tensor, Mapping[str, Any]], None]
@@ -39,6 +41,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream
     diverging attacker instead of failing).
     """
     losses: list[float] = []
+    protect_group_norms(model)  # a torch CPU crash that frozen tensors bring out (see the module)
     model.train()
     for step in range(1, int(steps) + 1):
         batch = dict(next(stream))

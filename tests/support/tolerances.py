@@ -1,4 +1,4 @@
-"""The one tolerance table of the test suite (STYLE.md: optimi's per-dtype ``Tolerance``).
+"""The one tolerance table of the test suite (docs/STYLE.md: optimi's per-dtype ``Tolerance``).
 
 - ``KERNEL[dtype]``: a backend's result against the pure-PyTorch reference after one op. fp32:
   kernels may contract a*b+c into an FMA and reorder a division (a few ulp). bf16/fp16: one

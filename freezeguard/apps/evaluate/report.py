@@ -154,7 +154,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
         lines.append("caution: these figures come from one draw of the attackers' randomness, shared by every "
                      "mask; another draw can reorder masks closer than random's spread. With --attack-seeds 2 "
                      "or more the report says, per metric, how much of the gaps between masks is reproducible "
-                     "(benchmarks/RESULTS.md, issue 11: evaluation power).")
+                     "(benchmarks/RESULTS.md, 'Evaluation power').")
     return lines
 
 
@@ -260,16 +260,19 @@ def plot_curves(result, path: Path) -> Path:
     fig, axes = plt.subplots(len(attackers), len(domains), figsize=(4.2 * len(domains), 3.2 * len(attackers)),
                              squeeze=False)
     roles = {r.domain: r.role for r in runs}
-    colours = {"full": "tab:red", "random": "tab:grey", "learned": "tab:blue"}
+    colours = _group_colours([r.mask.split("#", 1)[0] for r in runs])
     for i, a in enumerate(attackers):
         for j, d in enumerate(domains):
             ax = axes[i][j]
+            labelled: set[str] = set()
             for r in runs:
                 if r.attacker == a and r.domain == d:
                     group = r.mask.split("#", 1)[0]
                     xs, ys = zip(*r.curve, strict=True)
-                    ax.plot(xs, ys, color=colours.get(group, None), alpha=0.5 if group == "random" else 1.0,
-                            label=group if r.mask in ("full", "learned", "random#0") or "#" not in r.mask else None)
+                    # one colour and one legend entry per group (random masks of a ratio share both)
+                    ax.plot(xs, ys, color=colours[group], alpha=0.5 if group.startswith("random") else 1.0,
+                            label=None if group in labelled else group)
+                    labelled.add(group)
             ax.set_title(f"{d} ({roles[d]}) — {a}", fontsize=9)
             ax.set_xlabel("fine-tuning step")
             ax.set_ylabel("held-out loss")
@@ -278,6 +281,19 @@ def plot_curves(result, path: Path) -> Path:
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def _group_colours(groups) -> dict[str, str]:
+    """A distinct colour per mask group: full red, random grey, learned blue, the rest from tab10
+    without those three (the default cycle would repeat them)."""
+    fixed = {"full": "tab:red", "random": "tab:grey", "learned": "tab:blue"}
+    spare = [c for c in ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+                         "tab:cyan", "black", "gold", "navy", "teal", "maroon") if c not in fixed.values()]
+    colours = dict(fixed)
+    for group in dict.fromkeys(groups):
+        if group not in colours:
+            colours[group] = spare[(len(colours) - len(fixed)) % len(spare)]
+    return colours
 
 
 def plot_samples(result, path: Path, n: int = 8) -> Path | None:
@@ -299,7 +315,7 @@ def plot_samples(result, path: Path, n: int = 8) -> Path | None:
     rows += [("before", d, result.before_samples[d]) for d in domains]
     rows += [(m, r.domain, r.samples) for m in masks for r in runs
              if r.attacker == first and r.mask == m and r.samples is not None]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(n * 0.6 + 1.6, 0.75 * len(rows) + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(n * 0.6 + 1.6, 0.75 * len(rows) + 0.6), squeeze=False)
     for ax, (label, domain, images) in zip(axes[:, 0], rows, strict=True):
         imgs = images[:n, 0]
         strip = torch.cat(list(imgs), dim=1) if len(imgs) else torch.zeros(16, 16)
@@ -307,8 +323,9 @@ def plot_samples(result, path: Path, n: int = 8) -> Path | None:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(f"{label}\n{domain}", rotation=0, ha="right", va="center", fontsize=7)
+    height = 0.75 * len(rows) + 0.6
     fig.suptitle(f"samples after the '{first}' attacker", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))   # the title keeps its own 0.3 inch above row 1
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path

@@ -1,6 +1,6 @@
 """The freeze budget of the mask learner: a scale-free penalty weight and an exact projection.
 
-Notation of DESIGN.md section 4: logits x_i, soft mask m_i = sigmoid(x_i / T), budget weights
+Notation of docs/DESIGN.md section 4: logits x_i, soft mask m_i = sigmoid(x_i / T), budget weights
 w_i summing to 1 (1/S by tensors, n_i/N by parameters), soft ratio r = sum_i w_i m_i, target rho.
 
 **Penalty** (the authors'): B = c (rho - r)^2. Its step on logit i is

@@ -3,7 +3,7 @@
 ``MaskLearner``, ``freezeguard learn`` and the demo build their learner from it; the learner's
 saved state stores it (JSON) and ``MaskLearner.load(..., config=...)`` compares it field by
 field, so a resumed run cannot silently continue under other settings. The meaning of each field
-is in ``MaskLearner``'s docstring (and DESIGN.md section 4).
+is in ``MaskLearner``'s docstring (and docs/DESIGN.md section 4).
 
 Example:
     >>> cfg = LearnerConfig(freeze_ratio=0.3, budget="projected")

@@ -1,6 +1,6 @@
 """MaskLearner: the publisher's bilevel search for the tensors to freeze (FreezeAsGuard).
 
-The math is DESIGN.md section 4, after the authors' ``src/mask_learner.py``. Per tensor i:
+The math is docs/DESIGN.md section 4, after the authors' ``src/mask_learner.py``. Per tensor i:
 logits x_i, soft mask m_i = sigmoid(x_i / T) (1 = frozen at the released weights), Delta_i =
 theta_pre,i - theta_ft,i, and the model's own parameters hold the live weights
 theta_i = theta_ft,i + m_i Delta_i. Batches alternate on a fixed schedule:
@@ -88,6 +88,7 @@ from freezeguard.apps.learn.budget import auto_c_sparsity, project_logits
 from freezeguard.apps.learn.config import BUDGETS, SIGNAL_NORMS, USER_OPTIMIZERS, LearnerConfig
 from freezeguard.apps.learn.logits import budget_weights, logit_steps, soft_mask
 from freezeguard.core.fingerprint import model_fingerprint
+from freezeguard.core.group_norm_fix import protect_group_norms
 from freezeguard.core.mask import FreezeMask, select_budget
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]
@@ -205,6 +206,7 @@ class MaskLearner:
         self.model, self.loss_fn, self.backend, self.check_finite = model, loss_fn, backend, bool(check_finite)
 
         self.module = distributed.unwrap(model)
+        protect_group_norms(self.module)  # a torch CPU crash that frozen inputs bring out
         named = list(self.module.named_parameters())
         if not named:
             raise ValueError("the model has no parameters to mask")
@@ -543,11 +545,17 @@ class MaskLearner:
         if any(e["kind"] == "releaser" for e in logs) and self._mask_moved == 0:
             first = next((e["data_to_budget"] for e in self.history if e["data_to_budget"] is not None), None)
             balance = "" if first is None else f" (the first releaser step's data/budget ratio was {first:.2g})"
-            remedy = ("The budget penalty saturates the logits before the releaser gradient can act; use "
-                      "c_sparsity='auto' or budget='projected', or raise mask_lr (watch mask_moved, live and "
-                      "data_to_budget in the log)." if self.budget == "penalty" else
-                      "The data steps are too small to reorder the logits; raise mask_lr, or use "
-                      "signal_norm='rms' (watch mask_moved and live in the log).")
+            # name only what would change a setting: c_sparsity='auto' is no remedy when it is in use
+            if self.budget == "penalty":
+                options = ([] if self.c_sparsity_auto else ["c_sparsity='auto'"]) + [
+                    "budget='projected'"]
+                remedy = (f"The budget penalty saturates the logits before the releaser gradient can act; use "
+                          f"{' or '.join(options)}, or raise mask_lr (watch mask_moved, live and data_to_budget "
+                          "in the log).")
+            else:
+                remedy = ("The data steps are too small to reorder the logits; raise mask_lr"
+                          + ("" if self.signal_norm == "rms" else ", or use signal_norm='rms'")
+                          + " (watch mask_moved and live in the log).")
             warnings.warn(
                 f"MaskLearner: after {self.step_count} steps the hard mask is still exactly the one of the "
                 f"initial logits ({self.init}): the data has not reordered any tensor{balance}. " + remedy,

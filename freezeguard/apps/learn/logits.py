@@ -1,6 +1,6 @@
 """The releaser's update of the mask logits: one vectorized pass over the [S] logits.
 
-Notation of DESIGN.md section 4: soft mask m_i = sigmoid(x_i / T); s_i = <Delta_i, g_i> the
+Notation of docs/DESIGN.md section 4: soft mask m_i = sigmoid(x_i / T); s_i = <Delta_i, g_i> the
 sensitivity of the releaser loss to tensor i's mask; budget penalty B = c (rho - sum_i w_i m_i)^2
 with w_i = 1/S ("tensors") or n_i / N ("params"). The authors' loop updates each x_i with the
 m_i of the *old* logits and the budget gradient computed before the loop, so the whole update is

@@ -142,25 +142,25 @@ def check_resume(resume: str | Path, wanted: dict[str, Any], *, override_hparams
 
 
 def check_outputs(out: Path, *, state: str | Path | None, log: str | Path | None, plot: str | Path | None,
-                  resume: str | Path | None) -> tuple[Path, Path]:
-    """Output paths: distinct, in existing folders, the resumed state only as --state; returns (log, plot)."""
+                  resume: str | Path | None, inputs: dict[str, str | Path | None] | None = None) -> tuple[Path, Path]:
+    """Output paths: distinct files in existing writable folders, none of them an input or inside an
+    input folder (``inputs``: flag -> path), the resumed state only as --state; returns (log, plot)."""
     log_path = Path(log) if log else out.with_name(out.name + ".log.jsonl")
     plot_path = Path(plot) if plot else out.with_name(out.name + ".png")
     named = {"--out": out, "--log": log_path, "--plot": plot_path}
     if state:
         named["--state"] = Path(state)
-    seen: dict[Path, str] = {}
     for flag, path in named.items():
         if path.is_dir():
             raise LearnInputError(f"{flag} {path} is a folder; give a file name")
-        if not path.parent.is_dir():
-            raise LearnInputError(f"{flag}: folder {path.parent} does not exist")
-        key = path.resolve()
-        if key in seen:
-            raise LearnInputError(f"{flag} and {seen[key]} are the same file ({path}); one would overwrite the other")
-        seen[key] = flag
-    if resume and seen.get(Path(resume).resolve(), "--state") != "--state":
-        raise LearnInputError(f"--resume {resume} is also {seen[Path(resume).resolve()]}; it would be overwritten")
+    try:
+        files.check_outputs(named, inputs or {})
+    except files.OutputError as exc:
+        raise LearnInputError(str(exc)) from None
+    if resume:
+        seen = {path.resolve(): flag for flag, path in named.items()}
+        if seen.get(Path(resume).resolve(), "--state") != "--state":
+            raise LearnInputError(f"--resume {resume} is also {seen[Path(resume).resolve()]}; it would be overwritten")
     return log_path, plot_path
 
 
@@ -223,7 +223,9 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
                                init=init if init in ("uniform", "constant") else "scores")
     except ValueError as exc:
         raise LearnInputError(str(exc)) from None
-    log_path, plot_path = check_outputs(out, state=state, log=log, plot=plot, resume=resume)
+    log_path, plot_path = check_outputs(out, state=state, log=log, plot=plot, resume=resume,
+                                        inputs={"--pretrained": pretrained, "--finetuned": finetuned,
+                                                "--target-data": target_data, "--innocent-data": innocent_data})
     if override_hparams and not resume:
         raise LearnInputError("--override-hparams needs --resume")
     overrides = {}

@@ -1,6 +1,6 @@
 """The judge: a small CNN that tells how recognisable generated toy images are, per class.
 
-Held-out denoising loss mostly measures generic denoising (DESIGN.md section 7); what a
+Held-out denoising loss mostly measures generic denoising (docs/DESIGN.md section 7); what a
 FreezeAsGuard publisher cares about is whether the fine-tuned model *produces recognisable
 images of the target*. For the built-in data, a classifier trained on the procedural classes
 answers that: recognisability of class c = the judge's mean probability of c on images

@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -278,8 +278,13 @@ def save_unet(unet: torch.nn.Module, path: str | os.PathLike) -> Path:
     return out
 
 
-def save_pipeline_with_unet(src: str | os.PathLike, dst: str | os.PathLike, unet: torch.nn.Module) -> Path:
+def save_pipeline_with_unet(src: str | os.PathLike, dst: str | os.PathLike, unet: torch.nn.Module,
+                            extra: Callable[[Path], None] | None = None) -> Path:
     """Copy pipeline folder ``src`` to ``dst`` with its denoiser (``unet/`` or ``transformer/``) replaced by ``unet``.
+
+    The whole copy is built in a temporary folder beside ``dst`` and swapped in by renames once it
+    is complete and fsynced (``files.replace_dir``): an earlier ``dst`` survives any failure (a full
+    disk, a kill) intact, and files get the user's umask. ``extra(folder)`` may add files (a log).
 
     Example:
         >>> save_pipeline_with_unet("models/sd15", "runs/sd15-ft", comps.unet)  # doctest: +SKIP
@@ -288,16 +293,19 @@ def save_pipeline_with_unet(src: str | os.PathLike, dst: str | os.PathLike, unet
     if src.resolve() == dst.resolve():
         raise PipelineError(f"refusing to overwrite the source pipeline {src}; choose another --out")
     sub = denoiser_subfolder(src)
-    dst.mkdir(parents=True, exist_ok=True)
-    for entry in src.iterdir():
-        if entry.name == sub:
-            continue
-        target = dst / entry.name
-        if entry.is_dir():
-            shutil.copytree(entry, target, dirs_exist_ok=True)
-        else:
-            shutil.copy2(entry, target)
-    # The new denoiser is written and fsynced in a temporary folder first; only then does it replace
-    # the old one (stale shards of an earlier run go with it). A failure leaves the old one.
-    replace_dir(dst / sub, lambda tmp: save_unet(unet, tmp))
+
+    def fill(tmp: Path) -> None:
+        for entry in src.iterdir():
+            if entry.name == sub:
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name)
+            else:
+                shutil.copy2(entry, tmp / entry.name)
+        (tmp / sub).mkdir()
+        save_unet(unet, tmp / sub)
+        if extra is not None:
+            extra(tmp)
+
+    replace_dir(dst, fill)
     return dst
