@@ -598,6 +598,7 @@ def test_9_readme_guard_snippets_run_as_written(tmp_path, monkeypatch):
                               adam_weight_decay=0.03)
     accelerate = pytest.importorskip("accelerate")
     ns = {"unet": unet, "args": args, "torch": torch, "LoraConfig": peft.LoraConfig,
+          "text_encoder": torch.nn.Linear(8, 8),  # a model the mask does not cover (fg.wrap's others=)
           "FullyShardedDataParallelPlugin": accelerate.utils.FullyShardedDataParallelPlugin}
     # CUDA-graph snippets need a GPU (tests/test_capturable.py covers them there); "..." marks an elision
     runnable = [c for c in blocks if "cuda" not in c]
