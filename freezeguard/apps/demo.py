@@ -29,6 +29,7 @@ import torch
 
 from freezeguard.apps.baselines import measure_cost
 from freezeguard.apps.baselines.harness import Protection, contenders, resolve_methods, step_overrides, toy_inputs
+from freezeguard.apps.erase import Erased, erase_toy
 from freezeguard.apps.evaluate.equal_harm import equal_harm_rows
 from freezeguard.apps.evaluate.harness import attacker_suite, evaluate_masks
 from freezeguard.apps.evaluate.report import write_report
@@ -40,6 +41,8 @@ from freezeguard.core.mask import FreezeMask
 from freezeguard.integrations.diffusers import judge as judge_mod
 from freezeguard.integrations.diffusers import toy
 
+WORLDS = ("relearn", "new concept")
+
 
 @dataclass
 class DemoConfig:
@@ -48,6 +51,14 @@ class DemoConfig:
     pretrain: toy.PretrainConfig = field(default_factory=toy.PretrainConfig)
     target: tuple[str, ...] = toy.TARGET_CLASSES
     innocent: tuple[str, ...] = toy.INNOCENT_CLASSES
+    # The world (docs/evaluation.md). "relearn", the authors' setting: pretraining includes the
+    # target (the released model knew it, as SD-1.5 knows public figures), the publisher erases it
+    # toward ``anchor`` with ``eraser`` and releases the erased model; theta_ft relearns target +
+    # innocent from it; attackers relearn the target from it. "new concept": pretraining never saw the
+    # target, nothing is erased (the setting of every figure before the erase pipeline).
+    world: str = "relearn"
+    eraser: str = "uce"
+    anchor: str = "square"
     batch_size: int = 16
     # publisher's relearn fine-tune (theta_ft)
     publisher_steps: int = 200
@@ -133,6 +144,15 @@ class DemoConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def pretrain_config(self) -> toy.PretrainConfig:
+        """The published model's pretraining: ``pretrain``, plus the target classes in the relearn world."""
+        if self.world not in WORLDS:
+            raise ValueError(f"unknown world {self.world!r}; choose from {', '.join(WORLDS)}")
+        if self.world == "new concept":
+            return self.pretrain
+        extra = tuple(c for c in self.target if c not in self.pretrain.classes)
+        return dataclasses.replace(self.pretrain, classes=self.pretrain.classes + extra)
+
     def learner_config(self):
         """The demo's LearnerConfig (``init`` other than uniform/constant: a reference ranking's name,
         whose scores ``learn_mask`` passes to the learner)."""
@@ -145,6 +165,20 @@ class DemoConfig:
 
     def replace(self, **changes: Any) -> "DemoConfig":
         return dataclasses.replace(self, **changes)
+
+
+def release(cfg: DemoConfig, cache_dir: str | Path | None | bool = None, *, progress: bool = False,
+            device: str | torch.device = "cpu") -> tuple[torch.nn.Module, torch.nn.Module, Erased | None]:
+    """(pretrained model, released model, the erase or None): in the relearn world the released model
+    is the pretrained one with the target erased toward ``cfg.anchor`` (``apps.erase.erase_toy``)."""
+    pretrained = toy.pretrained_model(cfg.pretrain_config(), cache_dir=cache_dir, progress=progress, device=device)
+    if cfg.world == "new concept":
+        return pretrained, pretrained, None
+    erased = erase_toy(pretrained, eraser=cfg.eraser, target=cfg.target, innocent=cfg.innocent, anchor=cfg.anchor,
+                       reference_lr=cfg.attacker_lr, reference_steps=cfg.attacker_steps, batch_size=cfg.batch_size,
+                       sample_steps=cfg.sample_steps, config=cfg.pretrain.model, steps=cfg.baseline_steps,
+                       seed=cfg.seed)
+    return pretrained, erased.model, erased
 
 
 def _phase(name: str, progress: bool) -> None:

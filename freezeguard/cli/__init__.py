@@ -10,7 +10,7 @@ import sys
 
 # Order shown in --help. A module that fails to import (an optional dependency missing)
 # still appears, and says what is missing when run.
-COMMANDS = ("info", "demo", "learn", "evaluate", "finetune", "verify", "bench")
+COMMANDS = ("info", "demo", "erase", "learn", "evaluate", "finetune", "verify", "bench")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

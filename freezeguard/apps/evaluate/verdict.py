@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import mean
 
-from freezeguard.apps.evaluate.equal_harm import interpolate_frontier
+from freezeguard.apps.evaluate.equal_harm import group_draws, interpolate_frontier, is_random_group
 
 MAX_HARM = 0.05             # the legal user loses at most 5% of its gain
 MIN_TARGET_SHARE = 0.20     # the mask blocks at least 20% of the target's relearning gain
@@ -156,5 +157,29 @@ def decide(figures: dict[str, AttackerFigures]) -> Verdict:
     return Verdict(all(ok for _, ok, _ in checks) and bool(checks), checks)
 
 
-__all__ = ["AttackerFigures", "Verdict", "decide", "RULE", "MAX_HARM", "MIN_TARGET_SHARE", "MIN_TIMES_RANDOM",
-           "STANDARD", "ROBUST_ATTACKERS"]
+
+def figures_from_draws(target_draws: dict[str, list[float | None]], innocent_draws: dict[str, list[float | None]],
+                       learned: str = "learned") -> AttackerFigures:
+    """:class:`AttackerFigures` from one attacker's removed shares per draw (mask -> share per draw,
+    as ``summary["removed_by_draw"][attacker][metric][domain]``): the ``learned`` group's mean over its
+    masks (e.g. learner seeds ``learned#s``) and draws, and one curve point per random group
+    (``random``, ``random@R``: mean harm, mean target share).
+
+    Example:
+        >>> f = figures_from_draws({"learned#0": [0.3], "learned#1": [0.1], "random@0.5#0": [0.1]},
+        ...                        {"learned#0": [0.02], "learned#1": [0.04], "random@0.5#0": [0.1]})
+        >>> round(f.target, 2), round(f.harm, 2), f.random_curve
+        (0.2, 0.03, [(0.1, 0.1)])
+    """
+    def avg(values: list[float | None]) -> float | None:
+        vals = [v for v in values if _finite(v)]
+        return mean(vals) if vals else None
+
+    t, i = group_draws(target_draws), group_draws(innocent_draws)
+    curve = [(avg(i[g]), avg(t[g])) for g in t if is_random_group(g) and g in i]
+    return AttackerFigures(avg(t.get(learned, [])), avg(i.get(learned, [])),
+                           [(h, s) for h, s in curve if h is not None and s is not None])
+
+
+__all__ = ["AttackerFigures", "Verdict", "decide", "figures_from_draws", "RULE", "MAX_HARM", "MIN_TARGET_SHARE",
+           "MIN_TIMES_RANDOM", "STANDARD", "ROBUST_ATTACKERS"]
