@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from statistics import mean
 
 import torch
@@ -86,9 +87,19 @@ def build_masks(cfg: DemoConfig, pretrained, released, erased, loss_fn, args, lo
         masks["ref: eraser's tensors"] = FreezeMask.from_names(released, erased.edited)
     for s in range(args.learner_seeds):
         t0 = time.perf_counter()
+        # a run that evaluates other attackers reuses the very masks of an earlier one (--masks-dir)
+        cached = Path(args.masks_dir) / f"{args.world}-{args.eraser}-{cfg.freeze_ratio}-learned{s}.safetensors" \
+            if args.masks_dir else None
+        if cached is not None and cached.exists():
+            masks[f"learned#{s}"] = FreezeMask.load(cached, model=released)
+            log(f"[relearn] learner seed {s}: loaded from {cached}")
+            continue
         mask, logs = learn_mask(released, ft_state, cfg.replace(seed=cfg.seed + s), loss_fn, progress=False,
                                 scores=scores)
         masks[f"learned#{s}"] = mask
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            mask.save(cached, model=released)
         log(f"[relearn] learner seed {s}: {time.perf_counter() - t0:.0f} s; moved {logs[-1]['frozen_moved']} "
             f"tensors; freezes {len(mask.frozen_names)}")
     if args.no_erase and erased is not None:
@@ -129,15 +140,21 @@ def run(args) -> dict:
     res = evaluate_masks(released, masks, domains, loss_fn, chosen, seed=seed, attack_seeds=args.attack_seeds,
                          workers=args.workers, progress=True)
     summary = res.summary()
-    draws = {a: summary["removed_by_draw"][a]["loss"] for a in summary["removed_by_draw"]}
+    draws = {a: summary["removed_by_draw"][a].get("loss", {}) for a in summary["removed_by_draw"]}
+    # what relearning without a mask regains (the denominator of every share), per attacker, domain and draw
+    out["relearning"] = {a: {d.name: [{m: [r.before[m], r.after[m]] for m in r.before} for r in res.runs
+                                      if r.mask == "full" and r.attacker == a and r.domain == d.name]
+                             for d in domains} for a in summary["table"]}
     after = {a: {g: row["after"] for g, row in summary["table"][a].items()} for a in summary["table"]}
     if FRESH in names:
         fres = evaluate_masks(released, masks, [fresh], loss_fn, _attackers(cfg, ["standard"]), seed=seed,
                               attack_seeds=args.attack_seeds, workers=args.workers, progress=True)
         fsum = fres.summary()
+        out["relearning"][FRESH] = {fresh.name: [{m: [r.before[m], r.after[m]] for m in r.before}
+                                                 for r in fres.runs if r.mask == "full"]}
         # the legal user's fine-tune does not depend on the attacker's prompt: its draws are the standard user's
-        draws[FRESH] = {fresh.name: fsum["removed_by_draw"]["standard"]["loss"].get(fresh.name, {}),
-                        innocent: draws["standard"][innocent]}
+        draws[FRESH] = {fresh.name: fsum["removed_by_draw"]["standard"].get("loss", {}).get(fresh.name, {}),
+                        innocent: draws["standard"].get(innocent, {})}
         after[FRESH] = {g: row["after"] for g, row in fsum["table"]["standard"].items()}
     out |= {"draws": draws, "after": after, "seconds": time.perf_counter() - t0,
             "frozen_share": {g: mean(m.ratio("params") if isinstance(m, FreezeMask) else m.mask.ratio("params")
@@ -171,6 +188,11 @@ def markdown(res: dict) -> str:
              f"{res['seconds'] / 60:.0f} min.", "",
              "Held-out loss before any attack (lower = the model draws it): " + "; ".join(
                  f"{m}: " + ", ".join(f"{d} {v:.4f}" for d, v in per.items()) for m, per in rel.items()), ""]
+    for attacker, per_domain in res.get("relearning", {}).items():
+        lines.append(f"Relearning with no mask, {attacker} (before -> after, per draw): " + "; ".join(
+            f"{d}: " + ", ".join(f"{m} " + " / ".join(f"{r[m][0]:.4f} -> {r[m][1]:.4f}" for r in runs)
+                                 for m in (runs[0] if runs else {})) for d, runs in per_domain.items()))
+    lines.append("")
     share = res.get("frozen_share", {})
     for attacker, draws in res["draws"].items():
         tname = _target_of(res, attacker)
@@ -229,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model-cache", default=None)
+    p.add_argument("--masks-dir", default=None,
+                   help="save the learned masks here, and load them when present (runs over other attackers)")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, metavar="JSON", help="print the tables of a results file and exit")
     args = p.parse_args(argv)
