@@ -51,7 +51,7 @@ from freezeguard.apps.demo import (
     release,
 )
 from freezeguard.apps.erase import ERASERS
-from freezeguard.apps.evaluate.equal_harm import equal_harm_rows
+from freezeguard.apps.evaluate.equal_harm import equal_harm_rows, group_draws
 from freezeguard.apps.evaluate.harness import attacker_suite, evaluate_masks, heldout_loss
 from freezeguard.apps.evaluate.metrics import mask_group
 from freezeguard.apps.evaluate.toy_domains import fresh_token_domain, toy_domains
@@ -136,6 +136,7 @@ def run(args) -> dict:
     else:
         seed = args.seed_base
         masks = build_masks(cfg, pretrained, released, erased, loss_fn, args)
+    out["config"]["seed_base"] = seed
     chosen = _attackers(cfg, names)
     res = evaluate_masks(released, masks, domains, loss_fn, chosen, seed=seed, attack_seeds=args.attack_seeds,
                          workers=args.workers, progress=True)
@@ -178,14 +179,27 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{v:+.1%}"
 
 
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return mean(vals) if vals else None
+
+
+def _spread(per_draw) -> str:
+    """" (a, b, c per draw)" when there are several draws."""
+    vals = [v for v in per_draw if v is not None]
+    return "" if len(vals) < 2 else " (" + ", ".join(f"{v * 100:+.1f}" for v in vals) + " per draw)"
+
+
 def markdown(res: dict) -> str:
     cfg = res["config"]
     innocent = cfg["innocent"]
     rel = res["losses_released"]
+    runs = res.get("runs") or [{k: cfg[k] for k in ("attackers", "attack_seeds", "seed_base", "learner_seeds")}
+                                | {"minutes": round(res["seconds"] / 60)}]
     lines = [f"World: {cfg['world']}; eraser {cfg['eraser'] if cfg['world'] == 'relearn' else 'none'}; freeze ratio "
-             f"{cfg['freeze_ratio']}; {cfg['attack_seeds']} attack draws (seeds {cfg['seed_base']}+); "
-             f"{cfg['learner_seeds']} learner seeds; held-out {cfg['heldout_n']} images; "
-             f"{res['seconds'] / 60:.0f} min.", "",
+             f"{cfg['freeze_ratio']}; held-out {cfg['heldout_n']} images. Runs: " + "; ".join(
+                 f"{r['attackers']}: {r['attack_seeds']} attack draws (seeds {r['seed_base']}+), "
+                 f"{r['learner_seeds']} learner seeds, {r['minutes']} min" for r in runs) + ".", "",
              "Held-out loss before any attack (lower = the model draws it): " + "; ".join(
                  f"{m}: " + ", ".join(f"{d} {v:.4f}" for d, v in per.items()) for m, per in rel.items()), ""]
     for attacker, per_domain in res.get("relearning", {}).items():
@@ -199,6 +213,7 @@ def markdown(res: dict) -> str:
         if tname not in draws:
             continue
         rows = {r["group"]: r for r in group_rows(draws, tname, innocent)}
+        t_draw, i_draw = group_draws(draws[tname]), group_draws(draws[innocent])
         harm = {r["group"]: r for r in equal_harm_rows(draws, tname, innocent)}
         after = res.get("after", {}).get(attacker, {})
         lines += [f"**{attacker}** (target: {tname}; removed share of the relearning gain of the erase-only release; "
@@ -215,14 +230,45 @@ def markdown(res: dict) -> str:
             times = "" if row.get("times_random") is None else f"{row['times_random']:.2f}x"
             eht = "" if g.startswith("random") else ("n/a" if eh.get("times_random") is None else
                                                       f"{eh['times_random']:.2f}x")
-            lines.append(f"| {g} ({row['masks']}) | {share.get(g, 0):.0%} | {_pct(row['target'])} | "
-                         f"{_pct(row['innocent'])} | {times} | {eht} | "
+            lines.append(f"| {g} ({row['masks']}) | {share.get(g, 0):.0%} | {_pct(row['target'])}{_spread(t_draw[g])} | "
+                         f"{_pct(row['innocent'])}{_spread(i_draw.get(g, []))} | {times} | {eht} | "
                          f"{'n/a' if t_after is None else f'{t_after:.4f}'} |")
+        seeds = {m: vals for m, vals in draws[tname].items() if mask_group(m) == "learned"}
+        if len(seeds) > 1:
+            lines += ["", "Learned mask per learner seed (mean over draws): target " + ", ".join(
+                f"{_pct(_mean(v))} / harm {_pct(_mean(draws[innocent][m]))}" for m, v in seeds.items())]
         lines.append("")
     if any(g.startswith("learned") for d in res["draws"].values() for dom in d.values() for g in dom):
         verdict, _ = verdict_of(res)
         lines += ["```", *verdict.lines(), "```"]
     return "\n".join(lines)
+
+
+def merge(results: list[dict]) -> dict:
+    """Several result files of one world and eraser as one: their attackers side by side (e.g. one run
+    for the standard and fresh-token attackers, one for 3x steps, on the same learned masks), and the
+    draws of one attacker run in several files (other ``--seed-base``) appended in file order."""
+    first = results[0]
+    out = dict(first) | {"draws": {}, "after": {}, "relearning": {}, "runs": []}
+    for res in results:
+        for key in ("world", "eraser", "freeze_ratio"):
+            if res["config"][key] != first["config"][key]:
+                raise ValueError(f"cannot merge results of another {key}: {res['config'][key]} vs {first['config'][key]}")
+        out["runs"].append({k: res["config"][k] for k in ("attackers", "attack_seeds", "seed_base", "learner_seeds")}
+                           | {"minutes": round(res["seconds"] / 60)})
+        for attacker, per_domain in res["draws"].items():
+            into = out["draws"].setdefault(attacker, {})
+            for domain, per_mask in per_domain.items():
+                for mask, vals in per_mask.items():
+                    into.setdefault(domain, {}).setdefault(mask, []).extend(vals)
+        for attacker, runs in res.get("relearning", {}).items():
+            for domain, vals in runs.items():
+                out["relearning"].setdefault(attacker, {}).setdefault(domain, []).extend(vals)
+        for attacker, rows in res.get("after", {}).items():
+            out["after"].setdefault(attacker, rows)     # the first file's (after-attack losses are illustrative)
+        out["frozen_share"] = first.get("frozen_share", {}) | res.get("frozen_share", {})
+    out["seconds"] = sum(r["seconds"] for r in results)
+    return out
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -254,10 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks-dir", default=None,
                    help="save the learned masks here, and load them when present (runs over other attackers)")
     p.add_argument("--json", default=None)
-    p.add_argument("--markdown", default=None, metavar="JSON", help="print the tables of a results file and exit")
+    p.add_argument("--markdown", default=None, metavar="JSON[,JSON]",
+                   help="print the tables of a results file (or several, merged: see merge()) and exit")
     args = p.parse_args(argv)
     if args.markdown:
-        print(markdown(json.loads(open(args.markdown).read())))
+        results = [json.loads(open(path).read()) for path in args.markdown.split(",")]
+        print(markdown(results[0] if len(results) == 1 else merge(results)))
         return 0
     names = args.attackers.split(";")
     if set(names) - set(ATTACKERS) or (FRESH in names and "standard" not in names):
