@@ -246,27 +246,44 @@ def markdown(res: dict) -> str:
 
 def merge(results: list[dict]) -> dict:
     """Several result files of one world and eraser as one: their attackers side by side (e.g. one run
-    for the standard and fresh-token attackers, one for 3x steps, on the same learned masks), and the
-    draws of one attacker run in several files (other ``--seed-base``) appended in file order."""
+    for the standard and fresh-token attackers, one for 3x steps, on the same learned masks), more draws
+    of an attacker (another ``--seed-base``), more contenders under the same draws. Values are keyed by
+    attack seed, so a contender measured in two files under the same seed counts once; a contender
+    must have every draw its attacker has (else the merge says so)."""
     first = results[0]
     out = dict(first) | {"draws": {}, "after": {}, "relearning": {}, "runs": []}
+    by_seed: dict = {}        # attacker -> domain -> mask -> seed -> share
     for res in results:
         for key in ("world", "eraser", "freeze_ratio"):
             if res["config"][key] != first["config"][key]:
                 raise ValueError(f"cannot merge results of another {key}: {res['config'][key]} vs {first['config'][key]}")
-        out["runs"].append({k: res["config"][k] for k in ("attackers", "attack_seeds", "seed_base", "learner_seeds")}
+        cfg = res["config"]
+        seeds = list(range(cfg["seed_base"], cfg["seed_base"] + cfg["attack_seeds"]))
+        out["runs"].append({k: cfg[k] for k in ("attackers", "attack_seeds", "seed_base", "learner_seeds")}
                            | {"minutes": round(res["seconds"] / 60)})
         for attacker, per_domain in res["draws"].items():
-            into = out["draws"].setdefault(attacker, {})
             for domain, per_mask in per_domain.items():
                 for mask, vals in per_mask.items():
-                    into.setdefault(domain, {}).setdefault(mask, []).extend(vals)
+                    by_seed.setdefault(attacker, {}).setdefault(domain, {}).setdefault(mask, {}).update(
+                        zip(seeds, vals, strict=True))
         for attacker, runs in res.get("relearning", {}).items():
             for domain, vals in runs.items():
-                out["relearning"].setdefault(attacker, {}).setdefault(domain, []).extend(vals)
+                out["relearning"].setdefault(attacker, {}).setdefault(domain, {}).update(zip(seeds, vals, strict=True))
         for attacker, rows in res.get("after", {}).items():
-            out["after"].setdefault(attacker, rows)     # the first file's (after-attack losses are illustrative)
-        out["frozen_share"] = first.get("frozen_share", {}) | res.get("frozen_share", {})
+            into = out["after"].setdefault(attacker, {})
+            for g, row in rows.items():
+                into.setdefault(g, row)     # the first file's (after-attack losses are illustrative)
+        out["frozen_share"] = out.get("frozen_share", {}) | res.get("frozen_share", {})
+    for attacker, per_domain in by_seed.items():
+        seeds = sorted({s for per_mask in per_domain.values() for vals in per_mask.values() for s in vals})
+        for domain, per_mask in per_domain.items():
+            for mask, vals in per_mask.items():
+                if set(vals) != set(seeds):
+                    raise ValueError(f"{attacker} / {domain} / {mask}: measured under seeds {sorted(vals)}, the "
+                                     f"attacker under {seeds}; run it under the same seeds")
+                out["draws"].setdefault(attacker, {}).setdefault(domain, {})[mask] = [vals[s] for s in seeds]
+    out["relearning"] = {a: {d: [v[s] for s in sorted(v)] for d, v in per.items()}
+                         for a, per in out["relearning"].items()}
     out["seconds"] = sum(r["seconds"] for r in results)
     return out
 
