@@ -64,3 +64,53 @@ def test_equal_harm_reads_the_random_curve():
     assert AttackerFigures(0.2, 0.0, CURVE).times_random() == math.inf
     assert decide(passing() | {"fresh token": AttackerFigures(0.01, -0.01, CURVE)}).mitigates
     assert AttackerFigures(0.0, 0.0, CURVE).times_random() is None
+
+
+def _relearn_result(attackers: dict, seed_base: int, draws: int) -> dict:
+    """A result file of benchmarks/eval_relearn.py with given removed shares per attacker."""
+    return {"config": {"world": "relearn", "eraser": "uce", "freeze_ratio": 0.9, "attackers": ";".join(attackers),
+                       "attack_seeds": draws, "seed_base": seed_base, "learner_seeds": 2, "heldout_n": 8,
+                       "target": "frame", "innocent": "checker", "fresh": "frame (fresh token)"},
+            "seconds": 60.0, "draws": attackers, "after": {}, "relearning": {},
+            "losses_released": {"released": {"frame": 0.07, "checker": 0.85}}}
+
+
+def test_eval_relearn_merges_files_by_seed_and_prints_the_verdict():
+    """benchmarks/eval_relearn.py: files of other attackers or draws merge by attack seed; the verdict
+    comes from the merged figures; a contender missing a draw is refused."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))   # a tool, not the package
+    relearn = importlib.import_module("eval_relearn")
+    curve = {"random#0": [0.30, 0.34], "random@0.5#0": [0.05, 0.07]}
+    harm = {"random#0": [0.40, 0.44], "random@0.5#0": [0.06, 0.08]}
+    a = _relearn_result({
+        "standard": {"frame": curve | {"learned#0": [0.25, 0.27], "learned#1": [0.23, 0.25]},
+                     "checker": harm | {"learned#0": [0.03, 0.05], "learned#1": [0.04, 0.04]}},
+        "fresh token": {"frame (fresh token)": curve | {"learned#0": [0.1, 0.1], "learned#1": [0.1, 0.1]},
+                        "checker": harm | {"learned#0": [0.03, 0.05], "learned#1": [0.04, 0.04]}}}, 31, 2)
+    b = _relearn_result({"3x steps": {"frame": {"random#0": [0.2], "random@0.5#0": [0.02], "learned#0": [0.01],
+                                                "learned#1": [0.03]},
+                                      "checker": {"random#0": [0.3], "random@0.5#0": [0.04], "learned#0": [0.02],
+                                                  "learned#1": [0.02]}}}, 31, 1)
+    merged = relearn.merge([a, b, a])            # the same file twice: its draws count once
+    assert merged["draws"]["standard"]["frame"]["learned#0"] == [0.25, 0.27]
+    verdict, figures = relearn.verdict_of(merged)
+    # standard: 25% blocked at 4% harm; random at 4% harm blocks ~4.5% -> ~5.5x; 3x steps: 2% at 2% harm
+    # against random's ~1.3% -> 1.5x; fresh token: 10% at 4% harm against ~4.5% -> 2.2x
+    assert figures["standard"].target == pytest.approx(0.25) and figures["standard"].harm == pytest.approx(0.04)
+    assert verdict.mitigates, verdict.reasons
+    text = relearn.markdown(merged)
+    assert "verdict: the learned mask MITIGATES" in text and "3x steps" in text and "fresh token" in text
+    # 3x steps now blocks less than random at equal harm: the verdict says no
+    b["draws"]["3x steps"]["frame"]["learned#0"] = [0.0]
+    b["draws"]["3x steps"]["frame"]["learned#1"] = [0.0]
+    verdict, _ = relearn.verdict_of(relearn.merge([a, b]))
+    assert not verdict.mitigates and any(r.startswith("3x steps") for r in verdict.reasons)
+    # a contender measured under one of the attacker's two draws
+    c = _relearn_result({"standard": {"frame": {"no erase + learned": [0.1]},
+                                      "checker": {"no erase + learned": [0.1]}}}, 31, 1)
+    with pytest.raises(ValueError, match="same seeds"):
+        relearn.merge([a, c])
