@@ -12,7 +12,9 @@ Contenders (all on the erased release unless named): erase only (the reference "
 random masks at the freeze ratio and at ``--random-ratios`` (the price curve), the reference
 rankings ``--references`` (|delta|, saliency, and "eraser's tensors": exactly the tensors the
 eraser changed, frozen at their own small ratio), the learned mask for ``--learner-seeds`` seeds,
-and with ``--no-erase`` the learned mask on the *un-erased* model (the publisher skips the erase).
+and with ``--no-erase`` the *un-erased* model with no mask and with a mask learned on it (the publisher
+skips the erase; shares are still of the erased release's relearning gain, so a negative share means
+the attacker ends better off than relearning from the erased release).
 
 Attackers, fixed in ``freezeguard.apps.evaluate.harness.attacker_suite`` and here before any mask
 was evaluated: ``standard`` (the demo's user: AdamW, lr 1e-3, 100 steps), ``3x steps``, ``10x lr``,
@@ -106,6 +108,7 @@ def build_masks(cfg: DemoConfig, pretrained, released, erased, loss_fn, args, lo
         # the publisher skips the erase: theta_ft and the mask from the model that still knows the target
         ft0 = publisher_finetune(pretrained, cfg, loss_fn, progress=False)
         mask0, _ = learn_mask(pretrained, ft0, cfg, loss_fn, progress=False)
+        masks["no erase (no mask)"] = Protection("model", pretrained, info={"world": "not erased"})
         masks["no erase + learned"] = Protection("model", pretrained, mask=mask0, info={"world": "not erased"})
     return masks
 
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="random masks also at these freeze ratios (the price curve)")
     p.add_argument("--references", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
                    default=REFERENCES, help=f"comma-separated subset of {', '.join(REFERENCES)}")
-    p.add_argument("--no-erase", action="store_true", help="also the learned mask on the un-erased model")
+    p.add_argument("--no-erase", action="store_true",
+                   help="also the un-erased model, with no mask and with a mask learned on it (theta_ft from it)")
     p.add_argument("--calibrate", action="store_true", help="no masks: relearning alone, on the calibration seeds")
     p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")
     p.add_argument("--heldout-n", type=int, default=128)
