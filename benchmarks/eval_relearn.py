@@ -40,7 +40,7 @@ from pathlib import Path
 from statistics import mean
 
 import torch
-from eval_power import group_rows
+from eval_power import _number_list, group_rows
 
 from freezeguard.apps.baselines.harness import Protection
 from freezeguard.apps.demo import (
@@ -291,10 +291,6 @@ def merge(results: list[dict]) -> dict:
     return out
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -306,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-base", type=int, default=31, help="first attack seed (the demo's; calibration uses 900+)")
     p.add_argument("--learner-seeds", type=int, default=3)
     p.add_argument("--random-masks", type=int, default=2, help="random masks per freeze ratio")
-    p.add_argument("--random-ratios", type=_floats, default=(0.5, 0.7, 0.8, 0.95),
+    p.add_argument("--random-ratios", type=_number_list(float), default=(0.5, 0.7, 0.8, 0.95),
                    help="random masks also at these freeze ratios (the price curve)")
     p.add_argument("--references", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
                    default=REFERENCES, help=f"comma-separated subset of {', '.join(REFERENCES)}")
