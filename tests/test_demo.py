@@ -1,4 +1,5 @@
-"""`freezeguard demo --quick` end to end on CPU: every phase, the table, the report folder, the cache."""
+"""`freezeguard demo --quick` end to end on CPU: erase, relearn, learn, attack, the verdict, the table, the
+report folder, the cache."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,13 @@ from freezeguard.cli import main
 
 def test_quick_demo_end_to_end_and_deterministic(tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "report"
-    rc = main(["demo", "--quick", "--cache-dir", str(cache), "--out", str(out), "--no-progress"])
+    rc = main(["demo", "--quick", "--cache-dir", str(cache), "--out", str(out), "--no-progress",
+               "--baselines", "uce,ablation"])
     assert rc == 0
     text = capsys.readouterr().out
     for word in ("full", "random", "learned", "uce", "ablation", "mitigation", "innocent impact", "publisher cost",
-                 "report written to"):
+                 "report written to", "release: uce erased the target toward square", "decision rule",
+                 "verdict: the learned mask"):
         assert word in text, word
     for f in ("report.md", "summary.json", "runs.json", "loss_curves.png", "samples.png", "learned_mask.safetensors"):
         assert (out / f).stat().st_size > 0, f
@@ -30,6 +33,17 @@ def test_quick_demo_end_to_end_and_deterministic(tmp_path, capsys):
     assert first["masks"]["ref: delta"]["ratio_params"] == pytest.approx(0.9, abs=0.05)
     # random masks at the other ratios trace the price of blocking; every other mask is compared at equal harm
     assert first["masks"]["random@0.7#0"]["ratio_params"] == pytest.approx(0.7, abs=0.05)
+    assert first["masks"]["random@0.5#0"]["ratio_params"] == pytest.approx(0.5, abs=0.05)
+    # the authors' pipeline: the release is the pretrained model with the target erased by UCE
+    assert first["config"]["world"] == "relearn"
+    assert first["erase"]["edited"] and all(".attn2.to_" in n for n in first["erase"]["edited"])
+    # the decision rule's verdict, from the standard, 3x-steps and fresh-token attackers
+    verdict = first["verdict"]
+    assert verdict["label"] in ("MITIGATES", "DOES NOT MITIGATE") and verdict["mitigates"] == (
+        verdict["label"] == "MITIGATES")
+    assert set(verdict["figures"]) == {"standard", "3x steps", "fresh token"}
+    assert "fresh token" in first["equal_harm"] and first["fresh_token"]["domain"] == "frame (fresh token)"
+    assert "## Verdict" in (out / "report.md").read_text()
     harm = first["equal_harm"]["standard"]
     assert (harm["target"], harm["innocent"], harm["metric"]) == ("frame", "checker", "loss")
     assert {"learned", "ref: delta", "uce"} <= {r["group"] for r in harm["rows"]}
@@ -40,15 +54,15 @@ def test_quick_demo_end_to_end_and_deterministic(tmp_path, capsys):
     assert first["masks"]["uce"]["weight_change"]["tensors_changed"] > 0
     assert first["masks"]["learned"]["cost"]["seconds"] > 0
 
-    assert "ref: delta" in text and "ref: saliency" in text  # the reference masks beside learned and random
+    assert "ref: delta" in text   # the reference mask beside learned and random
     assert "the data moved" in text and "frozen tensors" in text
     # Second run, one evaluation process instead of two: the pretrained model and judge come from
     # the cache; the figures are identical.
     rc = main(["demo", "--quick", "--cache-dir", str(cache), "--out", str(tmp_path / "again"), "--json",
-               "--workers", "1"])
+               "--workers", "1", "--baselines", "uce,ablation"])
     assert rc == 0
     second = json.loads(capsys.readouterr().out)
-    assert second["table"] == first["table"]
+    assert second["table"] == first["table"] and second["verdict"] == first["verdict"]
     assert second["timings_s"]["pretrain"] < first["timings_s"]["pretrain"]
 
 

@@ -1,19 +1,25 @@
-"""The end-to-end demo on the built-in toy world: pretrain, relearn, learn a mask, evaluate, report.
+"""The end-to-end demo on the built-in toy world: FreezeAsGuard as its authors run it, with a verdict.
 
-Phases (each with a progress bar):
-1. the judge and the published model, pretrained on the base classes (cached in the cache dir);
-2. the publisher's own "relearn" fine-tune on target + innocent data (theta_ft);
-3. the bilevel MaskLearner between theta_pre and theta_ft at the demo's freeze ratio;
-4. simulated user fine-tunes under no mask / random masks / the learned mask, on the target and
-   the innocent domain, for the standard and stronger attackers, the baselines (UCE and Concept
-   Ablation by default; IMMA and UDP with ``baselines=("all",)`` / ``freezeguard demo --baselines
-   all``) facing the same attackers; a report folder.
+Phases (each with a progress bar), in the default "relearn" world (docs/evaluation.md):
+1. the judge and the published model, pretrained on the base classes *and the target* (cached),
+   then the target erased toward an anchor with UCE (the authors' eraser): the release;
+2. the publisher's relearn fine-tune of the release on target + innocent data (theta_ft);
+3. the bilevel MaskLearner between the release and theta_ft at the demo's freeze ratio;
+4. simulated users relearn from the release under no mask (erase only) / random masks at several
+   ratios / a reference mask / the learned mask, on the target and the innocent domain, for the
+   standard, the 3x-steps and the fresh-token attacker (the target bound to a new prompt); then
+   the decision rule (apps.evaluate.verdict) says whether the learned mask mitigates; a report folder.
 
-Everything is seeded; the same config gives the same figures on the same machine/torch build.
+``world="new concept"`` is the earlier setting (pretraining never saw the target, nothing erased).
+Baselines (UCE and Concept Ablation on the release, IMMA, UDP) with ``baselines=`` /
+``freezeguard demo --baselines``. Everything is seeded; the same config gives the same figures on
+the same machine/torch build.
 
 Example:
     >>> from freezeguard.apps.demo import DemoConfig, run_demo
     >>> result = run_demo(DemoConfig.quick(), out_dir="demo-report")     # doctest: +SKIP
+    >>> result["verdict"]["label"]                                      # doctest: +SKIP
+    'DOES NOT MITIGATE'
 """
 from __future__ import annotations
 
@@ -29,16 +35,21 @@ import torch
 
 from freezeguard.apps.baselines import measure_cost
 from freezeguard.apps.baselines.harness import Protection, contenders, resolve_methods, step_overrides, toy_inputs
+from freezeguard.apps.erase import Erased, erase_toy
 from freezeguard.apps.evaluate.equal_harm import equal_harm_rows
-from freezeguard.apps.evaluate.harness import attacker_suite, evaluate_masks
+from freezeguard.apps.evaluate.harness import attacker_suite, evaluate_masks, heldout_loss
 from freezeguard.apps.evaluate.report import write_report
-from freezeguard.apps.evaluate.toy_domains import toy_domains
+from freezeguard.apps.evaluate.toy_domains import fresh_token_domain, toy_domains
+from freezeguard.apps.evaluate.verdict import decide, figures_from_draws
 from freezeguard.apps.learn import reference_masks as ref
 from freezeguard.apps.learn.config import LearnerConfig
 from freezeguard.apps.learn.learner import INITS, MaskLearner
 from freezeguard.core.mask import FreezeMask
 from freezeguard.integrations.diffusers import judge as judge_mod
 from freezeguard.integrations.diffusers import toy
+
+WORLDS = ("relearn", "new concept")
+FRESH_TOKEN = "fresh token"
 
 
 @dataclass
@@ -48,6 +59,14 @@ class DemoConfig:
     pretrain: toy.PretrainConfig = field(default_factory=toy.PretrainConfig)
     target: tuple[str, ...] = toy.TARGET_CLASSES
     innocent: tuple[str, ...] = toy.INNOCENT_CLASSES
+    # The world (docs/evaluation.md). "relearn", the authors' setting: pretraining includes the
+    # target (the released model knew it, as SD-1.5 knows public figures), the publisher erases it
+    # toward ``anchor`` with ``eraser`` and releases the erased model; theta_ft relearns target +
+    # innocent from it; attackers relearn the target from it. "new concept": pretraining never saw the
+    # target, nothing is erased (the setting of every figure before the erase pipeline).
+    world: str = "relearn"
+    eraser: str = "uce"
+    anchor: str = "square"
     batch_size: int = 16
     # publisher's relearn fine-tune (theta_ft)
     publisher_steps: int = 200
@@ -84,22 +103,27 @@ class DemoConfig:
     innocent_weight: float = 1.0
     init: str = "constant"             # "uniform" | "constant" | a reference mask's name ("delta", ...)
     # reference masks shown beside learned and random (apps.learn.reference_masks)
-    references: tuple[str, ...] = ("delta", "cross-attention", "saliency")
+    # One reference beside learned and random keeps the demo under 10 minutes on 2 cores;
+    # benchmarks/eval_relearn.py adds saliency and the eraser's own tensors.
+    references: tuple[str, ...] = ("delta",)
     saliency_batches: int = 64
     # evaluation
     attacker_lr: float = 1e-3
     attacker_steps: int = 100
-    strong_lr_mult: float = 10.0
+    # The decision rule needs the standard, 3x-steps and fresh-token attackers; the 10x-lr one is left
+    # to benchmarks/eval_relearn.py (--strong-lr-mult 10 adds it here, at more time).
+    strong_lr_mult: float = 1.0
     # The 3x-steps attacker (--strong-steps-mult 3) costs 3x the standard one: with the reference
     # masks the demo would pass 10 minutes on 2 cores. benchmarks/learner_sweep.py measures all three.
-    strong_steps_mult: float = 1.0
-    random_seeds: int = 3
+    strong_steps_mult: float = 3.0
+    fresh_token: bool = True
+    random_seeds: int = 1
     # Random masks also at these freeze ratios (random_seeds each): they trace what blocking the
     # target costs the legal user, so every mask is also compared with random *at equal harm*
     # (apps.evaluate.equal_harm), not only at one ratio, where a mask that spares the legal user
     # also blocks less. () leaves them out.
     # One ratio keeps the demo under 10 minutes on 2 cores; eval_power.py --random-ratios adds more.
-    harm_ratios: tuple[float, ...] = (0.7,)
+    harm_ratios: tuple[float, ...] = (0.5, 0.7)
     # draws of the attack's randomness (data order, noise) every fine-tune is repeated under; each
     # contender is averaged over them. One draw keeps the demo under 10 minutes on 2 cores, but
     # can move every figure by more than the gap between masks (benchmarks/RESULTS.md, issue 11).
@@ -115,7 +139,8 @@ class DemoConfig:
     sample_steps: int = 15
     guidance: float = 1.0
     # baselines facing the same attackers (freezeguard.apps.baselines): the two cheap ones by default
-    baselines: tuple[str, ...] = ("uce", "ablation")
+    # (the erase itself is UCE: the other protections are for benchmarks and --baselines)
+    baselines: tuple[str, ...] = ()
     baseline_steps: int | None = None  # cap on iterative baselines' steps (None: each paper's, scaled)
     # fine-tunes of the evaluation run in this many forked processes (one torch thread each): the
     # demo's budget is 2 cores; the figures do not depend on it
@@ -127,11 +152,20 @@ class DemoConfig:
         """A shortened configuration (tests, a first look): every phase, far fewer steps."""
         small = toy.ToyModelConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4)
         return cls(pretrain=toy.PretrainConfig(model=small, steps=30, batch_size=8), batch_size=8,
-                   publisher_steps=10, learner_steps=10, attacker_steps=4, strong_steps_mult=1.0, baseline_steps=2,
+                   publisher_steps=10, learner_steps=10, attacker_steps=4, strong_steps_mult=3.0, baseline_steps=2,
                    random_seeds=1, judge_steps=30, heldout_n=8, sample_n=4, sample_steps=3, saliency_batches=4)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def pretrain_config(self) -> toy.PretrainConfig:
+        """The published model's pretraining: ``pretrain``, plus the target classes in the relearn world."""
+        if self.world not in WORLDS:
+            raise ValueError(f"unknown world {self.world!r}; choose from {', '.join(WORLDS)}")
+        if self.world == "new concept":
+            return self.pretrain
+        extra = tuple(c for c in self.target if c not in self.pretrain.classes)
+        return dataclasses.replace(self.pretrain, classes=self.pretrain.classes + extra)
 
     def learner_config(self):
         """The demo's LearnerConfig (``init`` other than uniform/constant: a reference ranking's name,
@@ -145,6 +179,20 @@ class DemoConfig:
 
     def replace(self, **changes: Any) -> "DemoConfig":
         return dataclasses.replace(self, **changes)
+
+
+def release(cfg: DemoConfig, cache_dir: str | Path | None | bool = None, *, progress: bool = False,
+            device: str | torch.device = "cpu") -> tuple[torch.nn.Module, torch.nn.Module, Erased | None]:
+    """(pretrained model, released model, the erase or None): in the relearn world the released model
+    is the pretrained one with the target erased toward ``cfg.anchor`` (``apps.erase.erase_toy``)."""
+    pretrained = toy.pretrained_model(cfg.pretrain_config(), cache_dir=cache_dir, progress=progress, device=device)
+    if cfg.world == "new concept":
+        return pretrained, pretrained, None
+    erased = erase_toy(pretrained, eraser=cfg.eraser, target=cfg.target, innocent=cfg.innocent, anchor=cfg.anchor,
+                       reference_lr=cfg.attacker_lr, reference_steps=cfg.attacker_steps, batch_size=cfg.batch_size,
+                       sample_steps=cfg.sample_steps, config=cfg.pretrain.model, steps=cfg.baseline_steps,
+                       seed=cfg.seed)
+    return pretrained, erased.model, erased
 
 
 def _phase(name: str, progress: bool) -> None:
@@ -234,6 +282,37 @@ def equal_harm_summary(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _target_loss(model: torch.nn.Module, cfg: DemoConfig, loss_fn) -> float:
+    """Held-out loss on the first target class (the evaluation's held-out batch)."""
+    return heldout_loss(model, loss_fn, toy_domains(cfg.target[:1], (), heldout_n=cfg.heldout_n)[0].heldout)
+
+
+def verdict_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The decision rule (``apps.evaluate.verdict``) on the summary's primary metric: the figures
+    per attacker (the fresh-token attacker's harm is the standard user's on the legal domain: the
+    legal fine-tune does not depend on the attacker's prompt), the verdict and its printed lines.
+    The fresh-token rows join ``summary["equal_harm"]``."""
+    roles, primary = summary["domains"], summary["primary_metric"]
+    target = next(d for d, r in roles.items() if r == "target")
+    innocent = next((d for d, r in roles.items() if r == "innocent"), None)
+    draws = {a: by[primary] for a, by in summary.get("removed_by_draw", {}).items()}
+    figures = {a: figures_from_draws(d[target], d[innocent]) for a, d in draws.items()
+               if innocent is not None and target in d and innocent in d}
+    fresh = summary.get("fresh_token")
+    if fresh is not None and innocent is not None and "standard" in draws:
+        fdraws = {fresh["domain"]: fresh["removed_by_draw"][primary][fresh["domain"]],
+                  innocent: draws["standard"][innocent]}
+        figures[FRESH_TOKEN] = figures_from_draws(fdraws[fresh["domain"]], fdraws[innocent])
+        if "equal_harm" in summary:
+            summary["equal_harm"][FRESH_TOKEN] = {"target": fresh["domain"], "innocent": innocent, "metric": primary,
+                                                  "rows": equal_harm_rows(fdraws, fresh["domain"], innocent)}
+    verdict = decide(figures)
+    return {"mitigates": verdict.mitigates, "label": verdict.label, "lines": verdict.lines(),
+            "figures": {a: {"target": f.target, "harm": f.harm, "random_at_equal_harm": f.random_at_equal_harm(),
+                            "times_random": f.times_random(), "random_curve": f.random_curve}
+                        for a, f in figures.items()}}
+
+
 def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freezeguard-demo",
              cache_dir: str | Path | None | bool = None, *, progress: bool = True,
              device: str | torch.device = "cpu", workers: int | None = None) -> dict[str, Any]:
@@ -248,10 +327,12 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
     t0 = time.perf_counter()
     loss_fn = toy.make_loss_fn(cfg.pretrain.model)
 
-    _phase("1/4 judge + published model (cached after the first run)", progress)
+    _phase("1/4 judge + published model (cached after the first run)"
+           + (f", then {cfg.eraser} erases {'/'.join(cfg.target)} toward {cfg.anchor}" if cfg.world == "relearn" else ""),
+           progress)
     judge = judge_mod.train_judge(tuple(toy.ALL_CLASSES), steps=cfg.judge_steps, seed=cfg.seed,
                                   cache_dir=cache_dir, progress=progress)
-    model = toy.pretrained_model(cfg.pretrain, cache_dir=cache_dir, progress=progress, device=device)
+    pretrained, model, erased = release(cfg, cache_dir, progress=progress, device=device)
     timings["pretrain"] = time.perf_counter() - t0
 
     # The publisher's cost of FreezeAsGuard: its own fine-tune (theta_ft) plus the mask learner.
@@ -302,6 +383,14 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
                             attack_seeds=cfg.attack_seeds, progress=progress, primary_metric=cfg.primary_metric,
                             workers=cfg.workers if workers is None else workers)
     result.masks["learned"]["cost"] = fag_cost.to_json()
+    fresh = None
+    if cfg.fresh_token:
+        # the fresh-token attacker: the standard user, the target's images bound to a new prompt
+        fresh = evaluate_masks(model, masks, [fresh_token_domain(cfg.target[0], batch_size=cfg.batch_size,
+                                                                 heldout_n=cfg.heldout_n)],
+                               loss_fn, attackers(cfg)[:1], seed=cfg.seed + 31, attack_seeds=cfg.attack_seeds,
+                               progress=progress, primary_metric=cfg.primary_metric,
+                               workers=cfg.workers if workers is None else workers).summary()
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -309,6 +398,15 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
     summary["config"] = cfg.to_json()
     if cfg.harm_ratios:
         summary["equal_harm"] = equal_harm_summary(summary)
+    if fresh is not None:
+        summary["fresh_token"] = {"domain": toy.fresh_prompt(cfg.target[0]),
+                                  "removed_by_draw": fresh["removed_by_draw"]["standard"],
+                                  "table": fresh["table"]["standard"]}
+    if erased is not None:
+        summary["erase"] = {"eraser": erased.eraser, "anchor": cfg.anchor, "edited": erased.edited,
+                            "target_loss": {"pretrained": _target_loss(pretrained, cfg, loss_fn),
+                                            "released": _target_loss(model, cfg, loss_fn)}}
+    summary["verdict"] = verdict_summary(summary)
     summary["timings_s"] = timings
     final = {k: v for k, v in logs[-1].items() if isinstance(v, (int, float, str))} if logs else {}
     frozen = len(learned.frozen_names)

@@ -10,7 +10,7 @@ import sys
 
 # Order shown in --help. A module that fails to import (an optional dependency missing)
 # still appears, and says what is missing when run.
-COMMANDS = ("info", "demo", "example-pipeline", "finetune", "learn", "evaluate", "verify", "bench")
+COMMANDS = ("info", "demo", "example-pipeline", "erase", "finetune", "learn", "evaluate", "verify", "bench")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

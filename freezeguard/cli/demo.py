@@ -10,7 +10,8 @@ from pathlib import Path
 
 from freezeguard.cli.flags import RenamedSwitch
 
-HELP = "end-to-end demo on the built-in tiny model and data: pretrain, learn a mask, evaluate, report"
+HELP = ("end-to-end demo on the built-in tiny model and data: pretrain, erase, relearn, learn a mask, attack, "
+        "verdict")
 DESCRIPTION = (HELP + ". Seeded and deterministic; the pretrained model and judge are cached in the "
                "cache dir, so later runs skip that phase.")
 
@@ -22,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $FREEZEGUARD_CACHE or ~/.cache/freezeguard)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.add_argument("--quick", action="store_true", help="shortened run (every phase, far fewer steps)")
+    parser.add_argument("--world", choices=("relearn", "new concept"), default=None,
+                        help="relearn (default, the authors' setting): the model knew the target, the publisher "
+                             "erases it with UCE, attackers relearn it; 'new concept': the target was never seen")
     parser.add_argument("--ratio", type=float, default=None, help="freeze ratio (default: the demo's, 0.9 of the parameters)")
     parser.add_argument("--budget-by", choices=("tensors", "params"), default=None,
                         help="what the ratio counts, for every mask (default: the demo's, params)")
@@ -86,7 +90,7 @@ def _run_threads(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from freezeguard.apps.demo import DemoConfig, run_demo
-    from freezeguard.apps.evaluate.report import format_table, headline, jsonable, table_rows
+    from freezeguard.apps.evaluate.report import format_table, headline, jsonable, table_rows, verdict_lines
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.ratio is not None:
@@ -111,6 +115,8 @@ def _run(args: argparse.Namespace) -> int:
                 cfg = cfg.replace(baselines=tuple(resolve_methods(args.baselines)))
             except ValueError as exc:
                 raise _Usage(f"--baselines: {exc}") from None
+    if args.world is not None:
+        cfg = cfg.replace(world=args.world)
     if args.workers is not None:
         cfg = cfg.replace(workers=args.workers)
     if args.attack_seeds is not None:
@@ -141,6 +147,9 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(header, rows))
     print()
     for line in headline(summary):
+        print(line)
+    print()
+    for line in verdict_lines(summary):
         print(line)
     print(f"\ntotal {summary['timings_s']['total']:.0f} s; report written to {summary['report_dir']}/report.md")
     return 0

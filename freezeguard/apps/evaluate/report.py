@@ -158,6 +158,22 @@ def headline(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """The release (what the erase did to the target) and the decision rule's verdict, when the
+    summary has them (the demo's relearn world)."""
+    lines = []
+    erase = summary.get("erase")
+    if erase:
+        tl = erase["target_loss"]
+        lines.append(f"release: {erase['eraser']} erased the target toward {erase['anchor']} ({len(erase['edited'])} "
+                     f"tensors edited); target held-out loss {tl['pretrained']:.4f} before the erase, "
+                     f"{tl['released']:.4f} after (the share blocked is of what attackers regain from there).")
+    verdict = summary.get("verdict")
+    if verdict:
+        lines += verdict["lines"]
+    return lines
+
+
 def equal_harm_lines(summary: dict[str, Any]) -> list[str]:
     """Per attacker: each mask's target share beyond random masks at the same harm to the legal user
     (``summary["equal_harm"]``, from ``apps.evaluate.equal_harm``), learned first."""
@@ -390,6 +406,8 @@ def _markdown(summary: dict[str, Any], *, curves: bool, samples: bool) -> str:
         md += [RECOGNISABILITY, ""]
     if "learner" in summary:
         md += [PROGRESS_NOTE, ""]
+    if summary.get("verdict"):
+        md += ["## Verdict", "", "```", *verdict_lines(summary), "```", ""]
     md += [f"- {line}" for line in headline(summary)] + ["", format_table(header, rows, markdown=True), "",
                                                          "## Every metric", "",
                                                          format_table(dheader, drows, markdown=True), "",

@@ -11,9 +11,11 @@ from freezeguard.integrations.diffusers import judge as judge_mod
 from freezeguard.integrations.diffusers import toy
 
 
-def heldout_batch(name: str, n: int, seed: int, *, null_prompt: bool = False) -> dict[str, torch.Tensor]:
-    """``n`` fresh images of class ``name`` with fixed noise and timesteps (spread over [0, T))."""
-    batch = toy.make_batch([name], n, seed)
+def heldout_batch(name: str, n: int, seed: int, *, null_prompt: bool = False,
+                  prompt: str | None = None) -> dict[str, torch.Tensor]:
+    """``n`` fresh images of class ``name`` with fixed noise and timesteps (spread over [0, T)),
+    prompted by ``prompt``'s embedding (default: the class's own)."""
+    batch = toy.make_batch([name], n, seed, prompts={name: prompt or name})
     gen = torch.Generator().manual_seed(seed + 1)
     batch["noise"] = torch.randn(batch["pixel_values"].shape, generator=gen)
     # Evenly spaced timesteps cover every noise level once, so the loss is not at the mercy
@@ -66,8 +68,28 @@ def toy_domains(target: Sequence[str] = toy.TARGET_CLASSES, innocent: Sequence[s
     return domains
 
 
-def _stream(seed: int, *, name: str, batch_size: int, target: tuple[str, ...], n_prior: int = 0):
-    own = toy.batches((name,), batch_size - n_prior, seed, target_classes=target)
+def fresh_token_domain(target: str = toy.TARGET_CLASSES[0], *, batch_size: int = 16, heldout_n: int = 64,
+                       seed: int = 1000) -> Domain:
+    """The *fresh-token* attacker's target domain: ``target``'s images bound to a new prompt
+    (:func:`toy.fresh_prompt`), whose embedding no eraser edited, instead of the erased one.
+
+    Its images, held-out noise and timesteps are those of ``toy_domains``' first target domain
+    (same ``seed``); only the prompt differs, so its gains compare with the standard attacker's.
+
+    Example:
+        >>> fresh_token_domain(heldout_n=2, batch_size=2).name
+        'frame (fresh token)'
+    """
+    prompt = toy.fresh_prompt(target)
+    return Domain(name=prompt, role="target",
+                  train_batches=partial(_stream, name=target, batch_size=batch_size, target=(target,), prompt=prompt),
+                  heldout=heldout_batch(target, heldout_n, seed, prompt=prompt),
+                  heldout_uncond=heldout_batch(target, heldout_n, seed, null_prompt=True))
+
+
+def _stream(seed: int, *, name: str, batch_size: int, target: tuple[str, ...], n_prior: int = 0,
+            prompt: str | None = None):
+    own = toy.batches((name,), batch_size - n_prior, seed, target_classes=target, prompts={name: prompt or name})
     if not n_prior:
         return own
     return toy.joined(own, toy.batches(toy.BASE_CLASSES, n_prior, seed + 7919, target_classes=target))

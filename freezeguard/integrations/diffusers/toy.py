@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -106,19 +106,32 @@ def class_embedding(name: str) -> torch.Tensor:
     return torch.randn(EMBED_LEN, EMBED_DIM, generator=gen)
 
 
+def fresh_prompt(name: str) -> str:
+    """The prompt a *fresh-token* attacker binds class ``name`` to: a new name, hence a new random
+    embedding that no eraser edited and no pretraining saw.
+
+    Example:
+        >>> fresh_prompt("frame")
+        'frame (fresh token)'
+    """
+    return f"{name} (fresh token)"
+
+
 def make_batch(classes: Sequence[str], n_per_class: int, seed: int, *,
-               target_classes: Sequence[str] = TARGET_CLASSES) -> dict[str, torch.Tensor]:
+               target_classes: Sequence[str] = TARGET_CLASSES,
+               prompts: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
     """A batch with ``n_per_class`` fresh images of each class (class-major order).
 
     Keys: "pixel_values" [B,1,16,16], "encoder_hidden_states" [B,L,D], "labels" (index into
-    ``classes``) and "is_target" (class in ``target_classes``).
+    ``classes``) and "is_target" (class in ``target_classes``). ``prompts`` maps a class to the
+    name whose embedding prompts it (default: its own; :func:`fresh_prompt` for a fresh token).
     """
     if n_per_class < 1 or not classes:
         raise ValueError("make_batch needs at least one class and n_per_class >= 1")
     rng = np.random.default_rng(seed)
     images, embeds, labels, is_target = [], [], [], []
     for k, name in enumerate(classes):
-        emb = class_embedding(name)
+        emb = class_embedding((prompts or {}).get(name, name))
         for _ in range(n_per_class):
             images.append(draw(name, rng))
             embeds.append(emb)
@@ -133,15 +146,16 @@ def make_batch(classes: Sequence[str], n_per_class: int, seed: int, *,
 
 
 def batches(classes: Sequence[str], batch_size: int, seed: int, *, cond_dropout: float = 0.0,
-            target_classes: Sequence[str] = TARGET_CLASSES) -> Iterator[dict[str, torch.Tensor]]:
+            target_classes: Sequence[str] = TARGET_CLASSES,
+            prompts: Mapping[str, str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """An endless seeded stream of random-class batches (a fresh procedural draw each time).
 
     ``cond_dropout`` replaces that share of prompts by the null prompt (classifier-free guidance
-    training, as in Stable Diffusion's pretraining).
+    training, as in Stable Diffusion's pretraining). ``prompts`` as in :func:`make_batch`.
     """
     rng = np.random.default_rng(seed)
     null = class_embedding(NULL_CLASS)
-    embeds = {c: class_embedding(c) for c in classes}
+    embeds = {c: class_embedding((prompts or {}).get(c, c)) for c in classes}
     while True:
         names = [classes[i] for i in rng.integers(0, len(classes), batch_size)]
         imgs = np.stack([draw(c, rng) for c in names])
