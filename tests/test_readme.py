@@ -41,6 +41,10 @@ def test_every_timing_carries_its_date():
             assert re.search(r"2026-\d\d-\d\d", paragraph), paragraph[:300]
 
 
-def test_the_demo_section_is_a_marked_placeholder_until_merge():
+def test_the_demo_section_states_the_rule_its_verdict_and_where_the_figures_come_from():
     section = README[README.index("## What the demo shows"):README.index("## Backends")]
-    assert "Placeholder" in section and "docs/research-log.md" in section
+    assert "Placeholder" not in section
+    assert "decision rule" in section.lower() and "verdict" in section.lower()
+    assert "freezeguard demo" in section and re.search(r"2026-\d\d-\d\d", section)
+    for link in ("docs/evaluation.md", "docs/research-log.md", "freezeguard/apps/evaluate/verdict.py"):
+        assert link in section and (ROOT / link).exists(), link

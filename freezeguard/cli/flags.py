@@ -10,10 +10,33 @@ Example:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-__all__ = ["Renamed", "RenamedSwitch"]
+__all__ = ["Renamed", "RenamedSwitch", "number_or_auto"]
+
+
+def number_or_auto(cast: Callable[[str], float], minimum: float, what: str = "a number") -> Callable[[str], Any]:
+    """An argparse ``type``: ``'auto'``, or a number (``int`` or ``float``) of at least ``minimum``.
+
+    Example:
+        >>> threads = number_or_auto(int, 1, "a number of threads")
+        >>> threads("auto"), threads("2")
+        ('auto', 2)
+    """
+    def parse(text: str) -> Any:
+        if text == "auto":
+            return text
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} >= {minimum} or 'auto', got {text!r}") from None
+        if math.isnan(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum} or 'auto', got {text}")
+        return value
+
+    return parse
 
 
 def _warn(old: str, new: str) -> None:

@@ -7,6 +7,7 @@ import math
 import re
 import sys
 
+from freezeguard.cli.flags import number_or_auto
 from freezeguard.cli.threads import add_threads_argument, apply_threads, denoiser_params
 
 #: The learner settings a preset fills; a flag given on the command line overrides its own.
@@ -53,18 +54,6 @@ DESCRIPTION = (
 )
 
 
-def _c_sparsity(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number >= 0 or 'auto', got {text!r}") from None
-    if math.isnan(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 or 'auto', got {text}")
-    return value
-
-
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -103,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user-interval", type=int, default=None, help="one releaser step every N steps")
     parser.add_argument("--mask-lr", type=float, default=None, help="learning rate of the mask logits")
     parser.add_argument("--temperature", type=float, default=None, help="soft mask m = sigmoid(x / T)")
-    parser.add_argument("--c-sparsity", type=_c_sparsity, default=None,
+    parser.add_argument("--c-sparsity", type=number_or_auto(float, 0), default=None,
                         help="weight of the budget penalty: a number (the authors': 5e3) or 'auto' (the c whose "
                              "first step lands the soft ratio on --freeze-ratio)")
     parser.add_argument("--budget", choices=("penalty", "projected"), default=None,

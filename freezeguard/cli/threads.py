@@ -17,26 +17,16 @@ import argparse
 import contextlib
 from typing import Iterator
 
+from freezeguard.cli.flags import number_or_auto
+
 __all__ = ["SMALL_MODEL_PARAMS", "add_threads_argument", "threads_for", "apply_threads", "denoiser_params"]
 
 #: Denoisers below this many parameters get one thread by default (the walkthrough's has 53 thousand).
 SMALL_MODEL_PARAMS = 50_000_000
 
 
-def _threads(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number of threads >= 1 or 'auto', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 or 'auto', got {text}")
-    return value
-
-
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=_threads, default="auto",
+    parser.add_argument("--threads", type=number_or_auto(int, 1, "a number of threads"), default="auto",
                         help="torch CPU threads. auto (default): 1 for a denoiser under 50M parameters (measured "
                              "on the example pipeline, 2-core CPU: 20 fine-tune steps took 1.9 s on 1 thread, "
                              "27 s on 2), torch's default (all cores) for larger ones")
