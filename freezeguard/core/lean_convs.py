@@ -4,7 +4,7 @@ PyTorch's convolution backward saves the layer's *input* even when the weight ne
 (``Linear`` skips it; measured with saved-tensor hooks, torch 2.13). A frozen conv still has to
 pass the gradient on to its input, but that needs only the weight, so the saved input is dead
 memory: in an SD-1.5 UNet with 70% of its parameters frozen it is several hundred MiB of
-activations per batch (``benchmarks/RESULTS.md``, issue 6 item 3).
+activations per batch (``benchmarks/RESULTS.md``, "Guarded fine-tuning against full fine-tuning on the GPU").
 
 :func:`lean_frozen_convs_` turns every plain ``torch.nn.Conv2d`` whose parameters are all frozen
 into a :class:`LeanFrozenConv2d`: same parameters, state dict, ``repr`` and ``isinstance`` answers,

@@ -309,7 +309,7 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
     randomness (seeds ``seed``, ``seed + 1``, ...: data order and noise, shared by every contender
     at one seed, the full fine-tune included). The summary scores each run against the full
     fine-tune of its own seed and averages each contender over the seeds: one draw can move every
-    figure by more than the gap between masks (benchmarks/RESULTS.md, issue 11 replicates).
+    figure by more than the gap between masks (benchmarks/RESULTS.md, "The learned mask must be learned").
 
     ``workers`` > 1 runs the fine-tunes in that many forked processes (CPU, POSIX), each with
     the caller's torch thread count: every fine-tune is seeded on its own, so the figures are
