@@ -4,7 +4,8 @@ Notation of docs/DESIGN.md section 4: soft mask m_i = sigmoid(x_i / T); s_i = <D
 sensitivity of the releaser loss to tensor i's mask; budget penalty B = c (rho - sum_i w_i m_i)^2
 with w_i = 1/S ("tensors") or n_i / N ("params"). The authors' loop updates each x_i with the
 m_i of the *old* logits and the budget gradient computed before the loop, so the whole update is
-one elementwise expression over the vector of logits.
+one elementwise expression over the vector of logits. Where the logits start (``init``) is
+here too: :func:`initial_logits`.
 
 Example:
     >>> import torch
@@ -17,7 +18,8 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Mapping, Sequence
 
 import torch
 
@@ -65,4 +67,42 @@ def updated_logits(x: torch.Tensor, s: torch.Tensor, *, weights: torch.Tensor, r
     return x - data - budget
 
 
-__all__ = ["BUDGET_BASES", "budget_weights", "soft_mask", "logit_steps", "updated_logits"]
+def uniform_logits(n: int, seed: int) -> torch.Tensor:
+    """The seeded U[0, 1) initial logits (as the authors initialise them), on the CPU."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.rand(n, generator=gen)
+
+
+def initial_logits(init: str, names: Sequence[str], *, seed: int, freeze_ratio: float, temperature: float,
+                   scores: Mapping[str, float] | None = None) -> torch.Tensor:
+    """fp32 [S] initial logits on the CPU (before any projection onto the budget).
+
+    "uniform": :func:`uniform_logits`; "constant": every logit T logit(rho), so m = rho;
+    "scores": ``scores`` (name -> score, every name) spread evenly over [0, 1) by rank, highest
+    score highest (the span of the authors' U[0, 1)); ties go to names, as in FreezeMask.from_scores.
+
+    Example:
+        >>> initial_logits("scores", ["a", "b"], seed=0, freeze_ratio=0.5, temperature=0.2,
+        ...                scores={"a": 1.0, "b": 2.0}).tolist()
+        [0.25, 0.75]
+    """
+    n = len(names)
+    if init == "uniform":
+        x = uniform_logits(n, seed)
+    elif init == "constant":
+        r = min(max(freeze_ratio, 1e-6), 1.0 - 1e-6)
+        x = torch.full((n,), temperature * math.log(r / (1.0 - r)))
+    else:
+        unknown = sorted(set(scores) - set(names))
+        missing = sorted(set(names) - set(scores))
+        if unknown or missing:
+            raise ValueError(f"init scores must name every parameter of the model (missing: {missing[:8]}, "
+                             f"unknown: {unknown[:8]})")
+        order = sorted(range(n), key=lambda i: (-float(scores[names[i]]), names[i]))
+        x = torch.empty(n)
+        x[torch.tensor(order)] = (n - 0.5 - torch.arange(n, dtype=torch.float32)) / n
+    return x.to(dtype=torch.float32)
+
+
+__all__ = ["BUDGET_BASES", "budget_weights", "soft_mask", "logit_steps", "updated_logits", "uniform_logits",
+           "initial_logits"]
