@@ -76,7 +76,14 @@ from freezeguard import ops
 from freezeguard.apps.learn import checks, distributed, loop, mask_rules, state_io
 from freezeguard.apps.learn.budget import auto_c_sparsity, project_logits
 from freezeguard.apps.learn.config import BUDGETS, SIGNAL_NORMS, USER_OPTIMIZERS, LearnerConfig
-from freezeguard.apps.learn.logits import budget_weights, initial_logits, logit_steps, soft_mask, uniform_logits
+from freezeguard.apps.learn.logits import (
+    budget_weights,
+    initial_logits,
+    releaser_logits,
+    shaped_signal,
+    soft_mask,
+    uniform_logits,
+)
 from freezeguard.apps.learn.mask_rules import HARD_MASK_METHODS, HARD_MASK_RULES
 from freezeguard.core.group_norm_fix import protect_group_norms
 from freezeguard.core.mask import FreezeMask
@@ -167,7 +174,7 @@ class MaskLearner:
         if self.c_sparsity_auto:
             self.c_sparsity = auto_c_sparsity(self.logits, self._weights, self.freeze_ratio, self.temperature)
         if self.budget == "projected":
-            self.logits.copy_(self._project(self.logits))
+            self.logits.copy_(project_logits(self.logits, self._weights, self.freeze_ratio, self.temperature))
         theta = self._theta()
         with torch.no_grad():
             for name, p, th, d in zip(self.names, self._params, theta, self._delta, strict=True):
@@ -251,9 +258,6 @@ class MaskLearner:
         x = initial_logits(self.init, self.names, seed=self.seed, freeze_ratio=self.freeze_ratio,
                            temperature=self.temperature, scores=scores)
         return x.to(device=self.logits.device)
-
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        return project_logits(x, self._weights, self.freeze_ratio, self.temperature)
 
     def _hard_frozen(self, logits: torch.Tensor) -> frozenset[str]:
         """The names ``hard_mask("topk")`` would freeze for these logits."""
@@ -381,25 +385,11 @@ class MaskLearner:
             return False
         s = self._signal if self.signal_batches == 1 else self._signal / self.signal_batches
         self._signal, self._signal_count = torch.zeros_like(self.logits), 0
-        if self.signal_density and self.budget_by != "tensors":
-            # Divide by S w_i, each tensor's share of the budget relative to the mean size. By tensors
-            # that is 1 (skipped: 1/S * S need not round to 1 in fp32, and the signal stays bit-for-bit).
-            s = s / (self._weights * len(self.names))
-        if self.signal_norm == "rms":
-            rms = s.square().mean().sqrt()
-            s = torch.where(rms > 0, s / rms.clamp(min=torch.finfo(s.dtype).tiny), s)
-        if self.budget == "projected":
-            data, _ = logit_steps(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
-                                  temperature=self.temperature, c_sparsity=0.0, mask_lr=self.mask_lr)
-            new_logits = self._project(self.logits - data)
-            self._data_to_budget = None
-        else:
-            data, budget = logit_steps(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
-                                       temperature=self.temperature, c_sparsity=self.c_sparsity,
-                                       mask_lr=self.mask_lr)
-            new_logits = self.logits - data - budget
-            budget_step = float(budget.abs().median())
-            self._data_to_budget = float(data.abs().median()) / budget_step if budget_step > 0 else None
+        s = shaped_signal(s, self._weights, density=self.signal_density and self.budget_by != "tensors",
+                          norm=self.signal_norm)
+        new_logits, self._data_to_budget = releaser_logits(
+            self.logits, s, weights=self._weights, ratio=self.freeze_ratio, temperature=self.temperature,
+            mask_lr=self.mask_lr, c_sparsity=self.c_sparsity, projected=self.budget == "projected")
         dm = soft_mask(new_logits, self.temperature) - soft_mask(self.logits, self.temperature)
         ops.mask_shift_(self._theta(), self._delta, dm, backend=self.backend)
         self.logits.copy_(new_logits)

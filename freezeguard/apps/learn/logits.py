@@ -5,7 +5,8 @@ sensitivity of the releaser loss to tensor i's mask; budget penalty B = c (rho -
 with w_i = 1/S ("tensors") or n_i / N ("params"). The authors' loop updates each x_i with the
 m_i of the *old* logits and the budget gradient computed before the loop, so the whole update is
 one elementwise expression over the vector of logits. Where the logits start (``init``) is
-here too: :func:`initial_logits`.
+here too: :func:`initial_logits`; and the releaser step as the learner takes it
+(:func:`shaped_signal`, then :func:`releaser_logits`, with the penalty or the projected budget).
 
 Example:
     >>> import torch
@@ -22,6 +23,8 @@ import math
 from typing import Mapping, Sequence
 
 import torch
+
+from freezeguard.apps.learn.budget import project_logits
 
 BUDGET_BASES = ("tensors", "params")
 
@@ -67,6 +70,40 @@ def updated_logits(x: torch.Tensor, s: torch.Tensor, *, weights: torch.Tensor, r
     return x - data - budget
 
 
+def shaped_signal(s: torch.Tensor, weights: torch.Tensor, *, density: bool, norm: str | None) -> torch.Tensor:
+    """The sensitivities s as the logit step uses them (``s`` itself when neither option is on).
+
+    ``density``: divide by S w_i, each tensor's share of the budget relative to the mean size (a
+    caller skips it by tensors, where it is 1: 1/S * S need not round to 1 in fp32, and the
+    signal stays bit-for-bit). ``norm="rms"``: divide by the root mean square over tensors.
+    """
+    if density:
+        s = s / (weights * len(weights))
+    if norm == "rms":
+        rms = s.square().mean().sqrt()
+        s = torch.where(rms > 0, s / rms.clamp(min=torch.finfo(s.dtype).tiny), s)
+    return s
+
+
+def releaser_logits(x: torch.Tensor, s: torch.Tensor, *, weights: torch.Tensor, ratio: float, temperature: float,
+                    mask_lr: float, c_sparsity: float, projected: bool) -> tuple[torch.Tensor, float | None]:
+    """(new logits, data_to_budget) of one releaser step on the signal ``s``.
+
+    With the penalty budget: x - data - budget (:func:`logit_steps`), and data_to_budget the
+    median size of the data step over that of the budget step (None when the budget step is 0).
+    ``projected``: the data step alone, then one common shift back onto the budget
+    (``budget.project_logits``); data_to_budget is None.
+    """
+    if projected:
+        data, _ = logit_steps(x, s, weights=weights, ratio=ratio, temperature=temperature, c_sparsity=0.0,
+                              mask_lr=mask_lr)
+        return project_logits(x - data, weights, ratio, temperature), None
+    data, budget = logit_steps(x, s, weights=weights, ratio=ratio, temperature=temperature,
+                               c_sparsity=c_sparsity, mask_lr=mask_lr)
+    budget_step = float(budget.abs().median())
+    return x - data - budget, (float(data.abs().median()) / budget_step if budget_step > 0 else None)
+
+
 def uniform_logits(n: int, seed: int) -> torch.Tensor:
     """The seeded U[0, 1) initial logits (as the authors initialise them), on the CPU."""
     gen = torch.Generator().manual_seed(int(seed))
@@ -104,5 +141,6 @@ def initial_logits(init: str, names: Sequence[str], *, seed: int, freeze_ratio: 
     return x.to(dtype=torch.float32)
 
 
-__all__ = ["BUDGET_BASES", "budget_weights", "soft_mask", "logit_steps", "updated_logits", "uniform_logits",
+__all__ = ["BUDGET_BASES", "budget_weights", "soft_mask", "logit_steps", "updated_logits", "shaped_signal",
+           "releaser_logits", "uniform_logits",
            "initial_logits"]
