@@ -52,6 +52,32 @@ WORLDS = ("relearn", "new concept")
 FRESH_TOKEN = "fresh token"
 
 
+# The demo's learner. Chosen by benchmarks/learner_sweep.py (benchmarks/RESULTS.md, issue 11): by
+# tensors the releaser spends the budget on biases and norms (the innocent term keeps the large
+# tensors both domains need trainable), so the budget counts parameters; the projected budget,
+# 4 signal batches per logit step and an RMS-normalised signal let the data reorder the logits.
+# freeze_ratio, 90% of the parameters: at 0.5 no mask, chosen any way (random, reference rankings,
+# whole parts of the UNet, the learner), blocks or spares measurably more than another on the
+# held-out loss (at most ~8% of either domain's gain, target and innocent in step); at 0.9
+# freezing matters (random masks block ~19% of the target's gain) and masks differ
+# (benchmarks/RESULTS.md, issue 11, "Evaluation power"). Chosen on random and reference masks.
+# signal_density with init="constant" (DemoConfig.init): rank tensors by the signal per parameter
+# (the budget's unit), from a constant start, so the data alone sets the order:
+# benchmarks/eval_power.py --variants at ratio 0.9 (RESULTS.md, issue 11, "Learner variants") --
+# uniform start +2.2, constant start -0.0, constant start with the density +4.7 points of the
+# target's gain beyond random at equal harm.
+# innocent_weight 1 (the default): the releaser weighs both domains' losses equally (the
+# authors'): 0.5 learns the same mask and 0.25 one 0.2 points further beyond random at 0.8 points
+# more harm (eval_power --variants, RESULTS.md, issue 11, "Against the stronger attackers, other
+# weights ..."). Unnamed fields are LearnerConfig's defaults (the authors' T = 0.2, c "auto",
+# user_interval 5, the AdamW user's betas, eps and weight decay).
+DEMO_LEARNER = LearnerConfig(freeze_ratio=0.9, budget_by="params", mask_lr=0.05, user_lr=1e-3,
+                             user_optimizer="adamw", budget="projected", signal_batches=4, signal_norm="rms",
+                             signal_density=True, init="constant")
+# LearnerConfig fields a DemoConfig reads and replaces by their flat names (seed and init are its own).
+_LEARNER_FIELDS = frozenset(f.name for f in dataclasses.fields(LearnerConfig)) - {"seed", "init"}
+
+
 @dataclass
 class DemoConfig:
     """Every knob of the demo; defaults are the full demo (a few minutes on 2 CPU cores)."""
@@ -71,36 +97,12 @@ class DemoConfig:
     # publisher's relearn fine-tune (theta_ft)
     publisher_steps: int = 200
     publisher_lr: float = 1e-3
-    # mask learning. Chosen by benchmarks/learner_sweep.py (benchmarks/RESULTS.md, issue 11): by
-    # tensors the releaser spends the budget on biases and norms (the innocent term keeps the large
-    # tensors both domains need trainable), so the budget counts parameters; the projected budget,
-    # 4 signal batches per logit step and an RMS-normalised signal let the data reorder the logits.
-    # 90% of the parameters: at 0.5 no mask, chosen any way (random, reference rankings, whole
-    # parts of the UNet, the learner), blocks or spares measurably more than another on the
-    # held-out loss (at most ~8% of either domain's gain, target and innocent in step); at 0.9
-    # freezing matters (random masks block ~19% of the target's gain) and masks differ
-    # (benchmarks/RESULTS.md, issue 11, "Evaluation power"). Chosen on random and reference masks.
-    freeze_ratio: float = 0.9
-    budget_by: str = "params"
+    # mask learning: the learner's settings (DEMO_LEARNER; why each was chosen is said there). Its
+    # seed is the demo's ``seed`` and its init follows the demo's ``init`` (kept in step by
+    # __post_init__); the other fields read and replace as flat names too (cfg.freeze_ratio,
+    # cfg.replace(mask_lr=...)), as the CLI and the benchmarks use them.
+    learner: LearnerConfig = field(default_factory=lambda: DEMO_LEARNER)
     learner_steps: int = 200
-    temperature: float = 0.2
-    c_sparsity: float | str = "auto"
-    mask_lr: float = 0.05
-    user_lr: float = 1e-3
-    user_interval: int = 5
-    user_optimizer: str = "adamw"
-    budget: str = "projected"
-    signal_batches: int = 4
-    signal_norm: str | None = "rms"
-    # Rank tensors by the signal per parameter (the budget's unit), from a constant start, so the
-    # data alone sets the order: benchmarks/eval_power.py --variants at ratio 0.9 (RESULTS.md,
-    # issue 11, "Learner variants") -- uniform start +2.2, constant start -0.0, constant start with
-    # the density +4.7 points of the target's gain beyond random at equal harm.
-    signal_density: bool = True
-    # The releaser weighs both domains' losses equally (the authors'): 0.5 learns the same mask and
-    # 0.25 one 0.2 points further beyond random at 0.8 points more harm (eval_power --variants,
-    # RESULTS.md, issue 11, "Against the stronger attackers, other weights ...").
-    innocent_weight: float = 1.0
     init: str = "constant"             # "uniform" | "constant" | a reference mask's name ("delta", ...)
     # reference masks shown beside learned and random (apps.learn.reference_masks)
     # One reference beside learned and random keeps the demo under 10 minutes on 2 cores;
@@ -155,8 +157,25 @@ class DemoConfig:
                    publisher_steps=10, learner_steps=10, attacker_steps=4, strong_steps_mult=3.0, baseline_steps=2,
                    random_seeds=1, judge_steps=30, heldout_n=8, sample_n=4, sample_steps=3, saliency_batches=4)
 
+    def __post_init__(self) -> None:
+        # The learner follows the demo's seed and start (a reference name: the learner's "scores").
+        init = self.init if self.init in ("uniform", "constant") else "scores"
+        if (self.learner.seed, self.learner.init) != (self.seed, init):
+            self.learner = self.learner.replace(seed=self.seed, init=init)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names that are not attributes: the learner's settings by their flat names.
+        learner = self.__dict__.get("learner")
+        if name in _LEARNER_FIELDS and learner is not None:
+            return getattr(learner, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The demo's settings, the learner's flattened in (the report's "config")."""
+        out = asdict(self)
+        out.pop("learner")
+        out.update({k: v for k, v in self.learner.to_json().items() if k in _LEARNER_FIELDS})
+        return out
 
     def pretrain_config(self) -> toy.PretrainConfig:
         """The published model's pretraining: ``pretrain``, plus the target classes in the relearn world."""
@@ -167,17 +186,16 @@ class DemoConfig:
         extra = tuple(c for c in self.target if c not in self.pretrain.classes)
         return dataclasses.replace(self.pretrain, classes=self.pretrain.classes + extra)
 
-    def learner_config(self):
-        """The demo's LearnerConfig (``init`` other than uniform/constant: a reference ranking's name,
-        whose scores ``learn_mask`` passes to the learner)."""
-        return LearnerConfig(freeze_ratio=self.freeze_ratio, budget_by=self.budget_by, temperature=self.temperature,
-                             c_sparsity=self.c_sparsity, mask_lr=self.mask_lr, user_lr=self.user_lr,
-                             user_interval=self.user_interval, user_optimizer=self.user_optimizer, seed=self.seed,
-                             budget=self.budget, signal_batches=self.signal_batches, signal_norm=self.signal_norm,
-                             signal_density=self.signal_density, innocent_weight=self.innocent_weight,
-                             init=self.init if self.init in ("uniform", "constant") else "scores")
+    def learner_config(self) -> LearnerConfig:
+        """The demo's LearnerConfig (``init`` "scores" when the demo's ``init`` names a reference
+        ranking, whose scores ``learn_mask`` passes to the learner)."""
+        return self.learner
 
     def replace(self, **changes: Any) -> "DemoConfig":
+        """A copy with ``changes``; the learner's settings may be given by their flat names."""
+        learner = {k: changes.pop(k) for k in list(changes) if k in _LEARNER_FIELDS}
+        if learner:
+            changes["learner"] = changes.get("learner", self.learner).replace(**learner)
         return dataclasses.replace(self, **changes)
 
 

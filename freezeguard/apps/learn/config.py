@@ -3,7 +3,7 @@
 ``MaskLearner``, ``freezeguard learn`` and the demo build their learner from it; the learner's
 saved state stores it (JSON) and ``MaskLearner.load(..., config=...)`` compares it field by
 field, so a resumed run cannot silently continue under other settings. The meaning of each field
-is in ``MaskLearner``'s docstring (and docs/DESIGN.md section 4).
+is in ``LearnerConfig``'s docstring (and docs/DESIGN.md section 4).
 
 Example:
     >>> cfg = LearnerConfig(freeze_ratio=0.3, budget="projected")
@@ -51,7 +51,44 @@ def _choice(name: str, value: Any, choices: tuple) -> Any:
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """The MaskLearner's hyperparameters (defaults: the authors' scripts, c_sparsity "auto")."""
+    """The MaskLearner's hyperparameters (defaults: the authors' scripts, c_sparsity "auto").
+
+    Fields:
+        freeze_ratio: budget rho in [0, 1], by tensor count or parameter count (``budget_by``).
+        temperature, mask_lr, user_lr, user_interval: the reference's T, eta_m, eta_u and releaser
+            period (defaults from the authors' scripts).
+        c_sparsity: weight c of the budget penalty c (rho - mean m)^2. "auto" (default): the c whose
+            first penalty step takes the soft ratio exactly to rho (``apps.learn.budget``; ~5e3, the
+            authors' value, for the SD-1.5 UNet at rho = T = 0.2, but ~4e2 for a 208-tensor model
+            at rho = 0.5). A number is used as given (the authors' behaviour).
+        budget: "penalty" (the authors' penalty, weight ``c_sparsity``) or "projected": after every
+            releaser step (and at the start) all logits move by one common shift so that the soft
+            ratio equals rho exactly; the data alone orders the tensors and nothing saturates to
+            meet the budget (``c_sparsity`` is then unused).
+        signal_batches: releaser batches whose sensitivities s = <Delta, g> are averaged before one
+            logit step (1: the authors' one batch per releaser step). The schedule is then
+            ``signal_batches`` releaser batches followed by ``user_interval - 1`` user batches.
+        signal_norm: None (the authors') or "rms": divide s by its root mean square over tensors
+            before the step, so ``mask_lr`` is a step in logit units whatever the scale of Delta
+            and of the loss (a departure from the authors; then mask_lr ~ 1e-2..1e-1 suits).
+        signal_density: divide each tensor's s by its share of the budget (S w_i: 1 by tensors,
+            n_i / mean n by parameters) before the step, so the logits order tensors by the
+            releaser's gain *per unit of budget*, as a greedy knapsack does. Without it, by
+            parameters, a large tensor's total s outweighs any small one's and the projection pays
+            for unfreezing one large tensor with every small one. No change by tensors (the
+            authors' budget); a departure from the authors by parameters.
+        innocent_weight: w in the releaser's objective (w mean innocent loss - mean target loss) / 2:
+            how much keeping the legal domain's quality counts against hurting the target's
+            (1: the authors' equal weights; 0 ignores the legal domain). On the demo's world 0.5
+            gives the same mask and 0.25 a slightly more harmful one (benchmarks/RESULTS.md).
+        init: the initial logits: "uniform" (the authors' seeded U[0, 1): everything starts
+            frozen, m > 0.5, in a random order), "constant" (every logit T logit(rho): m = rho, no
+            order; ties go to names), or "scores" (a reference ranking, whose
+            name -> score mapping is given to ``MaskLearner(init=...)``).
+        user_optimizer: "sgd" (the reference) or "adamw" (a stronger simulated user; its
+            ``user_betas``, ``user_eps``, ``user_weight_decay`` as in torch.optim.AdamW).
+        seed: seeds the logits' U[0, 1) initialisation (everything starts frozen, m > 0.5).
+    """
 
     freeze_ratio: float = 0.2
     temperature: float = 0.2

@@ -9,6 +9,29 @@ learner works on their local shards: :func:`sharding` checks the layout once, :f
 gives a shard (a view: writes land in the parameter), :func:`shard_of` cuts a rank's shard out
 of a full tensor exactly as the parameter is cut, and :func:`gather` puts shards back together.
 
+How the learner uses this: wrap the model in DDP (or ``accelerator.prepare``) and backward
+averages the gradients; a plain model under an initialized process group has them averaged here.
+Either way all ranks apply the same updates and stay identical (logits start from rank 0's).
+Under FSDP2 (``fully_shard`` on the blocks and the root before the learner is built; every
+parameter then a DTensor placed ``Shard(dim)`` or ``Replicate()`` on a mesh over all ranks,
+else a ValueError up front) the learner works on local shards: Delta and the AdamW moments are
+cut like the parameters, the fused ops update each rank's shard of the live weights in place,
+and backward's reduce-scatter has already averaged the gradients. The per-tensor s = <Delta, g>
+are partial sums on each rank, completed by one all-reduce of N floats per releaser batch (a
+non-finite gradient anywhere makes s non-finite everywhere, so every rank stops with the same
+error); user steps with ``check_finite`` all-reduce the N per-tensor sums of g^2 alike. Every step's
+loss statistics are all-reduced before backward, so a non-finite loss on one rank stops all
+ranks too. Logits, hard mask and history are identical on every rank, and the run equals one
+process's up to float rounding (tests/test_learner_fsdp2.py). ``save`` is then collective:
+every rank calls it, the shards are gathered and rank 0 writes the file one process would
+write (``load`` resumes it at any world size; ``apps.learn.state_io``).
+
+The learner's step goes through here for everything that differs between one process, DDP and
+FSDP2: :func:`loss_stats` (the batch's loss sums over the global batch), :func:`gradients` (the
+gradients every rank reduces alike, averaged or reduce-scattered), :func:`live_weights` (the
+parameters' storage the fused ops write) and :func:`complete_sums` (per-tensor sums completed
+over shards).
+
 Example:
     >>> import torch
     >>> world_size()
@@ -172,5 +195,65 @@ def gather(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
                               stride=like.stride()).full_tensor()
 
 
+# The learner's step on one process, DDP or FSDP2 ------------------------------------------------
+def live_weights(params: Sequence[torch.Tensor], sharding_: Sharding | None) -> list[torch.Tensor]:
+    """Detached aliases of the parameters (their local shards under FSDP2) that the fused ops
+    write in place. Take them afresh each step: FSDP2 may re-pad a shard's storage on its first
+    forward (lazy init), so a view kept from before could point at the old one."""
+    if sharding_ is None:
+        return [p.detach() for p in params]
+    return [local(p) for p in params]
+
+
+@torch.no_grad()
+def loss_stats(stats: torch.Tensor) -> torch.Tensor:
+    """[sum_target, n_target, sum_innocent, n_innocent, objective, n_bad] summed over ranks, the
+    objective averaged: the losses of the global batch, and every rank sees a bad loss anywhere."""
+    if world_size() > 1:
+        dist.all_reduce(stats)
+        stats[4] /= world_size()
+    return stats
+
+
+def gradients(model: torch.nn.Module, names: Sequence[str], params: Sequence[torch.Tensor],
+              sharding_: Sharding | None, *, check_layout: bool) -> tuple[list[int], list[torch.Tensor]]:
+    """(indices, gradients) of the parameters that received a gradient after backward, reduced
+    across ranks: averaged here for a plain model under a process group, already averaged by
+    DDP, and under FSDP2 the local shards of what backward reduce-scattered. Several ranks
+    reduce the same list (a tensor unused on this rank may be used on another: it gets zeros).
+    ``check_layout`` (once, FSDP2): every gradient must be placed as its parameter is."""
+    world = world_size()
+    if world > 1 or sharding_ is not None:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    present = [i for i, p in enumerate(params) if p.grad is not None]
+    grads = [params[i].grad for i in present]
+    if sharding_ is not None:
+        if check_layout:
+            bad = [names[i] for i, g in zip(present, grads, strict=True)
+                   if tuple(g.placements) != tuple(params[i].placements)]
+            if bad:
+                raise ValueError("gradients placed unlike their DTensor parameters (the learner needs them "
+                                 f"reduced as FSDP2 does): {', '.join(bad[:8])}")
+        grads = [local(g) for g in grads]
+    elif world > 1 and not is_ddp(model):
+        average_(grads)
+    return present, grads
+
+
+def complete_sums(partial: torch.Tensor, sharding_: Sharding | None) -> torch.Tensor:
+    """Per-tensor sums (e.g. s = <Delta, g>) completed over the shards: under FSDP2 each rank's
+    covers its shards and one all-reduce (sum) of N floats completes them, replicated data counted
+    once. A non-finite value on any rank makes the sum non-finite on every rank, so a finiteness
+    check after it stops them all alike. ``partial`` itself without FSDP2."""
+    if sharding_ is None:
+        return partial
+    if sharding_.keep is not None:
+        partial = partial * sharding_.keep
+    sum_(partial)
+    return partial
+
+
 __all__ = ["world_size", "is_main_process", "is_ddp", "unwrap", "average_", "broadcast_", "sum_", "Sharding",
-           "sharding", "local", "shard_of", "gather"]
+           "sharding", "local", "shard_of", "gather", "live_weights", "loss_stats", "gradients", "complete_sums"]

@@ -40,22 +40,15 @@ Empty groups: a releaser batch without target samples (or without innocent ones)
 term from L, as the reference does (its means divide by count + 1e-5, so an empty group
 contributes 0). L is then only "keep innocent quality" (or only "hurt the target").
 
-Distributed: wrap the model in DDP (or ``accelerator.prepare``) and backward averages the
-gradients; a plain model under an initialized process group has them averaged here. Either
-way all ranks apply the same updates and stay identical (logits start from rank 0's).
-Under FSDP2 (``fully_shard`` on the blocks and the root before the learner is built; every
-parameter then a DTensor placed ``Shard(dim)`` or ``Replicate()`` on a mesh over all ranks,
-else a ValueError up front) the learner works on local shards: Delta and the AdamW moments are
-cut like the parameters, the fused ops update each rank's shard of the live weights in place,
-and backward's reduce-scatter has already averaged the gradients. The per-tensor s = <Delta, g>
-are partial sums on each rank, completed by one all-reduce of N floats per releaser batch (a
-non-finite gradient anywhere makes s non-finite everywhere, so every rank stops with the same
-error); user steps with ``check_finite`` all-reduce the N per-tensor sums of g^2 alike. Every step's
-loss statistics are all-reduced before backward, so a non-finite loss on one rank stops all
-ranks too. Logits, hard mask and history are identical on every rank, and the run equals one
-process's up to float rounding (tests/test_learner_fsdp2.py). ``save`` is then collective:
-every rank calls it, the shards are gathered and rank 0 writes the file one process would
-write (``load`` resumes it at any world size).
+Distributed (DDP, accelerate, a plain model under a process group, or FSDP2's ``fully_shard``):
+every rank applies the same updates and ends with the same logits, hard mask and history; under
+FSDP2 the learner works on local shards and ``save`` is collective. How: ``apps.learn.distributed``.
+
+Where the rest lives (one idea per module): the logit update and initial logits in
+``apps.learn.logits``, the budget's c and projection in ``apps.learn.budget``, the hard-mask rules
+in ``apps.learn.mask_rules``, the save / resume file in ``apps.learn.state_io``, the run loop of
+``fit`` in ``apps.learn.loop``, the settings in ``apps.learn.config``; this module holds the
+learner's state and its two kinds of step.
 
 Example:
     >>> import torch, freezeguard as fg
@@ -75,25 +68,27 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 from freezeguard import ops
-from freezeguard.apps.learn import checks, distributed, state_io
+from freezeguard.apps.learn import checks, distributed, loop, mask_rules, state_io
 from freezeguard.apps.learn.budget import auto_c_sparsity, project_logits
 from freezeguard.apps.learn.config import BUDGETS, SIGNAL_NORMS, USER_OPTIMIZERS, LearnerConfig
-from freezeguard.apps.learn.logits import budget_weights, logit_steps, soft_mask
-from freezeguard.core.fingerprint import model_fingerprint
+from freezeguard.apps.learn.logits import (
+    budget_weights,
+    initial_logits,
+    releaser_logits,
+    shaped_signal,
+    soft_mask,
+    uniform_logits,
+)
+from freezeguard.apps.learn.mask_rules import HARD_MASK_METHODS, HARD_MASK_RULES
 from freezeguard.core.group_norm_fix import protect_group_norms
-from freezeguard.core.mask import FreezeMask, select_budget
+from freezeguard.core.mask import FreezeMask
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]
-HARD_MASK_RULES = ("topk", "threshold")
-HARD_MASK_METHODS = HARD_MASK_RULES + ("round",)   # "round": the former name of "threshold"
 INITS = ("uniform", "constant")   # or a name -> score mapping (a reference ranking)
 LIVE_LOGIT = 0.01                 # a logit is "live" while m (1 - m) > this (it can still move)
 
@@ -112,41 +107,11 @@ class MaskLearner:
             weights and of the publisher's own fine-tune on target + innocent data.
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-sample losses; ``batch`` is passed
             untouched and must carry ``batch["is_target"]`` (bool [B]).
-        freeze_ratio: budget rho in [0, 1], by tensor count or parameter count (``budget_by``).
-        temperature, mask_lr, user_lr, user_interval: the reference's T, eta_m, eta_u and releaser
-            period (defaults from the authors' scripts).
-        c_sparsity: weight c of the budget penalty c (rho - mean m)^2. "auto" (default): the c whose
-            first penalty step takes the soft ratio exactly to rho (``apps.learn.budget``; ~5e3, the
-            authors' value, for the SD-1.5 UNet at rho = T = 0.2, but ~4e2 for a 208-tensor model
-            at rho = 0.5). A number is used as given (the authors' behaviour).
-        budget: "penalty" (the authors' penalty, weight ``c_sparsity``) or "projected": after every
-            releaser step (and at the start) all logits move by one common shift so that the soft
-            ratio equals rho exactly; the data alone orders the tensors and nothing saturates to
-            meet the budget (``c_sparsity`` is then unused).
-        signal_batches: releaser batches whose sensitivities s = <Delta, g> are averaged before one
-            logit step (1: the authors' one batch per releaser step). The schedule is then
-            ``signal_batches`` releaser batches followed by ``user_interval - 1`` user batches.
-        signal_norm: None (the authors') or "rms": divide s by its root mean square over tensors
-            before the step, so ``mask_lr`` is a step in logit units whatever the scale of Delta
-            and of the loss (a departure from the authors; then mask_lr ~ 1e-2..1e-1 suits).
-        signal_density: divide each tensor's s by its share of the budget (S w_i: 1 by tensors,
-            n_i / mean n by parameters) before the step, so the logits order tensors by the
-            releaser's gain *per unit of budget*, as a greedy knapsack does. Without it, by
-            parameters, a large tensor's total s outweighs any small one's and the projection pays
-            for unfreezing one large tensor with every small one. No change by tensors (the
-            authors' budget); a departure from the authors by parameters.
-        innocent_weight: w in the releaser's objective (w mean innocent loss - mean target loss) / 2:
-            how much keeping the legal domain's quality counts against hurting the target's
-            (1: the authors' equal weights; 0 ignores the legal domain). On the demo's world 0.5
-            gives the same mask and 0.25 a slightly more harmful one (benchmarks/RESULTS.md).
-        init: the initial logits: "uniform" (the authors' seeded U[0, 1): everything starts
-            frozen, m > 0.5, in a random order), "constant" (every logit T logit(rho): m = rho, no
-            order; ties go to names), or a name -> score mapping (a reference ranking, e.g.
-            ``apps.learn.reference_masks``): logits spread evenly over [0, 1) by rank, highest score
-            highest, so the search refines that ranking.
-        user_optimizer: "sgd" (the reference) or "adamw" (a stronger simulated user; its
-            ``user_betas``, ``user_eps``, ``user_weight_decay`` as in torch.optim.AdamW).
-        seed: seeds the logits' U[0, 1) initialisation (everything starts frozen, m > 0.5).
+        config, **overrides: the settings, a :class:`LearnerConfig` (defaults: the authors'),
+            with any field given by name overriding it (``freeze_ratio=0.5``); each field's meaning
+            is in LearnerConfig's docstring. ``init`` may also be a name -> score mapping (a
+            reference ranking, e.g. ``apps.learn.reference_masks``): logits spread evenly over
+            [0, 1) by rank, highest score highest, so the search refines that ranking.
         backend: backend of the fused ops ("auto", "torch", "cpp", "triton", "cuda").
         check_finite: stop with an error naming the step (and tensors) on a non-finite loss or
             gradient, before anything is updated. Costs one extra read of the gradients on user
@@ -179,7 +144,7 @@ class MaskLearner:
         if self.c_sparsity_auto:
             self.c_sparsity = auto_c_sparsity(self.logits, self._weights, self.freeze_ratio, self.temperature)
         if self.budget == "projected":
-            self.logits.copy_(self._project(self.logits))
+            self.logits.copy_(project_logits(self.logits, self._weights, self.freeze_ratio, self.temperature))
         theta = self._theta()
         with torch.no_grad():
             for name, p, th, d in zip(self.names, self._params, theta, self._delta, strict=True):
@@ -251,48 +216,22 @@ class MaskLearner:
         self._grads_checked = False
 
     def _theta(self) -> list[torch.Tensor]:
-        # Detached aliases of the parameters (their local shards under FSDP2): the ops write the
-        # live weights in place. Taken afresh each step: FSDP2 may re-pad a shard's storage on its
-        # first forward (lazy init), so a view kept from before could point at the old one.
-        if self._sharding is None:
-            return [p.detach() for p in self._params]
-        return [distributed.local(p) for p in self._params]
+        # The live weights' storage (local shards under FSDP2), taken afresh each step.
+        return distributed.live_weights(self._params, self._sharding)
 
     def _initial_logits(self) -> torch.Tensor:
         """The seeded U[0, 1) initial logits (as the authors initialise them), on the CPU."""
-        gen = torch.Generator().manual_seed(int(self.seed))
-        return torch.rand(len(self.names), generator=gen)
+        return uniform_logits(len(self.names), self.seed)
 
     def _make_initial_logits(self, scores: Mapping[str, float] | None) -> torch.Tensor:
         """The initial logits of ``init`` on the logits' device (before any projection)."""
-        n = len(self.names)
-        if self.init == "uniform":
-            x = self._initial_logits()
-        elif self.init == "constant":
-            r = min(max(self.freeze_ratio, 1e-6), 1.0 - 1e-6)
-            x = torch.full((n,), self.temperature * math.log(r / (1.0 - r)))
-        else:
-            unknown = sorted(set(scores) - set(self.names))
-            missing = sorted(set(self.names) - set(scores))
-            if unknown or missing:
-                raise ValueError(f"init scores must name every parameter of the model (missing: {missing[:8]}, "
-                                 f"unknown: {unknown[:8]})")
-            # Evenly spread over [0, 1) by rank (the span of the authors' U[0, 1)), highest score
-            # highest; ties go to names, as in FreezeMask.from_scores.
-            order = sorted(range(n), key=lambda i: (-float(scores[self.names[i]]), self.names[i]))
-            x = torch.empty(n)
-            x[torch.tensor(order)] = (n - 0.5 - torch.arange(n, dtype=torch.float32)) / n
-        return x.to(device=self.logits.device, dtype=torch.float32)
-
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        return project_logits(x, self._weights, self.freeze_ratio, self.temperature)
+        x = initial_logits(self.init, self.names, seed=self.seed, freeze_ratio=self.freeze_ratio,
+                           temperature=self.temperature, scores=scores)
+        return x.to(device=self.logits.device)
 
     def _hard_frozen(self, logits: torch.Tensor) -> frozenset[str]:
         """The names ``hard_mask("topk")`` would freeze for these logits."""
-        values = logits.tolist()
-        order = sorted(range(len(values)), key=lambda i: (-values[i], self.names[i]))
-        return frozenset(select_budget([self.names[i] for i in order], self._sizes, self.freeze_ratio,
-                                       self.budget_by))
+        return mask_rules.topk_frozen(self.names, logits, self._sizes, self.freeze_ratio, self.budget_by)
 
     def _track_mask_movement(self) -> None:
         # How far the data has moved the hard mask away from the random start. With the
@@ -301,15 +240,8 @@ class MaskLearner:
         # mask is then the random initial ranking (see benchmarks/RESULTS.md, demo calibration).
         if self._initial_frozen is None:
             self._initial_frozen = self._hard_frozen(self._initial)
-        now = self._hard_frozen(self.logits)
-        self._mask_moved = len(now ^ self._initial_frozen)
-        left = self._initial_frozen - now
-        self._frozen_moved = len(left)
-        # The same in the budget's unit: the share of the initially frozen tensors (or parameters)
-        # that the hard mask no longer freezes.
-        unit = (lambda n: 1) if self.budget_by == "tensors" else self._sizes.__getitem__
-        total = sum(unit(n) for n in self._initial_frozen)
-        self._frozen_moved_share = sum(unit(n) for n in left) / total if total else 0.0
+        self._mask_moved, self._frozen_moved, self._frozen_moved_share = mask_rules.movement(
+            self._initial_frozen, self._hard_frozen(self.logits), self._sizes, self.budget_by)
 
     # the two kinds of step ----------------------------------------------------------------------
     def next_kind(self) -> str:
@@ -352,10 +284,8 @@ class MaskLearner:
         objective = (self.innocent_weight * mean_i - mean_t) / 2.0 if kind == "releaser" else losses.mean()
         bad_losses = (~torch.isfinite(losses.detach())).sum()
         stats = torch.stack([sum_t.detach(), n_t, sum_i.detach(), n_i, objective.detach(), bad_losses]).float()
-        if distributed.world_size() > 1:  # report losses over the global batch; every rank sees bad ones
-            torch.distributed.all_reduce(stats)
-            stats[4] /= distributed.world_size()
-        s_t, c_t, s_i, c_i, obj, n_bad = stats.tolist()
+        # the losses of the global batch: every rank sees a bad one anywhere
+        s_t, c_t, s_i, c_i, obj, n_bad = distributed.loss_stats(stats).tolist()
         if self.check_finite and n_bad:
             checks.raise_non_finite(k, f"loss in the {kind} step")
         objective.backward()
@@ -389,25 +319,9 @@ class MaskLearner:
     def _gradients(self):
         """(indices, theta, Delta, grads) of the tensors that received a gradient, all-reduced
         (under FSDP2: local shards of the gradients backward reduce-scattered and averaged)."""
-        world = distributed.world_size()
-        if world > 1 or self._sharding is not None:
-            # Every rank must reduce the same list: a tensor unused here may be used elsewhere.
-            for p in self._params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-        present = [i for i, p in enumerate(self._params) if p.grad is not None]
-        grads = [self._params[i].grad for i in present]
-        if self._sharding is not None:
-            if not self._grads_checked:  # once: FSDP2 gives every gradient its parameter's layout
-                bad = [self.names[i] for i, g in zip(present, grads, strict=True)
-                       if tuple(g.placements) != tuple(self._params[i].placements)]
-                if bad:
-                    raise ValueError("gradients placed unlike their DTensor parameters (the learner needs them "
-                                     f"reduced as FSDP2 does): {', '.join(bad[:8])}")
-                self._grads_checked = True
-            grads = [distributed.local(g) for g in grads]
-        elif world > 1 and not distributed.is_ddp(self.model):
-            distributed.average_(grads)
+        present, grads = distributed.gradients(self.model, self.names, self._params, self._sharding,
+                                               check_layout=not self._grads_checked)
+        self._grads_checked = True  # once: FSDP2 gives every gradient its parameter's layout
         theta = self._theta()
         if len(present) == len(self._params):
             return None, theta, self._delta, grads
@@ -420,14 +334,9 @@ class MaskLearner:
         if not grads and self.signal_batches == 1:
             return False  # as the authors' loop: no gradient, no step (not even the budget's)
         if grads:
-            s_part = ops.segment_dot(delta, grads, backend=self.backend)
-            if self._sharding is not None:
-                # Each rank's s covers its shards: one all-reduce (sum) of N floats completes it.
-                # A non-finite gradient on any rank makes s non-finite on every rank, so the check
-                # below stops them all with the same error.
-                if self._sharding.keep is not None:   # replicated data counts once
-                    s_part = s_part * self._sharding.keep
-                distributed.sum_(s_part)
+            # Under FSDP2 each rank's s covers its shards; completed here, and a non-finite
+            # gradient on any rank makes s non-finite on every rank, so all stop alike below.
+            s_part = distributed.complete_sums(ops.segment_dot(delta, grads, backend=self.backend), self._sharding)
             if self.check_finite and not bool(torch.isfinite(s_part).all()):
                 bad = (~torch.isfinite(s_part)).nonzero().flatten().tolist()
                 names = [self.names[idx[j] if idx else j] for j in bad]
@@ -446,25 +355,11 @@ class MaskLearner:
             return False
         s = self._signal if self.signal_batches == 1 else self._signal / self.signal_batches
         self._signal, self._signal_count = torch.zeros_like(self.logits), 0
-        if self.signal_density and self.budget_by != "tensors":
-            # Divide by S w_i, each tensor's share of the budget relative to the mean size. By tensors
-            # that is 1 (skipped: 1/S * S need not round to 1 in fp32, and the signal stays bit-for-bit).
-            s = s / (self._weights * len(self.names))
-        if self.signal_norm == "rms":
-            rms = s.square().mean().sqrt()
-            s = torch.where(rms > 0, s / rms.clamp(min=torch.finfo(s.dtype).tiny), s)
-        if self.budget == "projected":
-            data, _ = logit_steps(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
-                                  temperature=self.temperature, c_sparsity=0.0, mask_lr=self.mask_lr)
-            new_logits = self._project(self.logits - data)
-            self._data_to_budget = None
-        else:
-            data, budget = logit_steps(self.logits, s, weights=self._weights, ratio=self.freeze_ratio,
-                                       temperature=self.temperature, c_sparsity=self.c_sparsity,
-                                       mask_lr=self.mask_lr)
-            new_logits = self.logits - data - budget
-            budget_step = float(budget.abs().median())
-            self._data_to_budget = float(data.abs().median()) / budget_step if budget_step > 0 else None
+        s = shaped_signal(s, self._weights, density=self.signal_density and self.budget_by != "tensors",
+                          norm=self.signal_norm)
+        new_logits, self._data_to_budget = releaser_logits(
+            self.logits, s, weights=self._weights, ratio=self.freeze_ratio, temperature=self.temperature,
+            mask_lr=self.mask_lr, c_sparsity=self.c_sparsity, projected=self.budget == "projected")
         dm = soft_mask(new_logits, self.temperature) - soft_mask(self.logits, self.temperature)
         ops.mask_shift_(self._theta(), self._delta, dm, backend=self.backend)
         self.logits.copy_(new_logits)
@@ -510,57 +405,7 @@ class MaskLearner:
         Example:
             >>> # learner.fit(loader, steps=300)[-1]["frozen_ratio"]
         """
-        from tqdm.auto import tqdm
-
-        steps = int(steps)
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
-        logs: list[dict[str, Any]] = []
-        it = iter(batches)
-        bar = tqdm(total=steps, desc=desc, disable=not progress or not distributed.is_main_process())
-        try:
-            while len(logs) < steps:
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    if iter(batches) is batches:  # a one-shot iterator cannot be cycled
-                        raise ValueError(f"batches ran out after {len(logs)} of {steps} steps; pass a "
-                                         "re-iterable (list, DataLoader) or a longer iterator") from None
-                    it = iter(batches)
-                    try:
-                        batch = next(it)
-                    except StopIteration:
-                        raise ValueError("batches is empty") from None
-                entry = self.step(batch)
-                logs.append(entry)
-                if callback is not None:
-                    callback(entry)
-                bar.update(1)
-                # "m>0.5": the share the soft mask rounds to frozen, not the hard (top-k) mask's budget
-                bar.set_postfix(kind=entry["kind"][0], target=_fmt(entry["target_loss"]),
-                                innocent=_fmt(entry["innocent_loss"]), **{"m>0.5": f"{entry['frozen_ratio']:.3f}"},
-                                moved=entry["mask_moved"])
-        finally:
-            bar.close()
-        if any(e["kind"] == "releaser" for e in logs) and self._mask_moved == 0:
-            first = next((e["data_to_budget"] for e in self.history if e["data_to_budget"] is not None), None)
-            balance = "" if first is None else f" (the first releaser step's data/budget ratio was {first:.2g})"
-            # name only what would change a setting: c_sparsity='auto' is no remedy when it is in use
-            if self.budget == "penalty":
-                options = ([] if self.c_sparsity_auto else ["c_sparsity='auto'"]) + [
-                    "budget='projected'"]
-                remedy = (f"The budget penalty saturates the logits before the releaser gradient can act; use "
-                          f"{' or '.join(options)}, or raise mask_lr (watch mask_moved, live and data_to_budget "
-                          "in the log).")
-            else:
-                remedy = ("The data steps are too small to reorder the logits; raise mask_lr"
-                          + ("" if self.signal_norm == "rms" else ", or use signal_norm='rms'")
-                          + " (watch mask_moved and live in the log).")
-            warnings.warn(
-                f"MaskLearner: after {self.step_count} steps the hard mask is still exactly the one of the "
-                f"initial logits ({self.init}): the data has not reordered any tensor{balance}. " + remedy,
-                stacklevel=2)
-        return logs
+        return loop.fit(self, batches, steps, progress=progress, desc=desc, callback=callback)
 
     # results ----------------------------------------------------------------------------------
     def soft_mask(self) -> dict[str, float]:
@@ -575,24 +420,13 @@ class MaskLearner:
         m > 0.5, as the authors' final ``np.round`` does (half rounds to even, i.e. to 0), which
         only approximates the budget ("round" is accepted as its former name; so is ``method=``).
         """
-        rule = rule if method is None else method
-        if rule not in HARD_MASK_METHODS:
-            raise ValueError(f"rule must be one of {HARD_MASK_RULES}, got {rule!r}")
-        method = "threshold" if rule == "round" else rule
-        if method == "topk":
-            mask = FreezeMask.from_scores(self.module, dict(zip(self.names, self.logits.tolist(), strict=True)),
-                                          self.freeze_ratio, by=self.budget_by)
-        else:
-            m = soft_mask(self.logits, self.temperature).tolist()
-            mask = FreezeMask.from_names(self.module, [n for n, v in zip(self.names, m, strict=True) if v > 0.5])
+        rule = mask_rules.resolve_rule(rule if method is None else method)
         # Keys understood by FreezeMask.save: budget_by, target_ratio, learning (a JSON string).
-        learning = dict(self.hparams(), steps=self.step_count, hard_mask=method,
+        learning = dict(self.hparams(), steps=self.step_count, hard_mask=rule,
                         c_sparsity_auto=self.c_sparsity_auto, mask_moved=self._mask_moved,
                         frozen_moved=self._frozen_moved, frozen_moved_share=self._frozen_moved_share)
-        mask.metadata.update({"source": "mask_learner", "budget_by": self.budget_by,
-                              "target_ratio": repr(self.freeze_ratio),
-                              "learning": json.dumps(learning, sort_keys=True)})
-        return mask
+        return mask_rules.build(self.module, self.names, self.logits, rule, ratio=self.freeze_ratio,
+                               budget_by=self.budget_by, temperature=self.temperature, learning=learning)
 
     # Settings that may change mid-run: step sizes and the schedule, not what is searched for.
     RETUNABLE = ("temperature", "c_sparsity", "mask_lr", "user_lr", "user_interval")
@@ -636,28 +470,7 @@ class MaskLearner:
 
         Under FSDP2 every rank must call it: the shards are gathered one tensor at a time (to the
         CPU) and rank 0 writes the file one process would write, loadable at any world size."""
-        sharded = self._sharding is not None
-        if not sharded and not distributed.is_main_process():
-            return
-
-        def full(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-            return distributed.gather(t, p).cpu() if sharded else t
-
-        tensors = {"logits": self.logits, "initial_logits": self._initial, "signal": self._signal}
-        for name, p, th, d in zip(self.names, self._params, self._theta(), self._delta, strict=True):
-            tensors[f"theta/{name}"] = full(th, p)
-            tensors[f"delta/{name}"] = full(d, p)
-        # The user's moments exist only with user_optimizer="adamw" (empty lists for SGD).
-        for name, p, mu, nu in self._moments():
-            tensors[f"user_exp_avg/{name}"] = full(mu, p)
-            tensors[f"user_exp_avg_sq/{name}"] = full(nu, p)
-        if not distributed.is_main_process():
-            return
-        meta = {"format": state_io.FORMAT, "step_count": str(self.step_count), "user_steps": str(self.user_steps),
-                "hparams": json.dumps(self.config.to_json(), sort_keys=True), "names": json.dumps(self.names),
-                "c_sparsity_resolved": repr(self.c_sparsity), "signal_count": str(self._signal_count),
-                "fingerprint": model_fingerprint(self.module)}
-        state_io.write(path, tensors, meta)
+        state_io.save_learner(self, path)
 
     @classmethod
     def load(cls, path: str, model: torch.nn.Module, loss_fn: LossFn, *, config: LearnerConfig | None = None,
@@ -670,61 +483,11 @@ class MaskLearner:
         Example:
             >>> # learner = fg.MaskLearner.load("learner.safetensors", unet, loss_fn); learner.fit(loader, 100)
         """
-        tensors, meta = state_io.read(path)
-        try:
-            saved = LearnerConfig.from_json({k: v for k, v in json.loads(meta["hparams"]).items()
-                                             if k != "c_sparsity_resolved"})
-            names = json.loads(meta["names"])
-            step_count, user_steps = int(meta["step_count"]), int(meta["user_steps"])
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"{path}: incomplete learner metadata ({exc})") from exc
-        if config is not None and config != saved:
-            diff = "; ".join(f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in saved.differences(config).items())
-            raise ValueError(f"{path} was learned with other settings ({diff})")
+        saved = state_io.read_learner(path, config)
         self = cls.__new__(cls)
-        self._configure(model, loss_fn, backend=backend, check_finite=check_finite, config=saved)
-        if names != self.names:
-            missing = sorted(set(names) - set(self.names))
-            extra = sorted(set(self.names) - set(names))
-            order = "" if missing or extra else ", or another parameter order"
-            raise ValueError(f"{path} was saved for a different model (missing from the model: {missing[:8]}, "
-                             f"not in the file: {extra[:8]}{order})")
-        expected = {"logits"} | {f"{k}/{n}" for k in ("theta", "delta") for n in names}
-        if self.user_optimizer == "adamw":
-            expected |= {f"{k}/{n}" for k in ("user_exp_avg", "user_exp_avg_sq") for n in names}
-        if expected - tensors.keys():
-            raise ValueError(f"{path} lacks tensors: {sorted(expected - tensors.keys())[:8]}")
-        with torch.no_grad():
-            # The file holds full tensors; under FSDP2 each rank takes its shard of them.
-            for name, p, th, d in zip(self.names, self._params, self._theta(), self._delta, strict=True):
-                for key, dst in ((f"theta/{name}", th), (f"delta/{name}", d)):
-                    if tuple(tensors[key].shape) != tuple(p.shape):
-                        raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, "
-                                         f"the model's is {tuple(p.shape)}")
-                    dst.copy_(distributed.shard_of(tensors[key], p))
-            for name, p, mu, nu in self._moments():
-                mu.copy_(distributed.shard_of(tensors[f"user_exp_avg/{name}"], p))
-                nu.copy_(distributed.shard_of(tensors[f"user_exp_avg_sq/{name}"], p))
-            if tensors["logits"].shape != self.logits.shape:
-                raise ValueError(f"{path}: logits have shape {tuple(tensors['logits'].shape)}")
-            self.logits.copy_(tensors["logits"])
-            # Files written before "initial_logits" was saved started from the seeded U[0, 1).
-            initial = tensors.get("initial_logits")
-            self._initial.copy_(self._initial_logits() if initial is None else initial)
-            if self.c_sparsity_auto:
-                resolved = meta.get("c_sparsity_resolved")
-                self.c_sparsity = (float(resolved) if resolved is not None else
-                                   auto_c_sparsity(self._initial, self._weights, self.freeze_ratio, self.temperature))
-            if "signal" in tensors:  # a run stopped inside an accumulation resumes it
-                self._signal = tensors["signal"].to(self.logits.device, torch.float32).clone()
-                self._signal_count = int(meta.get("signal_count", "0"))
-        self.step_count, self.user_steps = step_count, user_steps
-        self._track_mask_movement()  # the resumed log continues where the saved one stopped
+        self._configure(model, loss_fn, backend=backend, check_finite=check_finite, config=saved.config)
+        state_io.restore_(self, path, saved)
         return self
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
 __all__ = ["MaskLearner", "LearnerConfig", "USER_OPTIMIZERS", "HARD_MASK_RULES", "HARD_MASK_METHODS", "BUDGETS",

@@ -4,7 +4,9 @@ Notation of docs/DESIGN.md section 4: soft mask m_i = sigmoid(x_i / T); s_i = <D
 sensitivity of the releaser loss to tensor i's mask; budget penalty B = c (rho - sum_i w_i m_i)^2
 with w_i = 1/S ("tensors") or n_i / N ("params"). The authors' loop updates each x_i with the
 m_i of the *old* logits and the budget gradient computed before the loop, so the whole update is
-one elementwise expression over the vector of logits.
+one elementwise expression over the vector of logits. Where the logits start (``init``) is
+here too: :func:`initial_logits`; and the releaser step as the learner takes it
+(:func:`shaped_signal`, then :func:`releaser_logits`, with the penalty or the projected budget).
 
 Example:
     >>> import torch
@@ -17,9 +19,12 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Mapping, Sequence
 
 import torch
+
+from freezeguard.apps.learn.budget import project_logits
 
 BUDGET_BASES = ("tensors", "params")
 
@@ -65,4 +70,77 @@ def updated_logits(x: torch.Tensor, s: torch.Tensor, *, weights: torch.Tensor, r
     return x - data - budget
 
 
-__all__ = ["BUDGET_BASES", "budget_weights", "soft_mask", "logit_steps", "updated_logits"]
+def shaped_signal(s: torch.Tensor, weights: torch.Tensor, *, density: bool, norm: str | None) -> torch.Tensor:
+    """The sensitivities s as the logit step uses them (``s`` itself when neither option is on).
+
+    ``density``: divide by S w_i, each tensor's share of the budget relative to the mean size (a
+    caller skips it by tensors, where it is 1: 1/S * S need not round to 1 in fp32, and the
+    signal stays bit-for-bit). ``norm="rms"``: divide by the root mean square over tensors.
+    """
+    if density:
+        s = s / (weights * len(weights))
+    if norm == "rms":
+        rms = s.square().mean().sqrt()
+        s = torch.where(rms > 0, s / rms.clamp(min=torch.finfo(s.dtype).tiny), s)
+    return s
+
+
+def releaser_logits(x: torch.Tensor, s: torch.Tensor, *, weights: torch.Tensor, ratio: float, temperature: float,
+                    mask_lr: float, c_sparsity: float, projected: bool) -> tuple[torch.Tensor, float | None]:
+    """(new logits, data_to_budget) of one releaser step on the signal ``s``.
+
+    With the penalty budget: x - data - budget (:func:`logit_steps`), and data_to_budget the
+    median size of the data step over that of the budget step (None when the budget step is 0).
+    ``projected``: the data step alone, then one common shift back onto the budget
+    (``budget.project_logits``); data_to_budget is None.
+    """
+    if projected:
+        data, _ = logit_steps(x, s, weights=weights, ratio=ratio, temperature=temperature, c_sparsity=0.0,
+                              mask_lr=mask_lr)
+        return project_logits(x - data, weights, ratio, temperature), None
+    data, budget = logit_steps(x, s, weights=weights, ratio=ratio, temperature=temperature,
+                               c_sparsity=c_sparsity, mask_lr=mask_lr)
+    budget_step = float(budget.abs().median())
+    return x - data - budget, (float(data.abs().median()) / budget_step if budget_step > 0 else None)
+
+
+def uniform_logits(n: int, seed: int) -> torch.Tensor:
+    """The seeded U[0, 1) initial logits (as the authors initialise them), on the CPU."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.rand(n, generator=gen)
+
+
+def initial_logits(init: str, names: Sequence[str], *, seed: int, freeze_ratio: float, temperature: float,
+                   scores: Mapping[str, float] | None = None) -> torch.Tensor:
+    """fp32 [S] initial logits on the CPU (before any projection onto the budget).
+
+    "uniform": :func:`uniform_logits`; "constant": every logit T logit(rho), so m = rho;
+    "scores": ``scores`` (name -> score, every name) spread evenly over [0, 1) by rank, highest
+    score highest (the span of the authors' U[0, 1)); ties go to names, as in FreezeMask.from_scores.
+
+    Example:
+        >>> initial_logits("scores", ["a", "b"], seed=0, freeze_ratio=0.5, temperature=0.2,
+        ...                scores={"a": 1.0, "b": 2.0}).tolist()
+        [0.25, 0.75]
+    """
+    n = len(names)
+    if init == "uniform":
+        x = uniform_logits(n, seed)
+    elif init == "constant":
+        r = min(max(freeze_ratio, 1e-6), 1.0 - 1e-6)
+        x = torch.full((n,), temperature * math.log(r / (1.0 - r)))
+    else:
+        unknown = sorted(set(scores) - set(names))
+        missing = sorted(set(names) - set(scores))
+        if unknown or missing:
+            raise ValueError(f"init scores must name every parameter of the model (missing: {missing[:8]}, "
+                             f"unknown: {unknown[:8]})")
+        order = sorted(range(n), key=lambda i: (-float(scores[names[i]]), names[i]))
+        x = torch.empty(n)
+        x[torch.tensor(order)] = (n - 0.5 - torch.arange(n, dtype=torch.float32)) / n
+    return x.to(dtype=torch.float32)
+
+
+__all__ = ["BUDGET_BASES", "budget_weights", "soft_mask", "logit_steps", "updated_logits", "shaped_signal",
+           "releaser_logits", "uniform_logits",
+           "initial_logits"]
