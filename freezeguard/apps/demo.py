@@ -52,25 +52,24 @@ WORLDS = ("relearn", "new concept")
 FRESH_TOKEN = "fresh token"
 
 
-# The demo's learner. Chosen by benchmarks/learner_sweep.py (benchmarks/RESULTS.md, issue 11): by
-# tensors the releaser spends the budget on biases and norms (the innocent term keeps the large
-# tensors both domains need trainable), so the budget counts parameters; the projected budget,
-# 4 signal batches per logit step and an RMS-normalised signal let the data reorder the logits.
-# freeze_ratio, 90% of the parameters: at 0.5 no mask, chosen any way (random, reference rankings,
-# whole parts of the UNet, the learner), blocks or spares measurably more than another on the
-# held-out loss (at most ~8% of either domain's gain, target and innocent in step); at 0.9
-# freezing matters (random masks block ~19% of the target's gain) and masks differ
-# (benchmarks/RESULTS.md, issue 11, "Evaluation power"). Chosen on random and reference masks.
-# signal_density with init="constant" (DemoConfig.init): rank tensors by the signal per parameter
-# (the budget's unit), from a constant start, so the data alone sets the order:
-# benchmarks/eval_power.py --variants at ratio 0.9 (RESULTS.md, issue 11, "Learner variants") --
-# uniform start +2.2, constant start -0.0, constant start with the density +4.7 points of the
-# target's gain beyond random at equal harm.
-# innocent_weight 1 (the default): the releaser weighs both domains' losses equally (the
-# authors'): 0.5 learns the same mask and 0.25 one 0.2 points further beyond random at 0.8 points
-# more harm (eval_power --variants, RESULTS.md, issue 11, "Against the stronger attackers, other
-# weights ..."). Unnamed fields are LearnerConfig's defaults (the authors' T = 0.2, c "auto",
-# user_interval 5, the AdamW user's betas, eps and weight decay).
+# The demo's learner. Chosen by benchmarks/learner_sweep.py (benchmarks/RESULTS.md, "The learned mask must be
+# learned"): by tensors the releaser spends the budget on biases and norms (the innocent term keeps the large
+# tensors both domains need trainable), so the budget counts parameters; the projected budget, 4 signal batches
+# per logit step and an RMS-normalised signal let the data reorder the logits.
+# freeze_ratio, 90% of the parameters: at 0.5 no mask, chosen any way (random, reference rankings, whole parts
+# of the UNet, the learner), blocks or spares measurably more than another on the held-out loss (at most ~8% of
+# either domain's gain, target and innocent in step); at 0.9 freezing matters (random masks block ~19% of the
+# target's gain) and masks differ (benchmarks/RESULTS.md, "The learned mask must be learned" / "Evaluation
+# power"). Chosen on random and reference masks.
+# signal_density with init="constant" (DemoConfig.init): rank tensors by the signal per parameter (the budget's
+# unit), from a constant start, so the data alone sets the order: benchmarks/eval_power.py --variants at ratio
+# 0.9 (RESULTS.md, "The learned mask must be learned" / "Learner variants") -- uniform start +2.2, constant
+# start -0.0, constant start with the density +4.7 points of the target's gain beyond random at equal harm.
+# innocent_weight 1 (the default): the releaser weighs both domains' losses equally (the authors'): 0.5 learns
+# the same mask and 0.25 one 0.2 points further beyond random at 0.8 points more harm (eval_power --variants,
+# RESULTS.md, "The learned mask must be learned" / "Against the stronger attackers, other weights ..."). Unnamed
+# fields are LearnerConfig's defaults (the authors' T = 0.2, c "auto", user_interval 5, the AdamW user's betas,
+# eps and weight decay).
 DEMO_LEARNER = LearnerConfig(freeze_ratio=0.9, budget_by="params", mask_lr=0.05, user_lr=1e-3,
                              user_optimizer="adamw", budget="projected", signal_batches=4, signal_norm="rms",
                              signal_density=True, init="constant")
@@ -126,14 +125,14 @@ class DemoConfig:
     # also blocks less. () leaves them out.
     # One ratio keeps the demo under 10 minutes on 2 cores; eval_power.py --random-ratios adds more.
     harm_ratios: tuple[float, ...] = (0.5, 0.7)
-    # draws of the attack's randomness (data order, noise) every fine-tune is repeated under; each
-    # contender is averaged over them. One draw keeps the demo under 10 minutes on 2 cores, but
-    # can move every figure by more than the gap between masks (benchmarks/RESULTS.md, issue 11).
+    # draws of the attack's randomness (data order, noise) every fine-tune is repeated under; each contender is
+    # averaged over them. One draw keeps the demo under 10 minutes on 2 cores, but can move every figure by more
+    # than the gap between masks (benchmarks/RESULTS.md, "The learned mask must be learned").
     attack_seeds: int = 1
-    # The metric of the headline (mitigation, learned/random). Held-out loss: over 5 draws of the
-    # attack its gaps between masks repeat (reliability 0.88; one draw 0.59), recognisability's do
-    # not (0.00; benchmarks/RESULTS.md, issue 11, "Evaluation power"). Chosen on that measurement,
-    # before any mask was compared on it. Every metric is still in the report.
+    # The metric of the headline (mitigation, learned/random). Held-out loss: over 5 draws of the attack its
+    # gaps between masks repeat (reliability 0.88; one draw 0.59), recognisability's do not (0.00;
+    # benchmarks/RESULTS.md, "The learned mask must be learned" / "Evaluation power"). Chosen on that
+    # measurement, before any mask was compared on it. Every metric is still in the report.
     primary_metric: str = "loss"
     judge_steps: int = 300
     heldout_n: int = 64
