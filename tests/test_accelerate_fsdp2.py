@@ -18,7 +18,7 @@ import os
 
 import pytest
 import torch
-from support.gloo import free_port, linear_stack, regression_pair
+from support.gloo import end_worker, free_port, linear_stack, regression_pair
 
 import freezeguard as fg
 
@@ -69,6 +69,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.distributed.barrier()  # before destroy_process_group, or teardown can abort the worker
     finally:
         torch.distributed.destroy_process_group()
+    end_worker()
 
 
 def test_accelerate_fsdp2_plugin_keeps_frozen_tensors_and_matches_one_process(tmp_path):

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from support.gloo import free_port, linear_stack, regression_pair
+from support.gloo import end_worker, free_port, linear_stack, regression_pair
 
 import freezeguard as fg
 
@@ -74,6 +74,7 @@ def _worker(rank: int, world: int, port: int, backend: str, kind: str, out: str)
         dist.barrier()  # before destroy_process_group, or teardown can abort the worker
     finally:
         dist.destroy_process_group()
+    end_worker()
 
 
 @pytest.mark.parametrize("backend,kind", [("cpp", "fg"), ("torch", "fg"), ("cpp", "wrap")])

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from support.gloo import free_port, global_batches, half, learner_states, regression_loss
+from support.gloo import end_worker, free_port, global_batches, half, learner_states, regression_loss
 
 import freezeguard as fg
 import freezeguard.apps.learn.distributed  # noqa: F401
@@ -67,6 +67,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    end_worker()
 
 
 def test_two_gloo_ranks_end_identical_and_match_one_process(tmp_path):

@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from support.gloo import free_port, global_batches, half, learner_states, regression_loss
+from support.gloo import end_worker, free_port, global_batches, half, learner_states, regression_loss
 
 import freezeguard as fg
 
@@ -138,6 +138,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.barrier()  # before destroy_process_group, or teardown can abort the worker
     finally:
         dist.destroy_process_group()
+    end_worker()
 
 
 def _non_finite(rank: int, pre, ft, halves) -> dict[str, str]:

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 pytest.importorskip("diffusers")
 
-from support.gloo import free_port
+from support.gloo import end_worker, free_port
 
 import freezeguard as fg  # noqa: E402
 from freezeguard.apps.memory import guarded_bytes, largest_unit_bytes, learner_bytes, memory_rows, shard_numel  # noqa: E402
@@ -212,6 +212,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    end_worker()
 
 
 def test_fsdp2_local_shards_match_the_formula(tmp_path):

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from support.gloo import free_port
+from support.gloo import end_worker, free_port
 from support.tiny_models import build_tiny_unet
 
 import freezeguard as fg
@@ -193,6 +193,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    end_worker()
 
 
 def test_ddp_two_gloo_processes(tmp_path):
