@@ -30,6 +30,20 @@ def _released_params(model):
     return {canonical_name(n): p.detach() for n, p in model.named_parameters()}
 
 
+def _flux_lora_loaded_and_verified(capsys, tmp_path, name, lora, model, frozen, released, mask):
+    """Save ``lora``, let diffusers' Flux loader apply and fuse it, and check verify's exit code against
+    what the loader did: a "bad" file changes the frozen tensor and is exit 1, a "good" one neither."""
+    path = tmp_path / f"{name}.safetensors"
+    save_file(lora, str(path))
+    sd = diffusers.FluxPipeline.lora_state_dict(str(path))
+    target = _tiny_flux()
+    diffusers.FluxPipeline.load_lora_into_transformer(sd, network_alphas=None, transformer=target)
+    target.fuse_lora()
+    changed = not torch.equal(_released_params(target)[frozen], _released_params(model)[frozen])
+    code, data = _verify(capsys, released, path, mask)
+    assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
+
+
 def _release(model, tmp_path, frozen):
     model.save_pretrained(tmp_path / "released")
     mask = fg.FreezeMask.from_names(model, frozen)
@@ -251,15 +265,7 @@ def test_kohya_flux_lora_double_block_qkv(tmp_path, capsys):
         rows = 3 * inner if name == "bad" else inner
         lora = {f"{module}.lora_down.weight": torch.randn(2, inner, generator=gen),
                 f"{module}.lora_up.weight": torch.randn(rows, 2, generator=gen), f"{module}.alpha": torch.tensor(2.0)}
-        path = tmp_path / f"{name}.safetensors"
-        save_file(lora, str(path))
-        sd = diffusers.FluxPipeline.lora_state_dict(str(path))
-        target = _tiny_flux()
-        diffusers.FluxPipeline.load_lora_into_transformer(sd, network_alphas=None, transformer=target)
-        target.fuse_lora()
-        changed = not torch.equal(_released_params(target)[frozen], _released_params(model)[frozen])
-        code, data = _verify(capsys, released, path, mask)
-        assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
+        _flux_lora_loaded_and_verified(capsys, tmp_path, name, lora, model, frozen, released, mask)
 
 
 def test_kohya_flux_lora_with_a_key_the_converter_leaves_is_cannot_verify(tmp_path, capsys):
@@ -302,15 +308,7 @@ def test_xlabs_flux_lora(tmp_path, capsys):
     for name, proc, rows in (("bad", "qkv_lora1", 3 * d), ("good", "proj_lora2", d)):
         lora = {f"double_blocks.0.processor.{proc}.down.weight": torch.randn(2, d, generator=gen),
                 f"double_blocks.0.processor.{proc}.up.weight": torch.randn(rows, 2, generator=gen)}
-        path = tmp_path / f"{name}.safetensors"
-        save_file(lora, str(path))
-        sd = diffusers.FluxPipeline.lora_state_dict(str(path))
-        target = _tiny_flux()
-        diffusers.FluxPipeline.load_lora_into_transformer(sd, network_alphas=None, transformer=target)
-        target.fuse_lora()
-        changed = not torch.equal(_released_params(target)[frozen], _released_params(model)[frozen])
-        code, data = _verify(capsys, released, path, mask)
-        assert (code, changed) == ((1, True) if name == "bad" else (0, False)), (name, data["cannot_verify"][:3])
+        _flux_lora_loaded_and_verified(capsys, tmp_path, name, lora, model, frozen, released, mask)
 
 
 def test_comfyui_style_peft_lora_is_cannot_verify(tmp_path, capsys):
