@@ -33,7 +33,7 @@ def differences(a, b, path: str = "") -> list[str]:
             return [f"{path}: {len(a)} items vs {len(b)}"]
         return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]")]
     both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
-    return [] if a == b or both_nan else [f"{path}: {a!r} vs {b!r}"]
+    return [] if a == b or both_nan else [f"{path}: {repr(a)[:100]} vs {repr(b)[:100]}"]
 
 
 def main(argv: list[str]) -> int:
