@@ -113,7 +113,7 @@ def test_optimizer_step_overhead(run_bench, benchmark, device, impl, monkeypatch
     """fg.optim.AdamW.step against torch.optim.AdamW(fused=True).step where only the overhead counts.
 
     ``*-python-bookkeeping`` runs the same step with the native list checks and step counters
-    switched off (freezeguard/_shortcuts.py), i.e. as before they existed.
+    switched off (freezeguard/ops/native_shortcuts.py), i.e. as before they existed.
     """
     shapes = _shapes.unet_shapes("scaled")
     benchmark.group = f"optimizer step overhead {device} (686 x 16 elements)"

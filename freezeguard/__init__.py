@@ -30,7 +30,7 @@ _LAZY = {
     "unwrap": ("freezeguard.core.guard", "unwrap"),
     "lean_frozen_convs_": ("freezeguard.core.lean_convs", "lean_frozen_convs_"),
     "verify": ("freezeguard.core.verify", "verify"),
-    "VerifyReport": ("freezeguard.core.verify", "VerifyReport"),
+    "VerifyReport": ("freezeguard.core.verify_report", "VerifyReport"),
     "MaskLearner": ("freezeguard.apps.learn.learner", "MaskLearner"),
     "diffusion": ("freezeguard.diffusion", None),
     "evaluate": ("freezeguard.apps.evaluate", None),

@@ -107,3 +107,23 @@ def test_contrast_reference_ranks_what_the_target_moves_and_the_legal_data_does_
     assert set(scores) == {n for n, _ in model.named_parameters()} and max(scores.values()) > 0
     # each separate fine-tune saw only its own classes: they end in different places
     assert any(not torch.equal(alone[cfg.target][n], alone[cfg.innocent][n]) for n in scores)
+
+
+def test_a_lora_attacker_facing_frozen_attention_trains_nothing():
+    from freezeguard.apps.baselines._common import attention_projection_names
+    from freezeguard.apps.evaluate.harness import Attacker, attacker_optimizer, finetune
+    from freezeguard.core.mask import FreezeMask
+
+    cfg = DemoConfig.quick()
+    model = toy.build_model(cfg.pretrain.model)
+    projections = [f"{n}.weight" for n in attention_projection_names(model)]
+    mask = FreezeMask.from_names(model, projections)
+    lora = Attacker("LoRA r4", lr=1e-2, steps=3, lora_rank=4)
+    assert attacker_optimizer(model, mask, lora) is None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dom = toy_domains(cfg.target, (), batch_size=4, heldout_n=4)[0]
+    curve = finetune(model, mask, dom, toy.make_loss_fn(cfg.pretrain.model), lora)
+    assert curve[0][1] == curve[-1][1] and curve[-1][0] == 3
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # with one projection left trainable the adapters go there
+    assert attacker_optimizer(model, FreezeMask.from_names(model, projections[1:]), lora) is not None

@@ -96,7 +96,7 @@ def run_bench(*, model: str = "sd15-s", device: str = "cpu", ratios: Iterable[fl
     common = dict(model=model, device=device, batch=batch, latent=latent, steps=steps, warmup=warmup,
                   bf16=bf16, checkpointing=checkpointing, backend=backend)
     todo = configs(ratios=tuple(ratios), by=tuple(by), mask_path=mask_path, **common)
-    if lean_frozen_convs:  # each guarded configuration again, frozen convs keeping no input (item 3)
+    if lean_frozen_convs:  # each guarded configuration again, frozen convs keeping no input (core/lean_convs.py)
         todo += [dict(c, lean_frozen_convs=True) for c in todo if c["mode"] == "guard" and c.get("ratio")]
     rows = []
     for cfg in tqdm(todo, desc="bench", disable=not progress):

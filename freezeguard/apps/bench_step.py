@@ -143,7 +143,7 @@ def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
     if mask is None:
         opt, impl = _full_optimizer(unet.parameters(), device, c["lr"])
     else:
-        lean = bool(c["lean_frozen_convs"])  # item 3: see freezeguard/core/lean_convs.py
+        lean = bool(c["lean_frozen_convs"])  # frozen convs save no input for backward: core/lean_convs.py
         opt = guard(unet, mask, lr=c["lr"], backend=c["backend"], lean_frozen_convs=lean)
         impl = f"fg.guard({c['backend']}{', lean_frozen_convs=True' if lean else ''})"
         if lean:

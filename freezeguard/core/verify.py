@@ -14,6 +14,7 @@ the upload is accounted for. Each key of every weights file a loader could read
 
 Outcomes: ``status`` "ok" (exit 0), "violation" (exit 1: a frozen tensor changed or an adapter
 hangs on a frozen module), "cannot_verify" (exit 2). A violation wins over cannot_verify.
+The report and its JSON schema: :mod:`freezeguard.core.verify_report`.
 
 Example:
     >>> import torch, freezeguard as fg
@@ -33,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -46,11 +46,9 @@ from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
 from freezeguard.core.names import canonical_name, resolve_name
 from freezeguard.core.tensor_compare import LOWER_PRECISIONS, SHORT_NAMES, compare, parse_dtypes
 from freezeguard.core.upload import FileSet, read_upload
+from freezeguard.core.verify_report import VerifyReport
 
 __all__ = ["verify", "VerifyReport", "VerifyInputError", "check_mask_fits_release", "LOWER_PRECISIONS"]
-
-_LISTED = 1000  # keys listed per class in a report; the counts are always complete
-
 
 #: Buffers optimum-quanto keeps on a quantized module (QModuleMixin), beside its weight's ``._data``/``._scale``.
 _QUANTO_MODULE_STATE = ("input_scale", "output_scale")
@@ -58,85 +56,6 @@ _QUANTO_MODULE_STATE = ("input_scale", "output_scale")
 
 class VerifyInputError(ValueError):
     """An input to verify cannot be read or does not fit the mask (bad input, not a violation)."""
-
-
-@dataclass
-class VerifyReport:
-    """Result of :func:`verify` (``to_dict()`` is the ``--json`` schema, docs/security.md).
-
-    Attributes:
-        ok: True only when ``status == "ok"``.
-        status: ``"ok"``, ``"violation"`` or ``"cannot_verify"``; :attr:`exit_code` 0, 1, 2.
-        violations: ``(name, max_abs_diff)`` per frozen tensor that differs (``inf`` if reshaped).
-        lora_violations: ``(adapter_key, frozen_name)`` per adapter weight hanging on a module
-            that owns a frozen tensor (any tuner type).
-        cannot_verify: ``(key or file, reason)`` for everything the audit cannot vouch for.
-        classes: how many keys fell in each class (``compared``, ``compared_frozen``,
-            ``adapter``, ``other_part``, ``unmapped``).
-        parts: keys per pipeline part the mask does not cover.
-        files: the file sets read: ``{"path", "part", "keys", "formats"}``.
-        notes: what the auditor should know.
-        checked: frozen tensors compared (a tensor present in several files counts each time).
-        missing: frozen tensors in no file set (an adapter upload keeps them as released).
-    """
-
-    ok: bool
-    status: str = "ok"
-    violations: list[tuple[str, float]] = field(default_factory=list)
-    lora_violations: list[tuple[str, str]] = field(default_factory=list)
-    cannot_verify: list[tuple[str, str]] = field(default_factory=list)
-    classes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("compared", "compared_frozen", "adapter", "other_part", "unmapped"), 0))
-    parts: dict[str, int] = field(default_factory=dict)
-    files: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    checked: int = 0
-    missing: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    @property
-    def exit_code(self) -> int:
-        """0 ok, 1 violations, 2 cannot verify (the CLI's exit status)."""
-        return {"ok": 0, "violation": 1}.get(self.status, 2)
-
-    def finish(self) -> "VerifyReport":
-        """Set ``status`` and ``ok`` from the findings (a violation wins over cannot_verify)."""
-        self.status = ("violation" if self.violations or self.lora_violations
-                       else "cannot_verify" if self.cannot_verify else "ok")
-        self.ok = self.status == "ok"
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["exit_code"] = self.exit_code
-        # JSON has no inf; a reshaped tensor reports null.
-        d["violations"] = [{"name": n, "max_abs_diff": (v if v != float("inf") else None)}
-                           for n, v in self.violations]
-        d["lora_violations"] = [{"key": k, "frozen": f} for k, f in self.lora_violations[:_LISTED]]
-        d["lora_violations_count"] = len(self.lora_violations)
-        d["cannot_verify"] = [{"key": k, "reason": r} for k, r in self.cannot_verify[:_LISTED]]
-        d["cannot_verify_count"] = len(self.cannot_verify)
-        return d
-
-    def summary(self) -> str:
-        head = {"ok": "OK", "violation": "VIOLATION", "cannot_verify": "CANNOT VERIFY"}[self.status]
-        c = self.classes
-        lines = [f"{head}: {self.checked} frozen tensor(s) compared, {len(self.violations)} changed, "
-                 f"{len(self.lora_violations)} adapter weight(s) on frozen modules, "
-                 f"{len(self.cannot_verify)} key(s)/file(s) cannot be verified",
-                 f"  keys: {c['compared']} compared ({c['compared_frozen']} frozen), {c['adapter']} adapter, "
-                 f"{c['other_part']} other part(s) {self.parts or ''}, {c['unmapped']} unmapped"]
-        lines += [f"  read     {f['path']}  ({f['part']}, {f['keys']} keys"
-                  + (f", formats: {', '.join(f['formats'])}" if f["formats"] else "") + ")" for f in self.files]
-        lines += [f"  changed  {n}  max|diff|={v:.6g}" for n, v in self.violations]
-        lines += [f"  adapter  {k}  -> {f}" for k, f in self.lora_violations[:_LISTED]]
-        lines += [f"  cannot verify  {k}: {r}" for k, r in self.cannot_verify[:50]]
-        if len(self.cannot_verify) > 50:
-            lines.append(f"  ... and {len(self.cannot_verify) - 50} more (--json lists {_LISTED})")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

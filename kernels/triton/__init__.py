@@ -6,7 +6,8 @@ The ops layer reaches them through ``freezeguard.backends.triton_backend``. Modu
 * ``addressing``    device helpers: chunk coordinates, typed pointers, rounding to storage;
 * ``adamw``         masked AdamW;
 * ``mask_updates``  the mask-learning ops: segment_dot, mask_shift_, user_update_;
-* ``launch``        per-op (BLOCK, num_warps) and small launch helpers.
+* ``launch``        per-op (BLOCK, num_warps) and the launch every op shares (tables, then one
+                    launch per dtype group).
 
 Development tools that drive these kernels live outside the package: the compile check for a GPU
 target without a GPU in ``tests/support/triton_compile_check.py``, the BLOCK x num_warps sweep

@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from freezeguard.kernels import tables
 from freezeguard.kernels.addressing import chunk_coords, tensor_ptr, to_storage
-from freezeguard.kernels.launch import CONFIGS, on_device, per_tensor_scalars, triton_dtype
+from freezeguard.kernels.launch import launch_chunked, per_tensor_scalars
 
 
 @triton.jit
@@ -91,18 +90,8 @@ def _bias_corrections(steps: Sequence[float], lr: float, beta1: float, beta2: fl
 
 def _launch(params, grads, exp_avgs, exp_avg_sqs, scal: torch.Tensor, wd_factor: float, *, beta1: float,
             beta2: float, eps: float, wd_in_table: bool, block: int | None, num_warps: int | None) -> None:
-    cfg_block, cfg_warps = CONFIGS["masked_adamw_"]
-    lay = tables.layout(params, block or cfg_block)
-    ptr = tables.pointers((params, grads, exp_avgs, exp_avg_sqs), lay)
-    with on_device(params[0].device):
-        for g, aligned in zip(lay.groups, ptr.aligned, strict=True):
-            if g.num_chunks == 0:
-                continue
-            _masked_adamw_kernel[(g.num_chunks,)](
-                ptr.table, lay.num_tensors, g.chunk_tid, g.chunk_local, lay.numels, scal,
-                wd_factor, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-                DTYPE=triton_dtype(g.dtype), BLOCK=lay.block, ALIGNED=aligned, WD_IN_TABLE=wd_in_table,
-                num_warps=num_warps or cfg_warps)
+    launch_chunked(_masked_adamw_kernel, "masked_adamw_", (params, grads, exp_avgs, exp_avg_sqs), scal, wd_factor,
+                   1.0 - beta1, beta2, 1.0 - beta2, eps, block=block, num_warps=num_warps, WD_IN_TABLE=wd_in_table)
 
 
 def masked_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],

@@ -1,4 +1,10 @@
-"""Launch settings and small host helpers shared by the kernel launchers.
+"""Launch settings and the host side shared by the kernel launchers.
+
+Every op launches the same way: the tensor list's chunk layout and pointer table
+(``freezeguard.kernels.tables``), then one launch per dtype group over that group's chunks, with
+the op's (BLOCK, num_warps). :func:`launch_chunked` does all of it; an op that needs the layout
+first (``segment_dot`` sizes its partial sums by it) uses :func:`chunk_tables` and
+:func:`launch_groups`. A launcher is then its kernel, its scalar arguments and one call.
 
 ``CONFIGS`` holds (BLOCK, num_warps) per op. They are starting points inside the usual range for
 memory-bound elementwise kernels on Hopper (BLOCK 1024-4096, 4-8 warps), not measured optima:
@@ -9,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import triton.language as tl
+
+from freezeguard.kernels import tables
 
 CONFIGS: dict[str, tuple[int, int]] = {
     "masked_adamw_": (2048, 8),
@@ -79,3 +87,36 @@ def on_device(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+Roles = Sequence[Sequence[torch.Tensor]]
+
+
+def chunk_tables(op: str, roles: Roles, block: int | None = None) -> tuple[tables.Layout, tables.Pointers]:
+    """The (cached) chunk layout of ``roles[0]`` in blocks of ``block`` (default: the op's BLOCK)
+    and the pointer table of every role."""
+    lay = tables.layout(roles[0], block or CONFIGS[op][0])
+    return lay, tables.pointers(roles, lay)
+
+
+def launch_groups(kernel, op: str, lay: tables.Layout, ptr: tables.Pointers, *args: Any, num_warps: int | None = None,
+                  per_group: Callable[[tables.Group], tuple] | None = None, **constexprs: Any) -> None:
+    """``kernel`` once per non-empty dtype group, on the current device, as
+    ``kernel[(chunks,)](pointers, S, chunk_tid, chunk_local, numels, *per_group(group), *args,
+    DTYPE=, BLOCK=, ALIGNED=, num_warps=, **constexprs)``."""
+    warps = num_warps or CONFIGS[op][1]
+    for g, aligned in zip(lay.groups, ptr.aligned, strict=True):
+        if g.num_chunks == 0:
+            continue
+        kernel[(g.num_chunks,)](ptr.table, lay.num_tensors, g.chunk_tid, g.chunk_local, lay.numels,
+                                *(per_group(g) if per_group is not None else ()), *args,
+                                DTYPE=triton_dtype(g.dtype), BLOCK=lay.block, ALIGNED=aligned, num_warps=warps,
+                                **constexprs)
+
+
+def launch_chunked(kernel, op: str, roles: Roles, *args: Any, block: int | None = None, num_warps: int | None = None,
+                   **constexprs: Any) -> None:
+    """:func:`chunk_tables` then :func:`launch_groups` on the tensors' device: a whole op's launch."""
+    lay, ptr = chunk_tables(op, roles, block)
+    with on_device(roles[0][0].device):
+        launch_groups(kernel, op, lay, ptr, *args, num_warps=num_warps, **constexprs)

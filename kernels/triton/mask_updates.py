@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from freezeguard.kernels import tables
 from freezeguard.kernels.addressing import chunk_coords, tensor_ptr, to_storage
-from freezeguard.kernels.launch import CONFIGS, REDUCE_BLOCK, on_device, triton_dtype
+from freezeguard.kernels.launch import REDUCE_BLOCK, chunk_tables, launch_chunked, launch_groups, on_device
 
 Tensors = Sequence[torch.Tensor]
 
@@ -67,19 +66,13 @@ def _dot_reduce_kernel(partials, seg_first, seg_count, out, RBLOCK: tl.constexpr
 
 def segment_dot(a: Tensors, b: Tensors, *, block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """fp32 tensor [S] with <a_i, b_i>, deterministic (contract: see freezeguard.ops)."""
-    cfg_block, cfg_warps = CONFIGS["segment_dot"]
-    lay = tables.layout(a, block or cfg_block)
-    ptr = tables.pointers((a, b), lay)
+    lay, ptr = chunk_tables("segment_dot", (a, b), block)
     device = a[0].device
     partials = torch.empty(lay.num_chunks, dtype=torch.float32, device=device)
     out = torch.empty(lay.num_tensors, dtype=torch.float32, device=device)
     with on_device(device):
-        for g, aligned in zip(lay.groups, ptr.aligned, strict=True):
-            if g.num_chunks == 0:
-                continue
-            _dot_partials_kernel[(g.num_chunks,)](
-                ptr.table, lay.num_tensors, g.chunk_tid, g.chunk_local, lay.numels, partials[g.chunk_offset:],
-                DTYPE=triton_dtype(g.dtype), BLOCK=lay.block, ALIGNED=aligned, num_warps=num_warps or cfg_warps)
+        launch_groups(_dot_partials_kernel, "segment_dot", lay, ptr, num_warps=num_warps,
+                      per_group=lambda g: (partials[g.chunk_offset:],))
         # Also covers empty tensors: zero chunks fold to 0.
         _dot_reduce_kernel[(lay.num_tensors,)](partials, lay.seg_first, lay.seg_count, out,
                                                RBLOCK=REDUCE_BLOCK, num_warps=4)
@@ -115,16 +108,7 @@ def _mask_shift_kernel(ptrs, S, chunk_tid, chunk_local, numels, dm_ptr,
 def mask_shift_(theta: Tensors, delta: Tensors, dm: torch.Tensor, *, block: int | None = None,
                 num_warps: int | None = None) -> None:
     """theta_i += delta_i * dm[i], in place (contract: see freezeguard.ops)."""
-    cfg_block, cfg_warps = CONFIGS["mask_shift_"]
-    lay = tables.layout(theta, block or cfg_block)
-    ptr = tables.pointers((theta, delta), lay)
-    with on_device(theta[0].device):
-        for g, aligned in zip(lay.groups, ptr.aligned, strict=True):
-            if g.num_chunks == 0:
-                continue
-            _mask_shift_kernel[(g.num_chunks,)](
-                ptr.table, lay.num_tensors, g.chunk_tid, g.chunk_local, lay.numels, dm,
-                DTYPE=triton_dtype(g.dtype), BLOCK=lay.block, ALIGNED=aligned, num_warps=num_warps or cfg_warps)
+    launch_chunked(_mask_shift_kernel, "mask_shift_", (theta, delta), dm, block=block, num_warps=num_warps)
 
 
 # --------------------------------------------------------------------------- user_update_
@@ -168,13 +152,5 @@ def _user_update_kernel(ptrs, S, chunk_tid, chunk_local, numels, m_ptr, lr,
 def user_update_(theta: Tensors, delta: Tensors, grad: Tensors, m: torch.Tensor, lr: float, *,
                  block: int | None = None, num_warps: int | None = None) -> None:
     """The simulated user's SGD step, in place (contract: see freezeguard.ops)."""
-    cfg_block, cfg_warps = CONFIGS["user_update_"]
-    lay = tables.layout(theta, block or cfg_block)
-    ptr = tables.pointers((theta, delta, grad), lay)
-    with on_device(theta[0].device):
-        for g, aligned in zip(lay.groups, ptr.aligned, strict=True):
-            if g.num_chunks == 0:
-                continue
-            _user_update_kernel[(g.num_chunks,)](
-                ptr.table, lay.num_tensors, g.chunk_tid, g.chunk_local, lay.numels, m, float(lr),
-                DTYPE=triton_dtype(g.dtype), BLOCK=lay.block, ALIGNED=aligned, num_warps=num_warps or cfg_warps)
+    launch_chunked(_user_update_kernel, "user_update_", (theta, delta, grad), m, float(lr), block=block,
+                   num_warps=num_warps)

@@ -16,6 +16,11 @@ A metric's *gain* is its improvement from before to after. For a mask, on a doma
 mask removed. On the target this is the **mitigation**; on an innocent domain it is the
 **innocent impact** (want: high mitigation, impact near 0).
 
+The attackers are ``apps.evaluate.attackers`` (re-exported here); the fine-tunes run one after
+another or in forked workers (``apps.evaluate.workers``); the summary is ``apps.evaluate.metrics``.
+:func:`evaluate_masks` reads as its steps: check the request, resolve the contenders, measure
+before any attack, plan the fine-tunes, run them, assemble the runs.
+
 Example:
     >>> import freezeguard as fg
     >>> from freezeguard.apps.evaluate.harness import Attacker
@@ -26,80 +31,25 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from freezeguard.apps.baselines._common import add_lora, attention_projection_names
 from freezeguard.apps.baselines.harness import Protection
+from freezeguard.apps.evaluate.attackers import (  # noqa: F401  (Attacker, attacker_suite, has_attention re-exported)
+    Attacker,
+    attacker_optimizer,
+    attacker_suite,
+    has_attention,
+)
 from freezeguard.apps.evaluate.metrics import METRIC_SIGN, mask_group, summarize  # noqa: F401  (re-exported)
-from freezeguard.core.guard import make_adamw
+from freezeguard.apps.evaluate.workers import run_jobs
 from freezeguard.core.mask import FreezeMask
 from freezeguard.core.training import train_steps
 
 ROLES = ("target", "innocent")
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]
-
-
-@dataclass
-class Attacker:
-    """A simulated user fine-tune: AdamW (torch defaults but ``weight_decay``) at ``lr`` for ``steps``.
-
-    With ``lora_rank`` the attacker trains rank-``lora_rank`` LoRA adapters on the attention
-    projections instead of the weights -- only on projections the mask leaves trainable: an
-    adapter on a frozen tensor is a way around the mask, which guard/wrap refuse.
-    """
-
-    name: str
-    lr: float
-    steps: int
-    weight_decay: float = 1e-2
-    lora_rank: int | None = None
-
-    def __post_init__(self):
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"attacker {self.name!r}: lr must be a positive number, got {self.lr}")
-        if int(self.steps) < 1:
-            raise ValueError(f"attacker {self.name!r}: steps must be >= 1, got {self.steps}")
-        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
-            raise ValueError(f"attacker {self.name!r}: lora_rank must be an int >= 1, got {self.lora_rank!r}")
-
-
-def has_attention(model: torch.nn.Module) -> bool:
-    """Whether ``model`` has attention projections a LoRA attacker can adapt."""
-    return bool(attention_projection_names(model))
-
-
-def attacker_suite(lr: float, steps: int, *, lr_mult: float = 10.0, steps_mult: float = 3.0,
-                   lora_rank: int | None = None) -> list[Attacker]:
-    """The attackers every mask and baseline faces: the standard user, then stronger ones.
-
-    ``standard`` is the simulated user at ``lr`` for ``steps``; ``"<k>x lr"`` multiplies its
-    learning rate and ``"<k>x steps"`` its step count (a multiplier of 1 drops that attacker).
-    With ``lora_rank`` (pass it where the model has attention, see :func:`has_attention`) a LoRA
-    attacker follows at ``lr_mult`` x ``lr`` for ``steps``: LoRA trains at 10x a full fine-tune's
-    lr in diffusers' scripts (1e-4 against 1e-5). The evaluation, the demo and the benchmarks all
-    build their attackers here, so a figure labelled "10x lr" means the same thing everywhere.
-
-    Example:
-        >>> [a.name for a in attacker_suite(1e-3, 100)]
-        ['standard', '10x lr', '3x steps']
-        >>> attacker_suite(1e-3, 100, lora_rank=4)[-1].name
-        'LoRA r4'
-    """
-    for what, mult in (("lr_mult", lr_mult), ("steps_mult", steps_mult)):
-        if not (mult > 0 and math.isfinite(mult)):
-            raise ValueError(f"attacker {what} must be a positive number, got {mult}")
-    out = [Attacker("standard", lr, steps)]
-    if lr_mult != 1.0:
-        out.append(Attacker(f"{lr_mult:g}x lr", lr * lr_mult, steps))
-    if steps_mult != 1.0:
-        out.append(Attacker(f"{steps_mult:g}x steps", lr, max(1, round(steps * steps_mult))))
-    if lora_rank is not None:
-        out.append(Attacker(f"LoRA r{lora_rank}", lr * lr_mult, steps, lora_rank=lora_rank))
-    return out
 
 
 @dataclass
@@ -151,26 +101,6 @@ def measure(model: torch.nn.Module, loss_fn: LossFn, domain: Domain) -> dict[str
         out["recognisability"] = float(domain.judge(images))
         out["_samples"] = images
     return out
-
-
-def attacker_optimizer(model: torch.nn.Module, mask: FreezeMask | None,
-                       attacker: Attacker) -> torch.optim.Optimizer | None:
-    """The attacker's AdamW: :func:`make_adamw` (mask enforced), or for a LoRA attacker an AdamW
-    over adapters it puts, in place, on ``model``'s attention projections that the mask leaves trainable.
-
-    None for a LoRA attacker when the mask freezes every attention projection: the guard refuses an
-    adapter on a frozen module, so this attacker has nothing to train (its fine-tune changes nothing)."""
-    if attacker.lora_rank is None:
-        return make_adamw(model, mask, lr=attacker.lr, weight_decay=attacker.weight_decay)
-    projections = attention_projection_names(model)
-    if not projections:
-        raise ValueError(f"attacker {attacker.name!r}: the model has no attention projection to put LoRA on")
-    names = [n for n in projections if mask is None or not mask.is_frozen(f"{n}.weight")]
-    if not names:
-        return None
-    model.requires_grad_(False)
-    params = add_lora(model, names, attacker.lora_rank, seed=0)
-    return torch.optim.AdamW(params, lr=attacker.lr, weight_decay=attacker.weight_decay)
 
 
 def finetune(model: torch.nn.Module, mask: FreezeMask | None, domain: Domain, loss_fn: LossFn,
@@ -245,58 +175,9 @@ def _describe(entry: FreezeMask | Protection | None) -> dict[str, Any]:
     return out
 
 
-# What forked workers inherit: set just before the pool starts (fork copies it, nothing is pickled
-# but the job indices and the results), cleared after.
-_WORKER_STATE: tuple | None = None
-
-
-def _run_job(job: tuple[int, int, str, int], state: tuple | None = None) -> tuple[dict[str, Any], list, Any]:
-    """One fine-tune: (attack seed, attacker index, contender, domain index) -> (after metrics, loss
-    curve, samples)."""
-    plan, domains, loss_fn, attackers, curve_points = state if state is not None else _WORKER_STATE
-    seed, ai, name, di = job
-    released_model, mask, streams = plan[name]
-    d = domains[di]
-    tuned = copy.deepcopy(released_model)
-    curve = finetune(tuned, mask, d, loss_fn, attackers[ai], seed=seed, curve_points=curve_points,
-                     train_batches=streams.get(d.name))
-    after = measure(tuned, loss_fn, d)
-    return after, curve, after.pop("_samples", None)
-
-
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-def _run_jobs(jobs: list[tuple[int, int, str, int]], state: tuple, workers: int, model: torch.nn.Module,
-              on_done: Callable[[tuple[int, int, str, int]], None] | None = None) -> list:
-    """Every job, in order: in this process, or in ``workers`` forked processes.
-
-    Each fine-tune is seeded on its own, so the figures do not depend on ``workers``. Forking is
-    used (not spawn) so that models, closures and streams need no pickling; it is skipped for
-    CUDA models (a CUDA context does not survive fork) and where fork is unavailable.
-    """
-    global _WORKER_STATE
-    import multiprocessing as mp
-
-    on_cuda = any(p.is_cuda for p in model.parameters())
-    out = []
-    if workers <= 1 or len(jobs) <= 1 or on_cuda or "fork" not in mp.get_all_start_methods():
-        for job in jobs:
-            out.append(_run_job(job, state))
-            if on_done is not None:
-                on_done(job)
-        return out
-    _WORKER_STATE = state
-    try:
-        with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_one_thread) as pool:
-            for job, res in zip(jobs, pool.imap(_run_job, jobs), strict=True):
-                out.append(res)
-                if on_done is not None:
-                    on_done(job)
-    finally:
-        _WORKER_STATE = None
-    return out
+Job = tuple[int, int, str, int]   # (attack seed, attacker index, contender, domain index)
+# contender -> (released model, mask, per-domain training streams)
+Contenders = dict[str, tuple[torch.nn.Module, "FreezeMask | None", Mapping[str, Any]]]
 
 
 def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Sequence[Domain],
@@ -311,8 +192,7 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
     ``random#1``... are averaged as one group "random" in the summary. Every run is measured
     against the released ``model`` before any attack, so a contender whose released weights
     already score lower (an erased concept) only gets credit for what the attack does not regain;
-    its own pre-attack figures are kept as ``masks[name]["released"]``. ``workers`` > 1 runs the
-    fine-tunes in that many forked processes (one torch thread each; same figures as 1).
+    its own pre-attack figures are kept as ``masks[name]["released"]``.
 
     ``attack_seeds`` > 1 repeats every fine-tune under that many draws of the attack's
     randomness (seeds ``seed``, ``seed + 1``, ...: data order and noise, shared by every contender
@@ -320,11 +200,11 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
     fine-tune of its own seed and averages each contender over the seeds: one draw can move every
     figure by more than the gap between masks (benchmarks/RESULTS.md, "The learned mask must be learned").
 
-    ``workers`` > 1 runs the fine-tunes in that many forked processes (CPU, POSIX), each with
-    the caller's torch thread count: every fine-tune is seeded on its own, so the figures are
-    those of ``workers=1``, in less wall time on a multi-core machine (the tiny demo model's ops
-    are too small to share one fine-tune across cores). Use it with one torch thread: a process
-    that forks after OpenMP started its thread pool can hang.
+    ``workers`` > 1 runs the fine-tunes in that many forked processes (CPU, POSIX; one torch
+    thread each, ``apps.evaluate.workers``): every fine-tune is seeded on its own, so the figures
+    are those of ``workers=1``, in less wall time on a multi-core machine (the tiny demo model's
+    ops are too small to share one fine-tune across cores). Call it with one torch thread: a
+    process that forks after OpenMP started its thread pool can hang.
 
     ``primary_metric``: the metric of the summary's mitigation and learned/random (default:
     recognisability when every domain measures it, else loss). Checked against the metrics every
@@ -334,8 +214,25 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
         >>> result = evaluate_masks(model, {"full": None, "random#0": rnd, "learned": learned},
         ...                         domains, loss_fn, [Attacker("user", 1e-3, 100)])  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
+    _check_request(masks, domains, attackers, workers, attack_seeds)
+    seeds = [seed + k for k in range(attack_seeds)]
+    contenders = _contenders(model, masks, domains)
+    # the reference first: runs that equal it (same weights, no mask, same data) are copied from it
+    order = ["full"] + [n for n in masks if n != "full"]
+    result = EvalResult(attackers=list(attackers))
+    result.masks = {name: _describe(masks[name]) for name in order}
+    before = _measure_before_attacks(result, model, loss_fn, domains, contenders, order)
+    result.primary_metric = _pick_primary_metric(before, primary_metric)
+    jobs = [(s, ai, name, di) for s in seeds for ai in range(len(attackers)) for name in order
+            for di, d in enumerate(domains) if not _is_copy(contenders, model, name, d)]
+    state = (contenders, list(domains), loss_fn, list(attackers), curve_points)
+    outcomes = _run_fine_tunes(jobs, state, workers, model, progress=progress, show_seed=len(seeds) > 1)
+    result.runs = _assemble_runs(outcomes, contenders, model, before, domains, attackers, seeds, order)
+    return result
 
+
+def _check_request(masks: Mapping[str, Any], domains: Sequence[Domain], attackers: Sequence[Attacker],
+                   workers: int, attack_seeds: int) -> None:
     if "full" not in masks or masks["full"] is not None:
         raise ValueError('masks must include "full": None (the full fine-tune is the reference)')
     if not domains or not any(d.role == "target" for d in domains):
@@ -346,30 +243,36 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if isinstance(attack_seeds, bool) or not isinstance(attack_seeds, int) or attack_seeds < 1:
         raise ValueError(f"attack_seeds must be an int >= 1, got {attack_seeds!r}")
-    seeds = [seed + k for k in range(attack_seeds)]
     names = [d.name for d in domains]
     if len(set(names)) != len(names):
         raise ValueError(f"domain names must be unique, got {names}")
-    # contender -> (released model, mask, per-domain training streams)
-    plan: dict[str, tuple[torch.nn.Module, FreezeMask | None, Mapping[str, Any]]] = {}
+
+
+def _contenders(model: torch.nn.Module, masks: Mapping[str, Any], domains: Sequence[Domain]) -> Contenders:
+    """Each contender's released model, mask and protected training streams, checked."""
+    names = {d.name for d in domains}
+    out: Contenders = {}
     for name, entry in masks.items():
         if entry is None or isinstance(entry, FreezeMask):
-            plan[name] = (model, entry, {})
+            out[name] = (model, entry, {})
         elif isinstance(entry, Protection):
-            unknown = set(entry.train_batches) - set(names)
+            unknown = set(entry.train_batches) - names
             if unknown:
                 raise ValueError(f"contender {name!r}: protected data for unknown domain(s) {sorted(unknown)}")
-            plan[name] = (entry.model if entry.model is not None else model, entry.mask, entry.train_batches)
+            out[name] = (entry.model if entry.model is not None else model, entry.mask, entry.train_batches)
         else:
             raise TypeError(f"contender {name!r}: expected a FreezeMask, None or a baselines Protection, "
                             f"got {type(entry).__name__}")
-        if plan[name][1] is not None:
-            plan[name][1].check_model(plan[name][0])
-    # the reference first: runs that equal it (same weights, no mask, same data) are copied from it
-    order = ["full"] + [n for n in masks if n != "full"]
+        if out[name][1] is not None:
+            out[name][1].check_model(out[name][0])
+    return out
 
-    result = EvalResult(attackers=list(attackers))
-    result.masks = {name: _describe(masks[name]) for name in order}
+
+def _measure_before_attacks(result: EvalResult, model: torch.nn.Module, loss_fn: LossFn, domains: Sequence[Domain],
+                            contenders: Contenders, order: list[str]) -> dict[str, dict[str, Any]]:
+    """The released ``model``'s figures per domain (what every run is measured against), kept with
+    its samples and a few real images in ``result``; each contender's own released figures go to
+    ``result.masks[name]["released"]``."""
     before = {}
     for d in domains:
         if isinstance(d.heldout.get("pixel_values"), torch.Tensor):
@@ -378,38 +281,73 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
         if "_samples" in before[d.name]:
             result.before_samples[d.name] = before[d.name].pop("_samples")
     for name in order:
-        released_model = plan[name][0]
+        released_model = contenders[name][0]
         # what each contender releases, before any attack (θ_pre itself for masks and data protection)
         rel = before if released_model is model else {d.name: measure(released_model, loss_fn, d) for d in domains}
         result.masks[name]["released"] = {d: {k: v for k, v in m.items() if k != "_samples"} for d, m in rel.items()}
+    return before
+
+
+def _pick_primary_metric(before: Mapping[str, Mapping[str, Any]], wanted: str | None) -> str:
     metrics = set.intersection(*(set(b) for b in before.values()))
-    if primary_metric is not None and primary_metric not in metrics:
-        raise ValueError(f"primary_metric {primary_metric!r} is not measured on every domain; measured: "
+    if wanted is not None and wanted not in metrics:
+        raise ValueError(f"primary_metric {wanted!r} is not measured on every domain; measured: "
                          f"{', '.join(sorted(metrics))}")
-    result.primary_metric = primary_metric or ("recognisability" if "recognisability" in metrics else "loss")
+    return wanted or ("recognisability" if "recognisability" in metrics else "loss")
 
-    def is_copy(name: str, d: Domain) -> bool:
-        released_model, mask, streams = plan[name]
-        return name != "full" and released_model is model and mask is None and d.name not in streams
 
-    jobs = [(s, ai, name, di) for s in seeds for ai in range(len(attackers)) for name in order
-            for di, d in enumerate(domains) if not is_copy(name, d)]
+def _is_copy(contenders: Contenders, model: torch.nn.Module, name: str, d: Domain) -> bool:
+    """Whether ``name``'s run on ``d`` is the very same fine-tune as the reference's."""
+    released_model, mask, streams = contenders[name]
+    return name != "full" and released_model is model and mask is None and d.name not in streams
+
+
+def _run_job(job: Job, state: tuple) -> tuple[dict[str, Any], list, Any]:
+    """One fine-tune: (attack seed, attacker index, contender, domain index) -> (after metrics, loss
+    curve, samples)."""
+    contenders, domains, loss_fn, attackers, curve_points = state
+    seed, ai, name, di = job
+    released_model, mask, streams = contenders[name]
+    d = domains[di]
+    tuned = copy.deepcopy(released_model)
+    curve = finetune(tuned, mask, d, loss_fn, attackers[ai], seed=seed, curve_points=curve_points,
+                     train_batches=streams.get(d.name))
+    after = measure(tuned, loss_fn, d)
+    return after, curve, after.pop("_samples", None)
+
+
+def _run_fine_tunes(jobs: list[Job], state: tuple, workers: int, model: torch.nn.Module, *, progress: bool,
+                    show_seed: bool) -> dict[Job, tuple[dict[str, Any], list, Any]]:
+    """job -> its outcome, with a progress bar naming the fine-tune that just ended."""
+    from tqdm.auto import tqdm
+
+    _, domains, _, attackers, _ = state
     bar = tqdm(total=len(jobs), desc="evaluate (fine-tunes)", disable=not progress)
 
-    def done_one(job: tuple[int, int, str, int]) -> None:
+    def done_one(job: Job) -> None:
         bar.set_postfix_str(f"{attackers[job[1]].name}/{job[2]}/{domains[job[3]].name}"
-                            + (f"/seed {job[0]}" if len(seeds) > 1 else ""))
+                            + (f"/seed {job[0]}" if show_seed else ""))
         bar.update(1)
 
-    state = (plan, list(domains), loss_fn, list(attackers), curve_points)
-    outcomes = dict(zip(jobs, _run_jobs(jobs, state, workers, model, done_one), strict=True))
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    outcomes = dict(zip(jobs, run_jobs(_run_job, jobs, state, workers, can_fork=not on_cuda, on_done=done_one),
+                        strict=True))
     bar.close()
+    return outcomes
+
+
+def _assemble_runs(outcomes: Mapping[Job, tuple[dict[str, Any], list, Any]], contenders: Contenders,
+                   model: torch.nn.Module, before: Mapping[str, dict[str, Any]], domains: Sequence[Domain],
+                   attackers: Sequence[Attacker], seeds: list[int], order: list[str]) -> list[Run]:
+    """Every run in the order seed x attacker x contender x domain; a run that is the reference's
+    fine-tune is copied from it."""
+    runs = []
     for s in seeds:
         for ai, attacker in enumerate(attackers):
             done: dict[str, Run] = {}
             for mask_name in order:
                 for di, d in enumerate(domains):
-                    if is_copy(mask_name, d):
+                    if _is_copy(contenders, model, mask_name, d):
                         ref = done[d.name]  # the very same fine-tune as the reference's
                         run = Run(attacker.name, mask_name, d.name, d.role, ref.before, ref.after, ref.curve,
                                   ref.samples, seed=s)
@@ -419,5 +357,5 @@ def evaluate_masks(model: torch.nn.Module, masks: Mapping[str, Any], domains: Se
                                   seed=s)
                     if mask_name == "full":
                         done[d.name] = run
-                    result.runs.append(run)
-    return result
+                    runs.append(run)
+    return runs

@@ -7,7 +7,6 @@ Example:
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
@@ -40,20 +39,6 @@ def check_states(params: Mapping[str, torch.Tensor], pretrained: Mapping[str, to
         raise TypeError(f"non-floating tensors in the states: {_listing(bad)}")
 
 
-def check_ratio(ratio: float) -> float:
-    ratio = float(ratio)
-    if math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"freeze_ratio must be in [0, 1], got {ratio}")
-    return ratio
-
-
-def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    value = float(value)
-    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
-
-
 def check_targets(batch: object, batch_size: int | None = None) -> torch.Tensor:
     """The batch's "is_target" flags as a bool tensor [B] (0/1 integers accepted)."""
     if not isinstance(batch, Mapping):
@@ -84,10 +69,18 @@ def check_losses(losses: object, step: int) -> torch.Tensor:
     return losses
 
 
+def check_finite_per_tensor(step: int, what: str, values: torch.Tensor, names: list[str]) -> None:
+    """Stop (:func:`raise_non_finite`) when a per-tensor value [S] is non-finite, naming those
+    tensors (``names[j]`` is the tensor of ``values[j]``)."""
+    if not bool(torch.isfinite(values).all()):
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        raise_non_finite(step, what, [names[j] for j in bad])
+
+
 def raise_non_finite(step: int, what: str, names: list[str] | None = None) -> None:
     where = f" in {_listing(names, 5)}" if names else ""
     raise FloatingPointError(f"step {step}: non-finite {what}{where}; the learner stopped before updating "
                              "(lower user_lr / mask_lr, or check the data and loss_fn)")
 
 
-__all__ = ["check_states", "check_ratio", "check_positive", "check_targets", "check_losses", "raise_non_finite"]
+__all__ = ["check_states", "check_targets", "check_losses", "check_finite_per_tensor", "raise_non_finite"]

@@ -75,6 +75,23 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def searched_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The (name, parameter) pairs of ``unwrap(model)``, every one set to require grad: the learner
+    searches over every tensor, as the reference does. Under DDP they must require grad before the
+    model is wrapped (DDP reduces only the gradients of those that did): a ValueError names the others."""
+    named = list(unwrap(model).named_parameters())
+    if not named:
+        raise ValueError("the model has no parameters to mask")
+    frozen = [n for n, p in named if not p.requires_grad]
+    if frozen:
+        if is_ddp(model):
+            raise ValueError("every parameter must require grad before the model is wrapped in DDP; "
+                             f"these do not: {', '.join(frozen[:8])}")
+        for _, p in named:
+            p.requires_grad_(True)
+    return named
+
+
 @torch.no_grad()
 def average_(tensors: list[torch.Tensor]) -> None:
     """All-reduce (mean) the tensors across ranks, in place, one flat bucket at a time."""
@@ -255,5 +272,5 @@ def complete_sums(partial: torch.Tensor, sharding_: Sharding | None) -> torch.Te
     return partial
 
 
-__all__ = ["world_size", "is_main_process", "is_ddp", "unwrap", "average_", "broadcast_", "sum_", "Sharding",
-           "sharding", "local", "shard_of", "gather", "live_weights", "loss_stats", "gradients", "complete_sums"]
+__all__ = ["world_size", "is_main_process", "is_ddp", "unwrap", "searched_parameters", "average_", "broadcast_",
+           "sum_", "Sharding", "sharding", "local", "shard_of", "gather", "live_weights", "loss_stats", "gradients", "complete_sums"]

@@ -7,48 +7,41 @@ theta_i = theta_ft,i + m_i Delta_i. Batches alternate on a fixed schedule:
 
 - releaser step (batch k with k % user_interval == 0): g = grad of
   L = (w mean loss on innocent samples - mean loss on target samples) / 2 (w = innocent_weight,
-  the authors' 1); s = <Delta, g> per tensor
-  (``ops.segment_dot``); the logits take one gradient step on L plus the budget penalty
-  c (rho - mean m)^2 (one vectorized expression over [S], ``apps.learn.logits``); the live weights
-  follow the mask change (``ops.mask_shift_``).
+  the authors' 1; ``apps.learn.objective``); s = <Delta, g> per tensor (``ops.segment_dot``);
+  the logits take one gradient step on L plus the budget penalty c (rho - mean m)^2 (one
+  vectorized expression over [S], ``apps.learn.logits``); the live weights follow the mask
+  change (``ops.mask_shift_``).
 - user step (all other batches): the simulated attacker fine-tunes the unfrozen share of every
   tensor on the mean loss: SGD (``ops.user_update_``, the reference) or AdamW
-  (``ops.user_adamw``).
+  (``ops.user_adamw_``).
 
-Beyond the authors' loop (each off unless chosen; ``LearnerConfig`` holds them all):
-``c_sparsity="auto"`` (the default) picks the c whose first penalty step lands the soft ratio on
-rho (``apps.learn.budget``); ``budget="projected"`` replaces the penalty by one common logit shift
-that holds the soft ratio at rho exactly; ``signal_batches`` averages s over several releaser
-batches per logit step and ``signal_norm="rms"`` divides s by its RMS over tensors; ``init``
-starts from U[0, 1), a constant or a reference ranking (``apps.learn.reference_masks``). With the
-authors' settings (explicit c, penalty, one signal batch, uniform init) the fused learner
+Beyond the authors' loop (each off unless chosen; their meanings are on ``LearnerConfig``):
+``c_sparsity="auto"`` (the default; ``apps.learn.budget``), ``budget="projected"``,
+``signal_batches``, ``signal_norm``, ``signal_density`` and ``init`` (``apps.learn.reference_masks``).
+With the authors' settings (explicit c, penalty, one signal batch, uniform init) the fused learner
 matches their loop step for step (tests/test_learner_reference.py).
 
 Every update is a whole-model op: no Python loop over tensors in the hot path.
 
-Memory, per model parameter (b = bytes of the parameter dtype): the live weights (the model,
-b), Delta (b) and the gradient autograd leaves during a step (b) -- 3b, the same as the
-reference's finetuned model + difference model + gradients; the AdamW user adds its two moments
-(2b). Under FSDP2 all of these are local shards: per rank 3b (5b) times the model's parameters
-divided by the world size (rank 0 holds the largest shards; ``apps.memory`` counts them), plus
-FSDP2's transient unsharded parameters and gradients of the unit being computed. Per tensor, on
-every rank: four fp32 numbers (logit, budget weight, initial logit, accumulated signal).
-theta_pre and theta_ft are read once at construction and not kept (drop your references to them
-to free that memory; under FSDP2 every rank reads the full tensors once and keeps its shard).
+Memory, per model parameter (b = bytes of the parameter dtype): the live weights (the model), Delta
+and the gradient during a step -- 3b, as the reference's finetuned model + difference model +
+gradients; the AdamW user adds its two moments (2b); under FSDP2 all are local shards. Per tensor:
+four fp32 numbers. ``apps.memory`` counts it all. theta_pre and theta_ft are read once at
+construction and not kept (drop your references to them to free that memory).
 
 Empty groups: a releaser batch without target samples (or without innocent ones) drops that
-term from L, as the reference does (its means divide by count + 1e-5, so an empty group
-contributes 0). L is then only "keep innocent quality" (or only "hurt the target").
+term from L, as the reference does: L is then only "keep innocent quality" (or only "hurt the target").
 
 Distributed (DDP, accelerate, a plain model under a process group, or FSDP2's ``fully_shard``):
 every rank applies the same updates and ends with the same logits, hard mask and history; under
 FSDP2 the learner works on local shards and ``save`` is collective. How: ``apps.learn.distributed``.
 
-Where the rest lives (one idea per module): the logit update and initial logits in
-``apps.learn.logits``, the budget's c and projection in ``apps.learn.budget``, the hard-mask rules
-in ``apps.learn.mask_rules``, the save / resume file in ``apps.learn.state_io``, the run loop of
-``fit`` in ``apps.learn.loop``, the settings in ``apps.learn.config``; this module holds the
-learner's state and its two kinds of step.
+Where the rest lives (one idea per module): the step's objective in ``apps.learn.objective``, the
+logit update and initial logits in ``apps.learn.logits``, the budget's c and projection in
+``apps.learn.budget``, the hard-mask rules and how far the mask moved in ``apps.learn.mask_rules``,
+the input checks in ``apps.learn.checks``, the save / resume file in ``apps.learn.state_io``, the
+run loop of ``fit`` in ``apps.learn.loop``, each step's log entry in ``apps.learn.step_log``, the
+settings in ``apps.learn.config``; this module holds the learner's state and its two kinds of step.
 
 Example:
     >>> import torch, freezeguard as fg
@@ -76,21 +69,23 @@ from freezeguard import ops
 from freezeguard.apps.learn import checks, distributed, loop, mask_rules, state_io
 from freezeguard.apps.learn.budget import auto_c_sparsity, project_logits
 from freezeguard.apps.learn.config import BUDGETS, SIGNAL_NORMS, USER_OPTIMIZERS, LearnerConfig
+from freezeguard.apps.learn.config import INITS as CONFIG_INITS
 from freezeguard.apps.learn.logits import (
     budget_weights,
     initial_logits,
     releaser_logits,
     shaped_signal,
     soft_mask,
-    uniform_logits,
 )
 from freezeguard.apps.learn.mask_rules import HARD_MASK_METHODS, HARD_MASK_RULES
+from freezeguard.apps.learn.objective import batch_objective
+from freezeguard.apps.learn.step_log import step_entry
 from freezeguard.core.group_norm_fix import protect_group_norms
 from freezeguard.core.mask import FreezeMask
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]
-INITS = ("uniform", "constant")   # or a name -> score mapping (a reference ranking)
-LIVE_LOGIT = 0.01                 # a logit is "live" while m (1 - m) > this (it can still move)
+# The inits named by a string (config.INITS less "scores", which the learner gets as a mapping).
+INITS = tuple(i for i in CONFIG_INITS if i != "scores")
 
 # Hyperparameters: the fields of LearnerConfig (saved with the state, compared on resume).
 _HPARAMS = frozenset(f.name for f in dataclasses.fields(LearnerConfig))
@@ -138,7 +133,8 @@ class MaskLearner:
         self._configure(model, loss_fn, backend=backend, check_finite=check_finite, config=config)
         buffers = frozenset(n for n, _ in self.module.named_buffers())
         checks.check_states(dict(zip(self.names, self._params, strict=True)), pretrained_state, finetuned_state, buffers)
-        self._initial = self._make_initial_logits(scores)
+        self._initial = initial_logits(self.init, self.names, seed=self.seed, freeze_ratio=self.freeze_ratio,
+                                       temperature=self.temperature, scores=scores).to(self.logits.device)
         distributed.broadcast_(self._initial)
         self.logits.copy_(self._initial)
         if self.c_sparsity_auto:
@@ -172,18 +168,9 @@ class MaskLearner:
 
         self.module = distributed.unwrap(model)
         protect_group_norms(self.module)  # a torch CPU crash that frozen inputs bring out
-        named = list(self.module.named_parameters())
-        if not named:
-            raise ValueError("the model has no parameters to mask")
+        named = distributed.searched_parameters(model)
         self.names = [n for n, _ in named]
         self._params = [p for _, p in named]
-        frozen = [n for n, p in named if not p.requires_grad]
-        if frozen:
-            if distributed.is_ddp(model):
-                raise ValueError("every parameter must require grad before the model is wrapped in DDP; "
-                                 f"these do not: {', '.join(frozen[:8])}")
-            for p in self._params:
-                p.requires_grad_(True)  # the learner searches over every tensor, as the reference does
         # FSDP2: DTensor parameters; every per-element buffer below is then a local shard.
         self._sharding = distributed.sharding(self.names, self._params)
         locals_ = self._theta()
@@ -204,12 +191,9 @@ class MaskLearner:
         self.step_count = 0
         self.user_steps = 0
         self.history: list[dict[str, Any]] = []
-        self._sizes = {n: p.numel() for n, p in named}
         self._initial = torch.zeros_like(self.logits)   # the initial logits (what "moved" is measured from)
-        self._initial_frozen: frozenset[str] | None = None  # the hard mask of the initial logits
-        self._mask_moved = 0
-        self._frozen_moved = 0
-        self._frozen_moved_share = 0.0
+        self._movement = mask_rules.MaskMovement(self.names, {n: p.numel() for n, p in named}, self.freeze_ratio,
+                                                 self.budget_by)
         self._data_to_budget: float | None = None
         self._signal = torch.zeros_like(self.logits)   # s accumulated over the releaser batches so far
         self._signal_count = 0
@@ -218,30 +202,6 @@ class MaskLearner:
     def _theta(self) -> list[torch.Tensor]:
         # The live weights' storage (local shards under FSDP2), taken afresh each step.
         return distributed.live_weights(self._params, self._sharding)
-
-    def _initial_logits(self) -> torch.Tensor:
-        """The seeded U[0, 1) initial logits (as the authors initialise them), on the CPU."""
-        return uniform_logits(len(self.names), self.seed)
-
-    def _make_initial_logits(self, scores: Mapping[str, float] | None) -> torch.Tensor:
-        """The initial logits of ``init`` on the logits' device (before any projection)."""
-        x = initial_logits(self.init, self.names, seed=self.seed, freeze_ratio=self.freeze_ratio,
-                           temperature=self.temperature, scores=scores)
-        return x.to(device=self.logits.device)
-
-    def _hard_frozen(self, logits: torch.Tensor) -> frozenset[str]:
-        """The names ``hard_mask("topk")`` would freeze for these logits."""
-        return mask_rules.topk_frozen(self.names, logits, self._sizes, self.freeze_ratio, self.budget_by)
-
-    def _track_mask_movement(self) -> None:
-        # How far the data has moved the hard mask away from the random start. With the
-        # authors' c_sparsity and temperature, a small model's budget term can saturate every
-        # logit in the first releaser step while keeping their initial order: the "learned"
-        # mask is then the random initial ranking (see benchmarks/RESULTS.md, demo calibration).
-        if self._initial_frozen is None:
-            self._initial_frozen = self._hard_frozen(self._initial)
-        self._mask_moved, self._frozen_moved, self._frozen_moved_share = mask_rules.movement(
-            self._initial_frozen, self._hard_frozen(self.logits), self._sizes, self.budget_by)
 
     # the two kinds of step ----------------------------------------------------------------------
     def next_kind(self) -> str:
@@ -257,17 +217,7 @@ class MaskLearner:
     def step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """One releaser or user step on ``batch``, by the schedule; returns its log entry.
 
-        The entry has: step, kind, loss (the objective differentiated), target_loss and
-        innocent_loss (batch means, None for an empty group), n_target, n_innocent,
-        frozen_ratio (share frozen by rounding the soft mask, as the reference reports) and
-        soft_ratio (the budget's mean m), both by ``budget_by``; mask_moved (how many tensors the
-        hard mask now treats differently from the initial logits' hard mask: 0 means the data has
-        not reordered anything yet), frozen_moved (how many of the initially frozen tensors the
-        hard mask no longer freezes), frozen_moved_share (their share of the initially frozen set,
-        counted by ``budget_by``: tensors or parameters), live (logits with m (1 - m) > 0.01,
-        which can still move); on releaser steps, updated (whether this batch ended an accumulation and stepped the
-        logits) and data_to_budget (median size of the logits' data step over that of their
-        budget step; None on user steps, before the step, and with the projected budget).
+        Its fields (losses, ratios, how far the mask moved, ...) are listed in ``apps.learn.step_log``.
         """
         k, kind = self.step_count, self.next_kind()
         flags = checks.check_targets(batch)
@@ -277,15 +227,9 @@ class MaskLearner:
         if losses.numel() != flags.numel():
             raise ValueError(f"step {k}: loss_fn returned {losses.numel()} losses for a batch whose "
                              f"'is_target' has {flags.numel()} entries")
-        t = flags.to(device=losses.device, dtype=losses.dtype)
-        n_t, n_i = t.sum(), (1.0 - t).sum()
-        sum_t, sum_i = (losses * t).sum(), (losses * (1.0 - t)).sum()
-        mean_t, mean_i = sum_t / n_t.clamp(min=1.0), sum_i / n_i.clamp(min=1.0)
-        objective = (self.innocent_weight * mean_i - mean_t) / 2.0 if kind == "releaser" else losses.mean()
-        bad_losses = (~torch.isfinite(losses.detach())).sum()
-        stats = torch.stack([sum_t.detach(), n_t, sum_i.detach(), n_i, objective.detach(), bad_losses]).float()
+        objective, stats = batch_objective(losses, flags, kind, innocent_weight=self.innocent_weight)
         # the losses of the global batch: every rank sees a bad one anywhere
-        s_t, c_t, s_i, c_i, obj, n_bad = distributed.loss_stats(stats).tolist()
+        *sums, n_bad = distributed.loss_stats(stats).tolist()
         if self.check_finite and n_bad:
             checks.raise_non_finite(k, f"loss in the {kind} step")
         objective.backward()
@@ -299,22 +243,15 @@ class MaskLearner:
         for p in self._params:
             p.grad = None
 
-        m = soft_mask(self.logits, self.temperature)
-        entry = {
-            "step": k, "kind": kind, "loss": obj,
-            "target_loss": s_t / c_t if c_t else None, "innocent_loss": s_i / c_i if c_i else None,
-            "n_target": int(c_t), "n_innocent": int(c_i),
-            "frozen_ratio": float((self._weights * (m > 0.5)).sum()),
-            "soft_ratio": float((self._weights * m).sum()),
-            "mask_moved": self._mask_moved, "frozen_moved": self._frozen_moved,
-            "frozen_moved_share": self._frozen_moved_share,
-            "live": int((m * (1.0 - m) > LIVE_LOGIT).sum()),
-            "updated": updated if kind == "releaser" else None,
-            "data_to_budget": self._data_to_budget if updated else None,
-        }
+        entry = step_entry(k, kind, sums, soft_mask(self.logits, self.temperature), self._weights,
+                           self._movement.figures(), updated=updated, data_to_budget=self._data_to_budget)
         self.step_count += 1
         self.history.append(entry)
         return entry
+
+    def _names_of(self, idx: list[int] | None) -> list[str]:
+        """The names of the tensors in ``_gradients``' order (``idx``: None for all of them)."""
+        return self.names if idx is None else [self.names[i] for i in idx]
 
     def _gradients(self):
         """(indices, theta, Delta, grads) of the tensors that received a gradient, all-reduced
@@ -337,10 +274,8 @@ class MaskLearner:
             # Under FSDP2 each rank's s covers its shards; completed here, and a non-finite
             # gradient on any rank makes s non-finite on every rank, so all stop alike below.
             s_part = distributed.complete_sums(ops.segment_dot(delta, grads, backend=self.backend), self._sharding)
-            if self.check_finite and not bool(torch.isfinite(s_part).all()):
-                bad = (~torch.isfinite(s_part)).nonzero().flatten().tolist()
-                names = [self.names[idx[j] if idx else j] for j in bad]
-                checks.raise_non_finite(k, "gradient in the releaser step", names)
+            if self.check_finite:
+                checks.check_finite_per_tensor(k, "gradient in the releaser step", s_part, self._names_of(idx))
             if idx is None:
                 s = s_part
             else:  # tensors without a gradient have zero sensitivity
@@ -363,24 +298,20 @@ class MaskLearner:
         dm = soft_mask(new_logits, self.temperature) - soft_mask(self.logits, self.temperature)
         ops.mask_shift_(self._theta(), self._delta, dm, backend=self.backend)
         self.logits.copy_(new_logits)
-        self._track_mask_movement()
+        self._movement.update(self._initial, self.logits)
         return True
 
     def _user_update(self, k: int, idx, theta, delta, grads) -> None:
         if not grads:
             return
         if self.check_finite:
-            # One fused op and one [S] result: sum g^2 per tensor is non-finite exactly when the
-            # gradient holds an inf or a NaN (or its norm overflows fp32, as torch's norm would).
-            # torch._foreach_norm gives the same answer but returns S scalar tensors, ~1 ms of
-            # host time for 686 tensors.
+            # sum g^2 per tensor is non-finite exactly when g holds an inf or a NaN (or its norm
+            # overflows fp32, as torch's would): one fused op, where torch._foreach_norm returns
+            # S scalar tensors (~1 ms of host time for 686 tensors).
             sq = ops.segment_dot(grads, grads, backend=self.backend)
             if self._sharding is not None:  # a non-finite shard anywhere stops every rank alike
                 distributed.sum_(sq)
-            if not bool(torch.isfinite(sq).all()):
-                bad = (~torch.isfinite(sq)).nonzero().flatten().tolist()
-                checks.raise_non_finite(k, "gradient in the user step",
-                                        [self.names[idx[j] if idx else j] for j in bad])
+            checks.check_finite_per_tensor(k, "gradient in the user step", sq, self._names_of(idx))
         m = soft_mask(self.logits, self.temperature)
         if idx is not None:
             m = m[torch.tensor(idx, device=m.device)]
@@ -423,8 +354,7 @@ class MaskLearner:
         rule = mask_rules.resolve_rule(rule if method is None else method)
         # Keys understood by FreezeMask.save: budget_by, target_ratio, learning (a JSON string).
         learning = dict(self.hparams(), steps=self.step_count, hard_mask=rule,
-                        c_sparsity_auto=self.c_sparsity_auto, mask_moved=self._mask_moved,
-                        frozen_moved=self._frozen_moved, frozen_moved_share=self._frozen_moved_share)
+                        c_sparsity_auto=self.c_sparsity_auto, **self._movement.figures())
         return mask_rules.build(self.module, self.names, self.logits, rule, ratio=self.freeze_ratio,
                                budget_by=self.budget_by, temperature=self.temperature, learning=learning)
 
@@ -457,12 +387,6 @@ class MaskLearner:
         return dict(self.config.to_json(), c_sparsity_resolved=self.c_sparsity)
 
     # save / resume ----------------------------------------------------------------------------
-    def _moments(self) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(name, parameter, exp_avg, exp_avg_sq) of the AdamW user; none for SGD."""
-        if not self._exp_avg:
-            return []
-        return list(zip(self.names, self._params, self._exp_avg, self._exp_avg_sq, strict=True))
-
     def save(self, path: str) -> None:
         """Write the learner's full state (logits, live weights, Delta, user optimizer state,
         counters, hyperparameters) to a safetensors file; ``MaskLearner.load`` resumes it and

@@ -54,7 +54,7 @@ def fit(learner: Any, batches: Iterable[Mapping[str, Any]], steps: int, *, progr
                             moved=entry["mask_moved"])
     finally:
         bar.close()
-    if any(e["kind"] == "releaser" for e in logs) and learner._mask_moved == 0:
+    if any(e["kind"] == "releaser" for e in logs) and learner._movement.mask_moved == 0:
         # stacklevel 3: the warning points at the caller of MaskLearner.fit
         warnings.warn(_stuck_message(learner), stacklevel=3)
     return logs

@@ -7,7 +7,8 @@ mask exceeds 0.5, as the authors' final ``np.round`` does, which only approximat
 
 :func:`movement` measures how many tensors the top-k mask of the current logits treats
 differently from that of the initial logits: 0 means the data has reordered nothing, and the
-"learned" mask is the random start (the learner warns about it after a run).
+"learned" mask is the random start (the learner warns about it after a run). A learner keeps its
+latest figures in a :class:`MaskMovement`.
 
 Example:
     >>> import torch
@@ -60,6 +61,43 @@ def movement(initial: frozenset[str], now: frozenset[str], sizes: Mapping[str, i
     return len(now ^ initial), len(left), (sum(unit(n) for n in left) / total if total else 0.0)
 
 
+class MaskMovement:
+    """How far the data has moved a learner's top-k hard mask from its initial logits' one.
+
+    ``update(initial, logits)`` after each logit step; ``figures()`` gives the log's mask_moved,
+    frozen_moved and frozen_moved_share (all 0 before the first update). With the authors'
+    c_sparsity and temperature, a small model's budget term can saturate every logit in the
+    first releaser step while keeping their initial order: the "learned" mask is then the random
+    initial ranking (see benchmarks/RESULTS.md, demo calibration); these figures show it.
+
+    Example:
+        >>> import torch
+        >>> tracker = MaskMovement(["a", "b"], {"a": 1, "b": 1}, 0.5, "tensors")
+        >>> tracker.update(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+        >>> tracker.figures()
+        {'mask_moved': 2, 'frozen_moved': 1, 'frozen_moved_share': 1.0}
+    """
+
+    def __init__(self, names: Sequence[str], sizes: Mapping[str, int], ratio: float, budget_by: str):
+        self.names, self.sizes, self.ratio, self.budget_by = list(names), dict(sizes), ratio, budget_by
+        self._initial_frozen: frozenset[str] | None = None  # the hard mask of the initial logits
+        self.mask_moved, self.frozen_moved, self.frozen_moved_share = 0, 0, 0.0
+
+    def update(self, initial: torch.Tensor, logits: torch.Tensor) -> None:
+        """Measure ``logits`` against ``initial`` (whose hard mask is computed once and kept)."""
+        if self._initial_frozen is None:
+            self._initial_frozen = self._frozen(initial)
+        self.mask_moved, self.frozen_moved, self.frozen_moved_share = movement(
+            self._initial_frozen, self._frozen(logits), self.sizes, self.budget_by)
+
+    def figures(self) -> dict[str, Any]:
+        return {"mask_moved": self.mask_moved, "frozen_moved": self.frozen_moved,
+                "frozen_moved_share": self.frozen_moved_share}
+
+    def _frozen(self, logits: torch.Tensor) -> frozenset[str]:
+        return topk_frozen(self.names, logits, self.sizes, self.ratio, self.budget_by)
+
+
 def build(module: torch.nn.Module, names: Sequence[str], logits: torch.Tensor, rule: str, *, ratio: float,
           budget_by: str, temperature: float, learning: Mapping[str, Any]) -> FreezeMask:
     """The FreezeMask of ``rule`` (already resolved) on ``module``, with the metadata FreezeMask.save
@@ -74,4 +112,5 @@ def build(module: torch.nn.Module, names: Sequence[str], logits: torch.Tensor, r
     return mask
 
 
-__all__ = ["HARD_MASK_RULES", "HARD_MASK_METHODS", "resolve_rule", "topk_frozen", "movement", "build"]
+__all__ = ["HARD_MASK_RULES", "HARD_MASK_METHODS", "resolve_rule", "topk_frozen", "movement", "MaskMovement",
+           "build"]

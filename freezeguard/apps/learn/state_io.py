@@ -131,7 +131,7 @@ def save_learner(learner: Any, path: str) -> None:
         tensors[f"theta/{name}"] = full(th, p)
         tensors[f"delta/{name}"] = full(d, p)
     # The user's moments exist only with user_optimizer="adamw" (empty lists for SGD).
-    for name, p, mu, nu in learner._moments():
+    for name, p, mu, nu in _moments(learner):
         tensors[f"user_exp_avg/{name}"] = full(mu, p)
         tensors[f"user_exp_avg_sq/{name}"] = full(nu, p)
     if not distributed.is_main_process():
@@ -141,6 +141,13 @@ def save_learner(learner: Any, path: str) -> None:
             "c_sparsity_resolved": repr(learner.c_sparsity), "signal_count": str(learner._signal_count),
             "fingerprint": model_fingerprint(learner.module)}
     write(path, tensors, meta)
+
+
+def _moments(learner: Any) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(name, parameter, exp_avg, exp_avg_sq) of the AdamW user; none for SGD."""
+    if not learner._exp_avg:
+        return []
+    return list(zip(learner.names, learner._params, learner._exp_avg, learner._exp_avg_sq, strict=True))
 
 
 @dataclass(frozen=True)
@@ -196,7 +203,7 @@ def restore_(learner: Any, path: str, saved: SavedLearner) -> None:
                     raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, "
                                      f"the model's is {tuple(p.shape)}")
                 dst.copy_(distributed.shard_of(tensors[key], p))
-        for name, p, mu, nu in learner._moments():
+        for name, p, mu, nu in _moments(learner):
             mu.copy_(distributed.shard_of(tensors[f"user_exp_avg/{name}"], p))
             nu.copy_(distributed.shard_of(tensors[f"user_exp_avg_sq/{name}"], p))
         if tensors["logits"].shape != learner.logits.shape:
@@ -214,7 +221,7 @@ def restore_(learner: Any, path: str, saved: SavedLearner) -> None:
             learner._signal = tensors["signal"].to(learner.logits.device, torch.float32).clone()
             learner._signal_count = int(meta.get("signal_count", "0"))
     learner.step_count, learner.user_steps = saved.step_count, saved.user_steps
-    learner._track_mask_movement()  # the resumed log continues where the saved one stopped
+    learner._movement.update(learner._initial, learner.logits)  # the resumed log continues where it stopped
 
 
 __all__ = ["FORMAT", "write", "read", "read_metadata", "saved_hparams", "hparam_changes", "save_learner",

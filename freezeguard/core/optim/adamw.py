@@ -4,6 +4,12 @@ The update of every trainable tensor of a param group is one call of
 ``freezeguard.ops.masked_adamw_`` (one or a few kernel launches on compiled backends).
 Frozen tensors are simply not passed to it, so they are never read or written and own no
 optimizer state, whatever their ``.grad`` or ``requires_grad`` say.
+
+This module is the optimizer itself: its mask, param groups, names and state. Beside it in
+``core/optim/``: the step's three paths and the one place that picks among them (``steps.py``),
+the cached plan they run over (``plan.py``), whether a mask fits the parameters
+(``mask_checks.py``), what ``load_state_dict`` refuses (``state_dict_checks.py``), memory
+shared between tensors (``aliasing.py``) and the input checks (``checks.py``).
 """
 from __future__ import annotations
 
@@ -13,55 +19,18 @@ import torch
 
 from freezeguard import ops
 from freezeguard.core.mask import FreezeMask
-from freezeguard.core.names import canonical_name
 from freezeguard.core.optim import plan as _plan
+from freezeguard.core.optim import steps
 from freezeguard.core.optim.aliasing import check_no_alias
 from freezeguard.core.optim.checks import (
     check_backend_name,
-    check_grad_and_state,
     check_hyperparameters,
     check_options,
     check_param_tensor,
-    check_step,
-    name_index,
     split_named,
 )
-from freezeguard.ops import native_shortcuts as _shortcuts
-
-
-def _check_mask(mask: FreezeMask | None, groups: Iterable[dict[str, Any]]) -> None:
-    """A mask must be resolvable by name against the optimizer's parameters, with the same shapes,
-    and no trainable parameter may share memory with a frozen one."""
-    if mask is None:
-        return
-    if not (hasattr(mask, "is_frozen") and hasattr(mask, "frozen_names")):
-        raise TypeError(f"mask must be a freezeguard.FreezeMask (or None), got {type(mask).__name__}")
-    groups = list(groups)
-    index = name_index(groups)
-    if index is None:
-        raise ValueError("a FreezeMask is keyed by parameter name, but the optimizer got unnamed parameters; "
-                         "pass model.named_parameters() (or (name, tensor) pairs in each param group)")
-    unknown = [n for n in mask.frozen_names if n not in index]
-    if unknown:
-        raise KeyError(f"mask freezes {len(unknown)} tensor(s) the optimizer's parameters do not include: "
-                       f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} (pass every named "
-                       "parameter of the model the mask was made for, frozen ones included)")
-    layout = getattr(mask, "layout", None) or {}
-    reshaped = [f"{n} {tuple(p.shape)} (mask: {layout[n]})" for n, p in index.items()
-                if n in layout and tuple(p.shape) != tuple(layout[n])]
-    if reshaped:
-        raise ValueError(f"mask was made for a different model: {len(reshaped)} parameter(s) have another shape: "
-                         f"{', '.join(reshaped[:8])}{' ...' if len(reshaped) > 8 else ''}")
-    frozen = [p for n, p in index.items() if mask.is_frozen(n)]
-    trainable = [(n, p) for n, p in index.items() if not mask.is_frozen(n)]
-    for g in groups:  # unnamed tensors in a named optimizer cannot happen (name_index), but be exact
-        if g.get("param_names") is None:
-            trainable += [(f"params[{i}]", p) for i, p in enumerate(g["params"])]
-    check_no_alias(frozen, trainable)
-
-
-def _same_name(a: str, b: str) -> bool:
-    return a == b or canonical_name(a) == canonical_name(b)
+from freezeguard.core.optim.mask_checks import check_mask
+from freezeguard.core.optim.state_dict_checks import check_state_dict
 
 
 class AdamW(torch.optim.Optimizer):
@@ -131,7 +100,7 @@ class AdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused,
                         decoupled_weight_decay=True, **options)
         super().__init__(params, defaults)
-        _check_mask(mask, self.param_groups)
+        check_mask(mask, self.param_groups)
         self._mask = mask
         self._mark_checked()
         for device in {p.device for g in self.param_groups for p in g["params"]}:
@@ -148,7 +117,7 @@ class AdamW(torch.optim.Optimizer):
 
         Newly frozen tensors drop their state; newly trainable ones start at step 0.
         """
-        _check_mask(mask, self.param_groups)
+        check_mask(mask, self.param_groups)
         self._mask = mask
         self._mark_checked()
         self._drop_frozen_state()
@@ -199,7 +168,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError("this optimizer enforces a FreezeMask, so added params need names: "
                              "pass (name, tensor) pairs")
         if self._mask is not None and names is not None:
-            _check_mask(self._mask, [*self.param_groups, {"params": tensors, "param_names": names}])
+            check_mask(self._mask, [*self.param_groups, {"params": tensors, "param_names": names}])
         if getattr(self, "_adapter_check", None) is not None:
             self._adapter_check()  # e.g. a LoRA injected on a frozen module after fg.guard
         checked = getattr(self, "_checked", None)
@@ -255,37 +224,9 @@ class AdamW(torch.optim.Optimizer):
         objects; a state dict cannot rename, swap or move them) and that no saved state tensor
         shares memory with a frozen tensor. Frozen tensors' state is dropped.
         """
-        saved_groups = state_dict["param_groups"]
-        for group in saved_groups:
-            check_options(group, "load_state_dict")
-        for key, st in state_dict["state"].items():
-            if isinstance(st, dict) and "step" in st:
-                check_step(st["step"], f"load_state_dict: state[{key!r}]")
-        # Names are bound to our parameter objects; a state dict cannot rename them (ours are put
-        # back after loading). torch would take the saved param_names as the truth, so under a mask
-        # two swapped names would move the freeze: a state dict whose names do not match is refused.
-        if self._mask is not None and len(saved_groups) == len(self.param_groups):
-            for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
-                ours, theirs = group.get("param_names"), saved.get("param_names")
-                if ours is None or theirs is None or len(theirs) != len(ours):
-                    continue  # unnamed on either side: positional, as torch; a length mismatch torch refuses
-                moved = [(i, a, b) for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if not _same_name(a, b)]
-                if moved:
-                    i, a, b = moved[0]
-                    raise ValueError(f"load_state_dict: the state dict's param_names do not match this optimizer's "
-                                     f"parameters ({len(moved)} position(s) in group {gi}, e.g. position {i}: saved "
-                                     f"{b!r}, here {a!r}); loading it would give tensors another's state and name "
-                                     f"(and could move the mask), so it is refused")
-        if self._mask is not None:  # a state tensor that *is* a frozen tensor would be updated in place
-            frozen = [p for g in self.param_groups for p, f in zip(g["params"], self._frozen_flags(g), strict=True)
-                      if f]
-            for key, st in state_dict["state"].items():
-                tensors = [(f"state[{key!r}][{k!r}]", v) for k, v in (st.items() if isinstance(st, dict) else ())
-                           if isinstance(v, torch.Tensor) and k != "step"]
-                try:
-                    check_no_alias(frozen, tensors)
-                except ValueError as exc:
-                    raise ValueError(f"load_state_dict: {exc}") from None
+        frozen = [p for g in self.param_groups for p, f in zip(g["params"], self._frozen_flags(g), strict=True)
+                  if f] if self._mask is not None else []
+        check_state_dict(state_dict, self.param_groups, frozen, masked=self._mask is not None)
         ours_names = [g.get("param_names") for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, names in zip(self.param_groups, ours_names, strict=True):
@@ -329,54 +270,6 @@ class AdamW(torch.optim.Optimizer):
     def _mark_checked(self) -> None:
         self._checked = [list(map(id, g["params"])) for g in self.param_groups]
 
-    def _lists(self, unit: _plan.Unit, grads: list[torch.Tensor | None], fresh: list[torch.Tensor]):
-        """(idx, params, exp_avgs, exp_avg_sqs, step counters) of the unit's tensors that have a grad.
-
-        Creates missing state (recorded in ``fresh``); cached per pattern of missing grads.
-        """
-        present = None
-        for g in grads:
-            if g is None:
-                present = tuple(k for k, g in enumerate(grads) if g is not None)
-                break
-        lists = unit.lists.get(present)
-        if lists is not None:
-            return lists, present
-        capturable = bool(unit.group.get("capturable"))
-        picked = range(len(unit.params)) if present is None else present
-        idx, params, exp_avgs, exp_avg_sqs, counters = [], [], [], [], []
-        for k in picked:
-            p = unit.params[k]
-            st = self.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else None)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                fresh.append(p)
-            elif capturable and isinstance(st.get("step"), torch.Tensor) and st["step"].device != p.device:
-                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)  # e.g. loaded on the CPU
-            idx.append(unit.idx[k])
-            params.append(p)
-            exp_avgs.append(st.get("exp_avg"))
-            exp_avg_sqs.append(st.get("exp_avg_sq"))
-            counters.append(st.get("step"))
-        return (idx, params, exp_avgs, exp_avg_sqs, counters), present
-
-    def _check_unit(self, group: dict[str, Any], gi: int, idx: list[int], params: list[torch.Tensor]) -> None:
-        """Raise a clear error naming the first parameter whose grad or state does not fit."""
-        names = group.get("param_names")
-        for i, p in zip(idx, params, strict=True):
-            label = f"parameter {names[i]!r}" if names else f"param_groups[{gi}]['params'][{i}]"
-            check_grad_and_state(p, p.grad, self.state.get(p, {}), label)
-
-    def _lr(self, group: dict[str, Any], device: torch.device) -> float | torch.Tensor:
-        lr = group["lr"]
-        if not isinstance(lr, torch.Tensor):
-            return float(lr)
-        if group.get("capturable") and lr.device == device:
-            return lr  # read on the device: a captured step follows in-place changes of lr
-        return float(lr)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW step of every trainable tensor that has a gradient; returns closure()."""
@@ -386,83 +279,8 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
             check_options(group, f"param group {gi}")
-        plan = self._step_plan()
-        if self._prepared_step(plan.units):
-            return loss
-        fresh: list[torch.Tensor] = []
-        try:
-            work = []
-            for unit in plan.units:
-                grads = [p.grad for p in unit.params]
-                lists, present = self._lists(unit, grads, fresh)
-                if lists[1]:
-                    if present is not None:
-                        grads = [grads[k] for k in present]
-                    work.append((unit, lists, present, grads))
-            if len(work) > 1:
-                # Nothing half-applied: ops.masked_adamw_step_ validates its whole list before
-                # writing, so only the later units need checking before the first one runs.
-                for unit, *_ in work:
-                    ops.check_backend(self.backend, unit.params[0].device)  # a backend that cannot run fails first
-                for unit, lists, _, grads in work[1:]:
-                    fast = _shortcuts.fast_check([lists[1], grads, lists[2], lists[3]])
-                    if not (fast and fast[0]):
-                        self._check_unit(unit.group, unit.gi, lists[0], lists[1])
-            for unit, lists, present, grads in work:
-                self._run_unit(unit, lists, grads)
-                unit.lists.setdefault(present, lists)
-                if present is None and unit.prepared is None and not unit.sharded:
-                    unit.prepared = ops.PreparedAdamW(*lists[1:])
-        except BaseException:
-            for p in fresh:  # leave the state as it was
-                self.state.pop(p, None)
-            self._plan = None
-            raise
-        if fresh:
-            plan.state_len = len(self.state)
+        steps.run(self._step_plan(), self.state, self.backend)  # the three step paths: core/optim/steps.py
         return loss
-
-    def _hyper(self, unit: _plan.Unit) -> dict[str, Any]:
-        group = unit.group
-        beta1, beta2 = group["betas"]
-        return dict(lr=self._lr(group, unit.params[0].device), betas=(float(beta1), float(beta2)),
-                    eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), backend=self.backend)
-
-    def _prepared_step(self, units: list[_plan.Unit]) -> bool:
-        """The whole step through ops.try_masked_adamw_step_ (one native call per unit), if it can run.
-
-        False, with nothing written, sends the step down the general path (a missing grad, a
-        tensor lr, a backend without a prepared path, any input that needs the full checks).
-        """
-        if not units or any(u.prepared is None for u in units):
-            return False
-        hypers = [self._hyper(u) for u in units]
-        if len(units) > 1 and not all(ops.try_masked_adamw_step_(u.prepared, check_only=True, **hp)
-                                      for u, hp in zip(units, hypers, strict=True)):
-            return False  # nothing half-applied: every unit must be able to run before the first does
-        for k, (u, hp) in enumerate(zip(units, hypers, strict=True)):
-            if not ops.try_masked_adamw_step_(u.prepared, **hp):
-                if k:  # checked above; only something changing under our feet gets here
-                    raise RuntimeError("fg.optim.AdamW: a parameter group changed in the middle of a step")
-                return False
-        return True
-
-    def _run_unit(self, unit: _plan.Unit, lists, grads: list[torch.Tensor]) -> None:
-        idx, params, exp_avgs, exp_avg_sqs, counters = lists
-        if unit.sharded:
-            # FSDP2: every rank updates its own shards, which is exactly AdamW (elementwise); the
-            # state stays DTensors (sharded like the parameters) for distributed checkpoints.
-            loc = _plan.local
-            params, grads = [loc(t) for t in params], [loc(t) for t in grads]
-            exp_avgs, exp_avg_sqs = [loc(t) for t in exp_avgs], [loc(t) for t in exp_avg_sqs]
-        try:
-            ops.masked_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, counters, **self._hyper(unit))
-        except Exception as exc:
-            try:
-                self._check_unit(unit.group, unit.gi, idx, params)
-            except Exception as clearer:  # the same problem, said with the parameter's name
-                raise clearer from exc
-            raise
 
 
 __all__ = ["AdamW"]

@@ -55,9 +55,10 @@ class StepPlan:
     state_len: int
     groups: list[tuple[dict[str, Any], Any, list[int]]]   # (group, its param_names, ids of its params)
     units: list[Unit]
+    failed: bool = False   # a step failed on the general path: rebuild, checking every group again
 
     def still_valid(self, mask: Any, state: dict, param_groups: list[dict[str, Any]]) -> bool:
-        if mask is not self.mask or state is not self.state or len(state) != self.state_len:
+        if self.failed or mask is not self.mask or state is not self.state or len(state) != self.state_len:
             return False
         if len(param_groups) != len(self.groups):
             return False
