@@ -213,6 +213,8 @@ def _run(args: argparse.Namespace) -> int:
         _, attackers = check_args(args)
     except (UsageError, FreezeMaskFileError) as exc:
         return _error(str(exc))
+    from freezeguard.apps.plots import plots_available
+
     if args.out and not plots_available():
         print("freezeguard evaluate: warning: matplotlib is not installed, so the report will have no PNGs "
               "(pip install matplotlib); its tables and JSON are written", file=sys.stderr)
@@ -244,12 +246,3 @@ def _run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"report written to {summary['report_dir']}/report.md")
     return 0
-
-
-def plots_available() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("matplotlib") is not None
-    except (ImportError, ValueError):
-        return False

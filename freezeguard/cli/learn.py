@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 
 from freezeguard.apps.learn.config import BUDGETS, USER_OPTIMIZERS, LearnerConfig
 from freezeguard.apps.learn.logits import BUDGET_BASES
 from freezeguard.apps.learn.reference_masks import RANKINGS
-from freezeguard.cli.flags import number_or_auto
+from freezeguard.cli.flags import number_or_auto, ratio
 from freezeguard.cli.threads import add_threads_argument, apply_threads, denoiser_params
 
 
@@ -96,16 +95,6 @@ DESCRIPTION = (
 )
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", required=True, help="local diffusers SD folder: the model you release")
     parser.add_argument("--finetuned", required=True,
@@ -113,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(pipeline folder, or its unet/ or transformer/ folder)")
     parser.add_argument("--target-data", required=True, help="imagefolder of the target (illegal) domain")
     parser.add_argument("--innocent-data", required=True, help="imagefolder of innocent data to keep working")
-    parser.add_argument("--freeze-ratio", type=_ratio, required=True, help=_learner_help("freeze_ratio"))
+    parser.add_argument("--freeze-ratio", type=ratio, required=True, help=_learner_help("freeze_ratio"))
     parser.add_argument("--out", required=True, help="mask file to write (.safetensors)")
     parser.add_argument("--steps", type=int, default=100, help="total learner steps (releaser + user)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per step, half target, half innocent")

@@ -7,7 +7,6 @@ Example:
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
@@ -38,20 +37,6 @@ def check_states(params: Mapping[str, torch.Tensor], pretrained: Mapping[str, to
     bad = [n for n in params if not (torch.is_floating_point(pretrained[n]) and torch.is_floating_point(finetuned[n]))]
     if bad:
         raise TypeError(f"non-floating tensors in the states: {_listing(bad)}")
-
-
-def check_ratio(ratio: float) -> float:
-    ratio = float(ratio)
-    if math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"freeze_ratio must be in [0, 1], got {ratio}")
-    return ratio
-
-
-def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    value = float(value)
-    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
 
 
 def check_targets(batch: object, batch_size: int | None = None) -> torch.Tensor:
@@ -90,4 +75,4 @@ def raise_non_finite(step: int, what: str, names: list[str] | None = None) -> No
                              "(lower user_lr / mask_lr, or check the data and loss_fn)")
 
 
-__all__ = ["check_states", "check_ratio", "check_positive", "check_targets", "check_losses", "raise_non_finite"]
+__all__ = ["check_states", "check_targets", "check_losses", "raise_non_finite"]

@@ -17,11 +17,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from freezeguard.apps.learn.logits import BUDGET_BASES
+from freezeguard.core.values import check_positive, check_ratio
 
 USER_OPTIMIZERS = ("sgd", "adamw")
 BUDGETS = ("penalty", "projected")
@@ -31,12 +31,10 @@ INITS = ("uniform", "constant", "scores")   # "scores": a reference ranking give
 
 def _number(name: str, value: Any, *, allow_zero: bool = True) -> float:
     try:
-        value = float(value)
+        value = float(value)  # numpy / tensor scalars and JSON numbers alike
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
+    return check_positive(value, name, allow_zero=allow_zero)
 
 
 def _integer(name: str, value: Any) -> int:
@@ -111,13 +109,7 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place once)
-        try:
-            ratio = float(self.freeze_ratio)
-        except (TypeError, ValueError):
-            raise ValueError(f"freeze_ratio must be in [0, 1], got {self.freeze_ratio!r}") from None
-        if math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"freeze_ratio must be in [0, 1], got {ratio}")
-        put("freeze_ratio", ratio)
+        put("freeze_ratio", check_ratio(self.freeze_ratio, "freeze_ratio"))
         put("temperature", _number("temperature", self.temperature, allow_zero=False))
         if isinstance(self.c_sparsity, str):
             if self.c_sparsity != "auto":

@@ -15,7 +15,6 @@ Example:
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import warnings
@@ -27,6 +26,7 @@ import torch
 from freezeguard.apps.learn import reference_masks, state_io
 from freezeguard.apps.learn.config import LearnerConfig
 from freezeguard.apps.learn.learner import HARD_MASK_METHODS, MaskLearner
+from freezeguard.apps.plots import plots_available
 from freezeguard.core import files
 from freezeguard.core.mask import describe_layout_mismatch
 from freezeguard.core.weights import DENOISER_SUBFOLDERS, WeightsError, load_tensors, weights_layout
@@ -169,13 +169,6 @@ def _keep_log_until(log_path: Path, done: int) -> None:
     files.write_text(log_path, "".join(x + "\n" for x in kept))
 
 
-def _matplotlib_missing() -> bool:
-    try:
-        return importlib.util.find_spec("matplotlib") is None
-    except (ImportError, ValueError):
-        return True
-
-
 def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path, innocent_data: str | Path,
           out: str | Path, config: LearnerConfig, *, ranking: str | None = None, steps: int = 100,
           batch_size: int = 4, hard_mask: str = "topk", resolution: int | None = None, caption_column: str = "text",
@@ -215,7 +208,7 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
         # From the state file's metadata alone, before any model loads: every LearnerConfig field.
         overrides = check_resume(resume, config.to_json(), override_hparams=override_hparams)
     # The plot is optional: a missing matplotlib is said now, not after the learning.
-    plot_skipped = _matplotlib_missing()
+    plot_skipped = not plots_available()
     if plot_skipped and on_warning is not None:
         on_warning("matplotlib is not installed, so no soft-mask PNG will be written (pip install matplotlib); "
                    "the mask, log and summary are unaffected")
