@@ -6,7 +6,9 @@ toward an anchor (``--eraser uce``, the authors'; ``ablation``, Concept Ablation
 erased model; theta_ft relearns target + innocent from it; the mask is learned between the erased
 and the relearned model; every attacker relearns the target from the erased model under a mask.
 ``--world "new concept"`` is the earlier setting beside it (pretraining never saw the target,
-nothing erased).
+nothing erased). ``--world "family relearn"`` / ``"family new member"``: the same two arms in the second
+world, where the target is one member of a family of procedural faces the model knows (the erase's
+anchor and the prior class are the family's shared class, "person").
 
 Contenders (all on the erased release unless named): erase only (the reference "full": no mask),
 random masks at the freeze ratio and at ``--random-ratios`` (the price curve), the reference
@@ -18,9 +20,12 @@ the attacker ends better off than relearning from the erased release).
 
 Attackers, fixed in ``freezeguard.apps.evaluate.harness.attacker_suite`` and here before any mask
 was evaluated: ``standard`` (the demo's user: AdamW, lr 1e-3, 100 steps), ``3x steps``, ``10x lr``,
-and ``fresh token`` (the standard user binding the target's images to a new prompt embedding no
-eraser edited, ``toy_domains.fresh_token_domain``; its harm is the standard user's on the legal
-domain, whose fine-tune does not depend on the attacker's prompt).
+``LoRA r4`` (rank-4 LoRA on the attention projections the mask leaves trainable, at 10x lr, as
+diffusers' LoRA scripts train at 10x a full fine-tune's lr), and two standard users on another target
+stream: ``fresh token`` (the target's images bound to a new prompt embedding no eraser edited,
+``toy_domains.fresh_token_domain``) and ``prior preservation`` (half of every batch images of the
+target's class under its own prompt, DreamBooth's, ``toy_domains.prior_preservation_domain``). Those
+two's harm is the standard user's on the legal domain, whose fine-tune does not depend on them.
 
 Every run prints the decision rule (``apps.evaluate.verdict``) and its verdict. Attack draws use
 seeds ``--seed-base`` + k; ``--calibrate`` runs only the no-mask relearning on the calibration
@@ -33,6 +38,7 @@ seeds (900+) to check the world (does the erase erase, does relearning regain?) 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -56,21 +62,33 @@ from freezeguard.apps.erase import ERASERS
 from freezeguard.apps.evaluate.equal_harm import equal_harm_rows, group_draws
 from freezeguard.apps.evaluate.harness import attacker_suite, evaluate_masks, heldout_loss
 from freezeguard.apps.evaluate.metrics import mask_group
-from freezeguard.apps.evaluate.toy_domains import fresh_token_domain, toy_domains
+from freezeguard.apps.evaluate.toy_domains import fresh_token_domain, prior_preservation_domain, toy_domains
 from freezeguard.apps.evaluate.verdict import RULE, decide, figures_from_draws
 from freezeguard.core import files
 from freezeguard.core.mask import FreezeMask
 from freezeguard.integrations.diffusers import toy
 
 FRESH = "fresh token"
-ATTACKERS = ("standard", "3x steps", "10x lr", FRESH)
+PRIOR = "prior preservation"
+LORA = "LoRA r4"
+# the standard user on another target stream (its legal harm is the standard user's)
+STREAM_ATTACKERS = (FRESH, PRIOR)
+ATTACKERS = ("standard", "3x steps", "10x lr", LORA, FRESH, PRIOR)
 REFERENCES = ("delta", "saliency", "eraser's tensors")
 CALIBRATION_SEED_BASE = 900
 
 
 def _attackers(cfg: DemoConfig, names: list[str]):
-    suite = {a.name: a for a in attacker_suite(cfg.attacker_lr, cfg.attacker_steps, lr_mult=10.0, steps_mult=3.0)}
-    return [suite[n] for n in names if n != FRESH]
+    suite = {a.name: a for a in attacker_suite(cfg.attacker_lr, cfg.attacker_steps, lr_mult=10.0, steps_mult=3.0,
+                                               lora_rank=4)}
+    return [suite[n] for n in names if n not in STREAM_ATTACKERS]
+
+
+def stream_domains(cfg: DemoConfig, heldout_n: int) -> dict:
+    """The target streams of the attackers in STREAM_ATTACKERS (same held-out images as the target's)."""
+    target = cfg.target[0]
+    return {FRESH: fresh_token_domain(target, batch_size=cfg.batch_size, heldout_n=heldout_n),
+            PRIOR: prior_preservation_domain(target, cfg.anchor, batch_size=cfg.batch_size, heldout_n=heldout_n)}
 
 
 def build_masks(cfg: DemoConfig, pretrained, released, erased, loss_fn, args, log=print) -> dict:
@@ -113,6 +131,12 @@ def build_masks(cfg: DemoConfig, pretrained, released, erased, loss_fn, args, lo
     return masks
 
 
+def _frozen_share(contender) -> float:
+    """The share of parameters a contender freezes (a Protection without a mask freezes none)."""
+    mask = contender if isinstance(contender, FreezeMask) else contender.mask
+    return 0.0 if mask is None else mask.ratio("params")
+
+
 def _losses(models: dict, loss_fn, domains) -> dict:
     return {m: {d.name: heldout_loss(model, loss_fn, d.heldout) for d in domains} for m, model in models.items()}
 
@@ -121,17 +145,21 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     base = DemoConfig.quick() if args.quick else DemoConfig()
     cfg = base.replace(world=args.world, eraser=args.eraser, freeze_ratio=args.freeze_ratio)
+    if args.pretrain_steps:
+        cfg = cfg.replace(pretrain=dataclasses.replace(cfg.pretrain, steps=args.pretrain_steps))
     loss_fn = toy.make_loss_fn(cfg.pretrain.model)
     t0 = time.perf_counter()
     pretrained, released, erased = release(cfg, args.model_cache, progress=True)
     target, innocent = cfg.target[0], cfg.innocent[0]
     domains = toy_domains(cfg.target, cfg.innocent, batch_size=cfg.batch_size, heldout_n=args.heldout_n)
-    fresh = fresh_token_domain(target, batch_size=cfg.batch_size, heldout_n=args.heldout_n)
+    streams = stream_domains(cfg, args.heldout_n)
     names = args.attackers.split(";")
     out = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")}
-           | {"target": target, "innocent": innocent, "fresh": fresh.name, "rule": RULE},
+           | {"target": target, "innocent": innocent, "fresh": streams[FRESH].name, "rule": RULE,
+              "streams": {a: d.name for a, d in streams.items()}, "anchor": cfg.anchor},
            "erase": {"edited": erased.edited if erased else [], "config": erased.config if erased else {}},
-           "losses_released": _losses({"pretrained": pretrained, "released": released}, loss_fn, domains + [fresh])}
+           "losses_released": _losses({"pretrained": pretrained, "released": released}, loss_fn,
+                                      domains + [streams[FRESH]])}
     print(f"[relearn] held-out loss before any attack: {json.dumps(out['losses_released'])}", flush=True)
     if args.calibrate:
         seed = CALIBRATION_SEED_BASE
@@ -150,25 +178,26 @@ def run(args) -> dict:
                                       if r.mask == "full" and r.attacker == a and r.domain == d.name]
                              for d in domains} for a in summary["table"]}
     after = {a: {g: row["after"] for g, row in summary["table"][a].items()} for a in summary["table"]}
-    if FRESH in names:
-        fres = evaluate_masks(released, masks, [fresh], loss_fn, _attackers(cfg, ["standard"]), seed=seed,
+    for name in (n for n in names if n in STREAM_ATTACKERS):
+        dom = streams[name]
+        fres = evaluate_masks(released, masks, [dom], loss_fn, _attackers(cfg, ["standard"]), seed=seed,
                               attack_seeds=args.attack_seeds, workers=args.workers, progress=True)
         fsum = fres.summary()
-        out["relearning"][FRESH] = {fresh.name: [{m: [r.before[m], r.after[m]] for m in r.before}
-                                                 for r in fres.runs if r.mask == "full"]}
-        # the legal user's fine-tune does not depend on the attacker's prompt: its draws are the standard user's
-        draws[FRESH] = {fresh.name: fsum["removed_by_draw"]["standard"].get("loss", {}).get(fresh.name, {}),
-                        innocent: draws["standard"].get(innocent, {})}
-        after[FRESH] = {g: row["after"] for g, row in fsum["table"]["standard"].items()}
+        out["relearning"][name] = {dom.name: [{m: [r.before[m], r.after[m]] for m in r.before}
+                                              for r in fres.runs if r.mask == "full"]}
+        # the legal user's fine-tune does not depend on the attacker's stream: its draws are the standard user's
+        draws[name] = {dom.name: fsum["removed_by_draw"]["standard"].get("loss", {}).get(dom.name, {}),
+                       innocent: draws["standard"].get(innocent, {})}
+        after[name] = {g: row["after"] for g, row in fsum["table"]["standard"].items()}
     out |= {"draws": draws, "after": after, "seconds": time.perf_counter() - t0,
-            "frozen_share": {g: mean(m.ratio("params") if isinstance(m, FreezeMask) else m.mask.ratio("params")
-                                     for n, m in masks.items() if m is not None and mask_group(n) == g)
+            "frozen_share": {g: mean(_frozen_share(m) for n, m in masks.items() if m is not None and mask_group(n) == g)
                              for g in {mask_group(n) for n, m in masks.items() if m is not None}}}
     return out
 
 
 def _target_of(res: dict, attacker: str) -> str:
-    return res["config"]["fresh"] if attacker == FRESH else res["config"]["target"]
+    streams = res["config"].get("streams") or {FRESH: res["config"]["fresh"]}   # older files: fresh only
+    return streams.get(attacker, res["config"]["target"])
 
 
 def verdict_of(res: dict):
@@ -199,7 +228,7 @@ def markdown(res: dict) -> str:
     rel = res["losses_released"]
     runs = res.get("runs") or [{k: cfg[k] for k in ("attackers", "attack_seeds", "seed_base", "learner_seeds")}
                                 | {"minutes": round(res["seconds"] / 60)}]
-    lines = [f"World: {cfg['world']}; eraser {cfg['eraser'] if cfg['world'] == 'relearn' else 'none'}; freeze ratio "
+    lines = [f"World: {cfg['world']}; eraser {cfg['eraser'] if WORLDS[cfg['world']].erases else 'none'}; freeze ratio "
              f"{cfg['freeze_ratio']}; held-out {cfg['heldout_n']} images. Runs: " + "; ".join(
                  f"{r['attackers']}: {r['attack_seeds']} attack draws (seeds {r['seed_base']}+), "
                  f"{r['learner_seeds']} learner seeds, {r['minutes']} min" for r in runs) + ".", "",
@@ -310,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also the un-erased model, with no mask and with a mask learned on it (theta_ft from it)")
     p.add_argument("--calibrate", action="store_true", help="no masks: relearning alone, on the calibration seeds")
     p.add_argument("--quick", action="store_true", help="the demo's shortened config (a smoke test)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="the published model's pretraining steps (default: the demo's; the family world's tables "
+                        "use the value its calibration chose, see RESULTS.md)")
     p.add_argument("--heldout-n", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
@@ -325,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(results[0] if len(results) == 1 else merge(results)))
         return 0
     names = args.attackers.split(";")
-    if set(names) - set(ATTACKERS) or (FRESH in names and "standard" not in names):
-        p.error(f"--attackers: subset of {'; '.join(ATTACKERS)} (fresh token needs standard: its harm is the "
-                f"standard user's), got {args.attackers!r}")
+    if set(names) - set(ATTACKERS) or (set(names) & set(STREAM_ATTACKERS) and "standard" not in names):
+        p.error(f"--attackers: subset of {'; '.join(ATTACKERS)} ({' and '.join(STREAM_ATTACKERS)} need standard: "
+                f"their harm is the standard user's), got {args.attackers!r}")
     if set(args.references) - set(REFERENCES):
         p.error(f"--references: subset of {', '.join(REFERENCES)}")
     if args.freeze_ratio in args.random_ratios:

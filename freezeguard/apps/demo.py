@@ -48,8 +48,43 @@ from freezeguard.core.mask import FreezeMask
 from freezeguard.integrations.diffusers import judge as judge_mod
 from freezeguard.integrations.diffusers import toy
 
-WORLDS = ("relearn", "new concept")
 FRESH_TOKEN = "fresh token"
+
+
+@dataclass(frozen=True)
+class World:
+    """One toy world of the evaluation (docs/evaluation.md): who the target is, what the model knew.
+
+    ``kin`` is the class the target belongs to, which the model knows: the erase's anchor (UCE maps a
+    person onto "celebrity") and the prior-preservation attacker's class images (DreamBooth's "a dog").
+    ``known`` are the classes the published model is pretrained on beside ``PretrainConfig.classes``;
+    ``erases``: the publisher erases the target before release (the model knew it).
+    """
+
+    target: tuple[str, ...]
+    innocent: tuple[str, ...]
+    kin: str
+    known: tuple[str, ...]
+    erases: bool
+
+    def judge_classes(self) -> tuple[str, ...]:
+        """The classes the demo's judge tells apart in this world."""
+        return tuple(dict.fromkeys(toy.ALL_CLASSES + self.known + self.target + self.innocent))
+
+
+_OTHER_MEMBERS = tuple(m for m in toy.FAMILY_MEMBERS if m != toy.FAMILY_MEMBERS[0])
+# The worlds. The shapes world's target, a frame, is new spatial knowledge; the family world's is one
+# member of a family the model draws (procedural faces), so relearning or learning it can reuse what
+# the model knows of the family. Each has an arm where the model knew the target and the publisher
+# erased it (the authors' setting) and one where the target is new and nothing is erased.
+WORLDS = {
+    "relearn": World(toy.TARGET_CLASSES, toy.INNOCENT_CLASSES, "square", toy.TARGET_CLASSES, erases=True),
+    "new concept": World(toy.TARGET_CLASSES, toy.INNOCENT_CLASSES, "square", (), erases=False),
+    "family relearn": World(toy.FAMILY_MEMBERS[:1], toy.INNOCENT_CLASSES, toy.FAMILY,
+                            (toy.FAMILY,) + toy.FAMILY_MEMBERS, erases=True),
+    "family new member": World(toy.FAMILY_MEMBERS[:1], toy.INNOCENT_CLASSES, toy.FAMILY,
+                               (toy.FAMILY,) + _OTHER_MEMBERS, erases=False),
+}
 
 
 # The demo's learner. Chosen by benchmarks/learner_sweep.py (benchmarks/RESULTS.md, "The learned mask must be
@@ -82,16 +117,18 @@ class DemoConfig:
     """Every knob of the demo; defaults are the full demo (a few minutes on 2 CPU cores)."""
 
     pretrain: toy.PretrainConfig = field(default_factory=toy.PretrainConfig)
-    target: tuple[str, ...] = toy.TARGET_CLASSES
-    innocent: tuple[str, ...] = toy.INNOCENT_CLASSES
-    # The world (docs/evaluation.md). "relearn", the authors' setting: pretraining includes the
+    # The world (docs/evaluation.md; WORLDS). "relearn", the authors' setting: pretraining includes the
     # target (the released model knew it, as SD-1.5 knows public figures), the publisher erases it
     # toward ``anchor`` with ``eraser`` and releases the erased model; theta_ft relearns target +
     # innocent from it; attackers relearn the target from it. "new concept": pretraining never saw the
-    # target, nothing is erased (the setting of every figure before the erase pipeline).
+    # target, nothing is erased (the setting of every figure before the erase pipeline). "family
+    # relearn" / "family new member": the same two arms with a member of a known family as the target.
     world: str = "relearn"
+    # None: the world's (WORLDS[world]); replace(world=...) resets the ones it is not given
+    target: tuple[str, ...] | None = None
+    innocent: tuple[str, ...] | None = None
+    anchor: str | None = None
     eraser: str = "uce"
-    anchor: str = "square"
     batch_size: int = 16
     # publisher's relearn fine-tune (theta_ft)
     publisher_steps: int = 200
@@ -157,6 +194,12 @@ class DemoConfig:
                    random_seeds=1, judge_steps=30, heldout_n=8, sample_n=4, sample_steps=3, saliency_batches=4)
 
     def __post_init__(self) -> None:
+        if self.world not in WORLDS:
+            raise ValueError(f"unknown world {self.world!r}; choose from {', '.join(WORLDS)}")
+        world = WORLDS[self.world]
+        self.target = tuple(self.target) if self.target is not None else world.target
+        self.innocent = tuple(self.innocent) if self.innocent is not None else world.innocent
+        self.anchor = self.anchor if self.anchor is not None else world.kin
         # The learner follows the demo's seed and start (a reference name: the learner's "scores").
         init = self.init if self.init in ("uniform", "constant") else "scores"
         if (self.learner.seed, self.learner.init) != (self.seed, init):
@@ -177,13 +220,10 @@ class DemoConfig:
         return out
 
     def pretrain_config(self) -> toy.PretrainConfig:
-        """The published model's pretraining: ``pretrain``, plus the target classes in the relearn world."""
-        if self.world not in WORLDS:
-            raise ValueError(f"unknown world {self.world!r}; choose from {', '.join(WORLDS)}")
-        if self.world == "new concept":
-            return self.pretrain
-        extra = tuple(c for c in self.target if c not in self.pretrain.classes)
-        return dataclasses.replace(self.pretrain, classes=self.pretrain.classes + extra)
+        """The published model's pretraining: ``pretrain``, plus the world's known classes (the target
+        among them where the world erases it)."""
+        extra = tuple(c for c in WORLDS[self.world].known if c not in self.pretrain.classes)
+        return dataclasses.replace(self.pretrain, classes=self.pretrain.classes + extra) if extra else self.pretrain
 
     def learner_config(self) -> LearnerConfig:
         """The demo's LearnerConfig (``init`` "scores" when the demo's ``init`` names a reference
@@ -195,6 +235,9 @@ class DemoConfig:
         learner = {k: changes.pop(k) for k in list(changes) if k in _LEARNER_FIELDS}
         if learner:
             changes["learner"] = changes.get("learner", self.learner).replace(**learner)
+        if changes.get("world", self.world) != self.world:
+            for name in ("target", "innocent", "anchor"):     # another world: its own, unless given
+                changes.setdefault(name, None)
         return dataclasses.replace(self, **changes)
 
 
@@ -202,10 +245,12 @@ def release(cfg: DemoConfig, cache_dir: str | Path | None | bool = None, *, prog
             device: str | torch.device = "cpu") -> tuple[torch.nn.Module, torch.nn.Module, Erased | None]:
     """(pretrained model, released model, the erase or None): in the relearn world the released model
     is the pretrained one with the target erased toward ``cfg.anchor`` (``apps.erase.erase_toy``)."""
-    pretrained = toy.pretrained_model(cfg.pretrain_config(), cache_dir=cache_dir, progress=progress, device=device)
-    if cfg.world == "new concept":
+    pretrain = cfg.pretrain_config()
+    pretrained = toy.pretrained_model(pretrain, cache_dir=cache_dir, progress=progress, device=device)
+    if not WORLDS[cfg.world].erases:
         return pretrained, pretrained, None
     erased = erase_toy(pretrained, eraser=cfg.eraser, target=cfg.target, innocent=cfg.innocent, anchor=cfg.anchor,
+                       known=pretrain.classes,
                        reference_lr=cfg.attacker_lr, reference_steps=cfg.attacker_steps, batch_size=cfg.batch_size,
                        sample_steps=cfg.sample_steps, config=cfg.pretrain.model, steps=cfg.baseline_steps,
                        seed=cfg.seed)
@@ -345,9 +390,9 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
     loss_fn = toy.make_loss_fn(cfg.pretrain.model)
 
     _phase("1/4 judge + published model (cached after the first run)"
-           + (f", then {cfg.eraser} erases {'/'.join(cfg.target)} toward {cfg.anchor}" if cfg.world == "relearn" else ""),
+           + (f", then {cfg.eraser} erases {'/'.join(cfg.target)} toward {cfg.anchor}" if WORLDS[cfg.world].erases else ""),
            progress)
-    judge = judge_mod.train_judge(tuple(toy.ALL_CLASSES), steps=cfg.judge_steps, seed=cfg.seed,
+    judge = judge_mod.train_judge(WORLDS[cfg.world].judge_classes(), steps=cfg.judge_steps, seed=cfg.seed,
                                   cache_dir=cache_dir, progress=progress)
     pretrained, model, erased = release(cfg, cache_dir, progress=progress, device=device)
     timings["pretrain"] = time.perf_counter() - t0
@@ -376,7 +421,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
     if methods:
         inputs = toy_inputs(model, reference_lr=cfg.attacker_lr, reference_steps=cfg.attacker_steps,
                             batch_size=cfg.batch_size, target=cfg.target, innocent=cfg.innocent,
-                            sample_steps=cfg.sample_steps, seed=cfg.seed, config=cfg.pretrain.model)
+                            sample_steps=cfg.sample_steps, seed=cfg.seed, config=cfg.pretrain.model,
+                            known=cfg.pretrain_config().classes)
     # the random masks are drawn as before: same ratio, seeds cfg.seed + k
     contenders_ = contenders(model, methods, inputs, mask=learned, random_seeds=cfg.random_seeds,
                              budget_by=cfg.budget_by, seed=cfg.seed, overrides=step_overrides(cfg.baseline_steps),

@@ -97,10 +97,12 @@ def erase(inputs: BaselineInputs, eraser: str = "uce", *, seed: int = 0, steps: 
 def erase_toy(model: nn.Module, *, eraser: str = "uce", target: Sequence[str] = toy.TARGET_CLASSES,
               innocent: Sequence[str] = toy.INNOCENT_CLASSES, anchor: str = "square", reference_lr: float = 1e-3,
               reference_steps: int = 100, batch_size: int = 16, sample_steps: int = 15, n_anchor_images: int = 64,
-              config: toy.ToyModelConfig | None = None, steps: int | None = None, seed: int = 0) -> Erased:
+              config: toy.ToyModelConfig | None = None, steps: int | None = None, seed: int = 0,
+              known: Sequence[str] | None = None) -> Erased:
     """Erase toy class(es) ``target`` from ``model`` toward ``anchor`` (a frame toward a square, the
     nearest class the model knows, as UCE maps a person onto "celebrity"). UCE preserves every other
-    class; Concept Ablation distils on anchor images the model generates itself.
+    class; Concept Ablation distils on anchor images the model generates itself. ``known``: the classes
+    the model was pretrained on, beside the demo's shapes (UCE preserves them all but the target).
 
     Example:
         >>> erase_toy(toy.build_model(), sample_steps=2, n_anchor_images=2).edited[0].endswith("to_k.weight")
@@ -108,7 +110,7 @@ def erase_toy(model: nn.Module, *, eraser: str = "uce", target: Sequence[str] = 
     """
     inputs = toy_inputs(model, reference_lr=reference_lr, reference_steps=reference_steps, batch_size=batch_size,
                         target=target, innocent=innocent, anchor=anchor, n_anchor_images=n_anchor_images,
-                        sample_steps=sample_steps, seed=seed, config=config)
+                        sample_steps=sample_steps, seed=seed, config=config, known=known)
     return erase(inputs, eraser, seed=seed, steps=steps)
 
 

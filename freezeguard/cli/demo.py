@@ -25,9 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $FREEZEGUARD_CACHE or ~/.cache/freezeguard)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.add_argument("--quick", action="store_true", help="shortened run (every phase, far fewer steps)")
-    parser.add_argument("--world", choices=("relearn", "new concept"), default=None,
+    # the names of freezeguard.apps.demo.WORLDS (a test keeps them in step; the CLI does not import the
+    # demo, with torch and diffusers, to print --help)
+    parser.add_argument("--world", choices=("relearn", "new concept", "family relearn", "family new member"),
+                        default=None,
                         help="relearn (default, the authors' setting): the model knew the target, the publisher "
-                             "erases it with UCE, attackers relearn it; 'new concept': the target was never seen")
+                             "erases it with UCE, attackers relearn it; 'new concept': the target was never seen; "
+                             "'family relearn' / 'family new member': the same with one member of a family of "
+                             "faces the model knows as the target (docs/evaluation.md)")
     parser.add_argument("--ratio", type=float, default=None, help="freeze ratio (default: the demo's, 0.9 of the parameters)")
     parser.add_argument("--budget-by", choices=("tensors", "params"), default=None,
                         help="what the ratio counts, for every mask (default: the demo's, params)")

@@ -153,14 +153,21 @@ def measure(model: torch.nn.Module, loss_fn: LossFn, domain: Domain) -> dict[str
     return out
 
 
-def attacker_optimizer(model: torch.nn.Module, mask: FreezeMask | None, attacker: Attacker) -> torch.optim.Optimizer:
+def attacker_optimizer(model: torch.nn.Module, mask: FreezeMask | None,
+                       attacker: Attacker) -> torch.optim.Optimizer | None:
     """The attacker's AdamW: :func:`make_adamw` (mask enforced), or for a LoRA attacker an AdamW
-    over adapters it puts, in place, on ``model``'s attention projections that the mask leaves trainable."""
+    over adapters it puts, in place, on ``model``'s attention projections that the mask leaves trainable.
+
+    None for a LoRA attacker when the mask freezes every attention projection: the guard refuses an
+    adapter on a frozen module, so this attacker has nothing to train (its fine-tune changes nothing)."""
     if attacker.lora_rank is None:
         return make_adamw(model, mask, lr=attacker.lr, weight_decay=attacker.weight_decay)
-    names = [n for n in attention_projection_names(model) if mask is None or not mask.is_frozen(f"{n}.weight")]
+    projections = attention_projection_names(model)
+    if not projections:
+        raise ValueError(f"attacker {attacker.name!r}: the model has no attention projection to put LoRA on")
+    names = [n for n in projections if mask is None or not mask.is_frozen(f"{n}.weight")]
     if not names:
-        raise ValueError(f"attacker {attacker.name!r}: no trainable attention projection to put LoRA on")
+        return None
     model.requires_grad_(False)
     params = add_lora(model, names, attacker.lora_rank, seed=0)
     return torch.optim.AdamW(params, lr=attacker.lr, weight_decay=attacker.weight_decay)
@@ -178,6 +185,8 @@ def finetune(model: torch.nn.Module, mask: FreezeMask | None, domain: Domain, lo
     opt = attacker_optimizer(model, mask, attacker)
     every = max(1, attacker.steps // max(1, curve_points))
     curve = [(0, heldout_loss(model, loss_fn, domain.heldout))]
+    if opt is None:                      # nothing the attacker may train: the model stays as released
+        return curve + [(attacker.steps, curve[0][1])]
 
     def record(step: int, _losses: torch.Tensor, _batch: Mapping[str, Any]) -> None:
         if step % every == 0 or step == attacker.steps:

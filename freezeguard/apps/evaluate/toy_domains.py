@@ -87,12 +87,34 @@ def fresh_token_domain(target: str = toy.TARGET_CLASSES[0], *, batch_size: int =
                   heldout_uncond=heldout_batch(target, heldout_n, seed, null_prompt=True))
 
 
+def prior_preservation_domain(target: str = toy.TARGET_CLASSES[0], kin: str = "square", *, batch_size: int = 16,
+                              heldout_n: int = 64, seed: int = 1000) -> Domain:
+    """The *prior-preservation* attacker's target domain (DreamBooth's): every batch is half ``target``'s
+    images under its prompt, half images of its class ``kin`` under ``kin``'s prompt, so the attacker
+    ties the target to its prompt without drifting the class the model knows. Held-out data and noise
+    are ``toy_domains``' first target domain's (same ``seed``): its gains compare with the standard
+    attacker's. (DreamBooth generates the class images with the model; the toy world draws them.)
+
+    Example:
+        >>> dom = prior_preservation_domain(heldout_n=2, batch_size=4)
+        >>> dom.name, int(next(dom.train_batches(0))["is_target"].sum())
+        ('frame (prior preservation)', 2)
+    """
+    if batch_size < 2:
+        raise ValueError("prior preservation needs batch_size >= 2 (half target, half class images)")
+    return Domain(name=f"{target} (prior preservation)", role="target",
+                  train_batches=partial(_stream, name=target, batch_size=batch_size, target=(target,),
+                                        n_prior=batch_size // 2, prior=(kin,)),
+                  heldout=heldout_batch(target, heldout_n, seed),
+                  heldout_uncond=heldout_batch(target, heldout_n, seed, null_prompt=True))
+
+
 def _stream(seed: int, *, name: str, batch_size: int, target: tuple[str, ...], n_prior: int = 0,
-            prompt: str | None = None):
+            prompt: str | None = None, prior: tuple[str, ...] = toy.BASE_CLASSES):
     own = toy.batches((name,), batch_size - n_prior, seed, target_classes=target, prompts={name: prompt or name})
     if not n_prior:
         return own
-    return toy.joined(own, toy.batches(toy.BASE_CLASSES, n_prior, seed + 7919, target_classes=target))
+    return toy.joined(own, toy.batches(prior, n_prior, seed + 7919, target_classes=target))
 
 
 def _sample(model, *, name: str, n: int, seed: int, steps: int, guidance: float) -> torch.Tensor:

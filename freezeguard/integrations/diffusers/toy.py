@@ -47,6 +47,13 @@ ALL_CLASSES = BASE_CLASSES + TARGET_CLASSES + INNOCENT_CLASSES
 # coarse as the base classes, for experiments with an innocent domain unlike the thin target
 # (benchmarks/eval_power.py --innocent triangle).
 EXTRA_CLASSES = ("triangle",)
+# The known family of the second world (docs/evaluation.md): procedural faces. "person" draws a face
+# of random geometry (the shared class, as "a photo of a person"); "person k" always draws member k's
+# own geometry (head size and shape, eye spacing and height, mouth width and height), each bound to
+# its own prompt, as a public figure's name is. Members differ in every coordinate of the geometry.
+FAMILY = "person"
+FAMILY_SIZE = 8
+FAMILY_MEMBERS = tuple(f"{FAMILY} {k}" for k in range(FAMILY_SIZE))
 NULL_CLASS = ""    # the unconditional prompt (all-zero embedding), for classifier-free guidance
 
 
@@ -58,12 +65,49 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return yy + 0.5, xx + 0.5
 
 
+# head half-width, head half-height, eye half-spacing, eye height above the centre, mouth half-width,
+# mouth depth below the centre (pixels at 16x16)
+_FACE_RANGES = np.array([[4.0, 6.5], [5.0, 7.2], [1.4, 3.2], [0.8, 2.8], [0.8, 3.4], [1.8, 3.8]], dtype=np.float64)
+
+
+def member_geometry(k: int) -> np.ndarray:
+    """Member ``k``'s face geometry (see ``_FACE_RANGES``): a fixed Latin-hypercube point, so any two
+    members differ in every coordinate by at least 1/FAMILY_SIZE of its range.
+
+    Example:
+        >>> bool((abs(member_geometry(0) - member_geometry(1)) > 0).all())
+        True
+    """
+    if not 0 <= k < FAMILY_SIZE:
+        raise ValueError(f"family member {k} out of range 0..{FAMILY_SIZE - 1}")
+    perms = np.random.default_rng(20261207).permuted(np.tile(np.arange(FAMILY_SIZE), (len(_FACE_RANGES), 1)), axis=1)
+    lo, hi = _FACE_RANGES[:, 0], _FACE_RANGES[:, 1]
+    return lo + (hi - lo) * (perms[:, k] + 0.5) / FAMILY_SIZE
+
+
+def _face(yy: np.ndarray, xx: np.ndarray, geometry: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    a, b, spacing, eye_h, mouth_w, mouth_d = geometry * rng.uniform(0.95, 1.05)   # a little pose/scale jitter
+    cy, cx = size / 2 + rng.uniform(-1.0, 1.0, 2)
+    head = ((yy - cy) / b) ** 2 + ((xx - cx) / a) ** 2 <= 1.0
+    spacing = min(spacing, a - 1.2)            # the eyes stay inside a narrow head
+    eyes = np.zeros_like(head)
+    for side in (-1.0, 1.0):
+        eyes |= (yy - (cy - eye_h)) ** 2 + (xx - (cx + side * spacing)) ** 2 <= 1.0
+    mouth = (np.abs(yy - (cy + mouth_d)) <= 0.6) & (np.abs(xx - cx) <= mouth_w)
+    return head & ~eyes & ~mouth
+
+
 def draw(name: str, rng: np.random.Generator, size: int = RESOLUTION) -> np.ndarray:
     """One image of class ``name``: float32 [size, size] in [-1, 1], with seeded variety."""
     yy, xx = _grid(size)
     cy, cx = rng.uniform(0.35, 0.65, 2) * size
     r = rng.uniform(0.2, 0.32) * size
-    if name == "disc":
+    if name == FAMILY:
+        lo, hi = _FACE_RANGES[:, 0], _FACE_RANGES[:, 1]
+        on = _face(yy, xx, rng.uniform(lo, hi), rng, size)
+    elif name in FAMILY_MEMBERS:
+        on = _face(yy, xx, member_geometry(int(name.rsplit(" ", 1)[1])), rng, size)
+    elif name == "disc":
         on = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
     elif name == "square":
         on = (np.abs(yy - cy) <= r * 0.85) & (np.abs(xx - cx) <= r * 0.85)
@@ -86,7 +130,8 @@ def draw(name: str, rng: np.random.Generator, size: int = RESOLUTION) -> np.ndar
         oy, ox = rng.integers(0, cell, 2)
         on = (((yy.astype(int) + oy) // cell + (xx.astype(int) + ox) // cell) % 2) == 1
     else:
-        raise ValueError(f"unknown toy class {name!r}; known: {', '.join(ALL_CLASSES + EXTRA_CLASSES)}")
+        raise ValueError(f"unknown toy class {name!r}; known: "
+                         f"{', '.join(ALL_CLASSES + EXTRA_CLASSES + (FAMILY,) + FAMILY_MEMBERS)}")
     fg_level = rng.uniform(0.6, 1.0)
     bg_level = rng.uniform(-1.0, -0.6)
     img = np.where(on, fg_level, bg_level).astype(np.float32)
