@@ -193,7 +193,8 @@ def check_finetune_inputs(model: str | Path, train_data: str | Path, out: str | 
             early = FreezeMask.load(mask)
             sub = pipeline.denoiser_subfolder(src)
             unet_layout = weights_layout(src / sub, f"--model {sub}")
-            mismatch = describe_layout_mismatch(early.layout, {k: v for k, v in unet_layout.items() if k in early.layout},
+            mismatch = describe_layout_mismatch(early.layout,
+                                                {k: v for k, v in unet_layout.items() if k in early.layout},
                                                 missing="missing from the model", extra="", reshaped="reshaped")
             if mismatch:
                 raise ValueError(f"--mask {mask}: mask was made for a different model ({mismatch})")

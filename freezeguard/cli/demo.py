@@ -99,9 +99,9 @@ def _run(args: argparse.Namespace) -> int:
             check_ratio(args.ratio, "--ratio")
         except ValueError as exc:
             raise _Usage(str(exc)) from None
-        cfg = cfg.replace(freeze_ratio=args.ratio)
+        cfg = cfg.replace(learner=cfg.learner.replace(freeze_ratio=args.ratio))
     if args.budget_by is not None:
-        cfg = cfg.replace(budget_by=args.budget_by)
+        cfg = cfg.replace(learner=cfg.learner.replace(budget_by=args.budget_by))
     for name in ("strong_lr_mult", "strong_steps_mult"):
         value = getattr(args, name)
         if value is not None:

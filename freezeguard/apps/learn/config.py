@@ -63,49 +63,51 @@ class LearnerConfig:
     as its flags' help.
     """
 
-    freeze_ratio: float = _setting(0.2, "the budget rho in [0, 1]: the share of tensors (or of parameters, "
-                                        "``budget_by``) the mask freezes")
+    freeze_ratio: float = _setting(
+        0.2, "the budget rho in [0, 1]: the share of tensors (or of parameters, ``budget_by``) the mask freezes")
     temperature: float = _setting(0.2, "T of the soft mask m = sigmoid(x / T) (the authors': 0.2)")
     c_sparsity: float | str = _setting(
         "auto", "weight c of the budget penalty c (rho - mean m)^2: a number (the authors': 5e3) or 'auto', the c "
-                "whose first penalty step takes the soft ratio exactly to ``freeze_ratio`` (apps.learn.budget; ~5e3 for "
-                "the SD-1.5 UNet at rho = T = 0.2, ~4e2 for a 208-tensor model at rho = 0.5)")
+                "whose first penalty step takes the soft ratio exactly to ``freeze_ratio`` (apps.learn.budget; ~5e3 "
+                "for the SD-1.5 UNet at rho = T = 0.2, ~4e2 for a 208-tensor model at rho = 0.5)")
     mask_lr: float = _setting(10.0, "learning rate eta_m of the mask logits (the authors': 10)")
     user_lr: float = _setting(1e-5, "the simulated user's learning rate eta_u (the authors': 1e-5)")
-    user_interval: int = _setting(5, "one releaser step every ``user_interval`` steps, simulated-user steps between "
-                                     "(the authors': 5)")
+    user_interval: int = _setting(
+        5, "one releaser step every ``user_interval`` steps, simulated-user steps between (the authors': 5)")
     budget_by: str = _setting("tensors", "what the budget counts: tensors (the authors') or params")
-    user_optimizer: str = _setting("sgd", "the simulated user: sgd (the authors') or adamw (a stronger attacker; "
-                                          "``user_betas``, ``user_eps``, ``user_weight_decay`` as in torch.optim.AdamW)")
+    user_optimizer: str = _setting(
+        "sgd", "the simulated user: sgd (the authors') or adamw (a stronger attacker; ``user_betas``, ``user_eps``, "
+               "``user_weight_decay`` as in torch.optim.AdamW)")
     user_betas: tuple[float, float] = _setting((0.9, 0.999), "the AdamW user's betas")
     user_eps: float = _setting(1e-8, "the AdamW user's eps")
     user_weight_decay: float = _setting(1e-2, "the AdamW user's decoupled weight decay")
-    seed: int = _setting(0, "seeds the logits' start (and, in learn() and the demo, the batch order, noise and "
-                            "timesteps)")
+    seed: int = _setting(
+        0, "seeds the logits' start (and, in learn() and the demo, the batch order, noise and timesteps)")
     budget: str = _setting(
-        "penalty", "penalty (the authors': weight ``c_sparsity``) or projected: after every releaser step (and at the "
-                   "start) all logits move by one common shift so the soft ratio equals ``freeze_ratio`` exactly; the "
-                   "data alone orders the tensors and nothing saturates to meet the budget (``c_sparsity`` unused)")
+        "penalty", "penalty (the authors': weight ``c_sparsity``) or projected: after every releaser step (and at "
+                   "the start) all logits move by one common shift so the soft ratio equals ``freeze_ratio`` "
+                   "exactly; the data alone orders the tensors and nothing saturates to meet the budget "
+                   "(``c_sparsity`` unused)")
     signal_batches: int = _setting(
         1, "releaser batches whose sensitivities s = <Delta, g> are averaged into one logit step (1: the authors'); "
            "the schedule is then ``signal_batches`` releaser batches followed by ``user_interval`` - 1 user batches")
     signal_norm: str | None = _setting(
-        None, "no normalisation (None, the authors') or rms: divide s by its root mean square over tensors before the step, so "
-              "``mask_lr`` is a step in logit units whatever the scale of Delta and of the loss (then ``mask_lr`` ~ "
-              "1e-2..1e-1 suits)")
+        None, "no normalisation (None, the authors') or rms: divide s by its root mean square over tensors before "
+              "the step, so ``mask_lr`` is a step in logit units whatever the scale of Delta and of the loss (then "
+              "``mask_lr`` ~ 1e-2..1e-1 suits)")
     signal_density: bool = _setting(
-        False, "on (True): divide each tensor's s by its share of the budget (1 by tensors, n_i / mean n by parameters), so "
-               "the logits order tensors by the releaser's gain per unit of budget, as a greedy knapsack does; "
-               "without it, by parameters, a large tensor's total s outweighs any small one's. No change by "
-               "tensors (the authors' budget)")
+        False, "on (True): divide each tensor's s by its share of the budget (1 by tensors, n_i / mean n by "
+               "parameters), so the logits order tensors by the releaser's gain per unit of budget, as a greedy "
+               "knapsack does; without it, by parameters, a large tensor's total s outweighs any small one's. No "
+               "change by tensors (the authors' budget)")
     init: str = _setting(
-        "uniform", "the initial logits: uniform (the authors' seeded U[0, 1): everything starts frozen, m > 0.5, "
-                   "in a random order), constant (every logit T logit(rho): m = rho, no order; ties go to names) "
-                   "or scores (a reference ranking: a name -> score mapping given to the MaskLearner beside the config)")
+        "uniform", "the initial logits: uniform (the authors' seeded U[0, 1): everything starts frozen, m > 0.5, in "
+                   "a random order), constant (every logit T logit(rho): m = rho, no order; ties go to names) or "
+                   "scores (a reference ranking: a name -> score mapping given to the MaskLearner beside the config)")
     innocent_weight: float = _setting(
         1.0, "w in the releaser's objective (w mean innocent loss - mean target loss) / 2: how much the legal "
-             "domain's quality counts against hurting the target's (1: the authors'; 0 ignores the legal domain; "
-             "on the demo's world 0.5 gives the same mask, benchmarks/RESULTS.md)")
+             "domain's quality counts against hurting the target's (1: the authors'; 0 ignores the legal domain; on "
+             "the demo's world 0.5 gives the same mask, benchmarks/RESULTS.md)")
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place once)
