@@ -12,8 +12,9 @@ anchor and the prior class are the family's shared class, "person").
 
 Contenders (all on the erased release unless named): erase only (the reference "full": no mask),
 random masks at the freeze ratio and at ``--random-ratios`` (the price curve), the reference
-rankings ``--references`` (|delta|, saliency, and "eraser's tensors": exactly the tensors the
-eraser changed, frozen at their own small ratio), the learned mask for ``--learner-seeds`` seeds,
+rankings ``--references`` (|delta|, saliency, contrast -- ||delta_target||^2 / ||delta_legal||^2 from
+two separate publisher fine-tunes -- and "eraser's tensors": exactly the tensors the eraser changed,
+frozen at their own small ratio), the learned mask for ``--learner-seeds`` seeds,
 and with ``--no-erase`` the *un-erased* model with no mask and with a mask learned on it (the publisher
 skips the erase; shares are still of the erased release's relearning gain, so a negative share means
 the attacker ends better off than relearning from the erased release).
@@ -74,7 +75,7 @@ LORA = "LoRA r4"
 # the standard user on another target stream (its legal harm is the standard user's)
 STREAM_ATTACKERS = (FRESH, PRIOR)
 ATTACKERS = ("standard", "3x steps", "10x lr", LORA, FRESH, PRIOR)
-REFERENCES = ("delta", "saliency", "eraser's tensors")
+REFERENCES = ("delta", "saliency", "contrast", "eraser's tensors")
 CALIBRATION_SEED_BASE = 900
 
 

@@ -80,3 +80,30 @@ def test_prior_preservation_domain_mixes_the_class_into_every_batch():
     assert sum(torch.equal(e, own) for e in emb) == 3 and sum(torch.equal(e, kin) for e in emb) == 3
     with pytest.raises(ValueError, match="batch_size >= 2"):
         prior_preservation_domain(batch_size=1)
+
+
+def test_the_demo_command_offers_every_world():
+    import argparse
+
+    from freezeguard.cli.demo import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    world = next(a for a in parser._actions if a.dest == "world")
+    assert tuple(world.choices) == tuple(WORLDS)
+
+
+def test_contrast_reference_ranks_what_the_target_moves_and_the_legal_data_does_not(tmp_path):
+    from freezeguard.apps.demo import publisher_finetune, reference_scores
+    from freezeguard.apps.learn.reference_masks import contrast_scores
+
+    cfg = DemoConfig.quick().replace(publisher_steps=3)
+    model = toy.build_model(cfg.pretrain.model)
+    loss_fn = toy.make_loss_fn(cfg.pretrain.model)
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = reference_scores(model, pre, cfg, loss_fn, ("contrast",))["contrast"]
+    alone = {c: publisher_finetune(model, cfg, loss_fn, progress=False, only=c) for c in (cfg.target, cfg.innocent)}
+    assert scores == contrast_scores(model, pre, alone[cfg.target], alone[cfg.innocent])
+    assert set(scores) == {n for n, _ in model.named_parameters()} and max(scores.values()) > 0
+    # each separate fine-tune saw only its own classes: they end in different places
+    assert any(not torch.equal(alone[cfg.target][n], alone[cfg.innocent][n]) for n in scores)

@@ -242,10 +242,15 @@ def _phase(name: str, progress: bool) -> None:
         print(f"[freezeguard demo] {name}", flush=True)
 
 
-def publisher_finetune(model: torch.nn.Module, cfg: DemoConfig, loss_fn, *, progress: bool) -> dict[str, torch.Tensor]:
-    """The publisher's full fine-tune on target + innocent data; returns theta_ft."""
+def publisher_finetune(model: torch.nn.Module, cfg: DemoConfig, loss_fn, *, progress: bool,
+                       only: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The publisher's full fine-tune on target + innocent data; returns theta_ft. ``only``: on these
+    classes alone instead (the contrast reference's two separate fine-tunes)."""
     tuned = copy.deepcopy(model)
-    stream = toy.mixed_batches(cfg.target, cfg.innocent, cfg.batch_size, seed=cfg.seed + 11)
+    if only is None:
+        stream = toy.mixed_batches(cfg.target, cfg.innocent, cfg.batch_size, seed=cfg.seed + 11)
+    else:
+        stream = toy.batches(only, cfg.batch_size, seed=cfg.seed + 11, target_classes=cfg.target)
     toy.train(tuned, stream, cfg.publisher_steps, cfg.publisher_lr, loss_fn, seed=cfg.seed + 12,
               progress="publisher relearn fine-tune" if progress else None)
     return {k: v.detach().clone() for k, v in tuned.state_dict().items()}
@@ -253,8 +258,9 @@ def publisher_finetune(model: torch.nn.Module, cfg: DemoConfig, loss_fn, *, prog
 
 def reference_scores(model: torch.nn.Module, ft_state: dict, cfg: DemoConfig, loss_fn,
                      names: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """The reference rankings ``names`` (of "delta", "cross-attention", "saliency") between the
-    released weights and theta_ft; saliency averages s over ``cfg.saliency_batches`` mixed batches."""
+    """The reference rankings ``names`` (of "delta", "cross-attention", "saliency", "contrast") between
+    the released weights and theta_ft; saliency averages s over ``cfg.saliency_batches`` mixed batches;
+    the contrast runs two more publisher fine-tunes, on the target alone and on the legal data alone."""
     pre_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = {}
     for name in names:
@@ -267,8 +273,12 @@ def reference_scores(model: torch.nn.Module, ft_state: dict, cfg: DemoConfig, lo
             gen = torch.Generator().manual_seed(cfg.seed + 42)
             out[name] = ref.saliency_scores(model, pre_state, ft_state, loss_fn,
                                             (dict(b, generator=gen) for b in stream), cfg.saliency_batches)
+        elif name == "contrast":
+            alone = {c: publisher_finetune(model, cfg, loss_fn, progress=False, only=c)
+                     for c in (cfg.target, cfg.innocent)}
+            out[name] = ref.contrast_scores(model, pre_state, alone[cfg.target], alone[cfg.innocent])
         else:
-            raise ValueError(f"unknown reference mask {name!r}; known: delta, cross-attention, saliency")
+            raise ValueError(f"unknown reference mask {name!r}; known: delta, cross-attention, saliency, contrast")
     return out
 
 

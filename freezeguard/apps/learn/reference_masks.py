@@ -13,7 +13,11 @@ Each function returns per-tensor scores (name -> float, higher = freeze first) t
   theta_ft to theta_pre: sum_i of s_i along that path is the loss change of reverting the whole
   fine-tune). One fused ``ops.segment_dot`` per batch, no learner steps.
 
-``reference_masks`` builds all three as FreezeMasks.
+- ``contrast_scores``: ||Delta_target||^2 / ||Delta_legal||^2 per tensor, from two separate
+  fine-tunes of the release (one on the target alone, one on the legal data alone): the tensors the
+  target moves much and the legal data little.
+
+``reference_masks`` builds the first three as FreezeMasks (the contrast needs its own two fine-tunes).
 
 Example:
     >>> import torch
@@ -49,6 +53,30 @@ def delta_scores(model: torch.nn.Module, pretrained_state: Mapping[str, torch.Te
         d = pretrained_state[name].detach().float() - finetuned_state[name].detach().float().to(
             pretrained_state[name].device)
         out[name] = float(d.abs().mean()) if d.numel() else 0.0
+    return out
+
+
+def contrast_scores(model: torch.nn.Module, pretrained_state: Mapping[str, torch.Tensor],
+                    target_state: Mapping[str, torch.Tensor], legal_state: Mapping[str, torch.Tensor],
+                    eps: float = 1e-12) -> dict[str, float]:
+    """||theta_target - theta_pre||^2 / (||theta_legal - theta_pre||^2 + eps) of every parameter tensor.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 2)
+        >>> pre = {k: v.clone() for k, v in model.state_dict().items()}
+        >>> target = {"weight": pre["weight"] + 1.0, "bias": pre["bias"] + 0.1}
+        >>> legal = {"weight": pre["weight"] + 1.0, "bias": pre["bias"] + 0.01}
+        >>> s = contrast_scores(model, pre, target, legal)
+        >>> s["bias"] > s["weight"]          # the bias moves for the target, hardly for the legal data
+        True
+    """
+    out = {}
+    for name, _ in model.named_parameters():
+        pre = pretrained_state[name].detach().float()
+        t = float((target_state[name].detach().float().to(pre.device) - pre).pow(2).sum())
+        legal = float((legal_state[name].detach().float().to(pre.device) - pre).pow(2).sum())
+        out[name] = t / (legal + eps)
     return out
 
 
