@@ -58,7 +58,7 @@ def _learned_mask(base: DemoConfig, model, ft_state, loss_fn, change: dict) -> F
     change = dict(change)
     offset = change.pop("seed_offset", 0)
     steps_mult = change.pop("steps_mult", 1)
-    cfg = base.replace(**change, learner_steps=base.learner_steps * steps_mult)
+    cfg = base.replace(learner=base.learner.replace(**change), learner_steps=base.learner_steps * steps_mult)
     if offset:  # a different learner (logit init, batches, noise), same data and publisher model
         cfg = cfg.replace(seed=base.seed + offset)
     mask, _ = learn_mask(model, ft_state, cfg, loss_fn, progress=False)
@@ -80,10 +80,10 @@ def run(ratios: list[float], variants: list[str], random_seeds: int, *, base: De
     out = {"config": base.to_json(), "device": str(device), "random_seeds": random_seeds, "ratios": {}}
     for ratio in ratios:
         t0 = time.perf_counter()
-        cfg = base.replace(freeze_ratio=ratio)
+        cfg = base.replace(learner=base.learner.replace(freeze_ratio=ratio))
         masks: dict[str, FreezeMask | None] = {"full": None}
         for k in range(random_seeds):
-            masks[f"random#{k}"] = FreezeMask.random(model, ratio, by=cfg.budget_by, seed=base.seed + k)
+            masks[f"random#{k}"] = FreezeMask.random(model, ratio, by=cfg.learner.budget_by, seed=base.seed + k)
         for name in variants:
             masks[name] = _learned_mask(cfg, model, ft_state, loss_fn, VARIANTS[name])
         result = evaluate_masks(model, masks, domains, loss_fn, _attackers(cfg), seed=base.seed + 31,
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     if args.random_seeds < 1:
         parser.error("--random-seeds must be >= 1 (learned masks are compared with random ones)")
-    base = (DemoConfig.quick() if args.quick else DemoConfig()).replace(budget_by=args.budget_by)
+    base = DemoConfig.quick() if args.quick else DemoConfig()
+    base = base.replace(learner=base.learner.replace(budget_by=args.budget_by))
     res = run([float(r) for r in args.ratios.split(",") if r], variants, args.random_seeds, base=base,
               cache_dir=args.cache_dir, device=args.device, progress=sys.stderr.isatty())
     if args.json:

@@ -104,11 +104,11 @@ def build_masks(cfg: DemoConfig, model, loss_fn, *, random_masks: int, learner_s
     ft_state = publisher_finetune(model, cfg, loss_fn, progress=False)
     masks: dict = {"full": None}
     for k in range(random_masks):
-        masks[f"random#{k}"] = FreezeMask.random(model, cfg.freeze_ratio, by=cfg.budget_by, seed=cfg.seed + k)
-    masks.update(random_masks_at(model, random_ratios, random_masks, by=cfg.budget_by, seed=cfg.seed))
+        masks[f"random#{k}"] = FreezeMask.random(model, cfg.learner.freeze_ratio, by=cfg.learner.budget_by, seed=cfg.seed + k)
+    masks.update(random_masks_at(model, random_ratios, random_masks, by=cfg.learner.budget_by, seed=cfg.seed))
     scores = reference_scores(model, ft_state, cfg, loss_fn, REFERENCES)
     for name in REFERENCES:
-        masks[f"ref: {name}"] = FreezeMask.from_scores(model, scores[name], cfg.freeze_ratio, by=cfg.budget_by)
+        masks[f"ref: {name}"] = FreezeMask.from_scores(model, scores[name], cfg.learner.freeze_ratio, by=cfg.learner.budget_by)
     if parts:
         masks.update(part_masks(model))
     learners = {f"learned {v}": variant_config(cfg, v) for v in variants} or {"learned": cfg}
@@ -134,7 +134,7 @@ def variant_config(cfg: DemoConfig, variant: str) -> DemoConfig:
     "+stepsN" ``learner_steps``, "+lrX" ``mask_lr``. Density is off and the weight 1 unless named;
     every other setting is ``cfg``'s."""
     init, *extras = variant.split("+")
-    changes: dict = {"init": init, "signal_density": False, "innocent_weight": 1.0}
+    changes: dict = {"signal_density": False, "innocent_weight": 1.0}   # the learner's; learner_steps the demo's
     for extra in extras:
         knob = next((k for k in sorted(VARIANT_KNOBS, key=len, reverse=True) if extra.startswith(k)), None)
         if extra == "density":
@@ -147,7 +147,8 @@ def variant_config(cfg: DemoConfig, variant: str) -> DemoConfig:
     if init not in STARTS:
         raise ValueError(f"learner variant {variant!r}: INIT[+density][+wX][+stepsN][+lrX], INIT one of "
                          f"{', '.join(STARTS)}, X >= 0 the innocent weight / mask lr, N the learner's steps")
-    return cfg.replace(**changes)
+    steps = {"learner_steps": changes.pop("learner_steps")} if "learner_steps" in changes else {}
+    return cfg.replace(init=init, learner=cfg.learner.replace(**changes), **steps)
 
 
 def _positive(text: str, kind: type) -> bool:
@@ -204,7 +205,8 @@ def run(args) -> dict:
     base = DemoConfig.quick() if args.quick else DemoConfig()
     cfg = base.replace(innocent=tuple(args.innocent.split(",")),
                        attacker_steps=args.attacker_steps or base.attacker_steps,
-                       freeze_ratio=base.freeze_ratio if args.freeze_ratio is None else args.freeze_ratio,
+                       learner=base.learner.replace(freeze_ratio=base.learner.freeze_ratio
+                                                    if args.freeze_ratio is None else args.freeze_ratio),
                        init=args.init or base.init)
     if args.channels:   # a UNet of another width (pretrained and cached apart), e.g. a capacity-bound one
         width = dataclasses.replace(cfg.pretrain.model, block_out_channels=args.channels)
@@ -248,7 +250,7 @@ def _pct(v: float | None) -> str:
 
 def markdown(res: dict) -> str:
     cfg = res["config"]
-    lines = [f"Innocent domain: {cfg['innocent']}; freeze ratio {cfg.get('freeze_ratio') or DemoConfig().freeze_ratio}; "
+    lines = [f"Innocent domain: {cfg['innocent']}; freeze ratio {cfg.get('freeze_ratio') or DemoConfig().learner.freeze_ratio}; "
              f"{len(res['attack_seeds'])} attack draws; "
              f"held-out {cfg['heldout_n']} images, {cfg['sample_n']} samples"
              + (f"; {cfg['prior_share']:.0%} of every fine-tune's batch from the base classes" if cfg.get("prior_share")
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--random-ratios: each ratio must lie in (0, 1), got {args.random_ratios}")
     if args.channels and (len(args.channels) < 2 or any(c <= 0 or c % 8 for c in args.channels)):
         p.error(f"--channels: two or more widths, each a positive multiple of 8 (the norm groups), got {args.channels}")
-    main_ratio = DemoConfig().freeze_ratio if args.freeze_ratio is None else args.freeze_ratio
+    main_ratio = DemoConfig().learner.freeze_ratio if args.freeze_ratio is None else args.freeze_ratio
     if main_ratio in args.random_ratios:
         p.error(f"--random-ratios: {main_ratio} is the freeze ratio itself, whose random masks are always there")
     for v in args.variants:

@@ -95,21 +95,21 @@ def stream_domains(cfg: DemoConfig, heldout_n: int) -> dict:
 def build_masks(cfg: DemoConfig, pretrained, released, erased, loss_fn, args, log=print) -> dict:
     masks: dict = {"full": None}
     for k in range(args.random_masks):
-        masks[f"random#{k}"] = FreezeMask.random(released, cfg.freeze_ratio, by=cfg.budget_by, seed=cfg.seed + k)
-    masks.update(random_masks_at(released, args.random_ratios, args.random_masks, by=cfg.budget_by, seed=cfg.seed))
+        masks[f"random#{k}"] = FreezeMask.random(released, cfg.learner.freeze_ratio, by=cfg.learner.budget_by, seed=cfg.seed + k)
+    masks.update(random_masks_at(released, args.random_ratios, args.random_masks, by=cfg.learner.budget_by, seed=cfg.seed))
     t0 = time.perf_counter()
     ft_state = publisher_finetune(released, cfg, loss_fn, progress=False)
     log(f"[relearn] publisher's relearn fine-tune: {time.perf_counter() - t0:.0f} s")
     ranked = [r for r in args.references if r != "eraser's tensors"]
     scores = reference_scores(released, ft_state, cfg, loss_fn, tuple(ranked))
     for name in ranked:
-        masks[f"ref: {name}"] = FreezeMask.from_scores(released, scores[name], cfg.freeze_ratio, by=cfg.budget_by)
+        masks[f"ref: {name}"] = FreezeMask.from_scores(released, scores[name], cfg.learner.freeze_ratio, by=cfg.learner.budget_by)
     if "eraser's tensors" in args.references and erased is not None:
         masks["ref: eraser's tensors"] = FreezeMask.from_names(released, erased.edited)
     for s in range(args.learner_seeds):
         t0 = time.perf_counter()
         # a run that evaluates other attackers reuses the very masks of an earlier one (--masks-dir)
-        cached = Path(args.masks_dir) / f"{args.world}-{args.eraser}-{cfg.freeze_ratio}-learned{s}.safetensors" \
+        cached = Path(args.masks_dir) / f"{args.world}-{args.eraser}-{cfg.learner.freeze_ratio}-learned{s}.safetensors" \
             if args.masks_dir else None
         if cached is not None and cached.exists():
             masks[f"learned#{s}"] = FreezeMask.load(cached, model=released)
@@ -145,7 +145,8 @@ def _losses(models: dict, loss_fn, domains) -> dict:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     base = DemoConfig.quick() if args.quick else DemoConfig()
-    cfg = base.replace(world=args.world, eraser=args.eraser, freeze_ratio=args.freeze_ratio)
+    cfg = base.replace(world=args.world, eraser=args.eraser,
+                       learner=base.learner.replace(freeze_ratio=args.freeze_ratio))
     if args.pretrain_steps:
         cfg = cfg.replace(pretrain=dataclasses.replace(cfg.pretrain, steps=args.pretrain_steps))
     loss_fn = toy.make_loss_fn(cfg.pretrain.model)
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", choices=WORLDS, default="relearn")
     p.add_argument("--eraser", choices=ERASERS, default="uce")
-    p.add_argument("--freeze-ratio", type=float, default=DemoConfig().freeze_ratio)
+    p.add_argument("--freeze-ratio", type=float, default=DemoConfig().learner.freeze_ratio)
     p.add_argument("--attackers", default=";".join(ATTACKERS), help=f"';'-separated subset of {'; '.join(ATTACKERS)}")
     p.add_argument("--attack-seeds", type=int, default=3)
     p.add_argument("--seed-base", type=int, default=31, help="first attack seed (the demo's; calibration uses 900+)")

@@ -72,6 +72,13 @@ VARIANTS: dict[str, dict] = {
 REFERENCES = ("delta", "cross-attention", "saliency")
 
 
+def variant_config(base: DemoConfig, variant: dict) -> DemoConfig:
+    """``base`` with a variant's changes: ``init`` and ``learner_steps`` are the demo's, the rest the learner's."""
+    learner = dict(variant)
+    demo = {k: learner.pop(k) for k in ("init", "learner_steps") if k in learner}
+    return base.replace(learner=base.learner.replace(**learner), **demo)
+
+
 def attackers(cfg: DemoConfig) -> list[Attacker]:
     return attacker_suite(cfg.attacker_lr, cfg.attacker_steps, lr_mult=10.0, steps_mult=3.0)
 
@@ -161,17 +168,17 @@ def run(variants: list[str], *, learner_seeds: int, random_seeds: int, cache: Pa
 
     add("full", None)
     for k in range(random_seeds):
-        add(f"random#{k}", FreezeMask.random(model, base.freeze_ratio, by=base.budget_by,
+        add(f"random#{k}", FreezeMask.random(model, base.learner.freeze_ratio, by=base.learner.budget_by,
                                              seed=base.seed + seed_offset + k))
     t0 = time.perf_counter()
     scores = reference_scores(model, ft_state, base, loss_fn, REFERENCES)
     log(f"[sweep] reference rankings in {time.perf_counter() - t0:.1f}s")
     if not references_last:
         for r in REFERENCES:
-            add(f"ref: {r}", FreezeMask.from_scores(model, scores[r], base.freeze_ratio, by=base.budget_by))
+            add(f"ref: {r}", FreezeMask.from_scores(model, scores[r], base.learner.freeze_ratio, by=base.learner.budget_by))
     for v in variants:
         for s in range(learner_seeds):
-            cfg = base.replace(**VARIANTS[v], seed=base.seed + seed_offset + s)
+            cfg = variant_config(base, VARIANTS[v]).replace(seed=base.seed + seed_offset + s)
             t0 = time.perf_counter()
             mask, logs = learn_mask(model, ft_state, cfg, loss_fn, progress=False, scores=scores)
             last = logs[-1]
@@ -181,7 +188,7 @@ def run(variants: list[str], *, learner_seeds: int, random_seeds: int, cache: Pa
                                    "soft_ratio": round(last["soft_ratio"], 4)})
     if references_last:  # the learned rows first when time is short
         for r in REFERENCES:
-            add(f"ref: {r}", FreezeMask.from_scores(model, scores[r], base.freeze_ratio, by=base.budget_by))
+            add(f"ref: {r}", FreezeMask.from_scores(model, scores[r], base.learner.freeze_ratio, by=base.learner.budget_by))
     summary = summarize(result)
     # Per learner seed figures (summarize averages a group; the seeds' spread is its std).
     per_seed = {}
@@ -223,6 +230,8 @@ def markdown(res: dict) -> str:
     attackers_ = list(res["table"])
     per = res["per_mask"]
     groups = _groups(per)
+    # the learner's settings sit under "learner" (results written before that: flat in the config)
+    by = res["config"].get("learner", res["config"])["budget_by"]
     rnd = {a: mean(per[n][a]["mitigation"] for n in groups["random"]) for a in attackers_}
     head = ("| mask | n | " + " | ".join(f"{a}: mitigation | vs random" for a in attackers_)
             + " | innocent impact | frozen moved |")
@@ -244,7 +253,7 @@ def markdown(res: dict) -> str:
         share = [res["info"][n].get("frozen_moved_share") for n in names]
         share = [x for x in share if x is not None]
         cells.append((f"{mean(moved):.0f} of {mean(frozen):.0f} tensors"
-                      + (f" ({100 * mean(share):.0f}% by {res['config']['budget_by']})" if share else ""))
+                      + (f" ({100 * mean(share):.0f}% by {by})" if share else ""))
                      if moved else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -337,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variants {unknown}")
     base = DemoConfig.quick() if args.quick else DemoConfig()
     if args.budget_by:
-        base = base.replace(budget_by=args.budget_by)
+        base = base.replace(learner=base.learner.replace(budget_by=args.budget_by))
     res = run(variants, learner_seeds=args.learner_seeds, random_seeds=args.random_seeds,
               cache=Path(args.cache) if args.cache else None, base=base,
               only=[a.strip() for a in args.attackers.split(";") if a.strip()] or None, model_cache=args.model_cache,

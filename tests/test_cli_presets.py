@@ -6,41 +6,36 @@ import pytest
 pytest.importorskip("diffusers")
 
 from freezeguard.cli import build_parser, main  # noqa: E402
-from freezeguard.cli.learn import LEARNER_FLAGS, as_flags, resolve_preset  # noqa: E402
+from freezeguard.cli.learn import as_flags, learner_config  # noqa: E402
 
 LEARN = ["learn", "--pretrained", "p", "--finetuned", "f", "--target-data", "t", "--innocent-data", "i",
          "--freeze-ratio", "0.5", "--out", "m.safetensors"]
 
 
-def _learner_config(args):
-    from freezeguard.apps.learn.config import LearnerConfig
-
-    return LearnerConfig(freeze_ratio=0.5, budget_by=args.budget_by, temperature=args.temperature,
-                         c_sparsity=args.c_sparsity, mask_lr=args.mask_lr, user_lr=args.user_lr,
-                         user_interval=args.user_interval, user_optimizer=args.user_optimizer, seed=0,
-                         budget=args.budget, signal_batches=args.signal_batches,
-                         signal_norm=None if args.signal_norm == "none" else args.signal_norm,
-                         signal_density=args.signal_density == "on", innocent_weight=args.innocent_weight,
-                         init=args.init if args.init in ("uniform", "constant") else "scores")
-
-
 def test_the_demo_preset_is_the_demos_learner_and_the_default():
     from freezeguard.apps.demo import DemoConfig
 
-    args = resolve_preset(build_parser().parse_args(LEARN))
-    assert args.preset == "demo"
+    args = build_parser().parse_args(LEARN)
+    config, ranking = learner_config(args)
+    assert args.preset == "demo" and ranking is None
     demo = DemoConfig()
-    assert _learner_config(args).to_json() == demo.replace(freeze_ratio=0.5, seed=0).learner_config().to_json()
-    assert args.init == demo.init
+    assert config == demo.learner.replace(freeze_ratio=0.5, seed=0)
+    assert config.init == demo.init
 
 
 def test_the_authors_preset_and_a_flag_overriding_it():
-    args = resolve_preset(build_parser().parse_args(LEARN + ["--preset", "authors", "--mask-lr", "3"]))
-    assert (args.budget_by, args.budget, args.c_sparsity, args.user_optimizer, args.init) == (
+    config, ranking = learner_config(build_parser().parse_args(LEARN + ["--preset", "authors", "--mask-lr", "3"]))
+    assert (config.budget_by, config.budget, config.c_sparsity, config.user_optimizer, config.init) == (
         "tensors", "penalty", 5e3, "sgd", "uniform")
-    assert args.mask_lr == 3.0 and all(getattr(args, f) is not None for f in LEARNER_FLAGS)
+    assert config.mask_lr == 3.0 and config.freeze_ratio == 0.5 and ranking is None
+    config, ranking = learner_config(build_parser().parse_args(LEARN + ["--init", "delta", "--signal-norm", "none",
+                                                                        "--signal-density", "off"]))
+    assert (config.init, ranking, config.signal_norm, config.signal_density) == ("scores", "delta", None, False)
+    with pytest.raises(ValueError, match="--signal-batches must be >= 1"):  # the config's check, in flags
+        learner_config(build_parser().parse_args(LEARN + ["--signal-batches", "0"]))
     help_text = build_parser()._subparsers._group_actions[0].choices["learn"].format_help()
     assert "--preset" in help_text and "recommendation" in help_text
+    assert "one releaser step every --user-interval steps" in help_text  # the field's own documentation
 
 
 def test_the_learners_warning_speaks_cli_flags():

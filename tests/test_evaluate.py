@@ -454,12 +454,15 @@ def test_eval_power_learner_variants_are_learned_side_by_side(tmp_path):
     its own start and signal, everything else the run's."""
     power = _benchmark_module("eval_power")
     cfg = power.DemoConfig.quick()
-    assert power.variant_config(cfg, "delta+density") == cfg.replace(init="delta", signal_density=True)
-    assert power.variant_config(cfg, "constant") == cfg.replace(init="constant", signal_density=False)
+    def learner(**changes):
+        return cfg.learner.replace(**changes)
+
+    assert power.variant_config(cfg, "delta+density") == cfg.replace(init="delta", learner=learner(signal_density=True))
+    assert power.variant_config(cfg, "constant") == cfg.replace(init="constant", learner=learner(signal_density=False))
     assert power.variant_config(cfg, "constant+w0.5+density") == cfg.replace(
-        init="constant", signal_density=True, innocent_weight=0.5)
+        init="constant", learner=learner(signal_density=True, innocent_weight=0.5))
     assert power.variant_config(cfg, "uniform+steps600+lr0.1") == cfg.replace(
-        init="uniform", signal_density=False, innocent_weight=1.0, learner_steps=600, mask_lr=0.1)
+        init="uniform", learner_steps=600, learner=learner(signal_density=False, innocent_weight=1.0, mask_lr=0.1))
     for bad in ("best", "delta+rms", "+density", "constant+w", "constant+w-1", "constant+steps1.5", "constant+x1"):
         with pytest.raises(ValueError, match="learner variant"):
             power.variant_config(cfg, bad)
@@ -472,7 +475,7 @@ def test_eval_power_learner_variants_are_learned_side_by_side(tmp_path):
     assert sorted(masks) == ["full", "learned constant#0", "learned delta+density#0", "random#0",
                              "ref: cross-attention", "ref: delta", "ref: saliency"]
     for name in ("learned constant#0", "learned delta+density#0"):
-        assert masks[name].ratio("params") == pytest.approx(cfg.freeze_ratio, abs=0.1)
+        assert masks[name].ratio("params") == pytest.approx(cfg.learner.freeze_ratio, abs=0.1)
 
 
 def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
@@ -503,7 +506,7 @@ def test_eval_power_quick_run_reports_reliability_per_metric(tmp_path, capsys):
         power.main(["--attackers", "standard;20x lr"])
     with pytest.raises(SystemExit):
         power.main(["--innocent", "dog"])
-    own = f"{power.DemoConfig().freeze_ratio:g}"
+    own = f"{power.DemoConfig().learner.freeze_ratio:g}"
     for bad in ("0.5,1.2", "0.7,x", own):      # own: the freeze ratio itself
         with pytest.raises(SystemExit):
             power.main(["--random-ratios", bad])

@@ -653,11 +653,11 @@ def test_9_evaluate_defaults_are_the_demos(tmp_path):
     for arg, field in DEMO_DEFAULTS.items():
         assert getattr(args, arg) == getattr(demo, field), arg
     # the random masks match the mask on the basis it was made on (the demo's: tensors)
-    fg.FreezeMask.random(toy.build_model(), demo.freeze_ratio, by=demo.budget_by, seed=0).save(
+    fg.FreezeMask.random(toy.build_model(), demo.learner.freeze_ratio, by=demo.learner.budget_by, seed=0).save(
         tmp_path / "m.safetensors")
     args = build_parser().parse_args(["evaluate", "--mask", str(tmp_path / "m.safetensors")])
     _, attackers = check_args(args)
-    assert args.budget_by == demo.budget_by
+    assert args.budget_by == demo.learner.budget_by
     from freezeguard.apps.demo import attackers as demo_attackers
 
     assert attackers == demo_attackers(demo)

@@ -108,8 +108,6 @@ WORLDS = {
 DEMO_LEARNER = LearnerConfig(freeze_ratio=0.9, budget_by="params", mask_lr=0.05, user_lr=1e-3,
                              user_optimizer="adamw", budget="projected", signal_batches=4, signal_norm="rms",
                              signal_density=True, init="constant")
-# LearnerConfig fields a DemoConfig reads and replaces by their flat names (seed and init are its own).
-_LEARNER_FIELDS = frozenset(f.name for f in dataclasses.fields(LearnerConfig)) - {"seed", "init"}
 
 
 @dataclass
@@ -133,10 +131,10 @@ class DemoConfig:
     # publisher's relearn fine-tune (theta_ft)
     publisher_steps: int = 200
     publisher_lr: float = 1e-3
-    # mask learning: the learner's settings (DEMO_LEARNER; why each was chosen is said there). Its
+    # mask learning: the learner's settings (DEMO_LEARNER; why each was chosen is said there), read
+    # as cfg.learner.freeze_ratio and changed as cfg.replace(learner=cfg.learner.replace(...)). Its
     # seed is the demo's ``seed`` and its init follows the demo's ``init`` (kept in step by
-    # __post_init__); the other fields read and replace as flat names too (cfg.freeze_ratio,
-    # cfg.replace(mask_lr=...)), as the CLI and the benchmarks use them.
+    # __post_init__).
     learner: LearnerConfig = field(default_factory=lambda: DEMO_LEARNER)
     learner_steps: int = 200
     init: str = "constant"             # "uniform" | "constant" | a reference mask's name ("delta", ...)
@@ -205,19 +203,9 @@ class DemoConfig:
         if (self.learner.seed, self.learner.init) != (self.seed, init):
             self.learner = self.learner.replace(seed=self.seed, init=init)
 
-    def __getattr__(self, name: str) -> Any:
-        # Only for names that are not attributes: the learner's settings by their flat names.
-        learner = self.__dict__.get("learner")
-        if name in _LEARNER_FIELDS and learner is not None:
-            return getattr(learner, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     def to_json(self) -> dict[str, Any]:
-        """The demo's settings, the learner's flattened in (the report's "config")."""
-        out = asdict(self)
-        out.pop("learner")
-        out.update({k: v for k, v in self.learner.to_json().items() if k in _LEARNER_FIELDS})
-        return out
+        """The demo's settings, the learner's under "learner" (the report's "config")."""
+        return {**asdict(self), "learner": self.learner.to_json()}
 
     def pretrain_config(self) -> toy.PretrainConfig:
         """The published model's pretraining: ``pretrain``, plus the world's known classes (the target
@@ -225,16 +213,8 @@ class DemoConfig:
         extra = tuple(c for c in WORLDS[self.world].known if c not in self.pretrain.classes)
         return dataclasses.replace(self.pretrain, classes=self.pretrain.classes + extra) if extra else self.pretrain
 
-    def learner_config(self) -> LearnerConfig:
-        """The demo's LearnerConfig (``init`` "scores" when the demo's ``init`` names a reference
-        ranking, whose scores ``learn_mask`` passes to the learner)."""
-        return self.learner
-
     def replace(self, **changes: Any) -> "DemoConfig":
-        """A copy with ``changes``; the learner's settings may be given by their flat names."""
-        learner = {k: changes.pop(k) for k in list(changes) if k in _LEARNER_FIELDS}
-        if learner:
-            changes["learner"] = changes.get("learner", self.learner).replace(**learner)
+        """A copy with ``changes`` (the learner's: ``learner=self.learner.replace(...)``)."""
         if changes.get("world", self.world) != self.world:
             for name in ("target", "innocent", "anchor"):     # another world: its own, unless given
                 changes.setdefault(name, None)
@@ -312,7 +292,7 @@ def learn_mask(model: torch.nn.Module, ft_state: dict, cfg: DemoConfig, loss_fn,
     init = cfg.init
     if init not in INITS:
         init = (scores or {}).get(init) or reference_scores(model, ft_state, cfg, loss_fn, (init,))[init]
-    learner = MaskLearner(copy.deepcopy(model), pre_state, ft_state, loss_fn, cfg.learner_config(), init=init)
+    learner = MaskLearner(copy.deepcopy(model), pre_state, ft_state, loss_fn, cfg.learner, init=init)
     stream = toy.mixed_batches(cfg.target, cfg.innocent, cfg.batch_size, seed=cfg.seed + 21)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # The demo reports how far the data moved the mask in its summary (``mask_moved``); the
@@ -414,7 +394,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
         ft_state = publisher_finetune(model, cfg, loss_fn, progress=progress)
         timings["publisher_finetune"] = time.perf_counter() - t
 
-        _phase(f"3/4 reference rankings, then learn a mask ({cfg.freeze_ratio:.0%} of {cfg.budget_by})", progress)
+        _phase(f"3/4 reference rankings, then learn a mask ({cfg.learner.freeze_ratio:.0%} of "
+               f"{cfg.learner.budget_by})", progress)
         t = time.perf_counter()
         wanted = tuple(dict.fromkeys(cfg.references + (() if cfg.init in ("uniform", "constant") else (cfg.init,))))
         scores = reference_scores(model, ft_state, cfg, loss_fn, wanted)
@@ -435,18 +416,18 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
                             known=cfg.pretrain_config().classes)
     # the random masks are drawn as before: same ratio, seeds cfg.seed + k
     contenders_ = contenders(model, methods, inputs, mask=learned, random_seeds=cfg.random_seeds,
-                             budget_by=cfg.budget_by, seed=cfg.seed, overrides=step_overrides(cfg.baseline_steps),
-                             progress=progress)
+                             budget_by=cfg.learner.budget_by, seed=cfg.seed,
+                             overrides=step_overrides(cfg.baseline_steps), progress=progress)
     # the reference masks (the bar the learner must clear) sit between the random masks and the learned one
     masks: dict[str, Any] = {}
     for name, entry in contenders_.items():
         if name == "learned":
             for ref_name in cfg.references:
-                masks[f"ref: {ref_name}"] = FreezeMask.from_scores(model, scores[ref_name], cfg.freeze_ratio,
-                                                                    by=cfg.budget_by)
+                masks[f"ref: {ref_name}"] = FreezeMask.from_scores(model, scores[ref_name], cfg.learner.freeze_ratio,
+                                                                    by=cfg.learner.budget_by)
         masks[name] = entry
-    masks.update(random_masks_at(model, [r for r in cfg.harm_ratios if r != cfg.freeze_ratio], cfg.random_seeds,
-                                 by=cfg.budget_by, seed=cfg.seed))
+    masks.update(random_masks_at(model, [r for r in cfg.harm_ratios if r != cfg.learner.freeze_ratio],
+                                 cfg.random_seeds, by=cfg.learner.budget_by, seed=cfg.seed))
     timings["baselines"] = sum(p.cost.seconds for k, p in masks.items()
                                if isinstance(p, Protection) and p.cost is not None and "+" not in k)
     domains = toy_domains(cfg.target, cfg.innocent, judge=judge, batch_size=cfg.batch_size,
@@ -483,8 +464,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
     summary["timings_s"] = timings
     final = {k: v for k, v in logs[-1].items() if isinstance(v, (int, float, str))} if logs else {}
     frozen = len(learned.frozen_names)
-    summary["learner"] = {"final": final, "init": cfg.init, "budget": cfg.budget, "frozen": frozen,
-                          "budget_by": cfg.budget_by, "frozen_moved": final.get("frozen_moved"),
+    summary["learner"] = {"final": final, "init": cfg.init, "budget": cfg.learner.budget, "frozen": frozen,
+                          "budget_by": cfg.learner.budget_by, "frozen_moved": final.get("frozen_moved"),
                           "frozen_moved_share": final.get("frozen_moved_share")}
     if out_dir is not None:
         summary["report_dir"] = str(write_report(result, summary, out_dir, mask=learned))

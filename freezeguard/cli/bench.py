@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from freezeguard.cli.flags import Renamed, RenamedSwitch
+from freezeguard.core.values import check_ratio
 
 HELP = "measure step time and memory of guarded vs full fine-tuning of a diffusers denoiser"
 DESCRIPTION = (HELP + ". Peak memory: torch.cuda.max_memory_allocated on CUDA; peak RSS delta of a "
@@ -86,6 +86,14 @@ def _numbers(flag: str, text: str, kind=float) -> list:
     return values
 
 
+def _is_ratio(value: float) -> bool:
+    try:
+        check_ratio(value)
+    except ValueError:
+        return False
+    return True
+
+
 def check_args(args: argparse.Namespace) -> dict:
     """Every argument checked before any work; returns the parsed lists (ratios, by, world sizes)."""
     from freezeguard.backends import status
@@ -97,7 +105,7 @@ def check_args(args: argparse.Namespace) -> dict:
     if args.quick:
         args.ratios, args.steps, args.warmup = "0,0.3,0.7", 3, 1
     ratios = _numbers("--ratios", args.ratios)
-    bad = [r for r in ratios if not (0.0 <= r <= 1.0 and math.isfinite(r))]
+    bad = [r for r in ratios if not _is_ratio(r)]
     if bad:
         raise _Usage(f"--ratios must lie in [0, 1], got {', '.join(map(str, bad))}")
     by = [b.strip() for b in args.by.split(",") if b.strip()]
@@ -160,11 +168,11 @@ def _run_layout(args: argparse.Namespace, checked: dict) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import importlib.util
+    from freezeguard.apps.plots import plots_available
 
     try:
         checked = check_args(args)
-        if args.png and not checked["layout"] and importlib.util.find_spec("matplotlib") is None:
+        if args.png and not checked["layout"] and not plots_available():
             raise _Usage("--png needs matplotlib (pip install matplotlib)")
     except _Usage as exc:
         print(f"freezeguard bench: error: {exc}", file=sys.stderr)

@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 
 from freezeguard.cli.flags import RenamedSwitch
+from freezeguard.cli.threads import apply_threads
+from freezeguard.core.values import check_ratio
 
 HELP = ("end-to-end demo on the built-in tiny model and data: pretrain, erase, relearn, learn a mask, attack, "
         "verdict")
@@ -76,34 +78,30 @@ def _run_threads(args: argparse.Namespace) -> int:
     missing = [m for m in ("diffusers", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
         raise _Usage(f"the demo needs {' and '.join(missing)}: pip install 'freezeguard[diffusion]'")
-    import torch
-
     if args.threads < 0:
         raise _Usage(f"--threads must be >= 0, got {args.threads}")
     if args.workers is not None and args.workers < 1:
         raise _Usage(f"--workers must be >= 1, got {args.workers}")
     if args.attack_seeds is not None and args.attack_seeds < 1:
         raise _Usage(f"--attack-seeds must be >= 1, got {args.attack_seeds}")
-    previous = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with apply_threads(args.threads, None):
         return _run(args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(args: argparse.Namespace) -> int:
     from freezeguard.apps.demo import DemoConfig, run_demo
     from freezeguard.apps.evaluate.report import format_table, headline, jsonable, table_rows, verdict_lines
+    from freezeguard.apps.plots import plots_available
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.ratio is not None:
-        if not 0.0 <= args.ratio <= 1.0:
-            raise _Usage(f"--ratio must be in [0, 1], got {args.ratio}")
-        cfg = cfg.replace(freeze_ratio=args.ratio)
+        try:
+            check_ratio(args.ratio, "--ratio")
+        except ValueError as exc:
+            raise _Usage(str(exc)) from None
+        cfg = cfg.replace(learner=cfg.learner.replace(freeze_ratio=args.ratio))
     if args.budget_by is not None:
-        cfg = cfg.replace(budget_by=args.budget_by)
+        cfg = cfg.replace(learner=cfg.learner.replace(budget_by=args.budget_by))
     for name in ("strong_lr_mult", "strong_steps_mult"):
         value = getattr(args, name)
         if value is not None:
@@ -137,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     except files.OutputError as exc:
         raise _Usage(str(exc)) from None
     # Optional dependencies are said up front; the report's tables, JSON and mask never depend on them.
-    if importlib.util.find_spec("matplotlib") is None:
+    if not plots_available():
         print("freezeguard demo: warning: matplotlib is not installed, so the report will have no PNGs "
               "(pip install matplotlib); its table, JSON and learned mask are written", file=sys.stderr)
     cache = False if args.no_cache else args.cache_dir

@@ -96,57 +96,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _attackers(args):
-    from freezeguard.apps.evaluate.harness import attacker_suite
-
-    if args.no_strong:
-        return attacker_suite(args.lr, args.steps, lr_mult=1.0, steps_mult=1.0)
-    # with baselines every contender also faces a LoRA attacker (dropped in run() if the model has no attention)
-    return attacker_suite(args.lr, args.steps, lr_mult=args.strong_lr_mult, steps_mult=args.strong_steps_mult,
-                          lora_rank=4 if args.baselines else None)
-
-
-def _toy_setup(args):
-    """The demo's published model, judge and domains (its config, so the figures are comparable)."""
-    from freezeguard.apps.demo import DemoConfig
-    from freezeguard.apps.evaluate.toy_domains import toy_domains
-    from freezeguard.integrations.diffusers import judge, toy
-
-    demo = DemoConfig()
-    model = toy.pretrained_model(demo.pretrain, cache_dir=args.cache_dir, progress=not args.quiet)
-    j = judge.train_judge(tuple(toy.ALL_CLASSES), steps=demo.judge_steps, seed=demo.seed, cache_dir=args.cache_dir,
-                          progress=not args.quiet)
-    domains = toy_domains(demo.target, demo.innocent, judge=j, batch_size=args.batch_size,
-                          heldout_n=args.heldout or demo.heldout_n, sample_n=args.samples,
-                          sample_steps=args.sample_steps, guidance=demo.guidance, seed=1000 + args.seed)
-    return model, toy.make_loss_fn(demo.pretrain.model), domains
-
-
-def _real_setup(args, device):
-    from freezeguard.apps.evaluate.imagefolder_domains import imagefolder_domains
-    from freezeguard.integrations.diffusers import load_components
-
-    comps = load_components(args.pretrained).to(device)
-    print("freezeguard evaluate: CLIP score / FID skipped: they need local judge weights, which this build "
-          "does not take; reporting held-out denoising loss and prompt gain.", file=sys.stderr)
-    domains = imagefolder_domains(comps, args.target_data, args.innocent_data, heldout=args.heldout or 4,
-                                  batch_size=args.batch_size, resolution=args.resolution, seed=args.seed)
-    return comps, domains
-
-
-def _baseline_inputs(args, model, comps, domains, methods):
-    from freezeguard.apps.baselines.harness import pipeline_inputs, toy_inputs
-
-    if comps is None:
-        return toy_inputs(model, reference_lr=args.lr, reference_steps=args.steps, batch_size=args.batch_size,
-                          anchor=args.anchor, sample_steps=args.sample_steps, seed=args.seed)
-    prompts = {"uce", "ablation"} & set(methods)
-    return pipeline_inputs(comps, domains, reference_lr=args.lr, reference_steps=args.steps,
-                           batch_size=args.batch_size, target_prompt=args.target_prompt if prompts else None,
-                           anchor_prompt=args.anchor_prompt if prompts else None,
-                           preserve_prompts=args.preserve_prompt, seed=args.seed)
-
-
 def apply_demo_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every option left unset with the demo's value (see DEMO_DEFAULTS)."""
     from freezeguard.apps.demo import DemoConfig
@@ -190,8 +139,11 @@ def check_args(args: argparse.Namespace):
                              ("--resolution", args.resolution if args.resolution is not None else 1, 1)):
         if value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
+    from freezeguard.apps.evaluate.run import attackers_for
+
     try:
-        attackers = _attackers(args)
+        attackers = attackers_for(args.lr, args.steps, strong=not args.no_strong, lr_mult=args.strong_lr_mult,
+                                  steps_mult=args.strong_steps_mult, lora=bool(args.baselines))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.out == "none":
@@ -261,42 +213,30 @@ def _run(args: argparse.Namespace) -> int:
         _, attackers = check_args(args)
     except (UsageError, FreezeMaskFileError) as exc:
         return _error(str(exc))
+    from freezeguard.apps.plots import plots_available
+
     if args.out and not plots_available():
         print("freezeguard evaluate: warning: matplotlib is not installed, so the report will have no PNGs "
               "(pip install matplotlib); its tables and JSON are written", file=sys.stderr)
 
-    import torch
+    from freezeguard.apps.demo import DemoConfig
+    from freezeguard.apps.evaluate.report import format_table, headline, jsonable, table_rows
+    from freezeguard.apps.evaluate.run import EvaluationInputError, EvaluationSettings, run_evaluation
 
-    from freezeguard.apps.baselines.harness import contenders
-    from freezeguard.apps.evaluate.harness import evaluate_masks, has_attention
-    from freezeguard.apps.evaluate.report import format_table, headline, jsonable, table_rows, write_report
-    from freezeguard.core.mask import FreezeMask
-    from freezeguard.integrations.diffusers.pipeline import PipelineError
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    comps = None
+    settings = EvaluationSettings(
+        attackers=tuple(attackers), lr=args.lr, steps=args.steps, batch_size=args.batch_size,
+        random_seeds=args.random_seeds, mask=args.mask, methods=tuple(args.methods), overrides=args.overrides,
+        pretrained=args.pretrained, target_data=args.target_data, innocent_data=tuple(args.innocent_data),
+        heldout=args.heldout, samples=args.samples, sample_steps=args.sample_steps, resolution=args.resolution,
+        anchor=args.anchor, target_prompt=args.target_prompt, anchor_prompt=args.anchor_prompt,
+        preserve_prompt=tuple(args.preserve_prompt), budget_by=args.budget_by, attack_seeds=args.attack_seeds,
+        workers=args.workers, seed=args.seed, out=args.out, cache_dir=args.cache_dir, device=args.device,
+        toy_world=None if args.pretrained else DemoConfig())
     try:
-        if args.pretrained:
-            comps, domains = _real_setup(args, device)
-            model, loss_fn = comps.unet, comps.loss_fn()
-        else:
-            model, loss_fn, domains = _toy_setup(args)
-            model.to(device)
-        mask = FreezeMask.load(args.mask, model=model) if args.mask else None
-        inputs = _baseline_inputs(args, model, comps, domains, args.methods) if args.methods else None
-    except (PipelineError, FreezeMaskFileError, ValueError) as exc:
+        summary = run_evaluation(settings, progress=not args.quiet,
+                                 on_note=lambda msg: print(f"freezeguard evaluate: {msg}", file=sys.stderr))
+    except EvaluationInputError as exc:
         return _error(str(exc))
-    if not has_attention(model):  # LoRA adapts attention projections: no attention, no LoRA attacker
-        attackers = [a for a in attackers if a.lora_rank is None]
-    torch.manual_seed(args.seed)
-    # full, random masks at the mask's ratio, the mask, the baselines (and IMMA + the mask)
-    masks = contenders(model, args.methods, inputs, mask=mask, random_seeds=args.random_seeds,
-                       budget_by=args.budget_by, seed=args.seed, overrides=args.overrides, progress=not args.quiet)
-    result = evaluate_masks(model, masks, domains, loss_fn, attackers, seed=args.seed,
-                            attack_seeds=args.attack_seeds, progress=not args.quiet, workers=args.workers)
-    summary = result.summary()
-    if args.out:
-        summary["report_dir"] = str(write_report(result, summary, args.out))
     if args.json:
         print(json.dumps(jsonable(summary), indent=2))
         return 0
@@ -306,12 +246,3 @@ def _run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"report written to {summary['report_dir']}/report.md")
     return 0
-
-
-def plots_available() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("matplotlib") is not None
-    except (ImportError, ValueError):
-        return False

@@ -1,4 +1,5 @@
-"""Old flag spellings kept as deprecated aliases: they still work, and say the new spelling once.
+"""Argument types the commands share (a ratio, a number or 'auto'), and old flag spellings kept as
+deprecated aliases: they still work, and say the new spelling once.
 
 Example:
     >>> import argparse
@@ -14,7 +15,9 @@ import math
 import sys
 from typing import Any, Callable, Sequence
 
-__all__ = ["Renamed", "RenamedSwitch", "number_or_auto"]
+from freezeguard.core.values import check_ratio
+
+__all__ = ["Renamed", "RenamedSwitch", "number_or_auto", "ratio"]
 
 
 def number_or_auto(cast: Callable[[str], float], minimum: float, what: str = "a number") -> Callable[[str], Any]:
@@ -37,6 +40,19 @@ def number_or_auto(cast: Callable[[str], float], minimum: float, what: str = "a 
         return value
 
     return parse
+
+
+def ratio(text: str) -> float:
+    """An argparse ``type``: a share in [0, 1] (``core.values.check_ratio``).
+
+    Example:
+        >>> ratio("0.3")
+        0.3
+    """
+    try:
+        return check_ratio(text, "the ratio")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _warn(old: str, new: str) -> None:

@@ -3,43 +3,84 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 
-from freezeguard.cli.flags import number_or_auto
+from freezeguard.apps.learn.config import BUDGETS, USER_OPTIMIZERS, LearnerConfig
+from freezeguard.apps.learn.logits import BUDGET_BASES
+from freezeguard.apps.learn.reference_masks import RANKINGS
+from freezeguard.cli.flags import number_or_auto, ratio
 from freezeguard.cli.threads import add_threads_argument, apply_threads, denoiser_params
 
-#: The learner settings a preset fills; a flag given on the command line overrides its own.
-LEARNER_FLAGS = ("budget_by", "user_optimizer", "user_lr", "user_interval", "mask_lr", "temperature",
-                 "c_sparsity", "budget", "signal_batches", "signal_norm", "signal_density", "innocent_weight",
-                 "init")
-AUTHORS = dict(budget_by="tensors", user_optimizer="sgd", user_lr=1e-5, user_interval=5, mask_lr=10.0,
-               temperature=0.2, c_sparsity=5e3, budget="penalty", signal_batches=1, signal_norm="none",
-               signal_density="off", innocent_weight=1.0, init="uniform")
+
+def _none_or(text: str) -> str | None:
+    return None if text == "none" else text
 
 
-def _demo_preset() -> dict:
-    """The demo's learner (freezeguard.apps.demo.DemoConfig), read at run time: one source of truth."""
-    from freezeguard.apps.demo import DemoConfig
-
-    demo = DemoConfig()
-    values = {name: getattr(demo, name) for name in LEARNER_FLAGS}
-    values["signal_norm"] = values["signal_norm"] or "none"
-    values["signal_density"] = "on" if values["signal_density"] else "off"
-    return values
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"must be on or off, got {text!r}")
+    return text == "on"
 
 
-PRESETS = {"demo": _demo_preset, "authors": lambda: dict(AUTHORS)}
+#: LearnerConfig fields a --preset fills, each with a flag of its name; a flag given overrides its
+#: preset's value. The help of each is the field's own documentation (LearnerConfig.doc).
+LEARNER_FLAGS: dict[str, dict] = {
+    "budget_by": dict(choices=BUDGET_BASES),
+    "user_optimizer": dict(choices=USER_OPTIMIZERS),
+    "user_lr": dict(type=float),
+    "user_interval": dict(type=int),
+    "mask_lr": dict(type=float),
+    "temperature": dict(type=float),
+    "c_sparsity": dict(type=number_or_auto(float, 0)),
+    "budget": dict(choices=BUDGETS),
+    "signal_batches": dict(type=int),
+    "signal_norm": dict(type=_none_or, choices=(None, "rms"), metavar="{none,rms}"),
+    "signal_density": dict(type=_on_off, metavar="{on,off}"),
+    "innocent_weight": dict(type=float),
+    "init": dict(choices=("uniform", "constant", *RANKINGS)),
+}
+#: Every LearnerConfig field with a flag of its name (as_flags speaks of them as flags).
+FLAG_FIELDS = ("freeze_ratio", "seed", *LEARNER_FLAGS)
 
 
-def resolve_preset(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every learner flag left unset with the preset's value (in place; returns ``args``)."""
-    preset = PRESETS[args.preset]()
-    for name in LEARNER_FLAGS:
-        if getattr(args, name) is None:
-            setattr(args, name, preset[name])
-    return args
+def _demo_preset() -> LearnerConfig:
+    """The demo's learner (freezeguard.apps.demo.DEMO_LEARNER), read at run time: one source of truth."""
+    from freezeguard.apps.demo import DEMO_LEARNER
+
+    return DEMO_LEARNER
+
+
+#: The authors' loop: LearnerConfig's defaults, with their c_sparsity.
+PRESETS = {"demo": _demo_preset, "authors": lambda: LearnerConfig(c_sparsity=5e3)}
+
+
+def learner_config(args: argparse.Namespace) -> tuple[LearnerConfig, str | None]:
+    """The run's LearnerConfig: the --preset's, each learner flag given overriding its own; and the
+    ranking the logits start from (--init delta / cross-attention; None otherwise).
+
+    A bad value raises ValueError (the LearnerConfig's check), in this command's flags.
+    """
+    given = {name: getattr(args, name) for name in LEARNER_FLAGS if hasattr(args, name)}  # (None: --signal-norm none)
+    ranking = given.get("init") if given.get("init") in RANKINGS else None
+    if ranking is not None:
+        given["init"] = "scores"
+    try:
+        config = PRESETS[args.preset]().replace(freeze_ratio=args.freeze_ratio, seed=args.seed, **given)
+    except ValueError as exc:
+        raise ValueError(as_flags(str(exc))) from None
+    return config, ranking
+
+
+def _learner_help(name: str) -> str:
+    """The field's documentation in this command's flags, and how --init names a ranking."""
+    text = re.sub(r"``(\w+)``", lambda m: "--" + m.group(1).replace("_", "-") if m.group(1) in FLAG_FIELDS
+                  else m.group(1), LearnerConfig.doc(name))
+    if name == "init":
+        text += ("; here a ranking's name starts from it (init scores): delta, largest mean |pretrained - finetuned| "
+                 "first; cross-attention, the cross-attention projections first")
+    return text
+
 
 HELP = "learn which denoiser tensors to freeze so fine-tunes on the target data fail (bilevel MaskLearner)"
 DESCRIPTION = (
@@ -54,16 +95,6 @@ DESCRIPTION = (
 )
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", required=True, help="local diffusers SD folder: the model you release")
     parser.add_argument("--finetuned", required=True,
@@ -71,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(pipeline folder, or its unet/ or transformer/ folder)")
     parser.add_argument("--target-data", required=True, help="imagefolder of the target (illegal) domain")
     parser.add_argument("--innocent-data", required=True, help="imagefolder of innocent data to keep working")
-    parser.add_argument("--freeze-ratio", type=_ratio, required=True, help="share of tensors (or params) to freeze")
+    parser.add_argument("--freeze-ratio", type=ratio, required=True, help=_learner_help("freeze_ratio"))
     parser.add_argument("--out", required=True, help="mask file to write (.safetensors)")
     parser.add_argument("--steps", type=int, default=100, help="total learner steps (releaser + user)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per step, half target, half innocent")
@@ -84,36 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "paper's loop (by tensors, budget penalty c=5e3, one batch per step, uniform "
                              "start, SGD user at lr 1e-5); on a small model its penalty can drown the data, "
                              "leaving the random start (the command warns)")
-    parser.add_argument("--budget-by", choices=("tensors", "params"), default=None,
-                        help="the budget counts tensors or parameters (default: the preset's)")
-    parser.add_argument("--user-optimizer", choices=("sgd", "adamw"), default=None,
-                        help="simulated user: SGD (the authors') or AdamW (a stronger attacker)")
-    parser.add_argument("--user-lr", type=float, default=None, help="simulated user's learning rate")
-    parser.add_argument("--user-interval", type=int, default=None, help="one releaser step every N steps")
-    parser.add_argument("--mask-lr", type=float, default=None, help="learning rate of the mask logits")
-    parser.add_argument("--temperature", type=float, default=None, help="soft mask m = sigmoid(x / T)")
-    parser.add_argument("--c-sparsity", type=number_or_auto(float, 0), default=None,
-                        help="weight of the budget penalty: a number (the authors': 5e3) or 'auto' (the c whose "
-                             "first step lands the soft ratio on --freeze-ratio)")
-    parser.add_argument("--budget", choices=("penalty", "projected"), default=None,
-                        help="penalty (the authors') or projected (one common logit shift holds the soft ratio "
-                             "at --freeze-ratio after every releaser step)")
-    parser.add_argument("--signal-batches", type=int, default=None,
-                        help="releaser batches averaged into one logit step (1: the authors')")
-    parser.add_argument("--signal-norm", choices=("none", "rms"), default=None,
-                        help="rms: divide the data signal by its RMS over tensors (then --mask-lr ~ 0.01-0.1)")
-    parser.add_argument("--signal-density", choices=("on", "off"), default=None,
-                        help="on: rank tensors by the data signal per unit of budget (per parameter with "
-                             "--budget-by params; no change by tensors)")
-    parser.add_argument("--innocent-weight", type=float, default=None,
-                        help="weight of the innocent (legal) loss against the target's in the releaser's "
-                             "objective (1: the authors'; 0: the legal domain does not count)")
-    parser.add_argument("--init", choices=("uniform", "constant", "delta", "cross-attention"), default=None,
-                        help="initial logits: uniform U[0,1) (the authors'), constant, or a reference ranking "
-                             "(largest mean |pretrained - finetuned| first; cross-attention projections first)")
+    for name, kind in LEARNER_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
+                            help=_learner_help(name) + " (default: the --preset's)")
     parser.add_argument("--hard-mask", choices=("topk", "threshold", "round"), default="topk",
                         help="topk: meet the ratio exactly; round: m > 0.5 as the reference")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the logits, batch order, noise, timesteps")
+    parser.add_argument("--seed", type=int, default=0, help=_learner_help("seed"))
     parser.add_argument("--resolution", type=int, default=None, help="resize + centre-crop images to this size")
     parser.add_argument("--caption-column", default="text", help="caption column of metadata.jsonl")
     parser.add_argument("--state", default=None, help="learner state file to write (resumable with --resume)")
@@ -146,7 +153,7 @@ def as_flags(msg: str) -> str:
         >>> as_flags("use c_sparsity='auto' or budget='projected', or raise mask_lr")
         'use --c-sparsity auto or --budget projected, or raise --mask-lr'
     """
-    names = "|".join(LEARNER_FLAGS)
+    names = "|".join(FLAG_FIELDS)
     msg = re.sub(rf"\b({names})='([^']*)'", lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}", msg)
     return re.sub(rf"(?<![-\w])({names})\b", lambda m: "--" + m.group(1).replace("_", "-"), msg)
 
@@ -157,24 +164,20 @@ def _warn(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
-    resolve_preset(args)
+    try:
+        config, ranking = learner_config(args)
+    except ValueError as exc:
+        return _error(str(exc))
     with apply_threads(args.threads, denoiser_params(args.pretrained)):
-        return _run(args)
+        return _run(args, config, ranking)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, config: LearnerConfig, ranking: str | None) -> int:
     from freezeguard.apps.learn.run import LearnInputError, learn
 
     try:
-        summary = learn(args.pretrained, args.finetuned, args.target_data, args.innocent_data, args.out,
-                        freeze_ratio=args.freeze_ratio, steps=args.steps, batch_size=args.batch_size,
-                        budget_by=args.budget_by, user_optimizer=args.user_optimizer, user_lr=args.user_lr,
-                        user_interval=args.user_interval, mask_lr=args.mask_lr, temperature=args.temperature,
-                        c_sparsity=args.c_sparsity, hard_mask=args.hard_mask, seed=args.seed,
-                        budget=args.budget, signal_batches=args.signal_batches,
-                        signal_norm=None if args.signal_norm == "none" else args.signal_norm,
-                        signal_density=args.signal_density == "on", innocent_weight=args.innocent_weight, init=args.init,
+        summary = learn(args.pretrained, args.finetuned, args.target_data, args.innocent_data, args.out, config,
+                        ranking=ranking, steps=args.steps, batch_size=args.batch_size, hard_mask=args.hard_mask,
                         resolution=args.resolution, caption_column=args.caption_column, state=args.state,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, plot=args.plot, log=args.log,
                         backend=args.backend, device=args.device, progress=not args.quiet, on_warning=_warn,

@@ -39,10 +39,17 @@ def threads_for(n_params: int | None) -> int | None:
 
 @contextlib.contextmanager
 def apply_threads(setting: int | str, n_params: int | None) -> Iterator[None]:
-    """Run the block with torch's intra-op threads from ``--threads`` (``"auto"``: :func:`threads_for`)."""
+    """Run the block with torch's intra-op threads from ``--threads``, restored after.
+
+    ``"auto"``: :func:`threads_for` ``(n_params)``; a number >= 1: that many; 0: torch's own
+    default, left as it is (``freezeguard demo --threads 0``).
+    """
     import torch
 
     n = threads_for(n_params) if setting == "auto" else int(setting)
+    if n is not None and n < 0:
+        raise ValueError(f"--threads must be >= 0 or 'auto', got {setting}")
+    n = n or None  # 0: torch's default
     previous = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)

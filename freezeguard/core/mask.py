@@ -18,6 +18,7 @@ from freezeguard._version import __version__
 from freezeguard.core.fingerprint import model_fingerprint, release_hash
 from freezeguard.core.mask_files import FreezeMaskFileError, read_mask_file, read_reference_txt, write_mask_file
 from freezeguard.core.names import lora_exclude_modules, released_layout, resolve_name
+from freezeguard.core.values import check_ratio
 
 BUDGET_BASES = ("tensors", "params")
 
@@ -32,13 +33,6 @@ def _describe(model: torch.nn.Module, by: str, ratio: float | None = None) -> di
     if ratio is not None:
         meta["target_ratio"] = repr(float(ratio))
     return meta
-
-
-def _check_ratio(ratio: float) -> float:
-    ratio = float(ratio)
-    if not (0.0 <= ratio <= 1.0) or math.isnan(ratio):
-        raise ValueError(f"freeze ratio must be in [0, 1], got {ratio}")
-    return ratio
 
 
 def _check_by(by: str) -> str:
@@ -79,7 +73,7 @@ def select_budget(order: list[str], sizes: Mapping[str, int], ratio: float, by: 
     running parameter count stays nearest to ratio * total (a tensor is taken when doing so
     brings the total closer to the target; large tensors that would overshoot are skipped).
     """
-    ratio, by = _check_ratio(ratio), _check_by(by)
+    ratio, by = check_ratio(ratio), _check_by(by)
     if by == "tensors":
         return order[: round(ratio * len(order))]
     target = ratio * sum(sizes[n] for n in order)

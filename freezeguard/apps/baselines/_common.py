@@ -39,14 +39,6 @@ def check_module(model: Any, who: str) -> None:
         raise ValueError(f"{who}: model has no parameters")
 
 
-def check_positive(value: Any, name: str, who: str, *, integer: bool = False, allow_zero: bool = False) -> None:
-    kind = "an int" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise TypeError(f"{who}: {name} must be {kind}, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{who}: {name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
-
-
 def check_loss_fn(loss_fn: Any, who: str) -> None:
     if not callable(loss_fn):
         raise TypeError(f"{who}: loss_fn must be callable as loss_fn(model, batch) -> Tensor[B], "

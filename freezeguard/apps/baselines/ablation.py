@@ -46,11 +46,11 @@ from freezeguard.apps.baselines._common import (
     check_condition,
     check_loss_fn,
     check_module,
-    check_positive,
     cross_attention_kv,
     next_batch,
 )
 from freezeguard.core.training import train_steps
+from freezeguard.core.values import check_positive
 
 PARAM_GROUPS = ("cross-attn", "full")
 LOSS_TYPES = ("model", "noise")

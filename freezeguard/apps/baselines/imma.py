@@ -53,12 +53,12 @@ from freezeguard.apps.baselines._common import (
     attention_projection_names,
     check_loss_fn,
     check_module,
-    check_positive,
     next_batch,
     per_sample_losses,
     target_flags,
 )
 from freezeguard.core.names import canonical_name
+from freezeguard.core.values import check_positive
 
 ADAPTATIONS = ("lora", "full")
 DEFENDED = ("attention", "all")

@@ -40,7 +40,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from freezeguard.apps.baselines._common import check_condition, check_module, check_positive, cross_attention_kv
+from freezeguard.apps.baselines._common import check_condition, check_module, cross_attention_kv
+from freezeguard.core.values import check_positive
 
 TECHNIQUES = ("replace",)
 

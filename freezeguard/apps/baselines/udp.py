@@ -43,8 +43,9 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from freezeguard.apps.baselines._common import LossFn, check_loss_fn, check_module, check_positive, per_sample_losses
+from freezeguard.apps.baselines._common import LossFn, check_loss_fn, check_module, per_sample_losses
 from freezeguard.core.training import train_steps
+from freezeguard.core.values import check_positive
 
 WEIGHTINGS = ("eudp", "uniform")
 #: 8/255 of the [0, 1] range, expressed for images in [-1, 1].

@@ -2,7 +2,8 @@
 
 ``harness`` runs attackers x masks x domains, ``metrics`` turns runs into mitigation and innocent
 impact, ``report`` writes the report folder; ``toy_domains`` and ``imagefolder_domains`` build the
-domains for the built-in toy world and for local image folders.
+domains for the built-in toy world and for local image folders; ``run`` is the whole run behind
+``freezeguard evaluate`` (``run_evaluation``).
 
 Example:
     >>> import freezeguard as fg

@@ -3,23 +3,25 @@
 ``MaskLearner``, ``freezeguard learn`` and the demo build their learner from it; the learner's
 saved state stores it (JSON) and ``MaskLearner.load(..., config=...)`` compares it field by
 field, so a resumed run cannot silently continue under other settings. The meaning of each field
-is in ``LearnerConfig``'s docstring (and docs/DESIGN.md section 4).
+is declared with it (``LearnerConfig.doc``, listed in the class docstring; docs/DESIGN.md section 4).
 
 Example:
     >>> cfg = LearnerConfig(freeze_ratio=0.3, budget="projected")
     >>> cfg.replace(mask_lr=1.0).mask_lr, cfg.c_sparsity
     (1.0, 'auto')
+    >>> print(LearnerConfig.doc("temperature"))
+    T of the soft mask m = sigmoid(x / T) (the authors': 0.2)
     >>> LearnerConfig.from_json(cfg.to_json()) == cfg
     True
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from freezeguard.apps.learn.logits import BUDGET_BASES
+from freezeguard.core.values import check_positive, check_ratio
 
 USER_OPTIMIZERS = ("sgd", "adamw")
 BUDGETS = ("penalty", "projected")
@@ -29,17 +31,15 @@ INITS = ("uniform", "constant", "scores")   # "scores": a reference ranking give
 
 def _number(name: str, value: Any, *, allow_zero: bool = True) -> float:
     try:
-        value = float(value)
+        value = float(value)  # numpy / tensor scalars and JSON numbers alike
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
+    return check_positive(value, name, allow_zero=allow_zero)
 
 
 def _integer(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"{name} must be >= 1 (an integer), got {value!r}")
     return int(value)
 
 
@@ -49,75 +49,69 @@ def _choice(name: str, value: Any, choices: tuple) -> Any:
     return value
 
 
+def _setting(default: Any, doc: str) -> Any:
+    """A LearnerConfig field with its meaning: where the setting is documented, once (see ``doc``)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class LearnerConfig:
     """The MaskLearner's hyperparameters (defaults: the authors' scripts, c_sparsity "auto").
 
-    Fields:
-        freeze_ratio: budget rho in [0, 1], by tensor count or parameter count (``budget_by``).
-        temperature, mask_lr, user_lr, user_interval: the reference's T, eta_m, eta_u and releaser
-            period (defaults from the authors' scripts).
-        c_sparsity: weight c of the budget penalty c (rho - mean m)^2. "auto" (default): the c whose
-            first penalty step takes the soft ratio exactly to rho (``apps.learn.budget``; ~5e3, the
-            authors' value, for the SD-1.5 UNet at rho = T = 0.2, but ~4e2 for a 208-tensor model
-            at rho = 0.5). A number is used as given (the authors' behaviour).
-        budget: "penalty" (the authors' penalty, weight ``c_sparsity``) or "projected": after every
-            releaser step (and at the start) all logits move by one common shift so that the soft
-            ratio equals rho exactly; the data alone orders the tensors and nothing saturates to
-            meet the budget (``c_sparsity`` is then unused).
-        signal_batches: releaser batches whose sensitivities s = <Delta, g> are averaged before one
-            logit step (1: the authors' one batch per releaser step). The schedule is then
-            ``signal_batches`` releaser batches followed by ``user_interval - 1`` user batches.
-        signal_norm: None (the authors') or "rms": divide s by its root mean square over tensors
-            before the step, so ``mask_lr`` is a step in logit units whatever the scale of Delta
-            and of the loss (a departure from the authors; then mask_lr ~ 1e-2..1e-1 suits).
-        signal_density: divide each tensor's s by its share of the budget (S w_i: 1 by tensors,
-            n_i / mean n by parameters) before the step, so the logits order tensors by the
-            releaser's gain *per unit of budget*, as a greedy knapsack does. Without it, by
-            parameters, a large tensor's total s outweighs any small one's and the projection pays
-            for unfreezing one large tensor with every small one. No change by tensors (the
-            authors' budget); a departure from the authors by parameters.
-        innocent_weight: w in the releaser's objective (w mean innocent loss - mean target loss) / 2:
-            how much keeping the legal domain's quality counts against hurting the target's
-            (1: the authors' equal weights; 0 ignores the legal domain). On the demo's world 0.5
-            gives the same mask and 0.25 a slightly more harmful one (benchmarks/RESULTS.md).
-        init: the initial logits: "uniform" (the authors' seeded U[0, 1): everything starts
-            frozen, m > 0.5, in a random order), "constant" (every logit T logit(rho): m = rho, no
-            order; ties go to names), or "scores" (a reference ranking, whose
-            name -> score mapping is given to ``MaskLearner(init=...)``).
-        user_optimizer: "sgd" (the reference) or "adamw" (a stronger simulated user; its
-            ``user_betas``, ``user_eps``, ``user_weight_decay`` as in torch.optim.AdamW).
-        seed: seeds the logits' U[0, 1) initialisation (everything starts frozen, m > 0.5).
+    Each setting's meaning is declared with its field, once: ``LearnerConfig.doc(name)`` gives
+    it, ``help(LearnerConfig)`` lists them all (below) and ``freezeguard learn --help`` shows them
+    as its flags' help.
     """
 
-    freeze_ratio: float = 0.2
-    temperature: float = 0.2
-    c_sparsity: float | str = "auto"
-    mask_lr: float = 10.0
-    user_lr: float = 1e-5
-    user_interval: int = 5
-    budget_by: str = "tensors"
-    user_optimizer: str = "sgd"
-    user_betas: tuple[float, float] = (0.9, 0.999)
-    user_eps: float = 1e-8
-    user_weight_decay: float = 1e-2
-    seed: int = 0
-    budget: str = "penalty"
-    signal_batches: int = 1
-    signal_norm: str | None = None
-    signal_density: bool = False
-    init: str = "uniform"
-    innocent_weight: float = 1.0
+    freeze_ratio: float = _setting(
+        0.2, "the budget rho in [0, 1]: the share of tensors (or of parameters, ``budget_by``) the mask freezes")
+    temperature: float = _setting(0.2, "T of the soft mask m = sigmoid(x / T) (the authors': 0.2)")
+    c_sparsity: float | str = _setting(
+        "auto", "weight c of the budget penalty c (rho - mean m)^2: a number (the authors': 5e3) or 'auto', the c "
+                "whose first penalty step takes the soft ratio exactly to ``freeze_ratio`` (apps.learn.budget; ~5e3 "
+                "for the SD-1.5 UNet at rho = T = 0.2, ~4e2 for a 208-tensor model at rho = 0.5)")
+    mask_lr: float = _setting(10.0, "learning rate eta_m of the mask logits (the authors': 10)")
+    user_lr: float = _setting(1e-5, "the simulated user's learning rate eta_u (the authors': 1e-5)")
+    user_interval: int = _setting(
+        5, "one releaser step every ``user_interval`` steps, simulated-user steps between (the authors': 5)")
+    budget_by: str = _setting("tensors", "what the budget counts: tensors (the authors') or params")
+    user_optimizer: str = _setting(
+        "sgd", "the simulated user: sgd (the authors') or adamw (a stronger attacker; ``user_betas``, ``user_eps``, "
+               "``user_weight_decay`` as in torch.optim.AdamW)")
+    user_betas: tuple[float, float] = _setting((0.9, 0.999), "the AdamW user's betas")
+    user_eps: float = _setting(1e-8, "the AdamW user's eps")
+    user_weight_decay: float = _setting(1e-2, "the AdamW user's decoupled weight decay")
+    seed: int = _setting(
+        0, "seeds the logits' start (and, in learn() and the demo, the batch order, noise and timesteps)")
+    budget: str = _setting(
+        "penalty", "penalty (the authors': weight ``c_sparsity``) or projected: after every releaser step (and at "
+                   "the start) all logits move by one common shift so the soft ratio equals ``freeze_ratio`` "
+                   "exactly; the data alone orders the tensors and nothing saturates to meet the budget "
+                   "(``c_sparsity`` unused)")
+    signal_batches: int = _setting(
+        1, "releaser batches whose sensitivities s = <Delta, g> are averaged into one logit step (1: the authors'); "
+           "the schedule is then ``signal_batches`` releaser batches followed by ``user_interval`` - 1 user batches")
+    signal_norm: str | None = _setting(
+        None, "no normalisation (None, the authors') or rms: divide s by its root mean square over tensors before "
+              "the step, so ``mask_lr`` is a step in logit units whatever the scale of Delta and of the loss (then "
+              "``mask_lr`` ~ 1e-2..1e-1 suits)")
+    signal_density: bool = _setting(
+        False, "on (True): divide each tensor's s by its share of the budget (1 by tensors, n_i / mean n by "
+               "parameters), so the logits order tensors by the releaser's gain per unit of budget, as a greedy "
+               "knapsack does; without it, by parameters, a large tensor's total s outweighs any small one's. No "
+               "change by tensors (the authors' budget)")
+    init: str = _setting(
+        "uniform", "the initial logits: uniform (the authors' seeded U[0, 1): everything starts frozen, m > 0.5, in "
+                   "a random order), constant (every logit T logit(rho): m = rho, no order; ties go to names) or "
+                   "scores (a reference ranking: a name -> score mapping given to the MaskLearner beside the config)")
+    innocent_weight: float = _setting(
+        1.0, "w in the releaser's objective (w mean innocent loss - mean target loss) / 2: how much the legal "
+             "domain's quality counts against hurting the target's (1: the authors'; 0 ignores the legal domain; on "
+             "the demo's world 0.5 gives the same mask, benchmarks/RESULTS.md)")
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place once)
-        try:
-            ratio = float(self.freeze_ratio)
-        except (TypeError, ValueError):
-            raise ValueError(f"freeze_ratio must be in [0, 1], got {self.freeze_ratio!r}") from None
-        if math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"freeze_ratio must be in [0, 1], got {ratio}")
-        put("freeze_ratio", ratio)
+        put("freeze_ratio", check_ratio(self.freeze_ratio, "freeze_ratio"))
         put("temperature", _number("temperature", self.temperature, allow_zero=False))
         if isinstance(self.c_sparsity, str):
             if self.c_sparsity != "auto":
@@ -142,6 +136,11 @@ class LearnerConfig:
         put("user_betas", (b1, b2))
         put("seed", int(self.seed))
 
+    @classmethod
+    def doc(cls, name: str) -> str:
+        """What the setting ``name`` means (declared with the field)."""
+        return cls.__dataclass_fields__[name].metadata["doc"]
+
     def replace(self, **changes: Any) -> "LearnerConfig":
         return dataclasses.replace(self, **changes)
 
@@ -163,5 +162,9 @@ class LearnerConfig:
         a, b = self.to_json(), other.to_json()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
+
+if LearnerConfig.__doc__:  # (None under python -OO)
+    LearnerConfig.__doc__ += "\n    Fields:\n" + "".join(
+        f"        {f.name}: {f.metadata['doc']}.\n" for f in dataclasses.fields(LearnerConfig))
 
 __all__ = ["LearnerConfig", "USER_OPTIMIZERS", "BUDGETS", "SIGNAL_NORMS", "INITS"]

@@ -132,14 +132,18 @@ def saliency_scores(model: torch.nn.Module, pretrained_state: Mapping[str, torch
     return {name: v for (name, _), v in zip(named, values, strict=True)}
 
 
+#: The rankings computed from the two states alone (a learner's ``init="scores"`` start in ``learn()``).
+RANKINGS: dict[str, Callable[..., dict[str, float]]] = {"delta": delta_scores,
+                                                       "cross-attention": cross_attention_scores}
+
+
 def reference_masks(model: torch.nn.Module, pretrained_state: Mapping[str, torch.Tensor],
                     finetuned_state: Mapping[str, torch.Tensor], ratio: float, *, by: str = "tensors",
                     loss_fn: LossFn | None = None, batches: Iterable[Mapping[str, Any]] | None = None,
                     saliency_batches: int = 0, backend: str = "auto") -> dict[str, FreezeMask]:
     """The reference masks at ``ratio``: "delta", "cross-attention" and, given ``loss_fn``,
     ``batches`` and ``saliency_batches`` > 0, "saliency". Each mask's metadata names its rule."""
-    rankings = {"delta": delta_scores(model, pretrained_state, finetuned_state),
-                "cross-attention": cross_attention_scores(model, pretrained_state, finetuned_state)}
+    rankings = {name: rank(model, pretrained_state, finetuned_state) for name, rank in RANKINGS.items()}
     if loss_fn is not None and batches is not None and saliency_batches > 0:
         rankings["saliency"] = saliency_scores(model, pretrained_state, finetuned_state, loss_fn, batches,
                                                saliency_batches, backend=backend)
@@ -151,4 +155,4 @@ def reference_masks(model: torch.nn.Module, pretrained_state: Mapping[str, torch
     return out
 
 
-__all__ = ["CROSS_ATTENTION", "delta_scores", "cross_attention_scores", "saliency_scores", "reference_masks"]
+__all__ = ["CROSS_ATTENTION", "RANKINGS", "delta_scores", "cross_attention_scores", "saliency_scores", "reference_masks"]

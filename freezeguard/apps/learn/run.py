@@ -8,13 +8,13 @@ Errors that are the caller's input raise :class:`LearnInputError` before any lon
 messages name the ``freezeguard learn`` flag of each input (the parameter of the same name).
 
 Example:
-    >>> summary = learn("sd15/", "sd15-ft/", "data/target", "data/innocent", "mask.safetensors",
-    ...                 freeze_ratio=0.3, steps=400)                                  # doctest: +SKIP
+    >>> config = LearnerConfig(freeze_ratio=0.3, budget="projected", signal_norm="rms", mask_lr=0.05)
+    >>> summary = learn("sd15/", "sd15-ft/", "data/target", "data/innocent", "mask.safetensors", config,
+    ...                 steps=400)                                                    # doctest: +SKIP
     >>> summary["frozen_tensors"], summary["mask_moved"]                              # doctest: +SKIP
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import warnings
@@ -26,6 +26,7 @@ import torch
 from freezeguard.apps.learn import reference_masks, state_io
 from freezeguard.apps.learn.config import LearnerConfig
 from freezeguard.apps.learn.learner import HARD_MASK_METHODS, MaskLearner
+from freezeguard.apps.plots import plots_available
 from freezeguard.core import files
 from freezeguard.core.mask import describe_layout_mismatch
 from freezeguard.core.weights import DENOISER_SUBFOLDERS, WeightsError, load_tensors, weights_layout
@@ -60,27 +61,15 @@ def _layout(unet_dir: Path, flag: str) -> dict[str, tuple[int, ...]]:
 
 def check_learn_inputs(pretrained: str | Path, finetuned: str | Path, target_data: str | Path,
                        innocent_data: str | Path, out: str | Path, *, steps: int, batch_size: int,
-                       user_interval: int, user_lr: float, mask_lr: float, c_sparsity: float | str, temperature: float,
                        hard_mask: str = "topk", state: str | Path | None = None, checkpoint_every: int = 0,
-                       resume: str | Path | None = None, signal_batches: int = 1) -> tuple[Path, Path, Path]:
-    """Every check that needs no model loaded; returns (pipeline folder, fine-tuned unet folder, out)."""
+                       resume: str | Path | None = None) -> tuple[Path, Path, Path]:
+    """Every check that needs no model loaded, beside the LearnerConfig's own (made when it was
+    built); returns (pipeline folder, fine-tuned unet folder, out)."""
     if steps < 1:
         raise LearnInputError(f"--steps must be >= 1, got {steps}")
     if batch_size < 2:
         raise LearnInputError(f"--batch-size must be >= 2 (each batch mixes target and innocent images), "
                               f"got {batch_size}")
-    if user_interval < 1:
-        raise LearnInputError(f"--user-interval must be >= 1, got {user_interval}")
-    if signal_batches < 1:
-        raise LearnInputError(f"--signal-batches must be >= 1, got {signal_batches}")
-    if isinstance(c_sparsity, str) and c_sparsity != "auto":
-        raise LearnInputError(f"--c-sparsity must be a number >= 0 or 'auto', got {c_sparsity!r}")
-    for flag, value in (("--user-lr", user_lr), ("--mask-lr", mask_lr),
-                        ("--c-sparsity", 0.0 if c_sparsity == "auto" else c_sparsity)):
-        if not value >= 0:
-            raise LearnInputError(f"{flag} must be >= 0, got {value}")
-    if not temperature > 0:
-        raise LearnInputError(f"--temperature must be > 0, got {temperature}")
     if hard_mask not in HARD_MASK_METHODS:
         raise LearnInputError(f"--hard-mask must be one of {HARD_MASK_METHODS}, got {hard_mask!r}")
     if checkpoint_every < 0 or (checkpoint_every and not state):
@@ -180,26 +169,18 @@ def _keep_log_until(log_path: Path, done: int) -> None:
     files.write_text(log_path, "".join(x + "\n" for x in kept))
 
 
-def _matplotlib_missing() -> bool:
-    try:
-        return importlib.util.find_spec("matplotlib") is None
-    except (ImportError, ValueError):
-        return True
-
-
 def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path, innocent_data: str | Path,
-          out: str | Path, *, freeze_ratio: float, steps: int = 100, batch_size: int = 4,
-          budget_by: str = "tensors", user_optimizer: str = "sgd", user_lr: float = 1e-5, user_interval: int = 5,
-          mask_lr: float = 10.0, temperature: float = 0.2, c_sparsity: float | str = "auto", hard_mask: str = "topk",
-          budget: str = "penalty", signal_batches: int = 1, signal_norm: str | None = None,
-          signal_density: bool = False, init: str = "uniform", innocent_weight: float = 1.0, seed: int = 0,
-          resolution: int | None = None, caption_column: str = "text",
+          out: str | Path, config: LearnerConfig, *, ranking: str | None = None, steps: int = 100,
+          batch_size: int = 4, hard_mask: str = "topk", resolution: int | None = None, caption_column: str = "text",
           state: str | Path | None = None, checkpoint_every: int = 0, resume: str | Path | None = None,
           plot: str | Path | None = None, log: str | Path | None = None, backend: str = "auto",
           device: str | torch.device | None = None, progress: bool = True,
           on_warning: Callable[[str], None] | None = None, override_hparams: bool = False) -> dict[str, Any]:
     """Learn a mask for the UNet of a local SD folder and write it; returns a JSON-ready summary.
 
+    ``config`` holds every learner setting (its ``seed`` also orders the batches and draws the
+    noise). ``ranking`` names the reference ranking (``reference_masks.RANKINGS``: "delta",
+    "cross-attention") the logits start from; it goes with ``config.init == "scores"``.
     The mask is written first (atomically); the plot is optional and comes last, so a missing
     plotting library never costs the learned mask. ``on_warning`` receives the learner's
     warnings (e.g. "the data never moved the mask") once, after the run, and a missing plotting
@@ -209,20 +190,14 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
     """
     pre_root, ft_dir, out = check_learn_inputs(
         pretrained, finetuned, target_data, innocent_data, out, steps=steps, batch_size=batch_size,
-        user_interval=user_interval, user_lr=user_lr, mask_lr=mask_lr, c_sparsity=c_sparsity,
-        temperature=temperature, hard_mask=hard_mask, state=state, checkpoint_every=checkpoint_every, resume=resume,
-        signal_batches=signal_batches)
-    if init not in ("uniform", "constant", "delta", "cross-attention"):
-        raise LearnInputError(f"--init must be uniform, constant, delta or cross-attention, got {init!r}")
-    try:
-        config = LearnerConfig(freeze_ratio=freeze_ratio, temperature=temperature, c_sparsity=c_sparsity,
-                               mask_lr=mask_lr, user_lr=user_lr, user_interval=user_interval, budget_by=budget_by,
-                               user_optimizer=user_optimizer, seed=seed, budget=budget,
-                               signal_batches=signal_batches, signal_norm=signal_norm,
-                               signal_density=signal_density, innocent_weight=innocent_weight,
-                               init=init if init in ("uniform", "constant") else "scores")
-    except ValueError as exc:
-        raise LearnInputError(str(exc)) from None
+        hard_mask=hard_mask, state=state, checkpoint_every=checkpoint_every, resume=resume)
+    rankings = ", ".join(reference_masks.RANKINGS)
+    if ranking is not None and ranking not in reference_masks.RANKINGS:
+        raise LearnInputError(f"--init must be uniform, constant, {rankings}; got {ranking!r}")
+    if ranking is None and config.init == "scores":
+        raise LearnInputError(f"init='scores' needs a ranking ({rankings})")
+    if ranking is not None and config.init != "scores":
+        raise LearnInputError(f"the ranking {ranking!r} is a start for init='scores', not init={config.init!r}")
     log_path, plot_path = check_outputs(out, state=state, log=log, plot=plot, resume=resume,
                                         inputs={"--pretrained": pretrained, "--finetuned": finetuned,
                                                 "--target-data": target_data, "--innocent-data": innocent_data})
@@ -233,7 +208,7 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
         # From the state file's metadata alone, before any model loads: every LearnerConfig field.
         overrides = check_resume(resume, config.to_json(), override_hparams=override_hparams)
     # The plot is optional: a missing matplotlib is said now, not after the learning.
-    plot_skipped = _matplotlib_missing()
+    plot_skipped = not plots_available()
     if plot_skipped and on_warning is not None:
         on_warning("matplotlib is not installed, so no soft-mask PNG will be written (pip install matplotlib); "
                    "the mask, log and summary are unaffected")
@@ -254,18 +229,14 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
         else:
             pre_state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
             ft_state = load_tensors(ft_dir, "--finetuned")  # safetensors only, read lazily
-            scores = None
-            if init in ("delta", "cross-attention"):
-                rank = (reference_masks.delta_scores if init == "delta" else reference_masks.cross_attention_scores)
-                scores = rank(unet, pre_state, ft_state)
-            learner = MaskLearner(unet, pre_state, ft_state, loss_fn, config, backend=backend,
-                                  **({"init": scores} if scores is not None else {}))
+            scores = {} if ranking is None else {"init": reference_masks.RANKINGS[ranking](unet, pre_state, ft_state)}
+            learner = MaskLearner(unet, pre_state, ft_state, loss_fn, config, backend=backend, **scores)
             del pre_state, ft_state
     except (KeyError, TypeError, DatasetError, PipelineError, WeightsError) as exc:
         raise LearnInputError(str(exc).strip("'\"")) from None
-    if resume and learner.freeze_ratio != freeze_ratio:
+    if resume and learner.freeze_ratio != config.freeze_ratio:
         raise LearnInputError(f"--resume state was learned with ratio {learner.freeze_ratio}, not --freeze-ratio "
-                              f"{freeze_ratio}")
+                              f"{config.freeze_ratio}")
     if overrides:
         old = {key: getattr(learner.config, key) for key in overrides}
         try:
@@ -284,6 +255,7 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
     unet.train()
     done = learner.step_count
     remaining = max(0, steps - done)
+    seed = config.seed
     batches = mixed_batches(target, innocent, batch_size, seed=seed)
 
     def with_generator(stream):
@@ -327,8 +299,8 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
             from freezeguard.apps.learn.plot import plot_soft_mask
 
             plot_soft_mask(learner.soft_mask(), plot_path, frozen=mask.frozen_names,
-                           title=f"soft mask after {learner.step_count} steps (target ratio {freeze_ratio} by "
-                                 f"{budget_by})")
+                           title=f"soft mask after {learner.step_count} steps (target ratio "
+                                 f"{config.freeze_ratio} by {config.budget_by})")
         except Exception as exc:
             plot_skipped = True
             if on_warning is not None:
@@ -337,16 +309,16 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
     return {
         "out": str(out), "plot": None if plot_skipped else str(plot_path), "log": str(log_path), "state": None if state is None else str(state),
         "steps": learner.step_count, "steps_this_run": remaining, "seconds": round(seconds, 3),
-        "device": str(device), "budget_by": budget_by, "target_ratio": freeze_ratio,
-        "realised_ratio": mask.ratio(budget_by), "ratio_tensors": mask.ratio("tensors"),
+        "device": str(device), "budget_by": config.budget_by, "target_ratio": config.freeze_ratio,
+        "realised_ratio": mask.ratio(config.budget_by), "ratio_tensors": mask.ratio("tensors"),
         "ratio_params": mask.ratio("params"), "frozen_tensors": len(mask.frozen_names),
         "tensors": len(mask.names), "hard_mask": hard_mask,
         "final_target_loss": last.get("target_loss"), "final_innocent_loss": last.get("innocent_loss"),
         "soft_ratio": last.get("soft_ratio"),
         # tensors the data moved in or out of the mask, against the initial logits' mask
         "mask_moved": last.get("mask_moved"), "frozen_moved": last.get("frozen_moved"),
-        "frozen_moved_share": last.get("frozen_moved_share"), "live": last.get("live"), "init": init,
-        "budget": budget, "c_sparsity": learner.c_sparsity,
+        "frozen_moved_share": last.get("frozen_moved_share"), "live": last.get("live"),
+        "init": ranking or config.init, "budget": config.budget, "c_sparsity": learner.c_sparsity,
     }
 
 
