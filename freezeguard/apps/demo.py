@@ -42,8 +42,8 @@ from freezeguard.apps.evaluate.report import write_report
 from freezeguard.apps.evaluate.toy_domains import fresh_token_domain, toy_domains
 from freezeguard.apps.evaluate.verdict import decide, figures_from_draws
 from freezeguard.apps.learn import reference_masks as ref
-from freezeguard.apps.learn.config import LearnerConfig
-from freezeguard.apps.learn.learner import INITS, MaskLearner
+from freezeguard.apps.learn.config import NAMED_INITS, LearnerConfig
+from freezeguard.apps.learn.learner import MaskLearner
 from freezeguard.core.mask import FreezeMask
 from freezeguard.integrations.diffusers import judge as judge_mod
 from freezeguard.integrations.diffusers import toy
@@ -290,7 +290,7 @@ def learn_mask(model: torch.nn.Module, ft_state: dict, cfg: DemoConfig, loss_fn,
     from ``scores`` when given, else computed)."""
     pre_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     init = cfg.init
-    if init not in INITS:
+    if init not in NAMED_INITS:
         init = (scores or {}).get(init) or reference_scores(model, ft_state, cfg, loss_fn, (init,))[init]
     learner = MaskLearner(copy.deepcopy(model), pre_state, ft_state, loss_fn, cfg.learner, init=init)
     stream = toy.mixed_batches(cfg.target, cfg.innocent, cfg.batch_size, seed=cfg.seed + 21)

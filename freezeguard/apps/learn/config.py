@@ -26,7 +26,8 @@ from freezeguard.core.values import check_positive, check_ratio
 USER_OPTIMIZERS = ("sgd", "adamw")
 BUDGETS = ("penalty", "projected")
 SIGNAL_NORMS = (None, "rms")
-INITS = ("uniform", "constant", "scores")   # "scores": a reference ranking given to the learner
+NAMED_INITS = ("uniform", "constant")        # the logits' starts named by a string
+INITS = NAMED_INITS + ("scores",)            # "scores": a reference ranking given to the learner as a mapping
 
 
 def _number(name: str, value: Any, *, allow_zero: bool = True) -> float:
@@ -167,4 +168,4 @@ if LearnerConfig.__doc__:  # (None under python -OO)
     LearnerConfig.__doc__ += "\n    Fields:\n" + "".join(
         f"        {f.name}: {f.metadata['doc']}.\n" for f in dataclasses.fields(LearnerConfig))
 
-__all__ = ["LearnerConfig", "USER_OPTIMIZERS", "BUDGETS", "SIGNAL_NORMS", "INITS"]
+__all__ = ["LearnerConfig", "USER_OPTIMIZERS", "BUDGETS", "SIGNAL_NORMS", "INITS", "NAMED_INITS"]

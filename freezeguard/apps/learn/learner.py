@@ -69,7 +69,6 @@ from freezeguard import ops
 from freezeguard.apps.learn import checks, distributed, loop, mask_rules, state_io
 from freezeguard.apps.learn.budget import auto_c_sparsity, project_logits
 from freezeguard.apps.learn.config import BUDGETS, SIGNAL_NORMS, USER_OPTIMIZERS, LearnerConfig
-from freezeguard.apps.learn.config import INITS as CONFIG_INITS
 from freezeguard.apps.learn.logits import (
     budget_weights,
     initial_logits,
@@ -84,8 +83,6 @@ from freezeguard.core.group_norm_fix import protect_group_norms
 from freezeguard.core.mask import FreezeMask
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]
-# The inits named by a string (config.INITS less "scores", which the learner gets as a mapping).
-INITS = tuple(i for i in CONFIG_INITS if i != "scores")
 
 # Hyperparameters: the fields of LearnerConfig (saved with the state, compared on resume).
 _HPARAMS = frozenset(f.name for f in dataclasses.fields(LearnerConfig))
@@ -415,4 +412,4 @@ class MaskLearner:
 
 
 __all__ = ["MaskLearner", "LearnerConfig", "USER_OPTIMIZERS", "HARD_MASK_RULES", "HARD_MASK_METHODS", "BUDGETS",
-           "SIGNAL_NORMS", "INITS"]
+           "SIGNAL_NORMS"]
