@@ -30,7 +30,7 @@ from statistics import mean, pstdev
 import torch
 
 from freezeguard.apps.demo import DemoConfig, learn_mask, publisher_finetune, reference_scores
-from freezeguard.apps.evaluate.harness import Attacker, EvalResult, Run, attacker_suite, finetune, measure
+from freezeguard.apps.evaluate.harness import Attacker, EvalResult, Run, attack_finetune, attacker_suite, measure
 from freezeguard.apps.evaluate.metrics import mask_group, removed_share, summarize
 from freezeguard.apps.evaluate.toy_domains import toy_domains
 from freezeguard.core.mask import FreezeMask
@@ -111,7 +111,7 @@ class Evaluator:
                 key = f"{mask_key(mask)}|{a.name}|{a.lr}|{a.steps}|{d.name}|{self.seed}"
                 if key not in self.cache:
                     tuned = copy.deepcopy(self.model)
-                    curve = finetune(tuned, mask, d, self.loss_fn, a, seed=self.seed)
+                    curve = attack_finetune(tuned, mask, d, self.loss_fn, a, seed=self.seed)
                     after = measure(tuned, self.loss_fn, d)
                     after.pop("_samples", None)
                     self.cache[key] = {"after": after, "curve": curve}

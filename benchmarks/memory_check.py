@@ -5,7 +5,7 @@ MaskLearner, measured as the CPU allocator's net bytes (torch profiler, allocati
 over the first optimizer step (= the AdamW state it creates), over forward + backward (= the
 gradients left behind) and over the learner's construction (= Δ, logits and, with an AdamW user,
 its moments); the learner's gradients are summed when each is accumulated. Each is printed next to
-:mod:`freezeguard.apps.memory`'s formula. ``tests/test_memory_model.py`` asserts the same equalities
+:mod:`freezeguard.apps.memory_model`'s formula. ``tests/test_memory_model.py`` asserts the same equalities
 (and the FSDP2 per-rank shards on 2 gloo processes).
 
 Run:
@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import freezeguard as fg
-from freezeguard.apps.memory import guarded_bytes, learner_bytes
+from freezeguard.apps.memory_model import guarded_bytes, learner_bytes
 from freezeguard.integrations.diffusers.loss import make_loss_fn
 from freezeguard.integrations.diffusers.models import FAMILIES
 

@@ -161,9 +161,9 @@ def test_masked_finetune_leaves_frozen_tensors_untouched():
     model, loss_fn, domains, masks = _tiny_setup()
     import copy
 
-    from freezeguard.apps.evaluate.harness import finetune
+    from freezeguard.apps.evaluate.harness import attack_finetune
     tuned = copy.deepcopy(model)
-    finetune(tuned, masks["learned"], domains[0], loss_fn, Attacker("a", 1e-2, 2), curve_points=1)
+    attack_finetune(tuned, masks["learned"], domains[0], loss_fn, Attacker("a", 1e-2, 2), curve_points=1)
     before, after = dict(model.named_parameters()), dict(tuned.named_parameters())
     for name in masks["learned"].frozen_names:
         assert torch.equal(before[name], after[name]), name

@@ -1,4 +1,4 @@
-"""The memory model (freezeguard.apps.memory, RESULTS.md "Memory model") against what the code allocates.
+"""The memory model (freezeguard.apps.memory_model, RESULTS.md "Memory model") against what the code allocates.
 
 - One process, tiny configs of each family: the bytes the CPU allocator hands out (torch profiler,
   net of frees) during the first guarded optimizer step equal the formula's AdamW state; the
@@ -25,7 +25,7 @@ pytest.importorskip("diffusers")
 from support.gloo import end_worker, free_port
 
 import freezeguard as fg  # noqa: E402
-from freezeguard.apps.memory import guarded_bytes, largest_unit_bytes, learner_bytes, memory_rows, shard_numel  # noqa: E402
+from freezeguard.apps.memory_model import guarded_bytes, largest_unit_bytes, learner_bytes, memory_rows, shard_numel  # noqa: E402
 from freezeguard.integrations.diffusers.loss import make_loss_fn  # noqa: E402
 from freezeguard.integrations.diffusers.models import FAMILIES, get_family  # noqa: E402
 
@@ -132,11 +132,11 @@ def _local_bytes(t) -> int:
 
 
 def _shard_units(model: torch.nn.Module, layout) -> None:
-    """``fully_shard`` each unit of the usual recipe (``apps.memory.unit_of``: the numbered
+    """``fully_shard`` each unit of the usual recipe (``apps.memory_model.unit_of``: the numbered
     blocks), then the root, as the memory model assumes."""
     from torch.distributed.fsdp import fully_shard
 
-    from freezeguard.apps.memory import unit_of
+    from freezeguard.apps.memory_model import unit_of
 
     for u in sorted({unit_of(n) for n in layout} - {""}):
         fully_shard(model.get_submodule(u))

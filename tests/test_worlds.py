@@ -111,7 +111,7 @@ def test_contrast_reference_ranks_what_the_target_moves_and_the_legal_data_does_
 
 def test_a_lora_attacker_facing_frozen_attention_trains_nothing():
     from freezeguard.apps.baselines._common import attention_projection_names
-    from freezeguard.apps.evaluate.harness import Attacker, attacker_optimizer, finetune
+    from freezeguard.apps.evaluate.harness import Attacker, attack_finetune, attacker_optimizer
     from freezeguard.core.mask import FreezeMask
 
     cfg = DemoConfig.quick()
@@ -122,7 +122,7 @@ def test_a_lora_attacker_facing_frozen_attention_trains_nothing():
     assert attacker_optimizer(model, mask, lora) is None
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dom = toy_domains(cfg.target, (), batch_size=4, heldout_n=4)[0]
-    curve = finetune(model, mask, dom, toy.make_loss_fn(cfg.pretrain.model), lora)
+    curve = attack_finetune(model, mask, dom, toy.make_loss_fn(cfg.pretrain.model), lora)
     assert curve[0][1] == curve[-1][1] and curve[-1][0] == 3
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # with one projection left trainable the adapters go there

@@ -9,7 +9,7 @@ run. See :mod:`freezeguard.apps.bench_step` for what each memory figure means.
 
 Layout-only mode (``freezeguard bench --model sdxl|sd3|flux``, or ``--layout`` for any preset):
 the model is built on the meta device, nothing is allocated or run, and each frozen ratio is
-costed with the memory model (:mod:`freezeguard.apps.memory`): gradient and AdamW-state bytes
+costed with the memory model (:mod:`freezeguard.apps.memory_model`): gradient and AdamW-state bytes
 per GPU, and what freezing saves, at each ``--world-size`` under FSDP2 full sharding.
 
 Run:
@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from freezeguard.apps.bench_step import measure
-from freezeguard.apps.memory import memory_rows
+from freezeguard.apps.memory_model import memory_rows
 from freezeguard.core.mask import FreezeMask
 from freezeguard.integrations.diffusers.layouts import build_model
 
@@ -118,7 +118,7 @@ def run_layout_bench(*, model: str, ratios: Iterable[float] = RATIOS, by: Sequen
                      seed: int = 0) -> dict[str, Any]:
     """Cost every configuration from the meta-device layout (no allocation); ``{"meta", "rows"}``.
 
-    Rows are :func:`freezeguard.apps.memory.memory_rows` guarded rows (full fine-tuning is the 0
+    Rows are :func:`freezeguard.apps.memory_model.memory_rows` guarded rows (full fine-tuning is the 0
     ratio), each with ``saved_vs_full``: the share of full fine-tuning's gradient + AdamW-state
     bytes that the mask saves.
     """

@@ -15,10 +15,21 @@ from freezeguard.apps.evaluate.harness import (
                                                Domain,
                                                EvalResult,
                                                Run,
+                                               attack_finetune,
                                                evaluate_masks,
-                                               finetune,
                                                heldout_loss,
                                                measure,
 )
 
-__all__ = ["Attacker", "Domain", "EvalResult", "Run", "evaluate_masks", "finetune", "heldout_loss", "measure"]
+__all__ = ["Attacker", "Domain", "EvalResult", "Run", "attack_finetune", "evaluate_masks", "heldout_loss", "measure"]
+
+
+def __getattr__(name: str):
+    # ``finetune`` was this function's old name, beside apps.finetune.finetune (a user's guarded
+    # fine-tune of a pipeline): still importable, with a note of the new name.
+    if name == "finetune":
+        import warnings
+
+        warnings.warn("freezeguard.evaluate.finetune is now attack_finetune", DeprecationWarning, stacklevel=2)
+        return attack_finetune
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -103,7 +103,7 @@ def measure(model: torch.nn.Module, loss_fn: LossFn, domain: Domain) -> dict[str
     return out
 
 
-def finetune(model: torch.nn.Module, mask: FreezeMask | None, domain: Domain, loss_fn: LossFn,
+def attack_finetune(model: torch.nn.Module, mask: FreezeMask | None, domain: Domain, loss_fn: LossFn,
              attacker: Attacker, *, seed: int = 0, curve_points: int = 5,
              train_batches: Callable[[int], Iterator[Mapping[str, Any]]] | None = None) -> list[tuple[int, float]]:
     """Fine-tune ``model`` in place on ``domain`` as ``attacker`` would; returns the held-out loss curve.
@@ -310,7 +310,7 @@ def _run_job(job: Job, state: tuple) -> tuple[dict[str, Any], list, Any]:
     released_model, mask, streams = contenders[name]
     d = domains[di]
     tuned = copy.deepcopy(released_model)
-    curve = finetune(tuned, mask, d, loss_fn, attackers[ai], seed=seed, curve_points=curve_points,
+    curve = attack_finetune(tuned, mask, d, loss_fn, attackers[ai], seed=seed, curve_points=curve_points,
                      train_batches=streams.get(d.name))
     after = measure(tuned, loss_fn, d)
     return after, curve, after.pop("_samples", None)

@@ -26,7 +26,7 @@ Every update is a whole-model op: no Python loop over tensors in the hot path.
 Memory, per model parameter (b = bytes of the parameter dtype): the live weights (the model), Delta
 and the gradient during a step -- 3b, as the reference's finetuned model + difference model +
 gradients; the AdamW user adds its two moments (2b); under FSDP2 all are local shards. Per tensor:
-four fp32 numbers. ``apps.memory`` counts it all. theta_pre and theta_ft are read once at
+four fp32 numbers. ``apps.memory_model`` counts it all. theta_pre and theta_ft are read once at
 construction and not kept (drop your references to them to free that memory).
 
 Empty groups: a releaser batch without target samples (or without innocent ones) drops that

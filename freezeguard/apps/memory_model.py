@@ -26,10 +26,10 @@ parameters and gradients of the FSDP unit being computed (:func:`largest_unit_by
 working set), communication buffers and allocator slack.
 
 Run (the RESULTS.md table):
-    python -m freezeguard.apps.memory --model flux --world-sizes 8,64
+    python -m freezeguard.apps.memory_model --model flux --world-sizes 8,64
 
 Example:
-    >>> from freezeguard.apps.memory import guarded_bytes
+    >>> from freezeguard.apps.memory_model import guarded_bytes
     >>> lay = {"a": (4, 3), "b": (5,)}
     >>> guarded_bytes(lay, frozen={"b"})["grads"], guarded_bytes(lay, frozen={"b"}, world_size=2)["grads"]
     (48, 24)
@@ -201,7 +201,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m freezeguard.apps.memory", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m freezeguard.apps.memory_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="flux", help="model family: sd15, sd21, sdxl, sd3, flux")
     p.add_argument("--world-sizes", default="1,8,64", help="comma-separated GPU counts (FSDP2 full sharding)")
     p.add_argument("--ratios", default="0,0.3,0.5,0.7", help="comma-separated frozen ratios")
