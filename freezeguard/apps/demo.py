@@ -18,7 +18,7 @@ the same machine/torch build.
 Where each part lives: the worlds in ``apps.toy_worlds``, the settings in ``apps.demo_config``, the
 publisher's steps (release, fine-tune, references, learned mask) in ``apps.toy_pipeline``, the
 contenders and their evaluation in ``apps.demo_evaluation``, the summary and verdict in
-``apps.demo_summary``; this module is the flow, and still exports every one of their names.
+``apps.demo_summary``; this module is the flow, and still exports the names it held before (``__all__``).
 
 Example:
     >>> from freezeguard.apps.demo import DemoConfig, run_demo
@@ -121,9 +121,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: str | Path | None = "freez
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    summary = demo_summary(result, fresh, cfg, erase_summary(erased, pretrained, model, cfg, loss_fn))
-    summary["timings_s"] = timings
-    summary["learner"] = learner_summary(learned, logs, cfg)
+    summary = demo_summary(result, fresh, cfg, erase=erase_summary(erased, pretrained, model, cfg, loss_fn),
+                           timings=timings, learner=learner_summary(learned, logs, cfg))
     if out_dir is not None:
         summary["report_dir"] = str(write_report(result, summary, out_dir, mask=learned))
     return summary

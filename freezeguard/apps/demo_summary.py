@@ -24,10 +24,11 @@ from freezeguard.integrations.diffusers import toy
 FRESH_TOKEN = "fresh token"
 
 
-def demo_summary(result: EvalResult, fresh: dict[str, Any] | None, cfg: DemoConfig,
-                 erase: dict[str, Any] | None) -> dict[str, Any]:
+def demo_summary(result: EvalResult, fresh: dict[str, Any] | None, cfg: DemoConfig, *,
+                 erase: dict[str, Any] | None, timings: dict[str, float], learner: dict[str, Any]) -> dict[str, Any]:
     """The evaluation's summary with the demo's config, equal harm (with ``cfg.harm_ratios``), the
-    fresh-token attacker's run (``fresh``: its summary), the erase (``erase_summary``) and the verdict."""
+    fresh-token attacker's run (``fresh``: its summary), the erase (``erase_summary``), the verdict,
+    the phases' ``timings`` and the ``learner``'s end state (``learner_summary``)."""
     summary = result.summary()
     summary["config"] = cfg.to_json()
     if cfg.harm_ratios:
@@ -39,6 +40,8 @@ def demo_summary(result: EvalResult, fresh: dict[str, Any] | None, cfg: DemoConf
     if erase is not None:
         summary["erase"] = erase
     summary["verdict"] = verdict_summary(summary)
+    summary["timings_s"] = timings
+    summary["learner"] = learner
     return summary
 
 
