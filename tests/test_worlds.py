@@ -1,4 +1,4 @@
-"""The evaluation's toy worlds (apps.demo.WORLDS): the shapes world and the known family of faces,
+"""The evaluation's toy worlds (apps.toy_worlds.WORLDS): the shapes world and the known family of faces,
 each with an arm where the model knew the target and the publisher erased it, and one where it is new;
 and the target streams of the prior-preservation attacker."""
 from __future__ import annotations

@@ -28,7 +28,7 @@ def _ratio_list(s: str) -> float:
     return v
 
 
-# Options left unset take the demo's value (freezeguard.apps.demo.DemoConfig), so `freezeguard
+# Options left unset take the demo's value (freezeguard.apps.demo_config.DemoConfig), so `freezeguard
 # evaluate` on the demo's mask measures what the demo measured.
 DEMO_DEFAULTS = {"lr": "attacker_lr", "steps": "attacker_steps", "batch_size": "batch_size",
                  "strong_lr_mult": "strong_lr_mult", "strong_steps_mult": "strong_steps_mult",
@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_demo_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every option left unset with the demo's value (see DEMO_DEFAULTS)."""
-    from freezeguard.apps.demo import DemoConfig
+    from freezeguard.apps.demo_config import DemoConfig
 
     demo = DemoConfig()
     for arg, field in DEMO_DEFAULTS.items():
@@ -181,7 +181,7 @@ def check_args(args: argparse.Namespace):
     else:
         if args.target_data or args.innocent_data:
             raise UsageError("--target-data / --innocent-data need --pretrained (the toy model has its own data)")
-        from freezeguard.apps.demo import DemoConfig
+        from freezeguard.apps.demo_config import DemoConfig
         from freezeguard.integrations.diffusers import toy
 
         layout = {n: tuple(p.shape) for n, p in toy.build_model(DemoConfig().pretrain.model).named_parameters()}
@@ -219,7 +219,7 @@ def _run(args: argparse.Namespace) -> int:
         print("freezeguard evaluate: warning: matplotlib is not installed, so the report will have no PNGs "
               "(pip install matplotlib); its tables and JSON are written", file=sys.stderr)
 
-    from freezeguard.apps.demo import DemoConfig
+    from freezeguard.apps.demo_config import DemoConfig
     from freezeguard.apps.evaluate.report import format_table, headline, jsonable, table_rows
     from freezeguard.apps.evaluate.run import EvaluationInputError, EvaluationSettings, run_evaluation
 

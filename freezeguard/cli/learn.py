@@ -45,8 +45,8 @@ FLAG_FIELDS = ("freeze_ratio", "seed", *LEARNER_FLAGS)
 
 
 def _demo_preset() -> LearnerConfig:
-    """The demo's learner (freezeguard.apps.demo.DEMO_LEARNER), read at run time: one source of truth."""
-    from freezeguard.apps.demo import DEMO_LEARNER
+    """The demo's learner (freezeguard.apps.demo_config.DEMO_LEARNER), read at run time: one source of truth."""
+    from freezeguard.apps.demo_config import DEMO_LEARNER
 
     return DEMO_LEARNER
 

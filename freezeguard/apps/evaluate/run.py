@@ -7,7 +7,7 @@ under each, and write the report folder. The settings are one :class:`Evaluation
 command line checks them first (``freezeguard.cli.evaluate.check_args``).
 
 Example:
-    >>> from freezeguard.apps.demo import DemoConfig
+    >>> from freezeguard.apps.demo_config import DemoConfig
     >>> settings = EvaluationSettings(mask="mask.safetensors", attackers=attackers_for(1e-3, 100),
     ...                               lr=1e-3, steps=100, batch_size=16, random_seeds=1,
     ...                               toy_world=DemoConfig())                              # doctest: +SKIP
@@ -49,7 +49,7 @@ class EvaluationSettings:
     methods: tuple[str, ...] = ()  # baselines (apps.baselines.harness.resolve_methods)
     overrides: dict[str, Any] | None = None  # the baselines' step caps (step_overrides)
     pretrained: str | None = None  # None: the built-in toy model, as ``toy_world`` sets it up
-    # Without ``pretrained``: the toy world's settings (an apps.demo.DemoConfig, which imports this
+    # Without ``pretrained``: the toy world's settings (an apps.demo_config.DemoConfig, which imports this
     # package: given by the caller, so the demo's published model, judge and domains are reused).
     toy_world: Any = None
     target_data: str | None = None
