@@ -127,3 +127,17 @@ def test_a_lora_attacker_facing_frozen_attention_trains_nothing():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # with one projection left trainable the adapters go there
     assert attacker_optimizer(model, FreezeMask.from_names(model, projections[1:]), lora) is not None
+
+
+def test_demo_help_states_the_configs_defaults():
+    import argparse
+
+    from freezeguard.cli.demo import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    cfg = DemoConfig()
+    assert f"the demo's, {cfg.strong_lr_mult:g} " in helps["strong_lr_mult"]
+    assert f"the demo's, {cfg.strong_steps_mult:g}," in helps["strong_steps_mult"]
+    assert cfg.baselines == () and "default: none" in helps["baselines"]

@@ -37,14 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-by", choices=("tensors", "params"), default=None,
                         help="what the ratio counts, for every mask (default: the demo's, params)")
     parser.add_argument("--strong-lr-mult", type=float, default=None,
-                        help="the '<k>x lr' attacker's lr multiplier (default: the demo's, 10; 1 drops it)")
+                        help="the '<k>x lr' attacker's lr multiplier (default: the demo's, 1 = no such attacker; 10 "
+                             "adds it, benchmarks/eval_relearn.py measures it)")
     parser.add_argument("--strong-steps-mult", type=float, default=None,
-                        help="the '<k>x steps' attacker's steps multiplier (default: the demo's, 1 = no such "
-                             "attacker; 3 adds it, at 3x the time)")
+                        help="the '<k>x steps' attacker's steps multiplier (default: the demo's, 3, which the decision "
+                             "rule needs; 1 drops it)")
     parser.add_argument("--baselines", default=None, metavar="LIST",
                         help="baselines compared with the learned mask on the same attackers: comma-separated "
-                             "imma, ablation, uce, udp, 'all', or 'none' (default: the cheap pair uce,ablation; "
-                             "'all' adds IMMA and UDP, a few more minutes)")
+                             "imma, ablation, uce, udp, 'all', or 'none' (default: none, the erase itself is UCE; "
+                             "'all' adds every baseline, a few more minutes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, masks, noise)")
     parser.add_argument("--attack-seeds", type=int, default=None,
                         help="repeat the evaluation's fine-tunes under this many draws of the attack's randomness "
