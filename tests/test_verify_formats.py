@@ -331,33 +331,50 @@ LYCORIS_ALGOS = [("lora", {}), ("lora", {"dora_wd": True}), ("loha", {}), ("lokr
                  ("glora", {}), ("diag-oft", {}), ("boft", {})]
 
 
-@pytest.mark.parametrize("algo,extra", LYCORIS_ALGOS, ids=[a + ("-dora" if e else "") for a, e in LYCORIS_ALGOS])
-def test_lycoris_file_on_a_frozen_module(tmp_path, capsys, algo, extra):
+def _lycoris():
     lycoris = pytest.importorskip("lycoris")
     import logging
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    return lycoris
+
+
+def _trained_lycoris(lycoris, tmp_path, name: str, module: str, algo: str, path, **extra):
+    """A LyCORIS network (lycoris' own ``create_lycoris`` with a preset naming one module) on a tiny
+    SD-1.5 UNet, its weights moved as if trained, saved to ``path``; returns (network, that UNet)."""
+    preset = tmp_path / f"{name}.toml"
+    preset.write_text(f'target_module = []\ntarget_name = ["{module}"]\n')
+    live = _tiny_sd15()
+    net = lycoris.create_lycoris(live, 1.0, linear_dim=2, linear_alpha=1, algo=algo, preset=str(preset), **extra)
+    net.apply_to()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # "trained"
+    net.save_weights(str(path), torch.float32, {})
+    return net, live
+
+
+def _merged_by_lycoris(lycoris, path):
+    """The user's side: lycoris' own loader, merged into a fresh copy of the released UNet."""
+    merged = _tiny_sd15()
+    lycoris.create_lycoris_from_weights(1.0, str(path), merged)[0].merge_to()
+    return merged
+
+
+@pytest.mark.parametrize("algo,extra", LYCORIS_ALGOS, ids=[a + ("-dora" if e else "") for a, e in LYCORIS_ALGOS])
+def test_lycoris_file_on_a_frozen_module(tmp_path, capsys, algo, extra):
+    lycoris = _lycoris()
     unet = _tiny_sd15()
     frozen_module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     released, mask = _release(unet, tmp_path, [f"{frozen_module}.weight"])
     for name, module in (("bad", frozen_module), ("good", frozen_module.replace("to_q", "to_k"))):
-        preset = tmp_path / f"{name}.toml"
-        preset.write_text(f'target_module = []\ntarget_name = ["{module}"]\n')
-        live = _tiny_sd15()
-        net = lycoris.create_lycoris(live, 1.0, linear_dim=2, linear_alpha=1, algo=algo, preset=str(preset), **extra)
-        net.apply_to()
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(torch.randn_like(p) * 0.1)  # "trained"
         path = tmp_path / f"{name}.safetensors"
-        net.save_weights(str(path), torch.float32, {})
+        net, live = _trained_lycoris(lycoris, tmp_path, name, module, algo, path, **extra)
         if algo == "ia3":  # lycoris 4.1.3 cannot load its own IA3 files (make_module_from_state_dict's arity)
             net.merge_to()
             merged = live
-        else:  # the user's side: lycoris' own loader, merged into the released model
-            merged = _tiny_sd15()
-            loaded, _ = lycoris.create_lycoris_from_weights(1.0, str(path), merged)
-            loaded.merge_to()
+        else:
+            merged = _merged_by_lycoris(lycoris, path)
         changed = not torch.equal(_released_params(merged)[f"{frozen_module}.weight"],
                                   _released_params(unet)[f"{frozen_module}.weight"])
         code, data = _verify(capsys, released, path, mask)
@@ -370,24 +387,13 @@ def test_kohya_named_lycoris_file(tmp_path, capsys, algo):
     """LyCORIS trained through kohya's sd-scripts (``--network_module lycoris.kohya``) names modules
     ``lora_unet_<path with _>`` (lycoris/kohya.py, LycorisNetworkKohya.LORA_PREFIX_UNET) with the same
     weights as a native file; diffusers' loader rejects LoHa/LoKr keys there, other tools apply them."""
-    lycoris = pytest.importorskip("lycoris")
-    import logging
-
-    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    lycoris = _lycoris()
     unet = _tiny_sd15()
     frozen_module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     released, mask = _release(unet, tmp_path, [f"{frozen_module}.weight"])
     for name, module in (("bad", frozen_module), ("good", frozen_module.replace("to_q", "to_k"))):
-        preset = tmp_path / f"{name}.toml"
-        preset.write_text(f'target_module = []\ntarget_name = ["{module}"]\n')
-        net = lycoris.create_lycoris(_tiny_sd15(), 1.0, linear_dim=2, linear_alpha=1, algo=algo, preset=str(preset))
-        net.apply_to()
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(torch.randn_like(p) * 0.1)
-        net.save_weights(str(tmp_path / "native.safetensors"), torch.float32, {})
-        merged = _tiny_sd15()
-        lycoris.create_lycoris_from_weights(1.0, str(tmp_path / "native.safetensors"), merged)[0].merge_to()
+        _trained_lycoris(lycoris, tmp_path, name, module, algo, tmp_path / "native.safetensors")
+        merged = _merged_by_lycoris(lycoris, tmp_path / "native.safetensors")
         changed = not torch.equal(_released_params(merged)[f"{frozen_module}.weight"],
                                   _released_params(unet)[f"{frozen_module}.weight"])
         kohya = {k.replace("lycoris_", "lora_unet_", 1): v for k, v in load_file(str(tmp_path / "native.safetensors")).items()}
