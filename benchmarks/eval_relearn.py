@@ -60,7 +60,8 @@ from freezeguard.apps.demo import (
     release,
 )
 from freezeguard.apps.erase import ERASERS
-from freezeguard.apps.evaluate.equal_harm import equal_harm_rows, group_draws
+from freezeguard.apps.evaluate.channel_masks import ChannelMask
+from freezeguard.apps.evaluate.equal_harm import equal_harm_rows, group_draws, is_random_group
 from freezeguard.apps.evaluate.harness import attacker_suite, evaluate_masks, heldout_loss
 from freezeguard.apps.evaluate.metrics import mask_group
 from freezeguard.apps.evaluate.toy_domains import fresh_token_domain, prior_preservation_domain, toy_domains
@@ -97,6 +98,9 @@ def build_masks(cfg: DemoConfig, pretrained, released, erased, loss_fn, args, lo
     for k in range(args.random_masks):
         masks[f"random#{k}"] = FreezeMask.random(released, cfg.learner.freeze_ratio, by=cfg.learner.budget_by, seed=cfg.seed + k)
     masks.update(random_masks_at(released, args.random_ratios, args.random_masks, by=cfg.learner.budget_by, seed=cfg.seed))
+    # random output channels: the finer price curve (the learned mask is also compared against it)
+    masks.update({f"channels@{ratio:g}#{k}": ChannelMask.random(released, ratio, seed=cfg.seed + k)
+                  for ratio in args.channel_ratios for k in range(args.channel_masks)})
     t0 = time.perf_counter()
     ft_state = publisher_finetune(released, cfg, loss_fn, progress=False)
     log(f"[relearn] publisher's relearn fine-tune: {time.perf_counter() - t0:.0f} s")
@@ -134,7 +138,7 @@ def build_masks(cfg: DemoConfig, pretrained, released, erased, loss_fn, args, lo
 
 def _frozen_share(contender) -> float:
     """The share of parameters a contender freezes (a Protection without a mask freezes none)."""
-    mask = contender if isinstance(contender, FreezeMask) else contender.mask
+    mask = contender.mask if isinstance(contender, Protection) else contender
     return 0.0 if mask is None else mask.ratio("params")
 
 
@@ -249,14 +253,18 @@ def markdown(res: dict) -> str:
         rows = {r["group"]: r for r in group_rows(draws, tname, innocent)}
         t_draw, i_draw = group_draws(draws[tname]), group_draws(draws[innocent])
         harm = {r["group"]: r for r in equal_harm_rows(draws, tname, innocent)}
+        # with output-channel random masks: each group against their curve too
+        channels = {r["group"]: r for r in equal_harm_rows(draws, tname, innocent, curve="channels")} \
+            if any(is_random_group(g, "channels") for g in t_draw) else {}
         after = res.get("after", {}).get(attacker, {})
+        extra = (" | x channel random at equal harm", "|---") if channels else ("", "")
         lines += [f"**{attacker}** (target: {tname}; removed share of the relearning gain of the erase-only release; "
                   "x random at equal harm: the group's target share over random's interpolated at its harm)", "",
                   "| contender | params frozen | target blocked | legal harm | x random, same ratio | "
-                  "x random at equal harm | target loss after attack |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"x random at equal harm{extra[0]} | target loss after attack |",
+                  f"|---|---|---|---|---|---{extra[1]}|---|"]
         t_after = after.get("full", {}).get(tname, {}).get("loss")
-        lines.append(f"| erase only (no mask) | 0% | 0% (reference) | 0% (reference) | | | "
+        lines.append(f"| erase only (no mask) | 0% | 0% (reference) | 0% (reference) | | |{' |' if channels else ''} "
                      f"{'n/a' if t_after is None else f'{t_after:.4f}'} |")
         for g, row in rows.items():
             eh = harm.get(g, {})
@@ -264,6 +272,10 @@ def markdown(res: dict) -> str:
             times = "" if row.get("times_random") is None else f"{row['times_random']:.2f}x"
             eht = "" if g.startswith("random") else ("n/a" if eh.get("times_random") is None else
                                                       f"{eh['times_random']:.2f}x")
+            if channels:
+                ch = channels.get(g, {})
+                eht += " | " + ("" if g.startswith("channels") else
+                                "n/a" if ch.get("times_random") is None else f"{ch['times_random']:.2f}x")
             lines.append(f"| {g} ({row['masks']}) | {share.get(g, 0):.0%} | {_pct(row['target'])}{_spread(t_draw[g])} | "
                          f"{_pct(row['innocent'])}{_spread(i_draw.get(g, []))} | {times} | {eht} | "
                          f"{'n/a' if t_after is None else f'{t_after:.4f}'} |")
@@ -335,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-masks", type=int, default=2, help="random masks per freeze ratio")
     p.add_argument("--random-ratios", type=_number_list(float), default=(0.5, 0.7, 0.8, 0.95),
                    help="random masks also at these freeze ratios (the price curve)")
+    p.add_argument("--channel-ratios", type=_number_list(float), default=(),
+                   help="freeze ratios of random output-channel masks (comma-separated; default: none)")
+    p.add_argument("--channel-masks", type=int, default=2, help="random output-channel masks per ratio")
     p.add_argument("--references", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
                    default=REFERENCES, help=f"comma-separated subset of {', '.join(REFERENCES)}")
     p.add_argument("--no-erase", action="store_true",
@@ -364,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"their harm is the standard user's), got {args.attackers!r}")
     if set(args.references) - set(REFERENCES):
         p.error(f"--references: subset of {', '.join(REFERENCES)}")
+    if args.channel_ratios and LORA in names:
+        p.error(f"--channel-ratios: output-channel masks cannot face the {LORA} attacker (not modelled); "
+                "run it without them")
     if args.freeze_ratio in args.random_ratios:
         p.error("--random-ratios must not repeat --freeze-ratio (its random masks are always there)")
     res = run(args)

@@ -114,3 +114,28 @@ def test_eval_relearn_merges_files_by_seed_and_prints_the_verdict():
                                       "checker": {"no erase + learned": [0.1]}}}, 31, 1)
     with pytest.raises(ValueError, match="same seeds"):
         relearn.merge([a, c])
+
+
+def test_eval_relearn_tables_compare_against_output_channel_random_masks_when_measured():
+    """With ``channels@R`` groups in a result, each table gains the learned mask's multiple of *their*
+    curve at equal harm, beside whole-tensor random's (which the rule keeps)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    relearn = importlib.import_module("eval_relearn")
+    channels_t = {"channels@0.5#0": [0.04, 0.04], "channels@0.9#0": [0.2, 0.2]}
+    channels_i = {"channels@0.5#0": [0.05, 0.05], "channels@0.9#0": [0.3, 0.3]}
+    res = _relearn_result({"standard": {
+        "frame": {"random#0": [0.30, 0.34], "learned#0": [0.25, 0.27], "learned#1": [0.23, 0.25]} | channels_t,
+        "checker": {"random#0": [0.40, 0.44], "learned#0": [0.03, 0.05], "learned#1": [0.04, 0.04]} | channels_i}},
+        31, 2)
+    text = relearn.markdown(res)
+    assert "x channel random at equal harm" in text
+    learned = next(line for line in text.splitlines() if line.startswith("| learned"))
+    # learned: 0.24 / 0.26 per draw at harm 0.035 / 0.045; the channel curve there: 0.028 / 0.036
+    assert "7.81x" in learned, learned
+    without = relearn.markdown(_relearn_result({"standard": {
+        "frame": {"random#0": [0.3], "learned#0": [0.25]}, "checker": {"random#0": [0.4], "learned#0": [0.03]}}}, 31, 1))
+    assert "channel random" not in without

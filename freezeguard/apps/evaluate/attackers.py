@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from freezeguard.apps.baselines._common import add_lora, attention_projection_names
+from freezeguard.apps.evaluate.channel_masks import ChannelMask
 from freezeguard.core.guard import make_adamw
 from freezeguard.core.mask import FreezeMask
 
@@ -81,13 +82,21 @@ def attacker_suite(lr: float, steps: int, *, lr_mult: float = 10.0, steps_mult: 
     return out
 
 
-def attacker_optimizer(model: torch.nn.Module, mask: FreezeMask | None,
+def attacker_optimizer(model: torch.nn.Module, mask: FreezeMask | ChannelMask | None,
                        attacker: Attacker) -> torch.optim.Optimizer | None:
     """The attacker's AdamW: :func:`make_adamw` (mask enforced), or for a LoRA attacker an AdamW
     over adapters it puts, in place, on ``model``'s attention projections that the mask leaves trainable.
+    Under a :class:`ChannelMask` (random output channels): the unguarded AdamW, the mask's frozen rows
+    restored after every step.
 
     None for a LoRA attacker when the mask freezes every attention projection: the guard refuses an
     adapter on a frozen module, so this attacker has nothing to train (its fine-tune changes nothing)."""
+    if isinstance(mask, ChannelMask):
+        if attacker.lora_rank is not None:
+            raise ValueError(f"attacker {attacker.name!r}: LoRA under an output-channel mask is not modelled")
+        opt = make_adamw(model, None, lr=attacker.lr, weight_decay=attacker.weight_decay)
+        mask.enforce(model, opt)
+        return opt
     if attacker.lora_rank is None:
         return make_adamw(model, mask, lr=attacker.lr, weight_decay=attacker.weight_decay)
     projections = attention_projection_names(model)

@@ -32,9 +32,10 @@ from freezeguard.apps.evaluate.metrics import mask_group, times_random
 Draws = dict[str, list[float | None]]      # mask -> removed share per draw (None: undefined)
 
 
-def is_random_group(group: str) -> bool:
-    """"random" and "random@R" (random masks at another freeze ratio)."""
-    return group.split("@")[0] == "random"
+def is_random_group(group: str, curve: str = "random") -> bool:
+    """"random" and "random@R" (random masks at another freeze ratio); with ``curve="channels"``,
+    "channels@R" (random output channels, :mod:`~freezeguard.apps.evaluate.channel_masks`)."""
+    return group.split("@")[0] == curve
 
 
 def group_draws(draws: Draws) -> Draws:
@@ -67,9 +68,10 @@ def interpolate_frontier(points: list[tuple[float, float]], innocent: float) -> 
     return None
 
 
-def equal_harm_rows(draws: dict[str, Draws], target: str, innocent: str) -> list[dict[str, Any]]:
+def equal_harm_rows(draws: dict[str, Draws], target: str, innocent: str, curve: str = "random") -> list[dict[str, Any]]:
     """Per non-random group: the target share it blocks minus what random masks (every random
-    group, one point each) block at the same innocent share, draw by draw.
+    group, one point each) block at the same innocent share, draw by draw. ``curve``: which random
+    masks trace the price curve, whole tensors ("random") or output channels ("channels").
 
     ``draws``: domain -> mask -> share per draw. Each row: group, vs_random (mean over draws),
     times_random (the group's mean target share over random's at the same harm, the same draws;
@@ -80,7 +82,7 @@ def equal_harm_rows(draws: dict[str, Draws], target: str, innocent: str) -> list
     masks alone, e.g. one per learner seed; empty for a single mask).
     """
     t, i = group_draws(draws[target]), group_draws(draws[innocent])
-    randoms = [g for g in t if is_random_group(g)]
+    randoms = [g for g in t if is_random_group(g, curve)]
 
     def paired(t_vals, i_vals):   # -> (mask, random) per draw, draws past random's most harmful point, no curve
         pairs, beyond, no_curve = [], 0, 0

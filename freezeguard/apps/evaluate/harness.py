@@ -43,6 +43,7 @@ from freezeguard.apps.evaluate.attackers import (  # noqa: F401  (Attacker, atta
     attacker_suite,
     has_attention,
 )
+from freezeguard.apps.evaluate.channel_masks import ChannelMask
 from freezeguard.apps.evaluate.metrics import METRIC_SIGN, mask_group, summarize  # noqa: F401  (re-exported)
 from freezeguard.apps.evaluate.workers import run_jobs
 from freezeguard.core.mask import FreezeMask
@@ -103,7 +104,7 @@ def measure(model: torch.nn.Module, loss_fn: LossFn, domain: Domain) -> dict[str
     return out
 
 
-def attack_finetune(model: torch.nn.Module, mask: FreezeMask | None, domain: Domain, loss_fn: LossFn,
+def attack_finetune(model: torch.nn.Module, mask: FreezeMask | ChannelMask | None, domain: Domain, loss_fn: LossFn,
              attacker: Attacker, *, seed: int = 0, curve_points: int = 5,
              train_batches: Callable[[int], Iterator[Mapping[str, Any]]] | None = None) -> list[tuple[int, float]]:
     """Fine-tune ``model`` in place on ``domain`` as ``attacker`` would; returns the held-out loss curve.
@@ -171,7 +172,7 @@ def _describe(entry: FreezeMask | Protection | None) -> dict[str, Any]:
             out["weight_change"] = entry.weight_change
         out["info"] = entry.info
     else:
-        out["kind"] = "full" if mask is None else "mask"
+        out["kind"] = "full" if mask is None else getattr(mask, "kind", "mask")
     return out
 
 
@@ -246,6 +247,11 @@ def _check_request(masks: Mapping[str, Any], domains: Sequence[Domain], attacker
     names = [d.name for d in domains]
     if len(set(names)) != len(names):
         raise ValueError(f"domain names must be unique, got {names}")
+    lora = [a.name for a in attackers if a.lora_rank is not None]
+    channels = [n for n, m in masks.items() if isinstance(m, ChannelMask)]
+    if lora and channels:
+        raise ValueError(f"output-channel masks ({', '.join(channels[:3])}) cannot face LoRA attackers "
+                         f"({', '.join(lora)}): the LoRA update of a partly frozen tensor is not modelled")
 
 
 def _contenders(model: torch.nn.Module, masks: Mapping[str, Any], domains: Sequence[Domain]) -> Contenders:
@@ -253,7 +259,7 @@ def _contenders(model: torch.nn.Module, masks: Mapping[str, Any], domains: Seque
     names = {d.name for d in domains}
     out: Contenders = {}
     for name, entry in masks.items():
-        if entry is None or isinstance(entry, FreezeMask):
+        if entry is None or isinstance(entry, (FreezeMask, ChannelMask)):
             out[name] = (model, entry, {})
         elif isinstance(entry, Protection):
             unknown = set(entry.train_batches) - names
@@ -261,7 +267,7 @@ def _contenders(model: torch.nn.Module, masks: Mapping[str, Any], domains: Seque
                 raise ValueError(f"contender {name!r}: protected data for unknown domain(s) {sorted(unknown)}")
             out[name] = (entry.model if entry.model is not None else model, entry.mask, entry.train_batches)
         else:
-            raise TypeError(f"contender {name!r}: expected a FreezeMask, None or a baselines Protection, "
+            raise TypeError(f"contender {name!r}: expected a FreezeMask, a ChannelMask, None or a baselines Protection, "
                             f"got {type(entry).__name__}")
         if out[name][1] is not None:
             out[name][1].check_model(out[name][0])
