@@ -23,14 +23,9 @@ matches their loop step for step (tests/test_learner_reference.py).
 
 Every update is a whole-model op: no Python loop over tensors in the hot path.
 
-Memory, per model parameter (b = bytes of the parameter dtype): the live weights (the model), Delta
-and the gradient during a step -- 3b, as the reference's finetuned model + difference model +
-gradients; the AdamW user adds its two moments (2b); under FSDP2 all are local shards. Per tensor:
-four fp32 numbers. ``apps.memory_model`` counts it all. theta_pre and theta_ft are read once at
+Memory: the live weights, Delta and a gradient per parameter (3b; the AdamW user adds 2b), four
+fp32 numbers per tensor (``apps.memory_model`` counts it). theta_pre and theta_ft are read once at
 construction and not kept (drop your references to them to free that memory).
-
-Empty groups: a releaser batch without target samples (or without innocent ones) drops that
-term from L, as the reference does: L is then only "keep innocent quality" (or only "hurt the target").
 
 Distributed (DDP, accelerate, a plain model under a process group, or FSDP2's ``fully_shard``):
 every rank applies the same updates and ends with the same logits, hard mask and history; under
