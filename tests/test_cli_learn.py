@@ -170,6 +170,25 @@ def test_ratio_outside_unit_interval_is_a_usage_error(assets, tmp_path, capsys, 
     assert exc.value.code == 2 and "must be in [0, 1]" in capsys.readouterr().err
 
 
+def test_the_former_hard_mask_name_round_is_refused_naming_threshold(assets, tmp_path, capsys):
+    from freezeguard.apps.learn.run import LearnInputError, check_learn_inputs
+
+    with pytest.raises(SystemExit) as exc:
+        main(_argv(assets, tmp_path / "m.safetensors", "--hard-mask", "round"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --hard-mask: unknown hard-mask rule 'round': it was renamed to " \
+        "'threshold'" in err, err
+    assert not (tmp_path / "m.safetensors").exists()
+    with pytest.raises(SystemExit):  # any other unknown name: the rules are listed
+        main(_argv(assets, tmp_path / "m.safetensors", "--hard-mask", "nearest"))
+    assert "unknown hard-mask rule 'nearest': the rules are topk, threshold" in capsys.readouterr().err
+    # the library's check, for callers of learn() that bypass the command line
+    with pytest.raises(LearnInputError, match="^--hard-mask: unknown hard-mask rule 'round': it was renamed to "
+                                              "'threshold'$"):
+        check_learn_inputs(assets["pre"], assets["ft"], assets["target"], assets["innocent"],
+                           tmp_path / "m.safetensors", steps=2, batch_size=4, hard_mask="round")
+
+
 def test_missing_paths_are_named(assets, tmp_path, capsys):
     argv = _argv(assets, tmp_path / "m.safetensors")
     argv[argv.index("--pretrained") + 1] = str(tmp_path / "nowhere")

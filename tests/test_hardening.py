@@ -644,23 +644,31 @@ def test_9_readme_has_a_security_section():
 def test_9_evaluate_defaults_are_the_demos(tmp_path):
     from freezeguard.apps.demo import DemoConfig
     from freezeguard.cli import build_parser
-    from freezeguard.cli.evaluate import DEMO_DEFAULTS, apply_demo_defaults, check_args
+    from freezeguard.cli.evaluate import DEMO_DEFAULTS, check_args, demo_defaults
     from freezeguard.integrations.diffusers import toy
 
     args = build_parser().parse_args(["evaluate", "--mask", str(tmp_path / "m.safetensors")])
-    apply_demo_defaults(args)
+    given = demo_defaults(args)
     demo = DemoConfig()
     for arg, field in DEMO_DEFAULTS.items():
-        assert getattr(args, arg) == getattr(demo, field), arg
+        assert given[arg] == getattr(demo, field), arg
     # the random masks match the mask on the basis it was made on (the demo's: tensors)
     fg.FreezeMask.random(toy.build_model(), demo.learner.freeze_ratio, by=demo.learner.budget_by, seed=0).save(
         tmp_path / "m.safetensors")
     args = build_parser().parse_args(["evaluate", "--mask", str(tmp_path / "m.safetensors")])
-    _, attackers = check_args(args)
-    assert args.budget_by == demo.learner.budget_by
+    parsed = vars(args).copy()
+    settings = check_args(args)
+    assert vars(args) == parsed  # the checks return what they fill in; the parsed arguments stay as given
+    assert settings.budget_by == demo.learner.budget_by
+    for arg, field in (("lr", "attacker_lr"), ("steps", "attacker_steps"), ("batch_size", "batch_size"),
+                       ("random_seeds", "random_seeds"), ("samples", "sample_n"), ("sample_steps", "sample_steps")):
+        assert getattr(settings, arg) == getattr(demo, field), arg
+    assert settings.out == "freezeguard-report" and settings.toy_world == demo
+    assert check_args(build_parser().parse_args(["evaluate", "--mask", str(tmp_path / "m.safetensors"),
+                                                 "--out", "none"])).out is None  # 'none': no report
     from freezeguard.apps.demo import attackers as demo_attackers
 
-    assert attackers == demo_attackers(demo)
+    assert list(settings.attackers) == demo_attackers(demo)
 
 
 def test_9_gitignore_has_the_demo_folder():

@@ -162,7 +162,7 @@ def test_hard_mask_meets_the_budget_exactly_with_the_highest_logits(by, ratio):
     assert mask.metadata["source"] == "mask_learner"
 
 
-def test_hard_mask_round_is_the_references_rounding():
+def test_hard_mask_threshold_is_the_references_rounding():
     learner, model = make()
     T = learner.temperature
     # m exactly 0.5 rounds to 0 in numpy (half to even): not frozen.
@@ -170,9 +170,13 @@ def test_hard_mask_round_is_the_references_rounding():
     mask = learner.hard_mask(rule="threshold")
     expected = [n for n, v in zip(learner.names, [1, 0, 0, 1, 0, 1], strict=True) if v]
     assert mask.frozen_names == sorted(expected)
-    assert learner.hard_mask("round") == mask == learner.hard_mask(method="round")  # the former names
+    assert learner.hard_mask("threshold") == mask == learner.hard_mask(method="threshold")  # method=: rule='s old name
     assert json.loads(mask.metadata["learning"])["hard_mask"] == "threshold"
-    with pytest.raises(ValueError, match="rule"):
+    # "round", the rule's former name, is no alias any more: refused, naming what it became
+    for call in (lambda: learner.hard_mask("round"), lambda: learner.hard_mask(method="round")):
+        with pytest.raises(ValueError, match="^unknown hard-mask rule 'round': it was renamed to 'threshold'$"):
+            call()
+    with pytest.raises(ValueError, match="unknown hard-mask rule 'nearest': the rules are topk, threshold"):
         learner.hard_mask("nearest")
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Development tooling that lives in tests/ and benchmarks/ and must never ship.
+# Development tooling that lives in tests/, benchmarks/ and tools/ and must never ship.
 DEV_ONLY = ("tests/", "benchmarks/", "support/", "authors_loop", "reference_loop", "tune_triton", "tune_gpu",
-            "compile_check", "demo_sweep", "learner_sweep", "tiny_models", "conftest", "learner_step")
+            "compile_check", "demo_sweep", "learner_sweep", "tiny_models", "conftest", "learner_step", "import_contracts")
 
 
 @pytest.fixture(scope="module")

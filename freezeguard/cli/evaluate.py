@@ -6,8 +6,12 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from freezeguard.cli.threads import add_threads_argument, apply_threads, denoiser_params
+
+if TYPE_CHECKING:  # run.py imports torch: the command line loads it only once the arguments are checked
+    from freezeguard.apps.evaluate.run import EvaluationSettings
 
 HELP = "simulate user fine-tunes under no mask / random masks / your mask; report mitigation and innocent impact"
 DESCRIPTION = (
@@ -96,74 +100,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def apply_demo_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every option left unset with the demo's value (see DEMO_DEFAULTS)."""
+def demo_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of DEMO_DEFAULTS, each as given or, left unset, the demo's value."""
     from freezeguard.apps.demo_config import DemoConfig
 
     demo = DemoConfig()
-    for arg, field in DEMO_DEFAULTS.items():
-        if getattr(args, arg) is None:
-            setattr(args, arg, getattr(demo, field))
-    return args
+    return {arg: getattr(demo, field) if getattr(args, arg) is None else getattr(args, arg)
+            for arg, field in DEMO_DEFAULTS.items()}
 
 
-def check_args(args: argparse.Namespace):
-    """Validate every input before anything is pretrained or loaded; returns (mask, attackers).
+def check_args(args: argparse.Namespace) -> EvaluationSettings:
+    """Validate every input before anything is pretrained or loaded; returns the run's settings.
 
+    ``args`` is left as parsed: the demo's defaults, the baselines, the attackers, the report
+    folder and the random masks' basis are filled in the returned settings only.
     Raises UsageError (or FreezeMaskFileError) naming the bad input.
     """
     from freezeguard.apps.baselines.harness import resolve_methods, step_overrides
     from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
 
-    apply_demo_defaults(args)
+    given = demo_defaults(args)
     if not args.mask and not args.baselines:
         raise UsageError("give --mask, --baselines, or both")
     try:
-        args.methods = resolve_methods(args.baselines) if args.baselines else []
-        args.overrides = step_overrides(args.baseline_steps)
+        methods = resolve_methods(args.baselines) if args.baselines else []
+        overrides = step_overrides(args.baseline_steps)
     except ValueError as exc:
         raise UsageError(f"--baselines: {exc}") from None
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    prompts = {"uce", "ablation"} & set(args.methods)
+    prompts = {"uce", "ablation"} & set(methods)
     if args.pretrained and prompts and not (args.target_prompt and args.anchor_prompt):
         raise UsageError(f"{', '.join(sorted(prompts))} need --target-prompt and --anchor-prompt "
                          "(the concept to erase and the one to map it onto)")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UsageError(f"--lr must be a positive number, got {args.lr}")
-    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
-                             ("--random-seeds", args.random_seeds, 0), ("--samples", args.samples, 1),
+    if not (given["lr"] > 0 and math.isfinite(given["lr"])):
+        raise UsageError(f"--lr must be a positive number, got {given['lr']}")
+    for flag, value, low in (("--steps", given["steps"], 1), ("--batch-size", given["batch_size"], 1),
+                             ("--random-seeds", given["random_seeds"], 0), ("--samples", given["samples"], 1),
                              ("--attack-seeds", args.attack_seeds, 1),
-                             ("--sample-steps", args.sample_steps, 1),
+                             ("--sample-steps", given["sample_steps"], 1),
                              ("--heldout", args.heldout if args.heldout is not None else 1, 1),
                              ("--resolution", args.resolution if args.resolution is not None else 1, 1)):
         if value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
-    from freezeguard.apps.evaluate.run import attackers_for
+    from freezeguard.apps.evaluate.run import EvaluationSettings, attackers_for
 
     try:
-        attackers = attackers_for(args.lr, args.steps, strong=not args.no_strong, lr_mult=args.strong_lr_mult,
-                                  steps_mult=args.strong_steps_mult, lora=bool(args.baselines))
+        attackers = attackers_for(given["lr"], given["steps"], strong=not args.no_strong,
+                                  lr_mult=given["strong_lr_mult"], steps_mult=given["strong_steps_mult"],
+                                  lora=bool(args.baselines))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.out == "none":
-        args.out = None
-    if args.out is not None:
+    out = None if args.out == "none" else args.out
+    if out is not None:
         from freezeguard.core import files
 
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out} exists and is not a folder")
+        folder = Path(out)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--out {folder} exists and is not a folder")
         inputs = {"--mask": args.mask, "--pretrained": args.pretrained, "--target-data": args.target_data,
                   **{f"--innocent-data {p}": p for p in args.innocent_data}}
         try:
-            files.check_outputs({"--out": out}, inputs, parents=True)
+            files.check_outputs({"--out": folder}, inputs, parents=True)
         except files.OutputError as exc:
             raise UsageError(str(exc)) from None
     mask = FreezeMask.load(args.mask) if args.mask else None  # the file itself: header first, checksum, version
-    if args.budget_by is None:
+    budget_by = args.budget_by
+    if budget_by is None:
         by = mask.metadata.get("budget_by", "tensors") if mask is not None else "tensors"
-        args.budget_by = by if by in ("tensors", "params") else "tensors"
+        budget_by = by if by in ("tensors", "params") else "tensors"
+    from freezeguard.apps.demo_config import DemoConfig
+
     if args.pretrained:
         from freezeguard.core.weights import WeightsError, weights_layout
         from freezeguard.integrations.diffusers.pipeline import PipelineError, check_pipeline_folder
@@ -181,18 +188,24 @@ def check_args(args: argparse.Namespace):
     else:
         if args.target_data or args.innocent_data:
             raise UsageError("--target-data / --innocent-data need --pretrained (the toy model has its own data)")
-        from freezeguard.apps.demo_config import DemoConfig
         from freezeguard.integrations.diffusers import toy
 
         layout = {n: tuple(p.shape) for n, p in toy.build_model(DemoConfig().pretrain.model).named_parameters()}
-    if mask is None:
-        return mask, attackers
-    mismatch = describe_layout_mismatch(mask.layout, layout, missing="missing from the model",
-                                        extra="not in the mask", reshaped="reshaped")
-    if mismatch:
-        what = args.pretrained or "the built-in toy model"
-        raise UsageError(f"--mask {args.mask} was made for a different model than {what} ({mismatch})")
-    return mask, attackers
+    if mask is not None:
+        mismatch = describe_layout_mismatch(mask.layout, layout, missing="missing from the model",
+                                            extra="not in the mask", reshaped="reshaped")
+        if mismatch:
+            what = args.pretrained or "the built-in toy model"
+            raise UsageError(f"--mask {args.mask} was made for a different model than {what} ({mismatch})")
+    return EvaluationSettings(
+        attackers=tuple(attackers), lr=given["lr"], steps=given["steps"], batch_size=given["batch_size"],
+        random_seeds=given["random_seeds"], mask=args.mask, methods=tuple(methods), overrides=overrides,
+        pretrained=args.pretrained, target_data=args.target_data, innocent_data=tuple(args.innocent_data),
+        heldout=args.heldout, samples=given["samples"], sample_steps=given["sample_steps"],
+        resolution=args.resolution, anchor=args.anchor, target_prompt=args.target_prompt,
+        anchor_prompt=args.anchor_prompt, preserve_prompt=tuple(args.preserve_prompt), budget_by=budget_by,
+        attack_seeds=args.attack_seeds, workers=args.workers, seed=args.seed, out=out, cache_dir=args.cache_dir,
+        device=args.device, toy_world=None if args.pretrained else DemoConfig())
 
 
 def _error(msg: str) -> int:
@@ -210,28 +223,18 @@ def _run(args: argparse.Namespace) -> int:
     from freezeguard.core.mask_files import FreezeMaskFileError
 
     try:
-        _, attackers = check_args(args)
+        settings = check_args(args)
     except (UsageError, FreezeMaskFileError) as exc:
         return _error(str(exc))
     from freezeguard.apps.plots import plots_available
 
-    if args.out and not plots_available():
+    if settings.out and not plots_available():
         print("freezeguard evaluate: warning: matplotlib is not installed, so the report will have no PNGs "
               "(pip install matplotlib); its tables and JSON are written", file=sys.stderr)
 
-    from freezeguard.apps.demo_config import DemoConfig
     from freezeguard.apps.evaluate.report import format_table, headline, jsonable, table_rows
-    from freezeguard.apps.evaluate.run import EvaluationInputError, EvaluationSettings, run_evaluation
+    from freezeguard.apps.evaluate.run import EvaluationInputError, run_evaluation
 
-    settings = EvaluationSettings(
-        attackers=tuple(attackers), lr=args.lr, steps=args.steps, batch_size=args.batch_size,
-        random_seeds=args.random_seeds, mask=args.mask, methods=tuple(args.methods), overrides=args.overrides,
-        pretrained=args.pretrained, target_data=args.target_data, innocent_data=tuple(args.innocent_data),
-        heldout=args.heldout, samples=args.samples, sample_steps=args.sample_steps, resolution=args.resolution,
-        anchor=args.anchor, target_prompt=args.target_prompt, anchor_prompt=args.anchor_prompt,
-        preserve_prompt=tuple(args.preserve_prompt), budget_by=args.budget_by, attack_seeds=args.attack_seeds,
-        workers=args.workers, seed=args.seed, out=args.out, cache_dir=args.cache_dir, device=args.device,
-        toy_world=None if args.pretrained else DemoConfig())
     try:
         summary = run_evaluation(settings, progress=not args.quiet,
                                  on_note=lambda msg: print(f"freezeguard evaluate: {msg}", file=sys.stderr))
@@ -243,6 +246,6 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(*table_rows(summary)))
     print()
     print("\n".join(headline(summary)))
-    if args.out:
+    if settings.out:
         print(f"report written to {summary['report_dir']}/report.md")
     return 0

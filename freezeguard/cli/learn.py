@@ -8,6 +8,7 @@ import sys
 
 from freezeguard.apps.learn.config import BUDGETS, USER_OPTIMIZERS, LearnerConfig
 from freezeguard.apps.learn.logits import BUDGET_BASES
+from freezeguard.apps.learn.mask_rules import HARD_MASK_RULES, check_rule
 from freezeguard.apps.learn.reference_masks import RANKINGS
 from freezeguard.cli.flags import number_or_auto, ratio
 from freezeguard.cli.threads import add_threads_argument, apply_threads, denoiser_params
@@ -15,6 +16,14 @@ from freezeguard.cli.threads import add_threads_argument, apply_threads, denoise
 
 def _none_or(text: str) -> str | None:
     return None if text == "none" else text
+
+
+def _hard_mask_rule(text: str) -> str:
+    # argparse's "invalid choice" would not say that "round" is now "threshold"
+    try:
+        return check_rule(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _on_off(text: str) -> bool:
@@ -118,8 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, kind in LEARNER_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
                             help=_learner_help(name) + " (default: the --preset's)")
-    parser.add_argument("--hard-mask", choices=("topk", "threshold", "round"), default="topk",
-                        help="topk: meet the ratio exactly; round: m > 0.5 as the reference")
+    parser.add_argument("--hard-mask", type=_hard_mask_rule, choices=HARD_MASK_RULES, default="topk",
+                        help="topk: meet the ratio exactly; threshold (formerly round): m > 0.5 as the reference")
     parser.add_argument("--seed", type=int, default=0, help=_learner_help("seed"))
     parser.add_argument("--resolution", type=int, default=None, help="resize + centre-crop images to this size")
     parser.add_argument("--caption-column", default="text", help="caption column of metadata.jsonl")

@@ -4,7 +4,7 @@ Set up the model, its loss and the domains (the demo's published toy model and j
 diffusers pipeline and image folders), load the mask onto the model, build the contenders (no
 mask, random masks at the mask's ratio, the mask, the baselines), let every attacker fine-tune
 under each, and write the report folder. The settings are one :class:`EvaluationSettings`; the
-command line checks them first (``freezeguard.cli.evaluate.check_args``).
+command line checks its arguments and builds them (``freezeguard.cli.evaluate.check_args``).
 
 Example:
     >>> from freezeguard.apps.demo_config import DemoConfig

@@ -71,7 +71,7 @@ from freezeguard.apps.learn.logits import (
     shaped_signal,
     soft_mask,
 )
-from freezeguard.apps.learn.mask_rules import HARD_MASK_METHODS, HARD_MASK_RULES
+from freezeguard.apps.learn.mask_rules import HARD_MASK_RULES
 from freezeguard.apps.learn.objective import batch_objective
 from freezeguard.apps.learn.step_log import step_entry
 from freezeguard.core.group_norm_fix import protect_group_norms
@@ -341,9 +341,10 @@ class MaskLearner:
         ``rule="topk"`` (default) freezes the highest logits until the budget is met exactly
         (``FreezeMask.from_scores`` with ``budget_by``); ``"threshold"`` freezes every tensor with
         m > 0.5, as the authors' final ``np.round`` does (half rounds to even, i.e. to 0), which
-        only approximates the budget ("round" is accepted as its former name; so is ``method=``).
+        only approximates the budget (``method=`` is accepted as the former name of ``rule=``; the
+        rule's former name "round" raises a ValueError naming "threshold").
         """
-        rule = mask_rules.resolve_rule(rule if method is None else method)
+        rule = mask_rules.check_rule(rule if method is None else method)
         # Keys understood by FreezeMask.save: budget_by, target_ratio, learning (a JSON string).
         learning = dict(self.hparams(), steps=self.step_count, hard_mask=rule,
                         c_sparsity_auto=self.c_sparsity_auto, **self._movement.figures())
@@ -406,5 +407,5 @@ class MaskLearner:
         return self
 
 
-__all__ = ["MaskLearner", "LearnerConfig", "USER_OPTIMIZERS", "HARD_MASK_RULES", "HARD_MASK_METHODS", "BUDGETS",
+__all__ = ["MaskLearner", "LearnerConfig", "USER_OPTIMIZERS", "HARD_MASK_RULES", "BUDGETS",
            "SIGNAL_NORMS"]

@@ -29,14 +29,25 @@ from freezeguard.apps.learn.logits import soft_mask
 from freezeguard.core.mask import FreezeMask, select_budget
 
 HARD_MASK_RULES = ("topk", "threshold")
-HARD_MASK_METHODS = HARD_MASK_RULES + ("round",)   # "round": the former name of "threshold"
+# Former names: refused with an error naming the current one, so that old scripts stop and say
+# what to write instead, rather than run under an alias.
+RENAMED_RULES = {"round": "threshold"}
 
 
-def resolve_rule(rule: str) -> str:
-    """The rule's current name ("round" is the former name of "threshold"); a ValueError for others."""
-    if rule not in HARD_MASK_METHODS:
-        raise ValueError(f"rule must be one of {HARD_MASK_RULES}, got {rule!r}")
-    return "threshold" if rule == "round" else rule
+def check_rule(rule: str) -> str:
+    """``rule`` when it is one of ``HARD_MASK_RULES``; a ValueError otherwise.
+
+    Example:
+        >>> check_rule("round")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown hard-mask rule 'round': it was renamed to 'threshold'
+    """
+    if rule in RENAMED_RULES:
+        raise ValueError(f"unknown hard-mask rule {rule!r}: it was renamed to {RENAMED_RULES[rule]!r}")
+    if rule not in HARD_MASK_RULES:
+        raise ValueError(f"unknown hard-mask rule {rule!r}: the rules are {', '.join(HARD_MASK_RULES)}")
+    return rule
 
 
 def topk_frozen(names: Sequence[str], logits: torch.Tensor, sizes: Mapping[str, int], ratio: float,
@@ -100,7 +111,7 @@ class MaskMovement:
 
 def build(module: torch.nn.Module, names: Sequence[str], logits: torch.Tensor, rule: str, *, ratio: float,
           budget_by: str, temperature: float, learning: Mapping[str, Any]) -> FreezeMask:
-    """The FreezeMask of ``rule`` (already resolved) on ``module``, with the metadata FreezeMask.save
+    """The FreezeMask of ``rule`` (already checked) on ``module``, with the metadata FreezeMask.save
     understands (source, budget_by, target_ratio, and ``learning`` as a JSON string)."""
     if rule == "topk":
         mask = FreezeMask.from_scores(module, dict(zip(names, logits.tolist(), strict=True)), ratio, by=budget_by)
@@ -112,5 +123,5 @@ def build(module: torch.nn.Module, names: Sequence[str], logits: torch.Tensor, r
     return mask
 
 
-__all__ = ["HARD_MASK_RULES", "HARD_MASK_METHODS", "resolve_rule", "topk_frozen", "movement", "MaskMovement",
+__all__ = ["HARD_MASK_RULES", "RENAMED_RULES", "check_rule", "topk_frozen", "movement", "MaskMovement",
            "build"]

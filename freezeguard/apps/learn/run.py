@@ -25,7 +25,8 @@ import torch
 
 from freezeguard.apps.learn import reference_masks, state_io
 from freezeguard.apps.learn.config import LearnerConfig
-from freezeguard.apps.learn.learner import HARD_MASK_METHODS, MaskLearner
+from freezeguard.apps.learn.learner import MaskLearner
+from freezeguard.apps.learn.mask_rules import check_rule
 from freezeguard.apps.plots import plots_available
 from freezeguard.core import files
 from freezeguard.core.mask import describe_layout_mismatch
@@ -70,8 +71,10 @@ def check_learn_inputs(pretrained: str | Path, finetuned: str | Path, target_dat
     if batch_size < 2:
         raise LearnInputError(f"--batch-size must be >= 2 (each batch mixes target and innocent images), "
                               f"got {batch_size}")
-    if hard_mask not in HARD_MASK_METHODS:
-        raise LearnInputError(f"--hard-mask must be one of {HARD_MASK_METHODS}, got {hard_mask!r}")
+    try:
+        check_rule(hard_mask)
+    except ValueError as exc:
+        raise LearnInputError(f"--hard-mask: {exc}") from None
     if checkpoint_every < 0 or (checkpoint_every and not state):
         raise LearnInputError("--checkpoint-every needs --state and must be >= 0")
     for flag, path in (("--target-data", target_data), ("--innocent-data", innocent_data)):
