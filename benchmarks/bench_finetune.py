@@ -26,7 +26,7 @@ import torch
 
 import freezeguard as fg
 from freezeguard.apps.bench import format_table, plot, run_bench
-from freezeguard.integrations.diffusers.layouts import DEFAULT_LATENT, build_unet, make_batch
+from freezeguard.integrations.diffusers.bench_presets import DEFAULT_LATENT, build_unet, make_batch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -47,7 +47,7 @@ def compare_learner_update(model: str = "tiny", device: str = "cpu", repeats: in
 
     from freezeguard import ops
     from freezeguard.apps.learn.logits import budget_weights, soft_mask, updated_logits
-    from freezeguard.integrations.diffusers.layouts import build_unet
+    from freezeguard.integrations.diffusers.bench_presets import build_unet
 
     dev = torch.device(device)
     with torch.no_grad():

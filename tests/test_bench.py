@@ -9,7 +9,7 @@ import freezeguard as fg
 from freezeguard.apps.bench import _measure_isolated, configs, run_bench
 from freezeguard.apps.bench_step import check_config, measure
 from freezeguard.cli import main as cli_main
-from freezeguard.integrations.diffusers.layouts import build_unet
+from freezeguard.integrations.diffusers.bench_presets import build_unet
 
 TINY = dict(model="tiny", latent=8, steps=1, warmup=1)
 
@@ -158,7 +158,7 @@ def test_cli_layout_mode_never_allocates_flux(tmp_path):
 
 
 def test_layout_mode_takes_a_mask_file_and_refuses_bad_input(tmp_path, capsys):
-    from freezeguard.integrations.diffusers.layouts import build_model
+    from freezeguard.integrations.diffusers.bench_presets import build_model
 
     meta = build_model("sd3", device="meta")
     mask = fg.FreezeMask.random(meta, ratio=0.4, by="params", seed=5)

@@ -8,7 +8,7 @@ import torch
 
 import freezeguard as fg
 from freezeguard.core.lean_convs import LeanFrozenConv2d, lean_frozen_convs_
-from freezeguard.integrations.diffusers.layouts import build_unet, make_batch
+from freezeguard.integrations.diffusers.bench_presets import build_unet, make_batch
 
 
 def _saved_numel(fn):

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from freezeguard.apps.bench_step import measure
 from freezeguard.apps.memory_model import memory_rows
 from freezeguard.core.mask import FreezeMask
-from freezeguard.integrations.diffusers.layouts import build_model
+from freezeguard.integrations.diffusers.bench_presets import build_model
 
 RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7)
 

@@ -113,7 +113,13 @@ def measure(cfg: dict[str, Any], *, track_rss: bool = False) -> dict[str, Any]:
     """Run one configuration and return its measurements (times in seconds, sizes in bytes)."""
     from freezeguard.core.guard import guard
     from freezeguard.core.mask import FreezeMask
-    from freezeguard.integrations.diffusers.layouts import DEFAULT_LATENT, LAYOUT_ONLY, build_model, make_batch, predict
+    from freezeguard.integrations.diffusers.bench_presets import (
+        DEFAULT_LATENT,
+        LAYOUT_ONLY,
+        build_model,
+        make_batch,
+        predict,
+    )
 
     c = check_config(cfg)
     if c["model"] in LAYOUT_ONLY:

@@ -97,7 +97,7 @@ def _is_ratio(value: float) -> bool:
 def check_args(args: argparse.Namespace) -> dict:
     """Every argument checked before any work; returns the parsed lists (ratios, by, world sizes)."""
     from freezeguard.backends import status
-    from freezeguard.integrations.diffusers.layouts import LAYOUT_ONLY, preset_names
+    from freezeguard.integrations.diffusers.bench_presets import LAYOUT_ONLY, preset_names
 
     if args.model not in preset_names():
         raise _Usage(f"--model {args.model!r} is not a model this build knows; choose one of "

@@ -10,7 +10,7 @@ the family names themselves (``sd21``, ``sdxl``, ``sd3``, ``flux``) are the full
 ``freezeguard bench`` costs from their meta-device layout (:data:`LAYOUT_ONLY`).
 
 Example:
-    >>> from freezeguard.integrations.diffusers.layouts import build_unet, make_batch
+    >>> from freezeguard.integrations.diffusers.bench_presets import build_unet, make_batch
     >>> unet = build_unet("tiny")
     >>> batch = make_batch(unet, batch_size=1, latent=8)
     >>> unet(**batch).sample.shape
