@@ -101,6 +101,16 @@ def test_quick_bench_as_a_user_runs_it(capsys):
     assert state[0] == state[1] > state[2] > state[3] and state[4] > state[5]
 
 
+def test_quick_presets_come_back_from_the_checks_and_leave_the_arguments_as_parsed():
+    from freezeguard.cli import build_parser
+    from freezeguard.cli.bench import check_args
+
+    args = build_parser().parse_args(["bench", "--quick", "--steps", "9"])
+    checked = check_args(args)
+    assert (checked["steps"], checked["warmup"], checked["ratios"]) == (3, 1, [0.0, 0.3, 0.7])
+    assert args.steps == 9 and args.quick
+
+
 # -- other model families: real steps on tiny configs, layout-only costing at full size ------------
 @pytest.mark.parametrize("model", ["tiny", "sd21-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny"])
 def test_layout_mode_equals_a_real_guarded_step(model):

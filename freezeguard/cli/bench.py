@@ -95,16 +95,16 @@ def _is_ratio(value: float) -> bool:
 
 
 def check_args(args: argparse.Namespace) -> dict:
-    """Every argument checked before any work; returns the parsed lists (ratios, by, world sizes)."""
+    """Every argument checked before any work; returns the run's values (ratios, by, world sizes,
+    steps, warmup, layout), ``--quick``'s presets applied; ``args`` is left as parsed."""
     from freezeguard.backends import status
     from freezeguard.integrations.diffusers.bench_presets import LAYOUT_ONLY, preset_names
 
     if args.model not in preset_names():
         raise _Usage(f"--model {args.model!r} is not a model this build knows; choose one of "
                      f"{', '.join(preset_names())}")
-    if args.quick:
-        args.ratios, args.steps, args.warmup = "0,0.3,0.7", 3, 1
-    ratios = _numbers("--ratios", args.ratios)
+    ratios_text, steps, warmup = ("0,0.3,0.7", 3, 1) if args.quick else (args.ratios, args.steps, args.warmup)
+    ratios = _numbers("--ratios", ratios_text)
     bad = [r for r in ratios if not _is_ratio(r)]
     if bad:
         raise _Usage(f"--ratios must lie in [0, 1], got {', '.join(map(str, bad))}")
@@ -114,7 +114,7 @@ def check_args(args: argparse.Namespace) -> dict:
     sizes = _numbers("--world-size", args.world_size, int)
     if min(sizes) < 1:
         raise _Usage(f"--world-size needs GPU counts >= 1, got {args.world_size!r}")
-    for flag, value, low in (("--batch-size", args.batch, 1), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+    for flag, value, low in (("--batch-size", args.batch, 1), ("--steps", steps, 1), ("--warmup", warmup, 0),
                              ("--latent", 1 if args.latent is None else args.latent, 1)):
         if value < low:
             raise _Usage(f"{flag} must be >= {low}, got {value}")
@@ -149,7 +149,7 @@ def check_args(args: argparse.Namespace) -> dict:
     for flag, value in (("--json", json_path), ("--png", args.png)):
         if value and Path(value).is_dir():
             raise _Usage(f"{flag} {value} is a folder; give a file name")
-    return {"ratios": ratios, "by": by, "world_sizes": sizes, "layout": layout}
+    return {"ratios": ratios, "by": by, "world_sizes": sizes, "steps": steps, "warmup": warmup, "layout": layout}
 
 
 def _run_layout(args: argparse.Namespace, checked: dict) -> int:
@@ -184,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
     from freezeguard.core import files
 
     result = run_bench(model=args.model, device=args.device, ratios=checked["ratios"], by=checked["by"],
-                       mask_path=args.mask, batch=args.batch, latent=args.latent, steps=args.steps,
-                       warmup=args.warmup, bf16=args.precision == "bf16", checkpointing=args.checkpointing,
+                       mask_path=args.mask, batch=args.batch, latent=args.latent, steps=checked["steps"],
+                       warmup=checked["warmup"], bf16=args.precision == "bf16", checkpointing=args.checkpointing,
                        backend=args.backend, lean_frozen_convs=args.lean_frozen_convs,
                        isolate=False if args.in_process else None, progress=sys.stderr.isatty())
     _print_result(result, format_table(result), args.json)
