@@ -7,6 +7,8 @@ run on a machine pays the compile.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -205,3 +207,32 @@ def test_extension_rejects_bad_input_without_crashing():
     with pytest.raises(RuntimeError, match="contiguous"):
         t = [torch.zeros(4, 4).t()]
         ext.segment_dot(t, t)
+
+
+def test_every_function_the_package_calls_is_bound():
+    # Each function registers its own binding beside its C++ definition (csrc/op_registry.h), so a
+    # registration the linker dropped or a source left out of the build would otherwise surface only
+    # at that function's first call. The names are those cpp_backend and native_shortcuts call.
+    ext = _build.load_extension("cpu")
+    from freezeguard.ops import native_shortcuts
+
+    called = set()
+    for module, receiver in ((cpp_backend, r"_ext\(\)"), (native_shortcuts, r"native")):
+        called |= set(re.findall(receiver + r"\.(\w+)\(", Path(module.__file__).read_text()))
+    assert {"masked_adamw_step_prepared_", "masked_sgd_momentum_", "read_step_counters"} <= called  # the scan works
+    assert not called - set(vars(ext)), f"not bound in {ext.__name__}: {sorted(called - set(vars(ext)))}"
+    # AdamWLists is bound before the op that takes it, so that op's signature names its Python type.
+    assert f"lists: {ext.__name__}.AdamWLists" in ext.masked_adamw_step_prepared_.__doc__
+
+
+def test_binding_registry_is_private_to_each_module():
+    # The registry is a static inside an inline function. With default visibility GCC makes it one
+    # process-wide (GNU unique) symbol: freezeguard._cuda, or a JIT-built _C loaded next to the
+    # prebuilt one, would then share it and bind the other module's functions.
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm not found")
+    ext = _build.load_extension("cpu")
+    res = subprocess.run([nm, "-D", "--defined-only", ext.__file__], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "registered_binders" not in res.stdout

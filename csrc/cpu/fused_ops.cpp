@@ -1,12 +1,19 @@
-// The fused CPU ops over a work table (work_table.h); the fp32 math lives in inner_loops.cpp.
-#include "fused_ops.h"
+// The fused CPU ops (one per op declared in freezeguard/backends/opspecs.py, plus the optimizer's
+// step and its prepared variant), each bound to freezeguard._C right below its definition
+// (op_registry.h). Each covers the whole tensor list in one parallel loop over a work table
+// (work_table.h); the fp32 math lives in inner_loops.cpp.
+// Contract (checked cheaply here, thoroughly in freezeguard/ops/validation.py): contiguous CPU
+// tensors, companions of tensor i share its dtype and size, per-tensor scalars are
+// contiguous fp32 [S], steps include the current update.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
+#include <vector>
 
+#include "../op_registry.h"
 #include "inner_loops.h"
 #include "work_table.h"
-
-#include <ATen/ops/empty.h>
 
 namespace freezeguard {
 
@@ -61,6 +68,9 @@ void masked_adamw_(const std::vector<at::Tensor>& params, const std::vector<at::
   for (const double s : steps) TORCH_CHECK(s >= 1.0, op, ": step counts must be >= 1");
   run_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
 }
+FG_BIND_NOGIL(masked_adamw_, "AdamW step of every listed tensor, in place", py::arg("params"), py::arg("grads"),
+              py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("steps"), py::arg("lr"), py::arg("beta1"),
+              py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"));
 
 static bool fits_step_contract(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                                const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
@@ -90,6 +100,11 @@ static bool fits_step_contract(const std::vector<at::Tensor>& params, const std:
   return true;
 }
 
+// fg.optim.AdamW's whole step in one call: the list rules of list_checks.cpp plus contiguity and
+// the CPU device, the step counters (one-element float32 CPU tensors holding the count *before*
+// this update) read, the update, and the counters bumped. Returns false, having written nothing,
+// when the input does not fit that contract; the caller then runs the Python checks, which name
+// the offending tensor, and the general path.
 bool masked_adamw_step_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                         const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                         const std::vector<at::Tensor>& step_counters, double lr, double beta1, double beta2,
@@ -105,7 +120,38 @@ bool masked_adamw_step_(const std::vector<at::Tensor>& params, const std::vector
   }
   return true;
 }
+FG_BIND_NOGIL(masked_adamw_step_,
+              "fg.optim.AdamW's step: checks, step counters read and bumped, update; False (nothing written) "
+              "when the input does not fit",
+              py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+              py::arg("step_counters"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+              py::arg("weight_decay"));
 
+// The lists an optimizer steps again and again (params, states, step counters), held natively
+// so that a step converts no Python list at all: the gradients are read from params[i].grad().
+// File-local (pybind11's own types are hidden; a type visible outside would draw a warning).
+namespace {
+struct AdamWLists {
+  std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, step_counters;
+};
+}  // namespace
+// Bound before masked_adamw_step_prepared_, whose signature then names freezeguard._C.AdamWLists.
+// module_local: a JIT-built copy of this module may load next to the prebuilt one (tests/test_build.py)
+FG_BINDER(AdamWLists) {
+  py::class_<AdamWLists>(m, "AdamWLists", "params, exp_avgs, exp_avg_sqs, step counters held natively",
+                         py::module_local())
+      .def(py::init([](std::vector<at::Tensor> p, std::vector<at::Tensor> m1, std::vector<at::Tensor> m2,
+                       std::vector<at::Tensor> c) {
+             TORCH_CHECK(m1.size() == p.size() && m2.size() == p.size() && c.size() == p.size(),
+                         "AdamWLists: the four lists differ in length");
+             return AdamWLists{std::move(p), std::move(m1), std::move(m2), std::move(c)};
+           }),
+           py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("step_counters"))
+      .def("__len__", [](const AdamWLists& l) { return l.params.size(); });
+}
+
+// masked_adamw_step_ over prepared lists with grads[i] = params[i].grad(). False, having written
+// nothing, when any gradient is missing or anything does not fit; check_only: check, never write.
 bool masked_adamw_step_prepared_(const AdamWLists& lists, double lr, double beta1, double beta2, double eps,
                                  double weight_decay, bool check_only) {
   std::vector<at::Tensor> grads;
@@ -119,6 +165,11 @@ bool masked_adamw_step_prepared_(const AdamWLists& lists, double lr, double beta
   return masked_adamw_step_(lists.params, grads, lists.exp_avgs, lists.exp_avg_sqs, lists.step_counters, lr, beta1,
                             beta2, eps, weight_decay);
 }
+FG_BIND_NOGIL(masked_adamw_step_prepared_,
+              "masked_adamw_step_ over prepared lists, grads read from params[i].grad(); False (nothing written) "
+              "when a grad is missing or anything does not fit",
+              py::arg("lists"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+              py::arg("weight_decay"), py::arg("check_only") = false);
 
 at::Tensor segment_dot(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
   check_list("segment_dot", a, a, "a");
@@ -141,6 +192,7 @@ at::Tensor segment_dot(const std::vector<at::Tensor>& a, const std::vector<at::T
   for (size_t i = 0; i < a.size(); ++i) o[i] = static_cast<float>(sums[i]);
   return out;
 }
+FG_BIND_NOGIL(segment_dot, "fp32 [S] tensor of <a_i, b_i>", py::arg("a"), py::arg("b"));
 
 void mask_shift_(const std::vector<at::Tensor>& theta, const std::vector<at::Tensor>& delta, const at::Tensor& dm) {
   check_list("mask_shift_", theta, theta, "theta");
@@ -155,6 +207,8 @@ void mask_shift_(const std::vector<at::Tensor>& theta, const std::vector<at::Ten
     });
   });
 }
+FG_BIND_NOGIL(mask_shift_, "theta_i += delta_i * dm[i], in place", py::arg("theta"), py::arg("delta"),
+              py::arg("dm"));
 
 void user_update_(const std::vector<at::Tensor>& theta, const std::vector<at::Tensor>& delta,
                   const std::vector<at::Tensor>& grad, const at::Tensor& m, double lr) {
@@ -174,7 +228,11 @@ void user_update_(const std::vector<at::Tensor>& theta, const std::vector<at::Te
     });
   });
 }
+FG_BIND_NOGIL(user_update_, "simulated-user SGD step on the unfrozen share, in place", py::arg("theta"),
+              py::arg("delta"), py::arg("grad"), py::arg("m"), py::arg("lr"));
 
+// The AdamW simulated user (reference.user_adamw_); grads are only read. step >= 1 counts
+// user steps including this one.
 void user_adamw_(const std::vector<at::Tensor>& theta, const std::vector<at::Tensor>& delta,
                  const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& exp_avgs,
                  const std::vector<at::Tensor>& exp_avg_sqs, const at::Tensor& m, int64_t step, double lr,
@@ -207,7 +265,12 @@ void user_adamw_(const std::vector<at::Tensor>& theta, const std::vector<at::Ten
     });
   });
 }
+FG_BIND_NOGIL(user_adamw_, "AdamW simulated-user step, in place (grads only read)", py::arg("theta"),
+              py::arg("delta"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("m"),
+              py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+              py::arg("weight_decay"));
 
+// SGD with momentum (reference.masked_sgd_momentum_): buffers start at zero.
 void masked_sgd_momentum_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                           const std::vector<at::Tensor>& momentum_buffers, double lr, double momentum,
                           double dampening, double weight_decay, bool nesterov) {
@@ -227,5 +290,8 @@ void masked_sgd_momentum_(const std::vector<at::Tensor>& params, const std::vect
     });
   });
 }
+FG_BIND_NOGIL(masked_sgd_momentum_, "SGD with momentum, in place", py::arg("params"), py::arg("grads"),
+              py::arg("momentum_buffers"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
+              py::arg("weight_decay"), py::arg("nesterov"));
 
 }  // namespace freezeguard

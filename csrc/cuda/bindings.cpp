@@ -2,7 +2,8 @@
 //
 // Turns lists of tensors into the device-side tables of fused_ops.h (one table per storage
 // dtype present in the list), caches those tables keyed on their content (pointers, lengths,
-// list positions), and launches on the current stream of the tensors' device.
+// list positions), and launches on the current stream of the tensors' device. Each Python-visible
+// function is bound on the line after its definition (op_registry.h); the module runs them all.
 //
 // The Python layer (freezeguard/ops/validation.py) validates inputs for users; the checks here repeat the
 // ones that keep the kernels memory-safe, because this module can also be called directly.
@@ -25,10 +26,12 @@
 #include <utility>
 #include <vector>
 
+#include "../op_registry.h"
 #include "fused_ops.h"
 
 namespace {
 
+namespace py = pybind11;
 using TensorList = std::vector<at::Tensor>;
 
 #define FG_CUDA_CHECK(expr, op)                                                                      \
@@ -258,6 +261,11 @@ TableCache& table_cache() {
   static TableCache* cache = new TableCache();  // leaked on purpose: no CUDA frees at exit
   return *cache;
 }
+FG_BINDER(table_cache) {
+  m.def("clear_table_cache", []() { table_cache().clear(); },
+        "drop cached device tables (only when no captured CUDA graph that used them will replay)");
+  m.def("table_cache_size", []() { return table_cache().size(); }, "number of cached device tables");
+}
 
 // Persistent grid: enough blocks to fill every SM a few times over (the kernels stream memory;
 // more resident blocks keep more loads in flight).
@@ -307,9 +315,9 @@ struct Launch {
   }
 };
 
-void masked_adamw(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
-                  const TensorList& exp_avg_sqs, const at::Tensor& steps, double lr, double beta1,
-                  double beta2, double eps, double weight_decay, const std::optional<at::Tensor>& lr_tensor) {
+void masked_adamw_(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
+                   const TensorList& exp_avg_sqs, const at::Tensor& steps, double lr, double beta1,
+                   double beta2, double eps, double weight_decay, const std::optional<at::Tensor>& lr_tensor) {
   const char* op = "masked_adamw_";
   // Order matches the kernel: written tensors first.
   const std::vector<const TensorList*> lists{&params, &exp_avgs, &exp_avg_sqs, &grads};
@@ -329,6 +337,9 @@ void masked_adamw(const TensorList& params, const TensorList& grads, const Tenso
                            beta2, eps, weight_decay, grid, stream);
   });
 }
+FG_BIND(masked_adamw_, "AdamW step over lists of CUDA tensors, in place", py::arg("params"), py::arg("grads"),
+        py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("steps"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("lr_tensor") = py::none());
 
 at::Tensor segment_dot(const TensorList& a, const TensorList& b) {
   const char* op = "segment_dot";
@@ -344,8 +355,9 @@ at::Tensor segment_dot(const TensorList& a, const TensorList& b) {
   });
   return out;
 }
+FG_BIND(segment_dot, "fp32 [S]: <a_i, b_i> per pair of CUDA tensors", py::arg("a"), py::arg("b"));
 
-void mask_shift(const TensorList& theta, const TensorList& delta, const at::Tensor& dm) {
+void mask_shift_(const TensorList& theta, const TensorList& delta, const at::Tensor& dm) {
   const char* op = "mask_shift_";
   const std::vector<const TensorList*> lists{&theta, &delta};
   const c10::Device device = check_lists(op, lists);
@@ -355,9 +367,10 @@ void mask_shift(const TensorList& theta, const TensorList& delta, const at::Tens
     return fg_mask_shift(dtype, t.entries, t.chunks, t.n_chunks, dm32.data_ptr<float>(), grid, stream);
   });
 }
+FG_BIND(mask_shift_, "theta_i += delta_i * dm[i], in place", py::arg("theta"), py::arg("delta"), py::arg("dm"));
 
-void user_update(const TensorList& theta, const TensorList& delta, const TensorList& grad, const at::Tensor& m,
-                 double lr) {
+void user_update_(const TensorList& theta, const TensorList& delta, const TensorList& grad, const at::Tensor& m,
+                  double lr) {
   const char* op = "user_update_";
   const std::vector<const TensorList*> lists{&theta, &delta, &grad};
   const c10::Device device = check_lists(op, lists);
@@ -367,9 +380,11 @@ void user_update(const TensorList& theta, const TensorList& delta, const TensorL
     return fg_user_update(dtype, t.entries, t.chunks, t.n_chunks, m32.data_ptr<float>(), lr, grid, stream);
   });
 }
+FG_BIND(user_update_, "the simulated user's step, in place", py::arg("theta"), py::arg("delta"), py::arg("grad"),
+        py::arg("m"), py::arg("lr"));
 
-void masked_sgd_momentum(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
-                         double lr, double momentum, double dampening, double weight_decay, bool nesterov) {
+void masked_sgd_momentum_(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers,
+                          double lr, double momentum, double dampening, double weight_decay, bool nesterov) {
   const char* op = "masked_sgd_momentum_";
   const std::vector<const TensorList*> lists{&params, &momentum_buffers, &grads};  // written tensors first
   Launch launch(op, check_lists(op, lists), lists);
@@ -378,26 +393,14 @@ void masked_sgd_momentum(const TensorList& params, const TensorList& grads, cons
                                   nesterov ? 1 : 0, grid, stream);
   });
 }
+FG_BIND(masked_sgd_momentum_, "SGD with momentum over lists of CUDA tensors, in place", py::arg("params"),
+        py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("weight_decay"), py::arg("nesterov"));
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
   m.doc() = "freezeguard CUDA kernels: multi-tensor fused ops (use freezeguard.ops, not this module)";
-  m.def("masked_adamw_", &masked_adamw, "AdamW step over lists of CUDA tensors, in place", py::arg("params"),
-        py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("steps"), py::arg("lr"),
-        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-        py::arg("lr_tensor") = py::none());
-  m.def("segment_dot", &segment_dot, "fp32 [S]: <a_i, b_i> per pair of CUDA tensors", py::arg("a"), py::arg("b"));
-  m.def("mask_shift_", &mask_shift, "theta_i += delta_i * dm[i], in place", py::arg("theta"), py::arg("delta"),
-        py::arg("dm"));
-  m.def("user_update_", &user_update, "the simulated user's step, in place", py::arg("theta"), py::arg("delta"),
-        py::arg("grad"), py::arg("m"), py::arg("lr"));
-  m.def("masked_sgd_momentum_", &masked_sgd_momentum, "SGD with momentum over lists of CUDA tensors, in place",
-        py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("lr"), py::arg("momentum"),
-        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"));
-  m.def("clear_table_cache", []() { table_cache().clear(); },
-        "drop cached device tables (only when no captured CUDA graph that used them will replay)");
-  m.def("table_cache_size", []() { return table_cache().size(); }, "number of cached device tables");
+  freezeguard::run_registered_binders(m);
   m.attr("CHUNK_SIZE") = FG_CHUNK_SIZE;
 }

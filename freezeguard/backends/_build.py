@@ -152,8 +152,11 @@ def _jit_name(kind: str, files: list[Path], flag_text: str) -> str:
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    for header in sorted(files[0].parent.glob("*.h")) if files else []:
-        h.update(header.read_bytes())
+    # The kind's own headers and the ones its folders share (csrc/op_registry.h).
+    folders = [files[0].parent, files[0].parent.parent] if files else []
+    for folder in folders:
+        for header in sorted(folder.glob("*.h")):
+            h.update(header.read_bytes())
     return f"freezeguard_{'C' if kind == 'cpu' else 'cuda'}_{h.hexdigest()[:12]}"
 
 
