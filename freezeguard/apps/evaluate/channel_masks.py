@@ -5,8 +5,8 @@ what a guard can enforce for free (no gradient, no optimizer state). To ask whet
 beats *freezing at random* and not merely *freezing whole tensors at random*, the evaluation also
 needs random masks that freeze a random share of the output channels (rows along dim 0) of every
 tensor: they spread the same budget over more of the network and trace their own curve of target
-share blocked against legal harm (expected to be tighter than whole tensors'; in the family world's
-relearn arm it is not: benchmarks/RESULTS.md, "Third draws and output-channel random masks").
+share blocked against legal harm (expected to be harder to beat than whole tensors'; in none of the
+evaluation's four arms is it: benchmarks/RESULTS.md, "Output-channel random masks in the other three arms").
 
 A :class:`ChannelMask` is enforced on the attacker's plain AdamW by a step post-hook that copies the
 frozen rows back from the release after every step: exact whatever the optimizer's weight decay or
