@@ -19,7 +19,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -29,7 +29,7 @@ from freezeguard.apps.learn.learner import MaskLearner
 from freezeguard.apps.learn.mask_rules import check_rule
 from freezeguard.apps.plots import plots_available
 from freezeguard.core import files
-from freezeguard.core.mask import describe_layout_mismatch
+from freezeguard.core.mask import FreezeMask, describe_layout_mismatch
 from freezeguard.core.weights import DENOISER_SUBFOLDERS, WeightsError, load_tensors, weights_layout
 from freezeguard.integrations.diffusers.data import DatasetError, ImageFolderDataset, mixed_batches
 from freezeguard.integrations.diffusers.pipeline import PipelineError, load_components
@@ -172,6 +172,124 @@ def _keep_log_until(log_path: Path, done: int) -> None:
     files.write_text(log_path, "".join(x + "\n" for x in kept))
 
 
+def _check_ranking(ranking: str | None, config: LearnerConfig) -> None:
+    """``ranking`` names a reference ranking, and goes with ``init="scores"`` (and only with it)."""
+    rankings = ", ".join(reference_masks.RANKINGS)
+    if ranking is not None and ranking not in reference_masks.RANKINGS:
+        raise LearnInputError(f"--init must be uniform, constant, {rankings}; got {ranking!r}")
+    if ranking is None and config.init == "scores":
+        raise LearnInputError(f"init='scores' needs a ranking ({rankings})")
+    if ranking is not None and config.init != "scores":
+        raise LearnInputError(f"the ranking {ranking!r} is a start for init='scores', not init={config.init!r}")
+
+
+def _load_learner(pre_root: Path, ft_dir: Path, target_data: str | Path, innocent_data: str | Path,
+                  config: LearnerConfig, *, ranking: str | None, resume: str | Path | None, resolution: int | None,
+                  caption_column: str, backend: str, device: torch.device
+                  ) -> tuple[MaskLearner, torch.nn.Module, ImageFolderDataset, ImageFolderDataset]:
+    """The pipeline, the two image folders and the learner (new, or restored from ``resume``).
+
+    Returns (learner, unet, target, innocent); the caller's mistakes in the files (a dataset that
+    does not match, a pipeline that does not load, a state of another model) as LearnInputError.
+    """
+    try:
+        comps = load_components(pre_root, dtype=torch.float32)
+        data_kwargs = {"resolution": resolution, "tokenizer": comps.tokenizer, "caption_column": caption_column}
+        target = ImageFolderDataset(target_data, role="target", **data_kwargs)
+        innocent = ImageFolderDataset(innocent_data, role="innocent", **data_kwargs)
+        if target.image_size != innocent.image_size:
+            raise DatasetError(f"target images are {target.image_size} but innocent images are "
+                               f"{innocent.image_size}; pass --resolution")
+        unet = comps.unet
+        comps.to(device)
+        loss_fn = comps.loss_fn()
+        if resume:
+            return MaskLearner.load(str(resume), unet, loss_fn, backend=backend), unet, target, innocent
+        pre_state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        ft_state = load_tensors(ft_dir, "--finetuned")  # safetensors only, read lazily
+        scores = {} if ranking is None else {"init": reference_masks.RANKINGS[ranking](unet, pre_state, ft_state)}
+        return MaskLearner(unet, pre_state, ft_state, loss_fn, config, backend=backend, **scores), unet, target, innocent
+    except (KeyError, TypeError, DatasetError, PipelineError, WeightsError) as exc:
+        raise LearnInputError(str(exc).strip("'\"")) from None
+
+
+def _continue_resumed(learner: MaskLearner, config: LearnerConfig, overrides: dict[str, Any],
+                      on_warning: Callable[[str], None] | None) -> None:
+    """A restored learner takes this run's overridable settings (a warning each); any other difference is refused."""
+    if learner.freeze_ratio != config.freeze_ratio:
+        raise LearnInputError(f"--resume state was learned with ratio {learner.freeze_ratio}, not --freeze-ratio "
+                              f"{config.freeze_ratio}")
+    if overrides:
+        old = {key: getattr(learner.config, key) for key in overrides}
+        try:
+            learner.retune(**overrides)
+        except ValueError as exc:
+            raise LearnInputError(f"--override-hparams: {exc}") from None
+        if on_warning is not None:
+            for key, value in overrides.items():
+                on_warning(f"--override-hparams: {_flag(key)} {old[key]} from the state is replaced by {value}")
+    diff = learner.config.differences(config)
+    if diff:
+        raise LearnInputError("--resume state was learned with other settings (" + "; ".join(
+            f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items()) + ")")
+
+
+def _fit_logged(learner: MaskLearner, batches: Iterator[dict], steps: int, *, seed: int, device: torch.device,
+                log_path: Path, resumed: bool, state: str | Path | None, checkpoint_every: int, progress: bool,
+                on_warning: Callable[[str], None] | None) -> tuple[int, float]:
+    """Run the learner up to ``steps`` in all, a JSONL log line per step and a state every
+    ``checkpoint_every`` steps; its warnings go to ``on_warning`` once, after the run.
+    Returns (steps run now, seconds)."""
+    done = learner.step_count
+    remaining = max(0, steps - done)
+
+    def with_generator(stream):
+        # Per-step generators make noise and timesteps a function of (seed, step): a resumed run
+        # continues exactly as an uninterrupted one.
+        step = 0
+        for batch in stream:
+            if step >= done:
+                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+                yield dict(batch, generator=gen)
+            step += 1
+
+    if resumed:  # steps after the checkpoint run again: their old lines go
+        _keep_log_until(log_path, done)
+    else:
+        files.write_text(log_path, "")
+    started = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        def on_step(entry: dict) -> None:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+            if checkpoint_every and learner.step_count % checkpoint_every == 0:
+                learner.save(str(state))
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            learner.fit(with_generator(batches), remaining, progress=progress, callback=on_step)
+    for w in caught:
+        if on_warning is not None:
+            on_warning(str(w.message))
+    return remaining, time.perf_counter() - started
+
+
+def _write_plot(learner: MaskLearner, mask: FreezeMask, plot_path: Path, config: LearnerConfig,
+                on_warning: Callable[[str], None] | None) -> bool:
+    """The soft-mask PNG; optional and never fatal (the mask is already written). True when written."""
+    try:
+        from freezeguard.apps.learn.plot import plot_soft_mask
+
+        plot_soft_mask(learner.soft_mask(), plot_path, frozen=mask.frozen_names,
+                       title=f"soft mask after {learner.step_count} steps (target ratio "
+                             f"{config.freeze_ratio} by {config.budget_by})")
+        return True
+    except Exception as exc:
+        if on_warning is not None:
+            on_warning(f"the soft-mask PNG was not written: {exc}")
+        return False
+
+
 def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path, innocent_data: str | Path,
           out: str | Path, config: LearnerConfig, *, ranking: str | None = None, steps: int = 100,
           batch_size: int = 4, hard_mask: str = "topk", resolution: int | None = None, caption_column: str = "text",
@@ -191,127 +309,62 @@ def learn(pretrained: str | Path, finetuned: str | Path, target_data: str | Path
     ``override_hparams=True`` continues with the new values of the overridable ones (a warning
     each). Outputs (out, state, log, plot) must be distinct files.
     """
+    # 1. Every input and output checked, from the files' headers and the state's metadata alone.
     pre_root, ft_dir, out = check_learn_inputs(
         pretrained, finetuned, target_data, innocent_data, out, steps=steps, batch_size=batch_size,
         hard_mask=hard_mask, state=state, checkpoint_every=checkpoint_every, resume=resume)
-    rankings = ", ".join(reference_masks.RANKINGS)
-    if ranking is not None and ranking not in reference_masks.RANKINGS:
-        raise LearnInputError(f"--init must be uniform, constant, {rankings}; got {ranking!r}")
-    if ranking is None and config.init == "scores":
-        raise LearnInputError(f"init='scores' needs a ranking ({rankings})")
-    if ranking is not None and config.init != "scores":
-        raise LearnInputError(f"the ranking {ranking!r} is a start for init='scores', not init={config.init!r}")
+    _check_ranking(ranking, config)
     log_path, plot_path = check_outputs(out, state=state, log=log, plot=plot, resume=resume,
                                         inputs={"--pretrained": pretrained, "--finetuned": finetuned,
                                                 "--target-data": target_data, "--innocent-data": innocent_data})
     if override_hparams and not resume:
         raise LearnInputError("--override-hparams needs --resume")
-    overrides = {}
-    if resume:
-        # From the state file's metadata alone, before any model loads: every LearnerConfig field.
-        overrides = check_resume(resume, config.to_json(), override_hparams=override_hparams)
+    # every LearnerConfig field, from the state file's metadata, before any model loads
+    overrides = check_resume(resume, config.to_json(), override_hparams=override_hparams) if resume else {}
     # The plot is optional: a missing matplotlib is said now, not after the learning.
     plot_skipped = not plots_available()
     if plot_skipped and on_warning is not None:
         on_warning("matplotlib is not installed, so no soft-mask PNG will be written (pip install matplotlib); "
                    "the mask, log and summary are unaffected")
+
+    # 2. The model, the data and the learner.
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        comps = load_components(pre_root, dtype=torch.float32)
-        data_kwargs = {"resolution": resolution, "tokenizer": comps.tokenizer, "caption_column": caption_column}
-        target = ImageFolderDataset(target_data, role="target", **data_kwargs)
-        innocent = ImageFolderDataset(innocent_data, role="innocent", **data_kwargs)
-        if target.image_size != innocent.image_size:
-            raise DatasetError(f"target images are {target.image_size} but innocent images are "
-                               f"{innocent.image_size}; pass --resolution")
-        unet = comps.unet
-        comps.to(device)
-        loss_fn = comps.loss_fn()
-        if resume:
-            learner = MaskLearner.load(str(resume), unet, loss_fn, backend=backend)
-        else:
-            pre_state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-            ft_state = load_tensors(ft_dir, "--finetuned")  # safetensors only, read lazily
-            scores = {} if ranking is None else {"init": reference_masks.RANKINGS[ranking](unet, pre_state, ft_state)}
-            learner = MaskLearner(unet, pre_state, ft_state, loss_fn, config, backend=backend, **scores)
-            del pre_state, ft_state
-    except (KeyError, TypeError, DatasetError, PipelineError, WeightsError) as exc:
-        raise LearnInputError(str(exc).strip("'\"")) from None
-    if resume and learner.freeze_ratio != config.freeze_ratio:
-        raise LearnInputError(f"--resume state was learned with ratio {learner.freeze_ratio}, not --freeze-ratio "
-                              f"{config.freeze_ratio}")
-    if overrides:
-        old = {key: getattr(learner.config, key) for key in overrides}
-        try:
-            learner.retune(**overrides)
-        except ValueError as exc:
-            raise LearnInputError(f"--override-hparams: {exc}") from None
-        if on_warning is not None:
-            for key, value in overrides.items():
-                on_warning(f"--override-hparams: {_flag(key)} {old[key]} from the state is replaced by {value}")
+    learner, unet, target, innocent = _load_learner(
+        pre_root, ft_dir, target_data, innocent_data, config, ranking=ranking, resume=resume,
+        resolution=resolution, caption_column=caption_column, backend=backend, device=device)
     if resume:
-        diff = learner.config.differences(config)
-        if diff:
-            raise LearnInputError("--resume state was learned with other settings (" + "; ".join(
-                f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items()) + ")")
+        _continue_resumed(learner, config, overrides, on_warning)
 
+    # 3. The learning, logged (and checkpointed) step by step.
     unet.train()
-    done = learner.step_count
-    remaining = max(0, steps - done)
-    seed = config.seed
-    batches = mixed_batches(target, innocent, batch_size, seed=seed)
+    remaining, seconds = _fit_logged(
+        learner, mixed_batches(target, innocent, batch_size, seed=config.seed), steps, seed=config.seed,
+        device=device, log_path=log_path, resumed=bool(resume), state=state, checkpoint_every=checkpoint_every,
+        progress=progress, on_warning=on_warning)
 
-    def with_generator(stream):
-        # Per-step generators make noise and timesteps a function of (seed, step): a resumed run
-        # continues exactly as an uninterrupted one.
-        step = 0
-        for batch in stream:
-            if step >= done:
-                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-                yield dict(batch, generator=gen)
-            step += 1
-
-    if resume:  # steps after the checkpoint run again: their old lines go
-        _keep_log_until(log_path, done)
-    else:
-        files.write_text(log_path, "")
-    started = time.perf_counter()
-    with open(log_path, "a", encoding="utf-8") as log_file:
-        def on_step(entry: dict) -> None:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
-            if checkpoint_every and learner.step_count % checkpoint_every == 0:
-                learner.save(str(state))
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            learner.fit(with_generator(batches), remaining, progress=progress, callback=on_step)
-    for w in caught:
-        if on_warning is not None:
-            on_warning(str(w.message))
-    seconds = time.perf_counter() - started
-
+    # 4. The results: the state, the mask (atomically, first), then the optional plot.
     if state:
         learner.save(str(state))
     mask = learner.hard_mask(hard_mask)
     unet.to("cpu")
     # the learner moved the live weights: the content hash binds the mask to the release as stored
     mask.save(str(out), model=unet, released=load_tensors(_unet_dir(pre_root, "--pretrained"), "--pretrained"))
-    if not plot_skipped:  # optional, and never fatal: the mask is already written
-        try:
-            from freezeguard.apps.learn.plot import plot_soft_mask
+    if not plot_skipped:
+        plot_skipped = not _write_plot(learner, mask, plot_path, config, on_warning)
+    return _summary(learner, mask, config, hard_mask=hard_mask, ranking=ranking, out=out, log_path=log_path,
+                    plot_path=None if plot_skipped else plot_path, state=state, steps_this_run=remaining,
+                    seconds=seconds, device=device)
 
-            plot_soft_mask(learner.soft_mask(), plot_path, frozen=mask.frozen_names,
-                           title=f"soft mask after {learner.step_count} steps (target ratio "
-                                 f"{config.freeze_ratio} by {config.budget_by})")
-        except Exception as exc:
-            plot_skipped = True
-            if on_warning is not None:
-                on_warning(f"the soft-mask PNG was not written: {exc}")
+
+def _summary(learner: MaskLearner, mask: FreezeMask, config: LearnerConfig, *, hard_mask: str,
+             ranking: str | None, out: Path, log_path: Path, plot_path: Path | None, state: str | Path | None,
+             steps_this_run: int, seconds: float, device: torch.device) -> dict[str, Any]:
+    """What :func:`learn` returns (and ``freezeguard learn --json`` prints)."""
     last = learner.history[-1] if learner.history else {}
     return {
-        "out": str(out), "plot": None if plot_skipped else str(plot_path), "log": str(log_path), "state": None if state is None else str(state),
-        "steps": learner.step_count, "steps_this_run": remaining, "seconds": round(seconds, 3),
+        "out": str(out), "plot": None if plot_path is None else str(plot_path), "log": str(log_path),
+        "state": None if state is None else str(state),
+        "steps": learner.step_count, "steps_this_run": steps_this_run, "seconds": round(seconds, 3),
         "device": str(device), "budget_by": config.budget_by, "target_ratio": config.freeze_ratio,
         "realised_ratio": mask.ratio(config.budget_by), "ratio_tensors": mask.ratio("tensors"),
         "ratio_params": mask.ratio("params"), "frozen_tensors": len(mask.frozen_names),
